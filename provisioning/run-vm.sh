@@ -1,0 +1,433 @@
+#!/usr/bin/env bash
+# shellcheck disable=SC2054 # QEMU option values are comma-separated lists
+# run-vm.sh - runs the Windows ARM64 VM under QEMU in the foreground.
+#
+# Usage: run-vm.sh [--print|--check|--resolve] [ENV_FILE]
+#
+#   ENV_FILE   the VM's env file (/etc/windows-vm/vm.env on the baked image).
+#              Lines are KEY=value (no quotes needed, no spaces in values),
+#              '#' starts a comment line. The file is parsed, never sourced:
+#              only lines matching ^[A-Z_][A-Z0-9_]*= are accepted, only VM_*
+#              keys are used, any other line is an error. Without ENV_FILE the
+#              variables come from the environment alone (systemd's
+#              EnvironmentFile= sets them). A variable already set in the
+#              environment takes precedence over the file.
+#   --print    validate, then print the QEMU command line (one argument per
+#              line) on stdout instead of starting QEMU. Same as
+#              RUN_VM_DRY_RUN=1. Skips the run-time checks (ports in use,
+#              VM already running).
+#   --check    validate everything, start nothing; exit 0 when QEMU could start.
+#   --resolve  print the resolved settings (KEY=value, defaults applied) and
+#              exit, without validation.
+#
+# Variables (defaults in brackets):
+#   VM_DIR [/var/lib/windows-vm]      data dir; qemu.pid is written there
+#   VM_CPUS [4]                       vCPUs (more than 4 crashed Windows on a1.metal)
+#   VM_MEMORY_GIB [8]                 guest memory in GiB
+#   VM_ACCEL [kvm]                    kvm (-cpu host) or tcg (-cpu max, tests only)
+#   VM_MACHINE_OPTS []                extra -machine virt options, e.g. gic-version=max
+#   VM_DISK [$VM_DIR/disk.qcow2]      qcow2 system disk, attached as NVMe
+#   VM_EFI_CODE [$VM_DIR/QEMU_EFI.fd] 64 MiB firmware, read-only pflash
+#   VM_EFI_VARS [$VM_DIR/QEMU_VARS.fd] 64 MiB EFI variable store, writable pflash
+#   VM_DRIVERS_ISO []                 virtio-win ISO, read-only USB CD (optional)
+#   VM_CONFIG_ISO []                  answer-file ISO, read-only USB CD (optional)
+#   VM_SSH_PORT [2222]                host port 127.0.0.1:N -> guest 22
+#   VM_BUILDLET_PORT [443]            host port *:N -> guest 443 (all addresses)
+#   VM_VNC_DISPLAY []                 VNC display number on 127.0.0.1 (optional)
+#   VM_QMP_SOCKET [$VM_DIR/qmp.sock]  QMP control socket (stop-vm.sh uses it)
+#   VM_SERIAL_LOG [$VM_DIR/serial.log] guest serial console, appended to
+#   VM_HALT_ON_EXIT [0]               1: power the host off when QEMU exits
+#   VM_MAC [52:54:00:12:34:56]        guest NIC MAC address
+#   VM_IMDS_PROXY [1]                 1: guest 10.0.2.100:8173 -> 169.254.169.254:80
+# Environment only (never read from the file):
+#   RUN_VM_DRY_RUN=1                  same as --print
+#   RUN_VM_HALT_COMMAND               program run instead of the host power-off
+#                                     when VM_HALT_ON_EXIT=1 (for tests)
+#
+# Outputs: $VM_DIR/qemu.pid (written by QEMU, removed when it exits), the
+#   serial log (a "=== run-vm: ..." line is appended before each start; a log
+#   over 16 MiB is cut to its last 1 MiB), the QMP socket. The QEMU command
+#   line is logged to stderr.
+# Exit: 2 when validation fails (every problem is listed first, QEMU is not
+#   started); otherwise QEMU's own exit status (QEMU replaces this script via
+#   exec unless VM_HALT_ON_EXIT=1, so systemd supervises QEMU directly). With
+#   VM_HALT_ON_EXIT=1 the host is powered off after QEMU exits by itself; not
+#   when this script was stopped by SIGTERM/SIGINT (forwarded to QEMU).
+set -euo pipefail
+
+readonly me="run-vm"
+readonly qemu_bin="qemu-system-aarch64"
+readonly efi_size=$((64 * 1024 * 1024))
+
+log() { printf '%s: %s\n' "$me" "$*" >&2; }
+die() {
+  log "$*"
+  exit 2
+}
+
+mode=run
+env_file=""
+while (($#)); do
+  case "$1" in
+    --print) mode=print ;;
+    --check) mode=check ;;
+    --resolve) mode=resolve ;;
+    -h | --help)
+      awk 'NR > 2 && !/^#/ { exit } NR > 2 { sub(/^# ?/, ""); print }' "${BASH_SOURCE[0]}"
+      exit 0
+      ;;
+    -*) die "unknown option '$1' (usage: run-vm.sh [--print|--check|--resolve] [ENV_FILE])" ;;
+    *)
+      [[ -z $env_file ]] || die "more than one ENV_FILE given ('$env_file', '$1')"
+      env_file=$1
+      ;;
+  esac
+  shift
+done
+if [[ $mode == run && ${RUN_VM_DRY_RUN:-0} == 1 ]]; then mode=print; fi
+
+readonly known_vars=(VM_DIR VM_CPUS VM_MEMORY_GIB VM_ACCEL VM_MACHINE_OPTS VM_DISK VM_EFI_CODE VM_EFI_VARS
+  VM_DRIVERS_ISO VM_CONFIG_ISO VM_SSH_PORT VM_BUILDLET_PORT VM_VNC_DISPLAY VM_QMP_SOCKET VM_SERIAL_LOG
+  VM_HALT_ON_EXIT VM_MAC VM_IMDS_PROXY)
+
+problems=()
+problem() { problems+=("$*"); }
+warnings=()
+warn() { warnings+=("$*"); }
+
+# --- env file ---------------------------------------------------------------
+if [[ -n $env_file ]]; then
+  [[ -f $env_file && -r $env_file ]] || die "ENV_FILE '$env_file' does not exist or is not readable"
+  declare -A from_file=()
+  lineno=0
+  while IFS= read -r line || [[ -n $line ]]; do
+    lineno=$((lineno + 1))
+    line=${line%$'\r'}
+    [[ $line =~ ^[[:space:]]*(#.*)?$ ]] && continue
+    if [[ ! $line =~ ^([A-Z_][A-Z0-9_]*)=(.*)$ ]]; then
+      problem "$env_file:$lineno: not a KEY=value line: '${line:0:80}'"
+      continue
+    fi
+    key=${BASH_REMATCH[1]}
+    value=${BASH_REMATCH[2]}
+    # systemd's EnvironmentFile= drops one pair of surrounding quotes: so do we.
+    if [[ $value =~ ^\"(.*)\"$ || $value =~ ^\'(.*)\'$ ]]; then value=${BASH_REMATCH[1]}; fi
+    [[ $key == VM_* ]] || continue
+    # The environment wins over the file; a later line wins over an earlier one.
+    if [[ -v $key && -z ${from_file[$key]:-} ]]; then continue; fi
+    printf -v "$key" '%s' "$value"
+    from_file[$key]=1
+  done <"$env_file"
+fi
+
+# Unknown VM_* names are most likely typos: say so rather than ignore them.
+while IFS= read -r name; do
+  known=0
+  for k in "${known_vars[@]}"; do [[ $name == "$k" ]] && known=1 && break; done
+  ((known)) || warn "unknown variable $name ignored (typo?)"
+done < <(compgen -v VM_ || true)
+
+# --- defaults ----------------------------------------------------------------
+VM_DIR=${VM_DIR:-/var/lib/windows-vm}
+VM_CPUS=${VM_CPUS:-4}
+VM_MEMORY_GIB=${VM_MEMORY_GIB:-8}
+VM_ACCEL=${VM_ACCEL:-kvm}
+VM_MACHINE_OPTS=${VM_MACHINE_OPTS:-}
+VM_DISK=${VM_DISK:-$VM_DIR/disk.qcow2}
+VM_EFI_CODE=${VM_EFI_CODE:-$VM_DIR/QEMU_EFI.fd}
+VM_EFI_VARS=${VM_EFI_VARS:-$VM_DIR/QEMU_VARS.fd}
+VM_DRIVERS_ISO=${VM_DRIVERS_ISO:-}
+VM_CONFIG_ISO=${VM_CONFIG_ISO:-}
+VM_SSH_PORT=${VM_SSH_PORT:-2222}
+VM_BUILDLET_PORT=${VM_BUILDLET_PORT:-443}
+VM_VNC_DISPLAY=${VM_VNC_DISPLAY:-}
+VM_QMP_SOCKET=${VM_QMP_SOCKET:-$VM_DIR/qmp.sock}
+VM_SERIAL_LOG=${VM_SERIAL_LOG:-$VM_DIR/serial.log}
+VM_HALT_ON_EXIT=${VM_HALT_ON_EXIT:-0}
+VM_MAC=${VM_MAC:-52:54:00:12:34:56}
+VM_IMDS_PROXY=${VM_IMDS_PROXY:-1}
+pid_file="$VM_DIR/qemu.pid"
+
+if [[ $mode == resolve ]]; then
+  for k in "${known_vars[@]}"; do printf '%s=%s\n' "$k" "${!k}"; done
+  printf 'VM_PID_FILE=%s\n' "$pid_file"
+  exit 0
+fi
+
+# --- validation ----------------------------------------------------------------
+is_uint() { [[ $1 =~ ^[0-9]+$ ]] && ((10#$1 >= ${2:-0})) && ((10#$1 <= ${3:-999999})); }
+
+is_uint "$VM_CPUS" 1 512 || problem "VM_CPUS=$VM_CPUS is not a whole number of vCPUs (1-512)"
+is_uint "$VM_MEMORY_GIB" 1 4096 || problem "VM_MEMORY_GIB=$VM_MEMORY_GIB is not a whole number of GiB (1-4096)"
+is_uint "$VM_SSH_PORT" 1 65535 || problem "VM_SSH_PORT=$VM_SSH_PORT is not a TCP port number"
+is_uint "$VM_BUILDLET_PORT" 1 65535 || problem "VM_BUILDLET_PORT=$VM_BUILDLET_PORT is not a TCP port number"
+if is_uint "$VM_SSH_PORT" 1 65535 && [[ $VM_SSH_PORT == "$VM_BUILDLET_PORT" ]]; then
+  problem "VM_SSH_PORT and VM_BUILDLET_PORT are both $VM_SSH_PORT: they must differ"
+fi
+if [[ -n $VM_VNC_DISPLAY ]] && ! is_uint "$VM_VNC_DISPLAY" 0 59535; then
+  problem "VM_VNC_DISPLAY=$VM_VNC_DISPLAY is not a display number (e.g. 1 for port 5901)"
+fi
+[[ $VM_HALT_ON_EXIT == [01] ]] || problem "VM_HALT_ON_EXIT=$VM_HALT_ON_EXIT must be 0 or 1"
+[[ $VM_IMDS_PROXY == [01] ]] || problem "VM_IMDS_PROXY=$VM_IMDS_PROXY must be 0 or 1"
+[[ $VM_MAC =~ ^([0-9A-Fa-f]{2}:){5}[0-9A-Fa-f]{2}$ ]] || problem "VM_MAC=$VM_MAC is not a MAC address (xx:xx:xx:xx:xx:xx)"
+[[ $VM_MACHINE_OPTS =~ ^[A-Za-z0-9=,._-]*$ ]] ||
+  problem "VM_MACHINE_OPTS=$VM_MACHINE_OPTS may only hold -machine options like gic-version=max,its=off"
+
+if is_uint "$VM_CPUS" 1 512; then
+  ((10#$VM_CPUS <= 4)) || warn "VM_CPUS=$VM_CPUS: more than 4 vCPUs crashed Windows on a1.metal (CLOCK_WATCHDOG_TIMEOUT)"
+  host_cpus=$(nproc 2>/dev/null || echo 0)
+  if ((host_cpus > 0 && 10#$VM_CPUS > host_cpus)); then
+    warn "VM_CPUS=$VM_CPUS is more than the host's $host_cpus CPUs"
+  fi
+fi
+if is_uint "$VM_MEMORY_GIB" 1 4096; then
+  host_kib=$(awk '/^MemTotal:/ {print $2}' /proc/meminfo 2>/dev/null || echo 0)
+  if ((host_kib > 0 && 10#$VM_MEMORY_GIB * 1024 * 1024 > host_kib)); then
+    problem "VM_MEMORY_GIB=$VM_MEMORY_GIB is more than the host's memory ($((host_kib / 1024 / 1024)) GiB)"
+  elif ((host_kib > 0 && 10#$VM_MEMORY_GIB * 1024 * 1024 > host_kib * 9 / 10)); then
+    warn "VM_MEMORY_GIB=$VM_MEMORY_GIB leaves less than 10% of the host's memory to the host"
+  fi
+fi
+
+case "$VM_ACCEL" in
+  kvm)
+    host_arch=$(uname -m)
+    if [[ $host_arch != aarch64 ]]; then
+      problem "VM_ACCEL=kvm needs an aarch64 host, this one is $host_arch (use VM_ACCEL=tcg for tests)"
+    elif [[ ! -e /dev/kvm ]]; then
+      problem "VM_ACCEL=kvm but /dev/kvm does not exist (no KVM on this host: use a .metal instance, or VM_ACCEL=tcg for tests)"
+    elif [[ ! -r /dev/kvm || ! -w /dev/kvm ]]; then
+      problem "VM_ACCEL=kvm but /dev/kvm is not readable and writable by $(id -un) (run as root, or VM_ACCEL=tcg for tests)"
+    fi
+    ;;
+  tcg) ;;
+  *) problem "VM_ACCEL=$VM_ACCEL must be kvm or tcg" ;;
+esac
+
+command -v "$qemu_bin" >/dev/null 2>&1 || problem "$qemu_bin not found on PATH (install the qemu-system-arm package)"
+
+[[ -d $VM_DIR ]] || problem "VM_DIR=$VM_DIR is not a directory"
+
+file_size() { stat -Lc %s -- "$1" 2>/dev/null || echo -1; }
+
+# check_file VAR HINT [writable]
+check_file() {
+  local var=$1 hint=$2 rw=${3:-}
+  local path=${!var}
+  if [[ ! -e $path ]]; then
+    problem "$var=$path does not exist ($hint)"
+  elif [[ ! -f $path ]]; then
+    problem "$var=$path is not a regular file"
+  elif [[ ! -r $path ]]; then
+    problem "$var=$path is not readable by $(id -un)"
+  elif [[ $rw == writable && ! -w $path ]]; then
+    problem "$var=$path is not writable by $(id -un) (QEMU writes to it)"
+  else
+    return 0
+  fi
+  return 1
+}
+
+if check_file VM_EFI_CODE "run build-efi.sh first"; then
+  size=$(file_size "$VM_EFI_CODE")
+  ((size == efi_size)) || problem "VM_EFI_CODE=$VM_EFI_CODE is $size bytes, the virt machine's pflash needs exactly $efi_size (64 MiB; run build-efi.sh)"
+fi
+if check_file VM_EFI_VARS "run build-efi.sh first" writable; then
+  size=$(file_size "$VM_EFI_VARS")
+  ((size == efi_size)) || problem "VM_EFI_VARS=$VM_EFI_VARS is $size bytes, the virt machine's pflash needs exactly $efi_size (64 MiB; run build-efi.sh)"
+fi
+if check_file VM_DISK "run prepare-disk.sh first" writable; then
+  magic=$(head -c 4 -- "$VM_DISK" | od -An -tx1 | tr -d ' \n')
+  [[ $magic == 514649fb ]] || problem "VM_DISK=$VM_DISK is not a qcow2 image (convert it with qemu-img convert -O qcow2)"
+fi
+[[ -z $VM_DRIVERS_ISO ]] || check_file VM_DRIVERS_ISO "fetch the virtio-win ISO, or leave VM_DRIVERS_ISO empty" || true
+[[ -z $VM_CONFIG_ISO ]] || check_file VM_CONFIG_ISO "run build-config-iso.sh, or leave VM_CONFIG_ISO empty" || true
+
+for var in VM_SERIAL_LOG VM_QMP_SOCKET; do
+  dir=$(dirname -- "${!var}")
+  if [[ ! -d $dir ]]; then
+    problem "$var=${!var}: directory $dir does not exist"
+  elif [[ ! -w $dir ]]; then
+    problem "$var=${!var}: directory $dir is not writable by $(id -un)"
+  fi
+done
+# A unix socket path holds at most 107 bytes.
+((${#VM_QMP_SOCKET} <= 107)) || problem "VM_QMP_SOCKET=$VM_QMP_SOCKET is longer than 107 bytes (a unix socket path limit)"
+if [[ -e $VM_SERIAL_LOG && ! -w $VM_SERIAL_LOG ]]; then
+  problem "VM_SERIAL_LOG=$VM_SERIAL_LOG is not writable by $(id -un)"
+fi
+
+# Every path goes into a QEMU option value, where ',' must be doubled; a
+# space would break the env file format anyway.
+for var in VM_DIR VM_DISK VM_EFI_CODE VM_EFI_VARS VM_DRIVERS_ISO VM_CONFIG_ISO VM_QMP_SOCKET VM_SERIAL_LOG; do
+  [[ ${!var} != *[[:space:]]* ]] || problem "$var='${!var}' contains white space"
+done
+
+imds_cmd=""
+if [[ $VM_IMDS_PROXY == 1 ]]; then
+  if command -v nc >/dev/null 2>&1; then
+    imds_cmd="nc 169.254.169.254 80"
+  elif command -v netcat >/dev/null 2>&1; then
+    imds_cmd="netcat 169.254.169.254 80"
+  elif command -v ncat >/dev/null 2>&1; then
+    imds_cmd="ncat 169.254.169.254 80"
+  elif command -v socat >/dev/null 2>&1; then
+    imds_cmd="socat - TCP:169.254.169.254:80"
+  else
+    problem "VM_IMDS_PROXY=1 needs nc, netcat, ncat or socat on PATH (install netcat-openbsd), or set VM_IMDS_PROXY=0"
+  fi
+fi
+
+# Is a QEMU from this VM_DIR already running? (QEMU removes qemu.pid on a
+# clean exit; after a crash the file stays, so check the process too.)
+running_pid() {
+  local pid
+  [[ -r $pid_file ]] || return 1
+  pid=$(tr -dc '0-9' <"$pid_file" 2>/dev/null || true)
+  [[ -n $pid && -r /proc/$pid/cmdline ]] || return 1
+  tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q qemu-system || return 1
+  printf '%s\n' "$pid"
+}
+
+# shellcheck disable=SC2016 # $1 expands in the inner bash
+port_in_use() { timeout 2 bash -c 'exec 3<>"/dev/tcp/127.0.0.1/$1"' _ "$1" 2>/dev/null; }
+
+if [[ $mode != print ]]; then
+  if pid=$(running_pid); then
+    problem "a QEMU for VM_DIR=$VM_DIR is already running (pid $pid from $pid_file); stop it first: stop-vm.sh $VM_QMP_SOCKET"
+  else
+    for var in VM_SSH_PORT VM_BUILDLET_PORT; do
+      if is_uint "${!var}" 1 65535 && port_in_use "${!var}"; then
+        problem "$var=${!var}: something already listens on port ${!var} of this host"
+      fi
+    done
+  fi
+  unpriv_start=$(cat /proc/sys/net/ipv4/ip_unprivileged_port_start 2>/dev/null || echo 1024)
+  if ((EUID != 0)) && is_uint "$VM_BUILDLET_PORT" 1 65535 && ((10#$VM_BUILDLET_PORT < unpriv_start)); then
+    problem "VM_BUILDLET_PORT=$VM_BUILDLET_PORT is below $unpriv_start: only root can forward it (run as root)"
+  fi
+fi
+
+for w in "${warnings[@]}"; do log "WARNING: $w"; done
+if ((${#problems[@]})); then
+  log "cannot start the VM (env file: ${env_file:-none, environment only}):"
+  for p in "${problems[@]}"; do printf '  - %s\n' "$p" >&2; done
+  exit 2
+fi
+if [[ $mode == check ]]; then
+  log "configuration OK"
+  exit 0
+fi
+
+# --- command line --------------------------------------------------------------
+q() { printf '%s' "${1//,/,,}"; } # escape a value inside a QEMU option list
+
+machine="virt"
+[[ -z $VM_MACHINE_OPTS ]] || machine+=",$VM_MACHINE_OPTS"
+if [[ $VM_ACCEL == kvm ]]; then cpu=host; else cpu=max; fi
+
+netdev="user,id=net0,hostfwd=tcp:127.0.0.1:$VM_SSH_PORT-:22,hostfwd=tcp::$VM_BUILDLET_PORT-:443"
+[[ -z $imds_cmd ]] || netdev+=",guestfwd=tcp:10.0.2.100:8173-cmd:$imds_cmd"
+
+cmd=(
+  "$qemu_bin"
+  -name windows-vm
+  -no-user-config -nodefaults
+  -machine "$machine"
+  -accel "$VM_ACCEL" -cpu "$cpu"
+  -smp "$((10#$VM_CPUS))" -m "$((10#$VM_MEMORY_GIB))G"
+  -drive "if=pflash,unit=0,format=raw,readonly=on,file=$(q "$VM_EFI_CODE")"
+  -drive "if=pflash,unit=1,format=raw,file=$(q "$VM_EFI_VARS")"
+  -device nec-usb-xhci,id=xhci
+  -device usb-kbd,bus=xhci.0
+  -device usb-mouse,bus=xhci.0
+  -device ramfb
+)
+if [[ -n $VM_VNC_DISPLAY ]]; then
+  cmd+=(-vnc "127.0.0.1:$((10#$VM_VNC_DISPLAY))")
+else
+  cmd+=(-display none)
+fi
+cmd+=(
+  -drive "if=none,id=disk0,format=qcow2,cache=writethrough,discard=unmap,file=$(q "$VM_DISK")"
+  -device nvme,drive=disk0,serial=windows-disk0
+)
+if [[ -n $VM_DRIVERS_ISO ]]; then
+  cmd+=(
+    -drive "if=none,id=drivers,format=raw,media=cdrom,readonly=on,file=$(q "$VM_DRIVERS_ISO")"
+    -device usb-storage,bus=xhci.0,drive=drivers,removable=on
+  )
+fi
+if [[ -n $VM_CONFIG_ISO ]]; then
+  cmd+=(
+    -drive "if=none,id=config,format=raw,media=cdrom,readonly=on,file=$(q "$VM_CONFIG_ISO")"
+    -device usb-storage,bus=xhci.0,drive=config,removable=on
+  )
+fi
+cmd+=(
+  -device "virtio-net-pci,disable-legacy=on,romfile=,netdev=net0,mac=$VM_MAC"
+  -netdev "$netdev"
+  -device virtio-rng-pci
+  -chardev "file,id=serial0,path=$(q "$VM_SERIAL_LOG"),append=on"
+  -serial chardev:serial0
+  -chardev "socket,id=qmp0,path=$(q "$VM_QMP_SOCKET"),server=on,wait=off"
+  -mon chardev=qmp0,mode=control
+  -pidfile "$pid_file"
+)
+
+if [[ $mode == print ]]; then
+  printf '%s\n' "${cmd[@]}"
+  exit 0
+fi
+
+# --- run -------------------------------------------------------------------------
+# Keep the serial log bounded across many boots, and mark where this boot starts.
+if [[ -f $VM_SERIAL_LOG ]] && (($(file_size "$VM_SERIAL_LOG") > 16 * 1024 * 1024)); then
+  tail -c $((1024 * 1024)) -- "$VM_SERIAL_LOG" >"$VM_SERIAL_LOG.tmp" && mv -f -- "$VM_SERIAL_LOG.tmp" "$VM_SERIAL_LOG"
+fi
+printf '\n=== run-vm: starting QEMU at %s ===\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)" >>"$VM_SERIAL_LOG"
+
+log "starting: $(printf '%q ' "${cmd[@]}")"
+
+if [[ $VM_HALT_ON_EXIT != 1 ]]; then
+  exec "${cmd[@]}"
+fi
+
+# VM_HALT_ON_EXIT=1: QEMU runs as a child so the host can be powered off after it.
+"${cmd[@]}" </dev/null &
+qemu_pid=$!
+stopped_by=""
+# shellcheck disable=SC2317 # called from the traps below
+forward() {
+  stopped_by=$1
+  log "received SIG$1: passing it to QEMU (pid $qemu_pid)"
+  kill -s "$1" "$qemu_pid" 2>/dev/null || true
+}
+trap 'forward TERM' TERM
+trap 'forward INT' INT
+trap 'forward HUP' HUP
+rc=0
+while :; do
+  rc=0
+  wait "$qemu_pid" || rc=$?
+  # wait returns early (>128) when a trapped signal arrives: wait again.
+  if ! kill -0 "$qemu_pid" 2>/dev/null; then break; fi
+done
+trap - TERM INT HUP
+
+if [[ -n $stopped_by ]]; then
+  log "QEMU exited with status $rc after SIG$stopped_by; the service was stopped, so the host is NOT powered off"
+  exit "$rc"
+fi
+if [[ -n ${RUN_VM_HALT_COMMAND:-} ]]; then
+  halt_cmd=("$RUN_VM_HALT_COMMAND")
+elif [[ -d /run/systemd/system ]] && command -v systemctl >/dev/null 2>&1; then
+  halt_cmd=(systemctl poweroff)
+elif [[ -x /sbin/poweroff ]]; then
+  halt_cmd=(/sbin/poweroff)
+else
+  halt_cmd=(/sbin/halt -p)
+fi
+log "QEMU exited with status $rc; VM_HALT_ON_EXIT=1: powering off the host with '${halt_cmd[*]}'"
+"${halt_cmd[@]}" || log "power-off command '${halt_cmd[*]}' failed with status $?"
+exit "$rc"
