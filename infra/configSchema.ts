@@ -1,0 +1,281 @@
+/**
+ * The stack's configuration keys: one table that drives reading, defaults,
+ * validation messages, the `config:` block of Pulumi.yaml (a test keeps them
+ * equal) and the README's config reference.
+ */
+
+export type KeyType = "string" | "integer" | "boolean" | "array" | "object";
+
+export interface KeySpec {
+  key: string;
+  type: KeyType;
+  description: string;
+  /** Default when unset. Optional and required keys default to "" or [] (= unset), so that
+   * Pulumi itself never stops on a missing key and every problem is reported at once. */
+  default: string | number | boolean | string[] | Record<string, string>;
+  /** Read with getSecret: never echoed in messages, kept a Pulumi secret. */
+  secret?: boolean;
+  /** Must be set for this target (the other target ignores it). */
+  requiredFor?: "aws" | "all";
+}
+
+export const PROJECT = "windows-arm64-image";
+
+export const VIRTIO_DEFAULT_URL =
+  "https://fedorapeople.org/groups/virt/virtio-win/direct-downloads/archive-virtio/virtio-win-0.1.248-1/virtio-win.iso";
+export const VIRTIO_DEFAULT_SHA256 = "d5b5739cf297f0538d263e30678d5a09bba470a7c6bcbd8dff74e44153f16549";
+
+export const CONFIG_KEYS: readonly KeySpec[] = Object.freeze([
+  {
+    key: "target",
+    type: "string",
+    default: "aws",
+    description:
+      "Where the pipeline runs: `aws` (a Graviton bare-metal host, S3, an AMI) or `local` (this machine, no AWS resource, no AMI).",
+  },
+  // ---- host (aws target)
+  {
+    key: "hostInstanceType",
+    type: "string",
+    default: "a1.metal",
+    description: "Graviton bare-metal instance type for the QEMU/KVM host (only .metal sizes expose KVM).",
+  },
+  {
+    key: "hostAmiId",
+    type: "string", default: "",
+    description: "AMI for the host. Default: the newest Canonical Ubuntu 24.04 arm64 server AMI.",
+  },
+  {
+    key: "hostVolumeGiB",
+    type: "integer",
+    default: 150,
+    description: "Size of the host's encrypted gp3 root volume (holds the source image, the qcow2 and the AMI).",
+  },
+  {
+    key: "hostVolumeIops",
+    type: "integer",
+    default: 3000,
+    description: "gp3 IOPS of the root volume (3000 to 80000, at most 500 per GiB).",
+  },
+  {
+    key: "hostVolumeThroughputMiBps",
+    type: "integer",
+    default: 250,
+    description: "gp3 throughput of the root volume in MiB/s (125 to 2000, at most IOPS / 4).",
+  },
+  {
+    key: "hostSubnetId",
+    type: "string", default: "",
+    description: "Subnet for the host (public IP needed). Default: the region's default VPC.",
+  },
+  {
+    key: "sshAllowedCidrs",
+    type: "array", default: [],
+    requiredFor: "aws",
+    description: "CIDRs allowed to reach the host's SSH port (the only ingress). Example: [\"203.0.113.7/32\"].",
+  },
+  {
+    key: "allowSshFromAnywhere",
+    type: "boolean",
+    default: false,
+    description: "Allow 0.0.0.0/0 or ::/0 in sshAllowedCidrs.",
+  },
+  {
+    key: "sshPrivateKey",
+    type: "string", default: "",
+    secret: true,
+    description:
+      "The pipeline's SSH private key (OpenSSH PEM). Default: an ED25519 key generated and kept as a stack secret.",
+  },
+  {
+    key: "sshAuthorizedKeys",
+    type: "array",
+    default: [],
+    description: "Extra OpenSSH public keys allowed to log in to the host (operators).",
+  },
+  {
+    key: "keepHostRunning",
+    type: "boolean",
+    default: false,
+    description: "Leave the host running after the AMI is baked (default: stop it to save cost).",
+  },
+  // ---- artifacts
+  {
+    key: "artifactBucketName",
+    type: "string", default: "",
+    description: "Use this existing bucket (e.g. go-builder-data) instead of creating one.",
+  },
+  {
+    key: "artifactPrefix",
+    type: "string",
+    default: "windows-arm64/",
+    description: "Key prefix for published images; ends with `/`.",
+  },
+  {
+    key: "artifactNoncurrentDays",
+    type: "integer",
+    default: 30,
+    description: "Days before a noncurrent object version in the created bucket expires.",
+  },
+  {
+    key: "artifactUri",
+    type: "string", default: "",
+    description:
+      "Local target only: where to publish, `file:///abs/dir/` or `s3://bucket/prefix/` (default file://<localWorkDir>/artifacts/).",
+  },
+  {
+    key: "artifactEndpointUrl",
+    type: "string", default: "",
+    description: "Local target only: S3-compatible endpoint for an s3:// artifactUri (e.g. http://127.0.0.1:9000).",
+  },
+  {
+    key: "localWorkDir",
+    type: "string",
+    default: ".work/local",
+    description: "Local target only: folder for scripts, VM files and artifacts (relative to the project).",
+  },
+  // ---- source images
+  {
+    key: "windowsImageUrl",
+    type: "string", default: "",
+    requiredFor: "all",
+    description: "Windows ARM64 image: s3:// or https:// (file:// on the local target); .vhdx, .qcow2 or .iso.",
+  },
+  {
+    key: "windowsImageSha256",
+    type: "string", default: "",
+    requiredFor: "all",
+    description: "SHA-256 of windowsImageUrl (64 hex digits).",
+  },
+  {
+    key: "windowsVersion",
+    type: "string", default: "",
+    requiredFor: "all",
+    description: "Windows release in the image: 10, 11-22h2, 11-23h2, 11-24h2 or 11-25h2.",
+  },
+  {
+    key: "virtioIsoUrl",
+    type: "string",
+    default: VIRTIO_DEFAULT_URL,
+    description: "virtio-win drivers ISO (a pinned release; the 'latest' URL moves).",
+  },
+  {
+    key: "virtioIsoSha256",
+    type: "string",
+    default: VIRTIO_DEFAULT_SHA256,
+    description: "SHA-256 of virtioIsoUrl.",
+  },
+  // ---- VM
+  { key: "vmCpus", type: "integer", default: 4, description: "vCPUs of the Windows VM." },
+  {
+    key: "vmMemoryGiB",
+    type: "integer",
+    default: 24,
+    description: "Memory of the Windows VM in GiB; at least 4 GiB must stay with the host.",
+  },
+  {
+    key: "allowUnsafeCpuCount",
+    type: "boolean",
+    default: false,
+    description: "Allow more than 4 vCPUs on Graviton1 (known CLOCK_WATCHDOG_TIMEOUT crashes).",
+  },
+  {
+    key: "vmMachineOptions",
+    type: "string",
+    default: "",
+    description: "Extra `-machine virt,...` options, e.g. `gic-version=max` or `its=off`.",
+  },
+  {
+    key: "vmDiskGiB",
+    type: "integer",
+    default: 64,
+    description: "Disk size for ISO installs (VHDX/qcow2 sources keep their own size).",
+  },
+  {
+    key: "vmBuildletPort",
+    type: "integer",
+    default: 443,
+    description: "Host port forwarded to the guest's 443 (the buildlet) in the baked image.",
+  },
+  // ---- guest
+  { key: "guestAdminUser", type: "string", default: "gopher", description: "Local administrator created in Windows." },
+  { key: "guestLocale", type: "string", default: "en-US", description: "Windows locale (UI, input, system, user)." },
+  { key: "guestTimeZone", type: "string", default: "UTC", description: "Windows time zone id, e.g. `UTC`." },
+  {
+    key: "windowsEdition",
+    type: "string",
+    default: "Windows 11 Pro",
+    description: "ISO installs: the image name to install from install.wim.",
+  },
+  {
+    key: "windowsProductKey",
+    type: "string", default: "",
+    secret: true,
+    description: "ISO installs: product key (optional; a secret).",
+  },
+  { key: "guestDisableWindowsUpdate", type: "boolean", default: true, description: "Turn off automatic updates." },
+  {
+    key: "guestDisableErrorReportingUi",
+    type: "boolean",
+    default: true,
+    description: "Turn off the Windows Error Reporting UI.",
+  },
+  { key: "guestDisableUac", type: "boolean", default: true, description: "Turn off UAC (EnableLUA=0)." },
+  { key: "guestDisableFirewall", type: "boolean", default: true, description: "Turn off the Windows firewall." },
+  {
+    key: "guestDisableDefenderRealtime",
+    type: "boolean",
+    default: true,
+    description: "Turn off Defender real-time monitoring.",
+  },
+  {
+    key: "guestDisableServices",
+    type: "boolean",
+    default: true,
+    description: "Disable NlaSvc, LanmanServer, BITS, DPS, MSDTC, IKEEXT, RemoteRegistry, lmhosts.",
+  },
+  {
+    key: "guestInstallBuildlet",
+    type: "boolean",
+    default: true,
+    description: "Install the Go buildlet stage0 and start it at logon.",
+  },
+  { key: "buildletStage0Url", type: "string", default: "", description: "URL of buildlet stage0 for windows-arm64." },
+  { key: "buildletStage0Sha256", type: "string", default: "", description: "SHA-256 of buildletStage0Url." },
+  {
+    key: "guestInstallLlvmMingw",
+    type: "boolean",
+    default: true,
+    description: "Install the llvm-mingw aarch64 toolchain to C:\\godep.",
+  },
+  { key: "llvmMingwUrl", type: "string", default: "", description: "URL of the llvm-mingw aarch64 zip." },
+  { key: "llvmMingwSha256", type: "string", default: "", description: "SHA-256 of llvmMingwUrl." },
+  {
+    key: "guestInstallVsBuildTools",
+    type: "boolean",
+    default: true,
+    description: "Install VS Build Tools with the ARM64 and ARM VC tools.",
+  },
+  { key: "vsBuildToolsUrl", type: "string", default: "", description: "URL of the VS Build Tools bootstrapper (vs_BuildTools.exe)." },
+  { key: "vsBuildToolsSha256", type: "string", default: "", description: "SHA-256 of vsBuildToolsUrl." },
+  {
+    key: "guestAutoLogon",
+    type: "boolean",
+    default: true,
+    description: "Log the admin user on automatically (the buildlet runs in that session).",
+  },
+  // ---- lifecycle
+  {
+    key: "retainAmiOnDelete",
+    type: "boolean",
+    default: true,
+    description: "Keep the AMI when the stack is destroyed (other stacks boot it).",
+  },
+  { key: "tags", type: "object", default: {}, description: "Tags merged into every taggable resource." },
+] as KeySpec[]);
+
+export function keySpec(key: string): KeySpec {
+  const spec = CONFIG_KEYS.find((k) => k.key === key);
+  if (!spec) throw new Error(`unknown config key ${key}`);
+  return spec;
+}

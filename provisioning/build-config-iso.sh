@@ -1,0 +1,197 @@
+#!/usr/bin/env bash
+# build-config-iso.sh - build the config ISO the Windows guest reads at setup.
+#
+# Usage: build-config-iso.sh OUT.iso FILE...
+#
+#   OUT.iso   ISO image to write (its directory is created if missing).
+#   FILE      a file or directory to put at the ISO root under its basename, or
+#             SRC=DEST/PATH to put SRC (file or directory) at DEST/PATH, e.g.
+#             "/tmp/drivers/viostor=\$WinPEDriver\$/viostor". The split is at
+#             the last '=', so DEST cannot hold '=' (SRC can).
+#             The caller names the answer file: it must reach the ISO root as
+#             autounattend.xml (e.g. "/tmp/answer.xml=autounattend.xml").
+#             The pipeline also passes firstlogon.ps1, authorized_keys and,
+#             optionally, OpenSSH-ARM64.zip (see infra/answerFile.ts).
+#
+# Environment:
+#   CONFIG_ISO_LABEL          volume label, 1-16 of [A-Za-z0-9_-] (Joliet keeps
+#                             16 characters); default WINCONFIG.
+#   CONFIG_ISO_DRIVERS_ISO    optional virtio-win ISO: the WinPE drivers below
+#                             are copied from it into $WinPEDriver$/<driver>
+#                             (Windows Setup loads that folder from any drive
+#                             root; used for ISO installs).
+#   CONFIG_ISO_WINPE_DRIVERS  drivers for $WinPEDriver$, space separated;
+#                             default "viostor vioscsi NetKVM".
+#   CONFIG_ISO_DRIVER_FOLDER  virtio-win OS folder (w11, w10, 2k25); default w11.
+#                             Each driver is read from /<driver>/<folder>/ARM64.
+#
+# Outputs:
+#   OUT.iso        ISO 9660 + Joliet (long names) + Rock Ridge, mode 0600: it
+#                  holds the answer file, which holds the password.
+#   OUT.iso.stamp  hash of the staged content and of the ISO, mode 0600.
+#   Also at the ISO root: windows-arm64-image.marker, which the guest's
+#   first-logon command looks for.
+#
+# Idempotent: when OUT.iso and its stamp match the inputs, nothing is written
+# ("up to date"). File contents are never printed.
+#
+# Exit status: 0 built or up to date; 1 on failure (a missing input is named);
+# 2 on a usage error.
+set -euo pipefail
+
+readonly NAME="build-config-iso"
+readonly MARKER="windows-arm64-image.marker"
+readonly STAMP_FORMAT="build-config-iso/1"
+
+log() { printf '%s: %s\n' "$NAME" "$*" >&2; }
+die() {
+  log "$*"
+  exit 1
+}
+usage() {
+  printf 'usage: %s OUT.iso FILE|SRC=DEST/PATH...\n' "$NAME" >&2
+  exit 2
+}
+
+[[ $# -ge 2 ]] || usage
+out="$1"
+shift
+[[ -n "$out" && "$out" != */ ]] || usage
+
+label="${CONFIG_ISO_LABEL:-WINCONFIG}"
+[[ "$label" =~ ^[A-Za-z0-9_-]{1,16}$ ]] ||
+  die "CONFIG_ISO_LABEL must be 1-16 of [A-Za-z0-9_-] (got '$label')"
+drivers_iso="${CONFIG_ISO_DRIVERS_ISO:-}"
+winpe_drivers="${CONFIG_ISO_WINPE_DRIVERS:-viostor vioscsi NetKVM}"
+driver_folder="${CONFIG_ISO_DRIVER_FOLDER:-w11}"
+[[ "$driver_folder" =~ ^[A-Za-z0-9]{1,16}$ ]] ||
+  die "CONFIG_ISO_DRIVER_FOLDER must be a virtio-win OS folder like w11 (got '$driver_folder')"
+
+command -v xorriso >/dev/null 2>&1 || die "xorriso not found (apt-get install xorriso)"
+command -v sha256sum >/dev/null 2>&1 || die "sha256sum not found (coreutils)"
+
+# Everything this script creates is private: the answer file holds a secret.
+umask 077
+
+# --- parse and check the inputs before doing any work -----------------------
+srcs=()
+dests=()
+declare -A seen=()
+for spec in "$@"; do
+  if [[ "$spec" == *=* ]]; then
+    src="${spec%=*}"
+    dest="${spec##*=}"
+  else
+    src="$spec"
+    dest="$(basename -- "$spec")"
+  fi
+  [[ -n "$src" ]] || die "empty source in '$spec'"
+  # Normalise DEST: no leading ./, no trailing or doubled slashes.
+  while [[ "$dest" == ./* ]]; do dest="${dest#./}"; done
+  while [[ "$dest" == */ ]]; do dest="${dest%/}"; done
+  while [[ "$dest" == *//* ]]; do dest="${dest//\/\//\/}"; done
+  [[ -n "$dest" && "$dest" != /* ]] || die "destination of '$spec' must be a relative path in the ISO"
+  case "/$dest/" in
+    */../* | */./*) die "destination '$dest' must not contain '.' or '..' components" ;;
+  esac
+  [[ "$dest" != *\\* ]] || die "destination '$dest' must use '/' as separator"
+  [[ -e "$src" ]] || die "input not found: $src"
+  [[ -r "$src" ]] || die "input not readable: $src"
+  # Windows reads the Joliet tree case-insensitively: catch clashes here.
+  key="${dest,,}"
+  [[ "$key" != "${MARKER,,}" ]] || die "destination '$dest' is reserved for the marker file"
+  [[ -z "${seen[$key]:-}" ]] || die "destination '$dest' given twice ('${seen[$key]}' and '$src')"
+  seen[$key]="$src"
+  srcs+=("$src")
+  dests+=("$dest")
+done
+if [[ -n "$drivers_iso" ]]; then
+  [[ -f "$drivers_iso" ]] || die "CONFIG_ISO_DRIVERS_ISO not found: $drivers_iso"
+  for drv in $winpe_drivers; do
+    [[ "$drv" =~ ^[A-Za-z0-9_-]+$ ]] || die "CONFIG_ISO_WINPE_DRIVERS entry '$drv' is not a driver folder name"
+    key="\$winpedriver\$/${drv,,}"
+    [[ -z "${seen[$key]:-}" ]] || die "destination '\$WinPEDriver\$/$drv' given twice"
+    seen[$key]="$drivers_iso"
+  done
+fi
+
+out_dir="$(dirname -- "$out")"
+mkdir -p -- "$out_dir" || die "cannot create output directory $out_dir"
+stamp="$out.stamp"
+
+# --- stage the ISO tree ------------------------------------------------------
+stage="$(mktemp -d "${TMPDIR:-/tmp}/$NAME.XXXXXX")"
+cleanup() {
+  chmod -R u+rwX -- "$stage" 2>/dev/null || true
+  rm -rf -- "$stage"
+  if [[ -n "${tmp_iso:-}" ]]; then rm -f -- "$tmp_iso"; fi
+}
+trap cleanup EXIT
+tree="$stage/tree"
+mkdir -p "$tree"
+
+for i in "${!srcs[@]}"; do
+  src="${srcs[$i]}"
+  dest="${dests[$i]}"
+  target="$tree/$dest"
+  parent="$(dirname -- "$target")"
+  mkdir -p -- "$parent" 2>/dev/null || die "cannot place '$dest': a parent path is a file"
+  [[ ! -e "$target" ]] || die "cannot place '$src' at '$dest': something is already there"
+  cp -R -L -- "$src" "$target" || die "cannot copy $src"
+done
+
+if [[ -n "$drivers_iso" ]]; then
+  for drv in $winpe_drivers; do
+    inner="/$drv/$driver_folder/ARM64"
+    mkdir -p -- "$tree/\$WinPEDriver\$"
+    if ! xorriso -osirrox on -indev "$drivers_iso" -extract "$inner" "$tree/\$WinPEDriver\$/$drv" \
+      >"$stage/extract.log" 2>&1; then
+      die "driver folder $inner not found in $drivers_iso (check CONFIG_ISO_WINPE_DRIVERS and CONFIG_ISO_DRIVER_FOLDER)"
+    fi
+    [[ -d "$tree/\$WinPEDriver\$/$drv" ]] || die "driver folder $inner in $drivers_iso is not a directory"
+  done
+fi
+
+printf 'windows-arm64-image config media\n' >"$tree/$MARKER"
+chmod -R u=rwX,go= -- "$tree"
+
+# --- stamp: what would go into the ISO ----------------------------------------
+# Paths (files and directories) and file contents, sorted bytewise, plus the
+# label and this script's output format.
+content_hash="$(
+  cd "$tree"
+  {
+    printf '%s\nlabel=%s\n' "$STAMP_FORMAT" "$label"
+    find . -mindepth 1 -type d -print0 | LC_ALL=C sort -z | tr '\0' '\n' | sed 's/^/dir /'
+    find . -type f -print0 | LC_ALL=C sort -z | xargs -0 -r sha256sum
+  } | sha256sum | cut -d' ' -f1
+)"
+
+if [[ -f "$out" && -f "$stamp" ]]; then
+  want_inputs="$(sed -n 's/^inputs=//p' "$stamp")"
+  want_iso="$(sed -n 's/^iso=//p' "$stamp")"
+  if [[ "$want_inputs" == "$content_hash" ]] &&
+    [[ "$want_iso" == "$(sha256sum -- "$out" | cut -d' ' -f1)" ]]; then
+    chmod 600 -- "$out" "$stamp"
+    log "$out is up to date"
+    exit 0
+  fi
+fi
+
+# --- build -------------------------------------------------------------------
+log "building $out (label $label, $(find "$tree" -type f | wc -l) files)"
+rm -f -- "$stamp"
+tmp_iso="$out.tmp.$$"
+if ! xorriso -as mkisofs -V "$label" -J -joliet-long -r -iso-level 3 -o "$tmp_iso" "$tree" \
+  >"$stage/xorriso.log" 2>&1; then
+  tail -n 20 "$stage/xorriso.log" >&2
+  die "xorriso failed to write $out"
+fi
+chmod 600 -- "$tmp_iso"
+mv -f -- "$tmp_iso" "$out"
+tmp_iso=""
+iso_hash="$(sha256sum -- "$out" | cut -d' ' -f1)"
+printf 'inputs=%s\niso=%s\n' "$content_hash" "$iso_hash" >"$stamp.tmp.$$"
+chmod 600 -- "$stamp.tmp.$$"
+mv -f -- "$stamp.tmp.$$" "$stamp"
+log "wrote $out ($(stat -c %s -- "$out") bytes)"
