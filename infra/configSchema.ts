@@ -279,3 +279,18 @@ export function keySpec(key: string): KeySpec {
   if (!spec) throw new Error(`unknown config key ${key}`);
   return spec;
 }
+
+/** The `config:` block of Pulumi.yaml, as data (a test keeps the file equal to it). */
+export function projectConfigBlock(): Record<string, Record<string, unknown>> {
+  const block: Record<string, Record<string, unknown>> = {};
+  for (const k of CONFIG_KEYS) {
+    const entry: Record<string, unknown> = {};
+    // Pulumi's project schema types are string, integer, boolean and array; an object key has no type.
+    if (k.type !== "object") entry.type = k.type;
+    if (k.type === "array") entry.items = { type: "string" };
+    entry.description = k.description + (k.secret ? " Set it with --secret." : "");
+    entry.default = k.default;
+    block[k.key] = entry;
+  }
+  return block;
+}

@@ -124,22 +124,23 @@ trap 'log "hung up"; exit 129' HUP
 s3() { aws "${aws_args[@]}" "$@" 2>"$work/aws.err"; }
 aws_error() { grep -v '^[[:space:]]*$' "$work/aws.err" | tail -n 1; }
 
-# Size of s3://bucket/KEY; prints nothing (status 0) when it does not exist.
+# Sets OBJ_SIZE to the size of s3://bucket/KEY, or to "" when it does not exist.
 object_size() {
-  local size
-  if size=$(s3 s3api head-object --bucket "$bucket" --key "$1" --query ContentLength --output text); then
-    printf '%s' "$size"
+  OBJ_SIZE=
+  if OBJ_SIZE=$(s3 s3api head-object --bucket "$bucket" --key "$1" --query ContentLength --output text); then
     return 0
   fi
-  if grep -qE '\(404\)|Not Found|NoSuchKey' "$work/aws.err"; then return 0; fi
-  die "cannot read s3://$bucket/$1: $(aws_error)"
+  OBJ_SIZE=
+  grep -qE '\(404\)|Not Found|NoSuchKey' "$work/aws.err" || die "cannot read s3://$bucket/$1: $(aws_error)"
 }
 
-# Object body to stdout; status 1 when it does not exist.
-get_object() {
-  s3 s3 cp --only-show-errors "s3://$bucket/$1" - && return 0
-  if grep -qE '\(404\)|Not Found|NoSuchKey|does not exist' "$work/aws.err"; then return 1; fi
-  die "cannot read s3://$bucket/$1: $(aws_error)"
+# Downloads s3://bucket/KEY to FILE; status 1 when it does not exist.
+get_object() { # KEY FILE
+  rm -f -- "$2"
+  s3 s3 cp --only-show-errors "s3://$bucket/$1" "$2" && return 0
+  grep -qE '\(404\)|Not Found|NoSuchKey|does not exist' "$work/aws.err" ||
+    die "cannot read s3://$bucket/$1: $(aws_error)"
+  return 1
 }
 
 put_file() { # FILE KEY
@@ -168,16 +169,28 @@ vars_size=$(stat -c %s -- "$vars")
 vars_sha=$(sha256sum -- "$vars")
 vars_sha=${vars_sha%% *}
 
-# The published manifest for SHA if it is complete and matches this disk and
-# QEMU_VARS.fd; nothing otherwise.
+# Sets MANIFEST to the published manifest for SHA if it is complete and matches
+# this disk and QEMU_VARS.fd; to "" otherwise.
 published_manifest() { # SHA
-  local m
-  m=$(get_object "$(key "$1/manifest.json")") || return 0
+  MANIFEST=
+  get_object "$(key "$1/manifest.json")" "$work/published.json" || return 0
   jq -e --arg sha "$1" --argjson size "$size" --arg vsha "$vars_sha" \
-    '.sha256 == $sha and .size == $size and .varsSha256 == $vsha' >/dev/null 2>&1 <<<"$m" || return 0
-  [[ "$(object_size "$(key "$1/disk.qcow2")")" == "$size" ]] || return 0
-  [[ "$(object_size "$(key "$1/QEMU_VARS.fd")")" == "$vars_size" ]] || return 0
-  jq -c . <<<"$m"
+    '.sha256 == $sha and .size == $size and .varsSha256 == $vsha' >/dev/null 2>&1 <"$work/published.json" ||
+    return 0
+  object_size "$(key "$1/disk.qcow2")"
+  [[ $OBJ_SIZE == "$size" ]] || return 0
+  object_size "$(key "$1/QEMU_VARS.fd")"
+  [[ $OBJ_SIZE == "$vars_size" ]] || return 0
+  MANIFEST=$(jq -c . <"$work/published.json")
+}
+
+# Uploads the compact JSON in VALUE to KEY and checks it reads back equal.
+put_json() { # VALUE KEY
+  printf '%s\n' "$1" >"$work/put.json"
+  put_file "$work/put.json" "$2" application/json
+  get_object "$2" "$work/readback.json" || die "s3://$bucket/$2 is missing after upload"
+  jq -e --argjson want "$1" '. == $want' >/dev/null 2>&1 <"$work/readback.json" ||
+    die "s3://$bucket/$2 does not read back as written"
 }
 
 manifest=
@@ -186,7 +199,8 @@ if [[ -f $stamp ]]; then
   read -r st_sha st_size st_mtime _ <"$stamp" || true
   if [[ ${st_sha:-} =~ ^[0-9a-f]{64}$ && "${st_size:-} ${st_mtime:-}" == "$disk_stat" ]]; then
     sha=$st_sha
-    manifest=$(published_manifest "$sha")
+    published_manifest "$sha"
+    manifest=$MANIFEST
     if [[ -n $manifest ]]; then
       log "$disk (sha256 $sha) is already published at $(uri "$sha/"); no upload needed"
     fi
@@ -221,7 +235,7 @@ if [[ -z $manifest ]]; then
       log "uploaded $(mib "$pos") of $(mib "$size") MiB ($((size > 0 ? pos * 100 / size : 100))%), $((el > 0 ? pos / 1048576 / el : 0)) MiB/s"
     done
   ) &
-  pids+=($!)
+  pids+=("$!")
   rc_reader=0 rc_uploader=0 rc_hasher=0
   wait "$reader" || rc_reader=$?
   wait "$uploader" || rc_uploader=$?
@@ -241,15 +255,16 @@ if [[ -z $manifest ]]; then
   [[ "$(stat -c '%s %.9Y' -- "$disk")" == "$disk_stat" ]] ||
     die "$disk changed during the upload (was the VM started?); nothing was published"
   ensure_not_in_use "$disk" qcow2
-  staged=$(object_size "$staging_key")
-  [[ $staged == "$size" ]] ||
-    die "staging object s3://$bucket/$staging_key is ${staged:-missing}, expected $size bytes"
+  object_size "$staging_key"
+  [[ $OBJ_SIZE == "$size" ]] ||
+    die "staging object s3://$bucket/$staging_key is ${OBJ_SIZE:-missing}, expected $size bytes"
   tmp=$(mktemp "$stamp.XXXXXX")
   printf '%s %s\n' "$sha" "$disk_stat" >"$tmp"
   chmod 0644 -- "$tmp"
   mv -f -- "$tmp" "$stamp"
 
-  manifest=$(published_manifest "$sha")
+  published_manifest "$sha"
+  manifest=$MANIFEST
   if [[ -n $manifest ]]; then
     log "this disk was already published at $(uri "$sha/")"
   else
@@ -267,10 +282,11 @@ if [[ -z $manifest ]]; then
     log "uploading $vars to $(uri "$sha/QEMU_VARS.fd")"
     put_file "$vars" "$(key "$sha/QEMU_VARS.fd")"
 
-    got=$(object_size "$image_key")
-    [[ $got == "$size" ]] || die "$(uri "$sha/disk.qcow2") is ${got:-missing}, expected $size bytes"
-    got=$(object_size "$(key "$sha/QEMU_VARS.fd")")
-    [[ $got == "$vars_size" ]] || die "$(uri "$sha/QEMU_VARS.fd") is ${got:-missing}, expected $vars_size bytes"
+    object_size "$image_key"
+    [[ $OBJ_SIZE == "$size" ]] || die "$(uri "$sha/disk.qcow2") is ${OBJ_SIZE:-missing}, expected $size bytes"
+    object_size "$(key "$sha/QEMU_VARS.fd")"
+    [[ $OBJ_SIZE == "$vars_size" ]] ||
+      die "$(uri "$sha/QEMU_VARS.fd") is ${OBJ_SIZE:-missing}, expected $vars_size bytes"
 
     # --- manifest --------------------------------------------------------------
     manifest=$(jq -cn \
@@ -287,11 +303,7 @@ if [[ -z $manifest ]]; then
         sourceSha256: (if $sourceSha == "" then null else $sourceSha end),
         windowsVersion: (if $winver == "" then null else $winver end),
         createdAt: $createdAt}')
-    printf '%s\n' "$manifest" >"$work/manifest.json"
-    put_file "$work/manifest.json" "$(key "$sha/manifest.json")" application/json
-    readback=$(get_object "$(key "$sha/manifest.json")") || die "$(uri "$sha/manifest.json") is missing after upload"
-    jq -e --argjson want "$manifest" '. == $want' >/dev/null <<<"$readback" ||
-      die "$(uri "$sha/manifest.json") does not read back as written"
+    put_json "$manifest" "$(key "$sha/manifest.json")"
     log "published $(uri "$sha/")"
   fi
   s3 s3 rm --only-show-errors "s3://$bucket/$staging_key" ||
@@ -300,15 +312,11 @@ fi
 
 # --- latest.json, last ---------------------------------------------------------
 latest_key=$(key latest.json)
-current=$(get_object "$latest_key") || current=
-if [[ -n $current ]] && jq -e --argjson want "$manifest" '. == $want' >/dev/null 2>&1 <<<"$current"; then
+if get_object "$latest_key" "$work/latest.json" &&
+  jq -e --argjson want "$manifest" '. == $want' >/dev/null 2>&1 <"$work/latest.json"; then
   log "$(uri latest.json) already points at sha256 $sha"
 else
-  printf '%s\n' "$manifest" >"$work/latest.json"
-  put_file "$work/latest.json" "$latest_key" application/json
-  readback=$(get_object "$latest_key") || die "$(uri latest.json) is missing after upload"
-  jq -e --argjson want "$manifest" '. == $want' >/dev/null <<<"$readback" ||
-    die "$(uri latest.json) does not read back as written"
+  put_json "$manifest" "$latest_key"
   log "$(uri latest.json) now points at sha256 $sha"
 fi
 

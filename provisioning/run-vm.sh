@@ -283,7 +283,7 @@ fi
 running_pid() {
   local pid
   [[ -r $pid_file ]] || return 1
-  pid=$(tr -dc '0-9' <"$pid_file" 2>/dev/null || true)
+  pid=$(tr -dc '0-9' 2>/dev/null <"$pid_file" || true)
   [[ -n $pid && -r /proc/$pid/cmdline ]] || return 1
   tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q qemu-system || return 1
   printf '%s\n' "$pid"

@@ -65,7 +65,7 @@ command -v socat >/dev/null 2>&1 || nc -h 2>&1 | grep -q -- '-U' ||
 qemu_pid() {
   local pid
   [[ -r $pid_file ]] || return 1
-  pid=$(tr -dc '0-9' <"$pid_file" 2>/dev/null || true)
+  pid=$(tr -dc '0-9' 2>/dev/null <"$pid_file" || true)
   [[ -n $pid ]] && alive "$pid" || return 1
   tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q qemu-system || return 1
   printf '%s\n' "$pid"

@@ -1,0 +1,187 @@
+#!/usr/bin/env bash
+# start-vm.sh - starts the VM (run-vm.sh) in the background and checks that QEMU came up.
+#
+# Usage: start-vm.sh ENV_FILE [UNIT_NAME]
+#
+#   ENV_FILE   the VM's env file (see run-vm.sh for the variables)
+#   UNIT_NAME  systemd unit name for the VM (default windows-vm-build)
+#
+# Where systemd runs (/run/systemd/system exists) the launcher runs as a
+# transient unit: systemd-run --unit=UNIT_NAME --collect --property=KillMode=mixed
+# run-vm.sh ENV_FILE, so `systemctl stop UNIT_NAME` and the journal work and it
+# is cleaned up when it ends. Elsewhere it runs detached (setsid nohup), its
+# output in $VM_DIR/run-vm.log (the previous one kept as run-vm.log.1) and the
+# launcher's pid in $VM_DIR/run-vm.pid (the launcher execs QEMU, so it is
+# QEMU's pid too, unless VM_HALT_ON_EXIT=1).
+#
+# Steps: (1) if a QEMU for this VM is already running (pid file alive and QMP
+# answers) say so and exit 0; (2) validate with `run-vm.sh --check` (exit 2 with
+# every problem listed); (3) start; (4) wait up to START_VM_WAIT_S (default 20)
+# for QEMU's pid file and QMP socket. If QEMU died, print the cause: the tail
+# of run-vm.log (or the unit's journal) and of the serial log; if it did not
+# come up in time, stop the launcher and say so.
+#
+# Env: START_VM_WAIT_S; VM_* variables in the environment override the file
+#   (and are passed on to the transient unit).
+# Output: one line on stdout: "start-vm: VM started (...)" or
+#   "start-vm: VM already running (...)"; progress and errors on stderr.
+# Exit: 0 started or already running; 2 invalid configuration (nothing
+#   started); 1 QEMU failed to start or did not come up in time.
+set -euo pipefail
+
+readonly me="start-vm"
+SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+readonly run_vm="$SCRIPT_DIR/run-vm.sh"
+log() { printf '%s: %s\n' "$me" "$*" >&2; }
+say() { printf '%s: %s\n' "$me" "$*"; }
+usage() {
+  log "$*"
+  log "usage: start-vm.sh ENV_FILE [UNIT_NAME]"
+  exit 2
+}
+
+(($# >= 1 && $# <= 2)) || usage "expected 1 or 2 arguments, got $#"
+[[ -f $1 && -r $1 ]] || usage "ENV_FILE '$1' does not exist or is not readable"
+env_file=$(readlink -f -- "$1")
+unit=${2:-windows-vm-build}
+[[ $unit =~ ^[A-Za-z0-9:_.@-]+$ ]] || usage "UNIT_NAME='$unit' is not a valid unit name"
+wait_s=${START_VM_WAIT_S:-20}
+[[ $wait_s =~ ^[1-9][0-9]*$ ]] || usage "START_VM_WAIT_S='$wait_s' is not a positive number"
+
+# The resolved settings, from the launcher itself (one parser, one set of defaults).
+declare -A cfg=()
+while IFS= read -r line; do
+  [[ $line =~ ^([A-Z_][A-Z0-9_]*)=(.*)$ ]] && cfg[${BASH_REMATCH[1]}]=${BASH_REMATCH[2]}
+done < <(bash "$run_vm" --resolve "$env_file")
+[[ -n ${cfg[VM_DIR]:-} ]] || { log "could not read the settings of $env_file"; exit 2; }
+vm_dir=${cfg[VM_DIR]}
+qmp_sock=${cfg[VM_QMP_SOCKET]}
+serial_log=${cfg[VM_SERIAL_LOG]}
+pid_file=${cfg[VM_PID_FILE]}
+run_log="$vm_dir/run-vm.log"
+launcher_pid_file="$vm_dir/run-vm.pid"
+
+use_systemd=0
+if [[ -d /run/systemd/system ]] && command -v systemd-run >/dev/null 2>&1; then use_systemd=1; fi
+
+alive() {
+  local state
+  state=$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f1) || return 1
+  [[ -n $state && $state != Z && $state != X ]]
+}
+qemu_pid() {
+  local pid
+  [[ -r $pid_file ]] || return 1
+  pid=$(tr -dc '0-9' 2>/dev/null <"$pid_file" || true)
+  [[ -n $pid ]] && alive "$pid" || return 1
+  tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q qemu-system || return 1
+  printf '%s\n' "$pid"
+}
+qmp_answers() {
+  [[ -S $qmp_sock ]] || return 1
+  if command -v socat >/dev/null 2>&1; then
+    timeout 3 socat -t 0.5 - "UNIX-CONNECT:$qmp_sock" </dev/null 2>/dev/null | grep -q '"QMP"'
+  else
+    timeout 2 nc -U "$qmp_sock" </dev/null 2>/dev/null | grep -q '"QMP"'
+  fi
+}
+clean() { sed -e 's/\x1b\[[0-9;=?]*[A-Za-z]//g' -e 's/\r/\n/g' | tr -d '\000-\010\013-\037' | grep -v '^[[:space:]]*$' | cut -c1-240; }
+show_tail() { # show_tail FILE N TITLE
+  [[ -s $1 ]] || return 0
+  log "$3 ($1, last $2 lines):"
+  clean <"$1" | tail -n "$2" | sed 's/^/  | /' >&2 || true
+}
+
+# --- 1. already running? -------------------------------------------------------------
+if pid=$(qemu_pid); then
+  for _ in 1 2 3 4 5; do
+    qmp_answers && break
+    sleep 1
+  done
+  if qmp_answers; then
+    say "VM already running (QEMU pid $pid, QMP $qmp_sock); nothing to do"
+    exit 0
+  fi
+  log "QEMU pid $pid (from $pid_file) is running but its QMP socket $qmp_sock does not answer;"
+  log "stop it first (stop-vm.sh $qmp_sock, or kill $pid)"
+  exit 1
+fi
+if ((use_systemd)) && systemctl is-active --quiet "$unit"; then
+  say "VM already running as systemd unit $unit; nothing to do"
+  exit 0
+fi
+
+# --- 2. validate -------------------------------------------------------------------------
+if ! bash "$run_vm" --check "$env_file"; then
+  log "not starting the VM: fix the problems above in $env_file"
+  exit 2
+fi
+
+# --- 3. start ------------------------------------------------------------------------------
+launcher_pid=""
+if ((use_systemd)); then
+  setenv=()
+  while IFS= read -r name; do setenv+=("--setenv=$name=${!name}"); done < <(compgen -e VM_ || true)
+  systemctl reset-failed "$unit" >/dev/null 2>&1 || true
+  log "starting $run_vm as transient systemd unit $unit"
+  systemd-run --quiet --unit="$unit" --collect --property=KillMode=mixed \
+    --description="Windows ARM64 VM ($env_file)" "${setenv[@]}" \
+    "$(command -v bash)" "$run_vm" "$env_file" || {
+    log "systemd-run failed to start unit $unit"
+    exit 1
+  }
+else
+  [[ ! -f $run_log ]] || mv -f -- "$run_log" "$run_log.1"
+  log "starting $run_vm in the background (no systemd here); log: $run_log"
+  setsid nohup bash "$run_vm" "$env_file" >"$run_log" 2>&1 </dev/null &
+  launcher_pid=$!
+  printf '%s\n' "$launcher_pid" >"$launcher_pid_file"
+fi
+
+# --- 4. did it come up? -------------------------------------------------------------
+launcher_alive() {
+  if ((use_systemd)); then
+    local state
+    state=$(systemctl is-active "$unit" 2>/dev/null || true)
+    [[ $state == active || $state == activating || $state == reloading ]]
+  else
+    alive "$launcher_pid"
+  fi
+}
+failed() {
+  log "QEMU failed to start: $1"
+  if ((use_systemd)); then
+    log "journal of $unit:"
+    journalctl -u "$unit" -n 40 --no-pager -o cat 2>/dev/null | clean | sed 's/^/  | /' >&2 || true
+  else
+    show_tail "$run_log" 30 "launcher output"
+  fi
+  show_tail "$serial_log" 20 "serial log"
+  exit 1
+}
+
+start=$SECONDS
+while :; do
+  if pid=$(qemu_pid) && qmp_answers; then
+    if ((use_systemd)); then where="unit $unit"; else where="log $run_log"; fi
+    say "VM started (QEMU pid $pid, QMP $qmp_sock, serial log $serial_log, $where)"
+    exit 0
+  fi
+  if ! launcher_alive; then
+    cause=""
+    if ((!use_systemd)) && [[ -s $run_log ]]; then
+      cause=$(grep -v '^run-vm: starting:' "$run_log" | grep -v "Could not open option rom" | clean | tail -n 1 || true)
+    fi
+    failed "${cause:-the launcher exited}"
+  fi
+  if ((SECONDS - start >= wait_s)); then
+    # Leave nothing half-started behind.
+    if ((use_systemd)); then
+      systemctl stop "$unit" >/dev/null 2>&1 || true
+    else
+      kill -TERM "$launcher_pid" 2>/dev/null || true
+    fi
+    failed "no answering QMP socket at $qmp_sock within ${wait_s}s; the launcher was stopped"
+  fi
+  sleep 0.5
+done

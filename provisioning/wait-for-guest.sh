@@ -1,0 +1,132 @@
+#!/usr/bin/env bash
+# wait-for-guest.sh - waits until the guest's SSH server answers through the forwarded port.
+#
+# Usage: wait-for-guest.sh HOST PORT TIMEOUT_S
+#
+#   HOST PORT   where the guest's SSH is reached (127.0.0.1 and VM_SSH_PORT on the host)
+#   TIMEOUT_S   seconds to wait at most
+#
+# Success means an SSH banner ("SSH-2.0-...") was read, not merely a TCP
+# connect: QEMU's hostfwd accepts connections long before the guest listens.
+#
+# Env (all optional):
+#   SERIAL_LOG               the VM's serial log: its last 40 lines are shown on failure
+#   VM_PID_FILE              QEMU's pid file: when that process exits, fail at once
+#   WAIT_FOR_GUEST_PROGRESS_S seconds between progress lines (default 20)
+#
+# Output: the banner line on stdout on success; progress and errors on stderr.
+# Exit: 0 banner read; 1 timeout; 3 the VM (QEMU) exited or is not running;
+#   2 bad arguments.
+set -euo pipefail
+
+readonly me="wait-for-guest"
+log() { printf '%s: %s\n' "$me" "$*" >&2; }
+usage() {
+  log "$*"
+  log "usage: wait-for-guest.sh HOST PORT TIMEOUT_S"
+  exit 2
+}
+
+(($# == 3)) || usage "expected 3 arguments, got $#"
+host=$1 port=$2 timeout_s=$3
+[[ -n $host && $host != *[[:space:]/]* ]] || usage "HOST='$host' is not a host name or address"
+if [[ ! $port =~ ^[0-9]+$ ]] || ((10#$port < 1 || 10#$port > 65535)); then usage "PORT='$port' is not a TCP port"; fi
+[[ $timeout_s =~ ^[0-9]+$ ]] || usage "TIMEOUT_S='$timeout_s' is not a whole number of seconds"
+port=$((10#$port))
+timeout_s=$((10#$timeout_s))
+progress_s=${WAIT_FOR_GUEST_PROGRESS_S:-20}
+[[ $progress_s =~ ^[1-9][0-9]*$ ]] || usage "WAIT_FOR_GUEST_PROGRESS_S='$progress_s' is not a positive number"
+serial_log=${SERIAL_LOG:-}
+pid_file=${VM_PID_FILE:-}
+
+serial_tail() {
+  [[ -n $serial_log ]] || return 0
+  if [[ ! -s $serial_log ]]; then
+    log "serial log $serial_log is empty or missing"
+    return 0
+  fi
+  log "last 40 lines of the serial log $serial_log:"
+  # Firmware output carries terminal escapes and carriage returns: drop them.
+  sed -e 's/\x1b\[[0-9;=?]*[A-Za-z]//g' -e 's/\r/\n/g' -- "$serial_log" | tr -d '\000-\010\013-\037' |
+    grep -v '^[[:space:]]*$' | tail -n 40 | cut -c1-240 | sed 's/^/  | /' >&2 || true
+}
+
+alive() {
+  local state
+  state=$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f1) || return 1
+  [[ -n $state && $state != Z && $state != X ]]
+}
+
+start=$SECONDS
+qemu_pid=""
+if [[ -n $pid_file ]]; then
+  # QEMU writes its pid file as it starts; give a just-started VM a moment.
+  for _ in $(seq 1 10); do
+    [[ -s $pid_file ]] && break
+    sleep 0.5
+  done
+  qemu_pid=$(tr -dc '0-9' 2>/dev/null <"$pid_file" || true)
+  if [[ -z $qemu_pid ]] || ! alive "$qemu_pid"; then
+    log "the VM is not running: no live QEMU process in VM_PID_FILE=$pid_file"
+    serial_tail
+    exit 3
+  fi
+fi
+
+# Reads the first line the server sends, within $1 seconds.
+# Returns 1 when nothing answered the connect, 2 when no line came.
+# shellcheck disable=SC2016 # expanded by the inner bash
+read_banner() {
+  local line rc=0
+  line=$(timeout "$1" bash -c '
+    exec 3<>"/dev/tcp/$0/$1" || exit 11
+    IFS= read -r -t "$2" line <&3 || [[ -n $line ]] || exit 12
+    printf "%s" "$line"
+  ' "$host" "$port" "$(($1 > 1 ? $1 - 1 : 1))" 2>/dev/null) || rc=$?
+  case $rc in
+    0) printf '%s' "${line%$'\r'}" ;;
+    11) return 1 ;;
+    *) return 2 ;;
+  esac
+}
+
+log "waiting up to ${timeout_s}s for an SSH banner on $host:$port"
+next_progress=$progress_s
+attempts=0
+last=""
+while :; do
+  elapsed=$((SECONDS - start))
+  remaining=$((timeout_s - elapsed))
+  if ((remaining > 0)); then
+    attempts=$((attempts + 1))
+    rc=0
+    banner=$(read_banner "$((remaining < 5 ? remaining : 5))") || rc=$?
+    if [[ $rc == 0 && $banner == SSH-* ]]; then
+      log "guest SSH answered on $host:$port after $((SECONDS - start))s"
+      printf '%s\n' "$banner"
+      exit 0
+    fi
+    case $rc in
+      0) last="got '${banner:0:60}' instead of an SSH banner" ;;
+      1) last="connection refused" ;;
+      *) last="connected, but no SSH banner came" ;;
+    esac
+  fi
+  if [[ -n $qemu_pid ]] && ! alive "$qemu_pid"; then
+    log "the VM exited (QEMU pid $qemu_pid is gone) after $((SECONDS - start))s, before SSH answered on $host:$port"
+    serial_tail
+    exit 3
+  fi
+  elapsed=$((SECONDS - start))
+  if ((elapsed >= timeout_s)); then
+    log "timed out after ${timeout_s}s waiting for an SSH banner on $host:$port ($attempts attempts, last: ${last:-none})"
+    serial_tail
+    exit 1
+  fi
+  if ((elapsed >= next_progress)); then
+    log "still waiting for SSH on $host:$port (${elapsed}s/${timeout_s}s, $last)"
+    next_progress=$((next_progress + progress_s))
+  fi
+  remaining=$((timeout_s - elapsed))
+  sleep "$((remaining < 2 ? remaining : 2))"
+done

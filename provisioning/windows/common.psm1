@@ -1,0 +1,630 @@
+<#
+.SYNOPSIS
+    Shared code for provision.ps1 and check.ps1 (Windows ARM64 CI builder guest).
+.DESCRIPTION
+    - The settings schema (keys, types, defaults) and Read-ProvisionSettings,
+      which loads and validates the JSON settings file.
+    - The step catalogue: the names of the provisioning steps and the switch
+      that turns each on; provision.ps1 and check.ps1 both declare exactly
+      these steps (Assert-StepNames).
+    - The registry values each step sets (Get-DesiredRegistryValues), so the
+      check verifies exactly what provisioning writes.
+    - Logging with timestamps and secret redaction (Write-Log), a change
+      counter (Add-ChangeRecord), the step runner (Invoke-ProvisionSteps).
+    - Idempotent helpers: registry get/set/remove, download + SHA-256 check.
+    - Small wrappers around Windows-only calls (administrator test, local
+      credential test, vswhere), so tests can mock them.
+    Compatible with Windows PowerShell 5.1 and PowerShell 7; ASCII only.
+#>
+Set-StrictMode -Version Latest
+$ErrorActionPreference = 'Stop'
+
+# ---------------------------------------------------------------------------
+# Settings schema
+# ---------------------------------------------------------------------------
+
+$script:DefaultServicesToDisable = @('NlaSvc', 'LanmanServer', 'BITS', 'DPS', 'MSDTC', 'IKEEXT', 'RemoteRegistry', 'lmhosts')
+
+# Type: bool | string | path | url | sha256 | username | secret | string[]
+# RequiredBy: switches that, when true, need a non-empty value here.
+$script:SettingSchema = @(
+    @{ Key = 'logPath'; Type = 'path'; Default = 'C:\ProgramData\windows-arm64-image\provision.log'; RequiredBy = @() }
+    @{ Key = 'downloadDir'; Type = 'path'; Default = 'C:\ProgramData\windows-arm64-image\downloads'; RequiredBy = @() }
+    @{ Key = 'disableWindowsUpdate'; Type = 'bool'; Default = $true; RequiredBy = @() }
+    @{ Key = 'disableErrorReportingUi'; Type = 'bool'; Default = $true; RequiredBy = @() }
+    @{ Key = 'disableUac'; Type = 'bool'; Default = $true; RequiredBy = @() }
+    @{ Key = 'disableFirewall'; Type = 'bool'; Default = $true; RequiredBy = @() }
+    @{ Key = 'disableDefenderRealtime'; Type = 'bool'; Default = $true; RequiredBy = @() }
+    @{ Key = 'disableServices'; Type = 'bool'; Default = $true; RequiredBy = @() }
+    @{ Key = 'servicesToDisable'; Type = 'string[]'; Default = $script:DefaultServicesToDisable; RequiredBy = @() }
+    @{ Key = 'installBuildlet'; Type = 'bool'; Default = $true; RequiredBy = @() }
+    @{ Key = 'buildletStage0Url'; Type = 'url'; Default = ''; RequiredBy = @('installBuildlet') }
+    @{ Key = 'buildletStage0Sha256'; Type = 'sha256'; Default = ''; RequiredBy = @('installBuildlet') }
+    @{ Key = 'buildletPath'; Type = 'path'; Default = 'C:\golang\bootstrap.exe'; RequiredBy = @() }
+    @{ Key = 'installLlvmMingw'; Type = 'bool'; Default = $true; RequiredBy = @() }
+    @{ Key = 'llvmMingwUrl'; Type = 'url'; Default = ''; RequiredBy = @('installLlvmMingw') }
+    @{ Key = 'llvmMingwSha256'; Type = 'sha256'; Default = ''; RequiredBy = @('installLlvmMingw') }
+    @{ Key = 'llvmMingwDir'; Type = 'path'; Default = 'C:\godep\llvm-aarch64'; RequiredBy = @() }
+    @{ Key = 'installVsBuildTools'; Type = 'bool'; Default = $true; RequiredBy = @() }
+    @{ Key = 'vsBuildToolsUrl'; Type = 'url'; Default = ''; RequiredBy = @('installVsBuildTools') }
+    @{ Key = 'vsBuildToolsSha256'; Type = 'sha256'; Default = ''; RequiredBy = @('installVsBuildTools') }
+    @{ Key = 'createBuilderUser'; Type = 'bool'; Default = $true; RequiredBy = @() }
+    @{ Key = 'builderUser'; Type = 'username'; Default = ''; RequiredBy = @('createBuilderUser', 'autoLogon') }
+    @{ Key = 'builderPassword'; Type = 'secret'; Default = ''; RequiredBy = @('createBuilderUser', 'autoLogon') }
+    @{ Key = 'autoLogon'; Type = 'bool'; Default = $true; RequiredBy = @() }
+)
+
+# The provisioning steps, in the order they run, and the switch for each.
+$script:StepCatalog = @(
+    @{ Name = 'disable-windows-update'; Switch = 'disableWindowsUpdate' }
+    @{ Name = 'disable-error-reporting-ui'; Switch = 'disableErrorReportingUi' }
+    @{ Name = 'disable-uac'; Switch = 'disableUac' }
+    @{ Name = 'disable-firewall'; Switch = 'disableFirewall' }
+    @{ Name = 'disable-defender-realtime'; Switch = 'disableDefenderRealtime' }
+    @{ Name = 'disable-services'; Switch = 'disableServices' }
+    @{ Name = 'install-buildlet'; Switch = 'installBuildlet' }
+    @{ Name = 'install-llvm-mingw'; Switch = 'installLlvmMingw' }
+    @{ Name = 'install-vs-build-tools'; Switch = 'installVsBuildTools' }
+    @{ Name = 'create-builder-user'; Switch = 'createBuilderUser' }
+    @{ Name = 'configure-autologon'; Switch = 'autoLogon' }
+)
+
+# Visual Studio Build Tools: components installed and required.
+$script:VsComponents = @(
+    'Microsoft.VisualStudio.Component.VC.Tools.ARM64',
+    'Microsoft.VisualStudio.Component.VC.Tools.ARM'
+)
+$script:VsWorkload = 'Microsoft.VisualStudio.Workload.VCTools'
+
+# Registry locations.
+$script:RegWindowsUpdateAU = 'HKLM:\SOFTWARE\Policies\Microsoft\Windows\WindowsUpdate\AU'
+$script:RegErrorReporting = 'HKLM:\SOFTWARE\Microsoft\Windows\Windows Error Reporting'
+$script:RegSystemPolicies = 'HKLM:\SOFTWARE\Microsoft\Windows\CurrentVersion\Policies\System'
+$script:RegRun = 'HKLM:\SOFTWARE\Microsoft\Windows\CurrentVersion\Run'
+$script:RegWinlogon = 'HKLM:\SOFTWARE\Microsoft\Windows NT\CurrentVersion\Winlogon'
+$script:BuildletRunValueName = 'buildlet'
+$script:AdministratorsSid = 'S-1-5-32-544'
+
+function Get-SettingSchema {
+    <# Returns the settings schema: Key, Type, Default, RequiredBy, Secret. #>
+    foreach ($entry in $script:SettingSchema) {
+        [pscustomobject]@{
+            Key        = $entry.Key
+            Type       = $entry.Type
+            Default    = $entry.Default
+            RequiredBy = @($entry.RequiredBy)
+            Secret     = ($entry.Type -eq 'secret')
+        }
+    }
+}
+
+function Get-StepCatalog {
+    <# Returns the provisioning steps in order: Name, Switch. #>
+    foreach ($entry in $script:StepCatalog) {
+        [pscustomobject]@{ Name = $entry.Name; Switch = $entry.Switch }
+    }
+}
+
+function Assert-StepNames {
+    <# Throws unless Names are exactly the catalogue's step names, in order. #>
+    param([Parameter(Mandatory = $true)][string[]]$Names, [Parameter(Mandatory = $true)][string]$Source)
+    $expected = @(Get-StepCatalog | ForEach-Object { $_.Name })
+    if (($expected -join ',') -ne ($Names -join ',')) {
+        throw ("{0} declares steps [{1}] but the catalogue in common.psm1 has [{2}]" -f $Source, ($Names -join ', '), ($expected -join ', '))
+    }
+}
+
+function Test-SettingValue {
+    <# Returns an error message for a value of the wrong type, or $null. #>
+    param([string]$Key, [string]$Type, $Value)
+    switch ($Type) {
+        'bool' {
+            if ($Value -isnot [bool]) { return "'$Key' must be true or false" }
+        }
+        'string[]' {
+            $items = @($Value)
+            if ($Value -isnot [array]) { return "'$Key' must be an array of strings" }
+            foreach ($item in $items) {
+                if ($item -isnot [string] -or [string]::IsNullOrWhiteSpace($item)) {
+                    return "'$Key' must be an array of non-empty strings"
+                }
+            }
+        }
+        default {
+            if ($Value -isnot [string]) { return "'$Key' must be a string" }
+            if ($Value -eq '') { return $null }
+            switch ($Type) {
+                'url' {
+                    if ($Value -notmatch '^https?://[^\s/]+\S*$') { return "'$Key' must be an http(s) URL" }
+                }
+                'sha256' {
+                    if ($Value -notmatch '^[0-9A-Fa-f]{64}$') { return "'$Key' must be a SHA-256 hash (64 hex digits)" }
+                }
+                'username' {
+                    if ($Value.Length -gt 20 -or $Value -match '["/\\\[\]:;|=,+*?<>@]' -or $Value.Trim() -ne $Value) {
+                        return "'$Key' is not a valid local user name (at most 20 characters, none of `"/\[]:;|=,+*?<>@, no surrounding spaces)"
+                    }
+                }
+            }
+        }
+    }
+    return $null
+}
+
+function Read-ProvisionSettings {
+    <#
+    .SYNOPSIS
+        Loads the JSON settings file, applies defaults, validates every key.
+    .OUTPUTS
+        An ordered hashtable with every schema key. Throws one message listing
+        every problem (unknown keys, wrong types, missing required values).
+        Keys starting with "_" are comments and ignored.
+    #>
+    param([Parameter(Mandatory = $true)][string]$Path)
+    if (-not (Test-Path -LiteralPath $Path -PathType Leaf)) {
+        throw "settings file '$Path' does not exist"
+    }
+    $raw = Get-Content -LiteralPath $Path -Raw -Encoding UTF8
+    if ([string]::IsNullOrWhiteSpace($raw)) { throw "settings file '$Path' is empty" }
+    try {
+        $json = $raw | ConvertFrom-Json
+    }
+    catch {
+        throw "settings file '$Path' is not valid JSON: $($_.Exception.Message)"
+    }
+    if ($json -isnot [System.Management.Automation.PSCustomObject]) {
+        throw "settings file '$Path' must hold a JSON object"
+    }
+
+    $schema = @(Get-SettingSchema)
+    $known = @{}
+    foreach ($entry in $schema) { $known[$entry.Key] = $entry }
+
+    $problems = New-Object System.Collections.Generic.List[string]
+    $given = @{}
+    foreach ($prop in $json.PSObject.Properties) {
+        if ($prop.Name.StartsWith('_')) { continue }
+        if (-not $known.ContainsKey($prop.Name)) {
+            # Case-sensitive match only: a near miss is most likely a typo.
+            $problems.Add("unknown setting '$($prop.Name)'")
+            continue
+        }
+        $entry = $known[$prop.Name]
+        if ($entry.Key -cne $prop.Name) {
+            $problems.Add("unknown setting '$($prop.Name)' (did you mean '$($entry.Key)'?)")
+            continue
+        }
+        if ($null -eq $prop.Value) { continue }
+        $problem = Test-SettingValue -Key $prop.Name -Type $entry.Type -Value $prop.Value
+        if ($problem) { $problems.Add($problem); continue }
+        $given[$prop.Name] = $prop.Value
+    }
+
+    $settings = [ordered]@{}
+    foreach ($entry in $schema) {
+        if ($given.ContainsKey($entry.Key)) {
+            if ($entry.Type -eq 'string[]') { $settings[$entry.Key] = [string[]]@($given[$entry.Key]) }
+            else { $settings[$entry.Key] = $given[$entry.Key] }
+        }
+        elseif ($entry.Type -eq 'string[]') {
+            $settings[$entry.Key] = [string[]]@($entry.Default)
+        }
+        else {
+            $settings[$entry.Key] = $entry.Default
+        }
+    }
+    foreach ($entry in $schema) {
+        foreach ($switch in $entry.RequiredBy) {
+            if ($settings[$switch] -eq $true -and [string]::IsNullOrEmpty([string]$settings[$entry.Key])) {
+                $problems.Add("'$($entry.Key)' is required when '$switch' is true")
+                break
+            }
+        }
+        if ($entry.Type -eq 'path' -and [string]::IsNullOrWhiteSpace([string]$settings[$entry.Key])) {
+            $problems.Add("'$($entry.Key)' must not be empty")
+        }
+    }
+    if ($problems.Count -gt 0) {
+        throw ("settings file '{0}': {1}" -f $Path, ($problems -join '; '))
+    }
+    return $settings
+}
+
+function Format-SettingsForLog {
+    <# One line "key=value, ..." with secrets shown as <redacted>. #>
+    param([Parameter(Mandatory = $true)]$Settings)
+    $parts = foreach ($entry in Get-SettingSchema) {
+        $value = $Settings[$entry.Key]
+        if ($entry.Secret) {
+            if ([string]::IsNullOrEmpty([string]$value)) { $shown = '<not set>' } else { $shown = '<redacted>' }
+        }
+        elseif ($entry.Type -eq 'url' -and -not [string]::IsNullOrEmpty([string]$value)) {
+            $shown = ConvertTo-LogUrl -Url $value
+        }
+        elseif ($entry.Type -eq 'string[]') {
+            $shown = '[' + (@($value) -join ',') + ']'
+        }
+        else {
+            $shown = [string]$value
+        }
+        '{0}={1}' -f $entry.Key, $shown
+    }
+    return ($parts -join ', ')
+}
+
+# ---------------------------------------------------------------------------
+# Logging and change tracking
+# ---------------------------------------------------------------------------
+
+$script:LogPath = $null
+$script:LogSecrets = New-Object System.Collections.Generic.List[string]
+$script:ChangeCount = 0
+
+function Initialize-Log {
+    <#
+    .SYNOPSIS
+        Starts a run: resets the change counter and the secrets list; with a
+        Path, appends log lines to that file from now on (creates its folder).
+    #>
+    param([string]$Path)
+    $script:ChangeCount = 0
+    $script:LogSecrets.Clear()
+    $script:LogPath = $null
+    if ($Path) {
+        $dir = Split-Path -Parent $Path
+        if ($dir -and -not (Test-Path -LiteralPath $dir -PathType Container)) {
+            New-Item -ItemType Directory -Path $dir -Force | Out-Null
+        }
+        $script:LogPath = $Path
+    }
+}
+
+function Add-LogSecret {
+    <# Registers a value that Write-Log replaces with <redacted> wherever it appears. #>
+    param([string]$Value)
+    if (-not [string]::IsNullOrEmpty($Value) -and $Value.Length -ge 4) { $script:LogSecrets.Add($Value) }
+}
+
+function Write-Log {
+    <# Writes "<UTC timestamp> [LEVEL] message" to the host and to the log file. #>
+    param(
+        [Parameter(Mandatory = $true, Position = 0)][AllowEmptyString()][string]$Message,
+        [ValidateSet('INFO', 'WARN', 'ERROR')][string]$Level = 'INFO'
+    )
+    foreach ($secret in $script:LogSecrets) { $Message = $Message.Replace($secret, '<redacted>') }
+    $line = '{0} [{1}] {2}' -f [DateTime]::UtcNow.ToString('yyyy-MM-ddTHH:mm:ssZ'), $Level, $Message
+    Write-Host $line
+    if ($script:LogPath) {
+        Add-Content -LiteralPath $script:LogPath -Value $line -Encoding UTF8
+    }
+}
+
+function Add-ChangeRecord {
+    <# Counts and logs one change made to the machine. #>
+    param([Parameter(Mandatory = $true)][string]$Description)
+    $script:ChangeCount++
+    Write-Log "changed: $Description"
+}
+
+function Get-ChangeCount { return $script:ChangeCount }
+
+function ConvertTo-LogUrl {
+    <# A URL fit for logs: scheme, host and path only (no user info, query or fragment, which may hold tokens). #>
+    param([Parameter(Mandatory = $true)][string]$Url)
+    try {
+        $uri = New-Object System.Uri($Url)
+        $shown = '{0}://{1}{2}' -f $uri.Scheme, $uri.Authority, $uri.AbsolutePath
+        if ($uri.Query) { $shown += '?<query hidden>' }
+        return $shown
+    }
+    catch {
+        return '<unparsable URL>'
+    }
+}
+
+# ---------------------------------------------------------------------------
+# Step runner
+# ---------------------------------------------------------------------------
+
+function New-ProvisionStep {
+    <# A named step: Enabled says whether its switch is on; Action does the work (and checks first). #>
+    param(
+        [Parameter(Mandatory = $true)][string]$Name,
+        [Parameter(Mandatory = $true)][bool]$Enabled,
+        [Parameter(Mandatory = $true)][scriptblock]$Action
+    )
+    [pscustomobject]@{ Name = $Name; Enabled = $Enabled; Action = $Action }
+}
+
+function Invoke-ProvisionSteps {
+    <#
+    .SYNOPSIS
+        Runs the steps in order, stopping at the first that throws.
+    .OUTPUTS
+        An object: Success, FailedStep (name or $null), Error (message),
+        Changes (number of changes made), Ran, Skipped (step names).
+    #>
+    param([Parameter(Mandatory = $true)][object[]]$Steps)
+    $ran = New-Object System.Collections.Generic.List[string]
+    $skipped = New-Object System.Collections.Generic.List[string]
+    foreach ($step in $Steps) {
+        if (-not $step.Enabled) {
+            Write-Log ("step '{0}': skipped (switched off)" -f $step.Name)
+            $skipped.Add($step.Name)
+            continue
+        }
+        Write-Log ("step '{0}': start" -f $step.Name)
+        $before = $script:ChangeCount
+        try {
+            & $step.Action | Out-Null
+        }
+        catch {
+            $where = ''
+            if ($_.InvocationInfo -and $_.InvocationInfo.ScriptName) {
+                $where = ' (at {0}:{1})' -f (Split-Path -Leaf $_.InvocationInfo.ScriptName), $_.InvocationInfo.ScriptLineNumber
+            }
+            Write-Log -Level ERROR ("step '{0}' failed: {1}{2}" -f $step.Name, $_.Exception.Message, $where)
+            return [pscustomobject]@{
+                Success = $false; FailedStep = $step.Name; Error = $_.Exception.Message
+                Changes = $script:ChangeCount; Ran = $ran.ToArray(); Skipped = $skipped.ToArray()
+            }
+        }
+        $ran.Add($step.Name)
+        $made = $script:ChangeCount - $before
+        if ($made -eq 0) { Write-Log ("step '{0}': already in place, nothing changed" -f $step.Name) }
+        else { Write-Log ("step '{0}': done, {1} change(s)" -f $step.Name, $made) }
+    }
+    return [pscustomobject]@{
+        Success = $true; FailedStep = $null; Error = $null
+        Changes = $script:ChangeCount; Ran = $ran.ToArray(); Skipped = $skipped.ToArray()
+    }
+}
+
+# ---------------------------------------------------------------------------
+# Registry
+# ---------------------------------------------------------------------------
+
+function New-RegistrySetting {
+    param([string]$Path, [string]$Name, $Value, [ValidateSet('DWord', 'String')][string]$Type, [bool]$Secret = $false)
+    [pscustomobject]@{ Path = $Path; Name = $Name; Value = $Value; Type = $Type; Secret = $Secret }
+}
+
+function Get-BuildletRunCommand {
+    <# The command line registered under HKLM Run for the buildlet. #>
+    param([Parameter(Mandatory = $true)][string]$BuildletPath)
+    if ($BuildletPath -match '\s') { return '"' + $BuildletPath + '"' }
+    return $BuildletPath
+}
+
+function Get-DesiredRegistryValues {
+    <#
+    .SYNOPSIS
+        The registry values a step sets (Path, Name, Value, Type, Secret).
+        provision.ps1 writes these; check.ps1 verifies the same list.
+    #>
+    param([Parameter(Mandatory = $true)]$Settings, [Parameter(Mandatory = $true)][string]$Step)
+    switch ($Step) {
+        'disable-windows-update' {
+            New-RegistrySetting -Path $script:RegWindowsUpdateAU -Name 'NoAutoUpdate' -Value 1 -Type DWord
+        }
+        'disable-error-reporting-ui' {
+            New-RegistrySetting -Path $script:RegErrorReporting -Name 'DontShowUI' -Value 1 -Type DWord
+        }
+        'disable-uac' {
+            New-RegistrySetting -Path $script:RegSystemPolicies -Name 'EnableLUA' -Value 0 -Type DWord
+        }
+        'install-buildlet' {
+            New-RegistrySetting -Path $script:RegRun -Name $script:BuildletRunValueName -Value (Get-BuildletRunCommand -BuildletPath $Settings.buildletPath) -Type String
+        }
+        'configure-autologon' {
+            New-RegistrySetting -Path $script:RegWinlogon -Name 'AutoAdminLogon' -Value '1' -Type String
+            New-RegistrySetting -Path $script:RegWinlogon -Name 'DefaultUserName' -Value $Settings.builderUser -Type String
+            New-RegistrySetting -Path $script:RegWinlogon -Name 'DefaultPassword' -Value $Settings.builderPassword -Type String -Secret $true
+        }
+        default { }
+    }
+}
+
+function Get-AbsentRegistryValues {
+    <# Registry values a step removes (AutoLogonCount would end autologon after N logons). #>
+    param([Parameter(Mandatory = $true)][string]$Step)
+    if ($Step -eq 'configure-autologon') {
+        [pscustomobject]@{ Path = $script:RegWinlogon; Name = 'AutoLogonCount' }
+    }
+}
+
+function Get-RegistryValue {
+    <# The value of Name under registry key Path, or $null when the key or value is missing. #>
+    param([Parameter(Mandatory = $true)][string]$Path, [Parameter(Mandatory = $true)][string]$Name)
+    $item = Get-ItemProperty -LiteralPath $Path -Name $Name -ErrorAction SilentlyContinue
+    if ($null -eq $item) { return $null }
+    $prop = $item.PSObject.Properties[$Name]
+    if ($null -eq $prop) { return $null }
+    return $prop.Value
+}
+
+function Test-RegistryValueEqual {
+    param($Current, $Desired, [string]$Type)
+    if ($null -eq $Current) { return $false }
+    if ($Type -eq 'DWord') {
+        $number = 0L
+        if (-not [long]::TryParse([string]$Current, [ref]$number)) { return $false }
+        return ($number -eq [long]$Desired)
+    }
+    return ([string]$Current -ceq [string]$Desired)
+}
+
+function Format-RegistryShown {
+    param($Value, [bool]$Secret)
+    if ($null -eq $Value) { return '(missing)' }
+    if ($Secret) { return '<redacted>' }
+    return [string]$Value
+}
+
+function Set-RegistryValue {
+    <# Sets Name under Path to Value (creating the key) unless it already has that value. Returns $true if it changed. #>
+    param(
+        [Parameter(Mandatory = $true)][string]$Path,
+        [Parameter(Mandatory = $true)][string]$Name,
+        [Parameter(Mandatory = $true)][AllowEmptyString()]$Value,
+        [Parameter(Mandatory = $true)][ValidateSet('DWord', 'String')][string]$Type,
+        [switch]$Secret
+    )
+    $current = Get-RegistryValue -Path $Path -Name $Name
+    if (Test-RegistryValueEqual -Current $current -Desired $Value -Type $Type) {
+        Write-Log ("registry {0}\{1} is already {2}" -f $Path, $Name, (Format-RegistryShown -Value $Value -Secret $Secret))
+        return $false
+    }
+    if (-not (Test-Path -LiteralPath $Path)) {
+        New-Item -Path $Path -Force | Out-Null
+    }
+    New-ItemProperty -LiteralPath $Path -Name $Name -Value $Value -PropertyType $Type -Force | Out-Null
+    Add-ChangeRecord ("registry {0}\{1}: {2} -> {3}" -f $Path, $Name, (Format-RegistryShown -Value $current -Secret $Secret), (Format-RegistryShown -Value $Value -Secret $Secret))
+    return $true
+}
+
+function Remove-RegistryValue {
+    <# Removes Name under Path if present. Returns $true if it changed. #>
+    param([Parameter(Mandatory = $true)][string]$Path, [Parameter(Mandatory = $true)][string]$Name)
+    $current = Get-RegistryValue -Path $Path -Name $Name
+    if ($null -eq $current) {
+        Write-Log ("registry {0}\{1} is already absent" -f $Path, $Name)
+        return $false
+    }
+    Remove-ItemProperty -LiteralPath $Path -Name $Name -Force
+    Add-ChangeRecord ("registry {0}\{1}: {2} -> (removed)" -f $Path, $Name, $current)
+    return $true
+}
+
+# ---------------------------------------------------------------------------
+# Downloads
+# ---------------------------------------------------------------------------
+
+function Get-FileSha256 {
+    param([Parameter(Mandatory = $true)][string]$Path)
+    return (Get-FileHash -LiteralPath $Path -Algorithm SHA256).Hash.ToLowerInvariant()
+}
+
+function Save-VerifiedDownload {
+    <#
+    .SYNOPSIS
+        Makes Destination hold the file at Url whose SHA-256 is Sha256.
+    .DESCRIPTION
+        Skips the download when Destination already has that hash. Otherwise
+        downloads to "<Destination>.partial", checks the hash and only then
+        moves it in place. A mismatch deletes the partial file and throws
+        "SHA-256 mismatch ...: expected <hash>, actual <hash>".
+        Returns $true when it downloaded.
+    #>
+    param(
+        [Parameter(Mandatory = $true)][string]$Url,
+        [Parameter(Mandatory = $true)][string]$Sha256,
+        [Parameter(Mandatory = $true)][string]$Destination
+    )
+    $expected = $Sha256.ToLowerInvariant()
+    $shownUrl = ConvertTo-LogUrl -Url $Url
+    if (Test-Path -LiteralPath $Destination -PathType Leaf) {
+        $actual = Get-FileSha256 -Path $Destination
+        if ($actual -eq $expected) {
+            Write-Log ("{0} is already present with SHA-256 {1}" -f $Destination, $expected)
+            return $false
+        }
+        Write-Log -Level WARN ("{0} has SHA-256 {1}, expected {2}: downloading it again" -f $Destination, $actual, $expected)
+    }
+    $dir = Split-Path -Parent $Destination
+    if ($dir -and -not (Test-Path -LiteralPath $dir -PathType Container)) {
+        New-Item -ItemType Directory -Path $dir -Force | Out-Null
+    }
+    $partial = $Destination + '.partial'
+    if (Test-Path -LiteralPath $partial) { Remove-Item -LiteralPath $partial -Force }
+
+    Write-Log ("downloading {0} to {1}" -f $shownUrl, $Destination)
+    if ($PSVersionTable.PSEdition -ne 'Core') {
+        # Windows PowerShell 5.1 may default to TLS 1.0.
+        [Net.ServicePointManager]::SecurityProtocol = [Net.ServicePointManager]::SecurityProtocol -bor [Net.SecurityProtocolType]::Tls12
+    }
+    # The progress bar makes Invoke-WebRequest many times slower on 5.1.
+    $ProgressPreference = 'SilentlyContinue'
+    try {
+        Invoke-WebRequest -Uri $Url -OutFile $partial -UseBasicParsing
+    }
+    catch {
+        if (Test-Path -LiteralPath $partial) { Remove-Item -LiteralPath $partial -Force }
+        throw ("download of {0} failed: {1}" -f $shownUrl, $_.Exception.Message)
+    }
+    if (-not (Test-Path -LiteralPath $partial -PathType Leaf)) {
+        throw ("download of {0} produced no file" -f $shownUrl)
+    }
+    $actual = Get-FileSha256 -Path $partial
+    if ($actual -ne $expected) {
+        Remove-Item -LiteralPath $partial -Force
+        throw ("SHA-256 mismatch for {0}: expected {1}, actual {2}" -f $shownUrl, $expected, $actual)
+    }
+    Move-Item -LiteralPath $partial -Destination $Destination -Force
+    Add-ChangeRecord ("downloaded {0} to {1} (SHA-256 {2} verified)" -f $shownUrl, $Destination, $expected)
+    return $true
+}
+
+# ---------------------------------------------------------------------------
+# Windows-only probes (small so tests can mock them)
+# ---------------------------------------------------------------------------
+
+function Test-IsAdministrator {
+    <# True when the current process runs with an elevated administrator token. #>
+    $identity = [Security.Principal.WindowsIdentity]::GetCurrent()
+    $principal = New-Object Security.Principal.WindowsPrincipal($identity)
+    return $principal.IsInRole([Security.Principal.WindowsBuiltInRole]::Administrator)
+}
+
+function Test-LocalCredential {
+    <# True when the local account accepts the password (LogonUser, network logon type). #>
+    param([Parameter(Mandatory = $true)][string]$UserName, [Parameter(Mandatory = $true)][string]$Password)
+    $type = 'WindowsArm64Image.NativeLogon' -as [type]
+    if (-not $type) {
+        Add-Type -Namespace 'WindowsArm64Image' -Name 'NativeLogon' -MemberDefinition @'
+[DllImport("advapi32.dll", SetLastError = true, CharSet = CharSet.Unicode)]
+public static extern bool LogonUser(string user, string domain, string password, int logonType, int logonProvider, out IntPtr token);
+[DllImport("kernel32.dll", SetLastError = true)]
+public static extern bool CloseHandle(IntPtr handle);
+'@
+        $type = 'WindowsArm64Image.NativeLogon' -as [type]
+    }
+    $token = [IntPtr]::Zero
+    # LOGON32_LOGON_NETWORK = 3, LOGON32_PROVIDER_DEFAULT = 0; "." is the local machine.
+    $ok = $type::LogonUser($UserName, '.', $Password, 3, 0, [ref]$token)
+    if ($ok) { [void]$type::CloseHandle($token) }
+    return [bool]$ok
+}
+
+function Get-VsBuildToolsRequiredComponents { return $script:VsComponents }
+
+function Get-VsBuildToolsArguments {
+    <# The bootstrapper's command line (quiet install of the VC tools for ARM64 and ARM). #>
+    $arguments = @('--quiet', '--wait', '--norestart', '--nocache', '--add', $script:VsWorkload)
+    foreach ($component in $script:VsComponents) { $arguments += @('--add', $component) }
+    $arguments += '--includeRecommended'
+    return $arguments
+}
+
+function Get-VsBuildToolsPath {
+    <# The installation path of a Visual Studio instance with the ARM64 and ARM VC tools (via vswhere), or $null. #>
+    $programFilesX86 = ${env:ProgramFiles(x86)}
+    if (-not $programFilesX86) { return $null }
+    $vswhere = Join-Path $programFilesX86 'Microsoft Visual Studio\Installer\vswhere.exe'
+    if (-not (Test-Path -LiteralPath $vswhere -PathType Leaf)) { return $null }
+    $found = & $vswhere -products '*' -requires $script:VsComponents -property installationPath -format value -nologo
+    $first = @($found | Where-Object { $_ }) | Select-Object -First 1
+    if ($first) { return [string]$first }
+    return $null
+}
+
+Export-ModuleMember -Function @(
+    'Get-SettingSchema', 'Get-StepCatalog', 'Assert-StepNames', 'Read-ProvisionSettings', 'Format-SettingsForLog',
+    'Initialize-Log', 'Add-LogSecret', 'Write-Log', 'Add-ChangeRecord', 'Get-ChangeCount', 'ConvertTo-LogUrl',
+    'New-ProvisionStep', 'Invoke-ProvisionSteps',
+    'Get-BuildletRunCommand', 'Get-DesiredRegistryValues', 'Get-AbsentRegistryValues',
+    'Get-RegistryValue', 'Set-RegistryValue', 'Remove-RegistryValue', 'Test-RegistryValueEqual',
+    'Get-FileSha256', 'Save-VerifiedDownload',
+    'Test-IsAdministrator', 'Test-LocalCredential',
+    'Get-VsBuildToolsRequiredComponents', 'Get-VsBuildToolsArguments', 'Get-VsBuildToolsPath'
+)
