@@ -172,7 +172,7 @@ describe("config validation", () => {
     const keys = new Set(problems.map((p) => p.key));
     expect([...keys]).to.include.members(["vmCpus", "vmMemoryGiB", "windowsImageSha256", "artifactPrefix"]);
     expect(() => parseConfig(withDefaults({ ...GOOD, vmCpus: "8", windowsImageSha256: "x" }))).to.throw(
-      /2 problems; nothing was created/,
+      /\(2 problems\); nothing was created/,
     );
   });
 
