@@ -41,6 +41,11 @@ export function run(cmd: string, args: string[], opts: RunOptions = {}): Promise
     const timer =
       opts.timeoutMs === undefined ? undefined : setTimeout(() => child.kill("SIGKILL"), opts.timeoutMs);
     child.on("error", reject);
+    // A program that exits without reading its input closes the pipe first:
+    // that EPIPE is not an error of the run.
+    child.stdin.on("error", (e: NodeJS.ErrnoException) => {
+      if (e.code !== "EPIPE") reject(e);
+    });
     child.on("close", (code, signal) => {
       if (timer) clearTimeout(timer);
       resolve({ code, signal, stdout, stderr });
