@@ -1,0 +1,290 @@
+import { expect } from "chai";
+import { createHash } from "crypto";
+import * as fs from "fs";
+import * as os from "os";
+import * as path from "path";
+import {
+  AnswerFileInput,
+  CONFIG_MEDIA_MARKER,
+  DEFAULT_DRIVER_NAMES,
+  authorizedKeysFile,
+  firstLogonCommands,
+  renderAnswerFile,
+} from "../../infra/answerFile";
+import { repoRoot, run, runScript } from "../support/run";
+
+const SCRIPT = "build-config-iso.sh";
+const FIRSTLOGON = path.join(repoRoot, "provisioning", "windows", "firstlogon.ps1");
+const PASSWORD = "iso-test-pw-5521<&>";
+const KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHRlc3Qta2V5LWZvci1jb25maWctaXNvLXRlc3Rz test@config-iso";
+
+const answerInput: AnswerFileInput = {
+  sourceKind: "iso",
+  adminUser: "gopher",
+  adminPassword: PASSWORD,
+  locale: "en-US",
+  timeZone: "UTC",
+  windowsEdition: "Windows 11 Pro",
+  authorizedKey: KEY,
+  driverFolder: "w11",
+  driverNames: [...DEFAULT_DRIVER_NAMES],
+  configMediaLabel: "WINCONFIG",
+};
+
+/** Files in the ISO as Windows sees them (the Joliet tree). */
+async function isoFiles(iso: string): Promise<string[]> {
+  const r = await run("xorriso", ["-read_fs", "norock", "-indev", iso, "-find", "/", "-type", "f"]);
+  expect(r.code, r.stderr).to.equal(0);
+  return r.stdout
+    .split("\n")
+    .filter((l) => l.startsWith("'"))
+    .map((l) => l.replace(/^'\//, "").replace(/'$/, ""))
+    .sort();
+}
+
+async function isoLabel(iso: string): Promise<string> {
+  const r = await run("xorriso", ["-indev", iso, "-pvd_info"]);
+  expect(r.code, r.stderr).to.equal(0);
+  const m = /^Volume Id\s*:\s*(.*)$/m.exec(r.stdout + r.stderr);
+  expect(m, "Volume Id line").to.not.equal(null);
+  return m![1].trim();
+}
+
+async function isoRead(iso: string, inner: string, dir: string): Promise<string> {
+  const dest = path.join(dir, `extract-${Math.random().toString(36).slice(2)}`);
+  const r = await run("xorriso", ["-osirrox", "on", "-indev", iso, "-extract", inner, dest]);
+  expect(r.code, r.stderr).to.equal(0);
+  const text = fs.readFileSync(dest, "utf8");
+  fs.chmodSync(dest, 0o600);
+  return text;
+}
+
+function sha256(file: string): string {
+  return createHash("sha256").update(fs.readFileSync(file)).digest("hex");
+}
+
+function mode(file: string): number {
+  return fs.statSync(file).mode & 0o777;
+}
+
+describe("build-config-iso.sh", function () {
+  this.timeout(120000);
+  let dir: string;
+  let answer: string;
+  let keys: string;
+  let driverDir: string;
+  let virtioIso: string;
+
+  before(async () => {
+    dir = fs.mkdtempSync(path.join(os.tmpdir(), "config-iso-test-"));
+    answer = path.join(dir, "answer.xml");
+    fs.writeFileSync(answer, renderAnswerFile(answerInput));
+    keys = path.join(dir, "authorized_keys");
+    fs.writeFileSync(keys, authorizedKeysFile(answerInput));
+    driverDir = path.join(dir, "extra-driver");
+    fs.mkdirSync(path.join(driverDir, "sub"), { recursive: true });
+    fs.writeFileSync(path.join(driverDir, "extra.inf"), "[Version]\n");
+    fs.writeFileSync(path.join(driverDir, "sub", "extra.sys"), "sys");
+    // A small stand-in for the virtio-win ISO: <driver>/<folder>/ARM64 trees.
+    const tree = path.join(dir, "virtio-tree");
+    for (const drv of ["viostor", "vioscsi", "NetKVM"]) {
+      for (const folder of ["w10", "w11"]) {
+        const d = path.join(tree, drv, folder, "ARM64");
+        fs.mkdirSync(d, { recursive: true });
+        fs.writeFileSync(path.join(d, `${drv.toLowerCase()}.inf`), `${drv} ${folder}\n`);
+      }
+      fs.mkdirSync(path.join(tree, drv, "w11", "amd64"), { recursive: true });
+      fs.writeFileSync(path.join(tree, drv, "w11", "amd64", "x64.inf"), "x64\n");
+    }
+    virtioIso = path.join(dir, "virtio-win.iso");
+    const r = await run("xorriso", ["-as", "mkisofs", "-V", "virtio-win-test", "-J", "-r", "-o", virtioIso, tree]);
+    expect(r.code, r.stderr).to.equal(0);
+  });
+
+  after(() => {
+    fs.rmSync(dir, { recursive: true, force: true });
+  });
+
+  const args = (out: string) => [
+    out,
+    `${answer}=autounattend.xml`,
+    keys,
+    FIRSTLOGON,
+    `${driverDir}=$WinPEDriver$/extra`,
+  ];
+
+  it("builds the ISO with the files at their places, the label and the marker", async () => {
+    const out = path.join(dir, "out", "config.iso");
+    const r = await runScript(SCRIPT, args(out));
+    expect(r.code, r.stderr).to.equal(0);
+    expect(await isoFiles(out)).to.deep.equal(
+      [
+        "$WinPEDriver$/extra/extra.inf",
+        "$WinPEDriver$/extra/sub/extra.sys",
+        "authorized_keys",
+        "autounattend.xml",
+        "firstlogon.ps1",
+        CONFIG_MEDIA_MARKER,
+      ].sort(),
+    );
+    expect(await isoLabel(out)).to.equal("WINCONFIG");
+    expect(await isoRead(out, "/autounattend.xml", dir)).to.equal(fs.readFileSync(answer, "utf8"));
+    expect(await isoRead(out, "/authorized_keys", dir)).to.equal(KEY + "\n");
+    expect(mode(out)).to.equal(0o600);
+    expect(mode(`${out}.stamp`)).to.equal(0o600);
+    expect(r.stdout + r.stderr).to.not.contain(PASSWORD);
+    expect(r.stdout + r.stderr).to.not.contain("AAAAC3Nza");
+  });
+
+  it("does nothing on a rerun with the same inputs", async () => {
+    const out = path.join(dir, "rerun", "config.iso");
+    expect((await runScript(SCRIPT, args(out))).code).to.equal(0);
+    const before = { hash: sha256(out), mtime: fs.statSync(out).mtimeMs };
+    await new Promise((r) => setTimeout(r, 1100));
+    const again = await runScript(SCRIPT, args(out));
+    expect(again.code, again.stderr).to.equal(0);
+    expect(again.stderr).to.contain("up to date");
+    expect(sha256(out)).to.equal(before.hash);
+    expect(fs.statSync(out).mtimeMs).to.equal(before.mtime);
+  });
+
+  it("rebuilds when an input changes or the ISO was damaged", async () => {
+    const out = path.join(dir, "change", "config.iso");
+    const k = path.join(dir, "change-keys");
+    fs.writeFileSync(k, "ssh-ed25519 AAAAone\n");
+    expect((await runScript(SCRIPT, [out, `${k}=authorized_keys`])).code).to.equal(0);
+    fs.writeFileSync(k, "ssh-ed25519 AAAAtwo\n");
+    const changed = await runScript(SCRIPT, [out, `${k}=authorized_keys`]);
+    expect(changed.code, changed.stderr).to.equal(0);
+    expect(changed.stderr).to.contain("building");
+    expect(await isoRead(out, "/authorized_keys", dir)).to.equal("ssh-ed25519 AAAAtwo\n");
+    fs.truncateSync(out, 4096);
+    const repaired = await runScript(SCRIPT, [out, `${k}=authorized_keys`]);
+    expect(repaired.code, repaired.stderr).to.equal(0);
+    expect(repaired.stderr).to.contain("building");
+    expect(await isoFiles(out)).to.deep.equal(["authorized_keys", CONFIG_MEDIA_MARKER]);
+  });
+
+  it("honours CONFIG_ISO_LABEL", async () => {
+    const out = path.join(dir, "label", "config.iso");
+    const r = await runScript(SCRIPT, [out, keys], { env: { CONFIG_ISO_LABEL: "CFG_2" } });
+    expect(r.code, r.stderr).to.equal(0);
+    expect(await isoLabel(out)).to.equal("CFG_2");
+  });
+
+  it("copies the WinPE drivers from the virtio-win ISO into $WinPEDriver$", async () => {
+    const out = path.join(dir, "drivers", "config.iso");
+    const r = await runScript(SCRIPT, [out, `${answer}=autounattend.xml`], {
+      env: { CONFIG_ISO_DRIVERS_ISO: virtioIso, CONFIG_ISO_DRIVER_FOLDER: "w10" },
+    });
+    expect(r.code, r.stderr).to.equal(0);
+    expect(await isoFiles(out)).to.deep.equal(
+      [
+        "$WinPEDriver$/NetKVM/netkvm.inf",
+        "$WinPEDriver$/vioscsi/vioscsi.inf",
+        "$WinPEDriver$/viostor/viostor.inf",
+        "autounattend.xml",
+        CONFIG_MEDIA_MARKER,
+      ].sort(),
+    );
+    expect(await isoRead(out, "/$WinPEDriver$/viostor/viostor.inf", dir)).to.equal("viostor w10\n");
+  });
+
+  it("names a driver missing from the virtio-win ISO", async () => {
+    const out = path.join(dir, "nodriver", "config.iso");
+    const r = await runScript(SCRIPT, [out, keys], {
+      env: { CONFIG_ISO_DRIVERS_ISO: virtioIso, CONFIG_ISO_WINPE_DRIVERS: "viostor Balloon" },
+    });
+    expect(r.code).to.equal(1);
+    expect(r.stderr).to.contain("/Balloon/w11/ARM64");
+    expect(fs.existsSync(out)).to.equal(false);
+  });
+
+  it("fails naming a missing input and writes nothing", async () => {
+    const out = path.join(dir, "missing", "config.iso");
+    const missing = path.join(dir, "no-such-file.xml");
+    const r = await runScript(SCRIPT, [out, keys, `${missing}=autounattend.xml`]);
+    expect(r.code).to.equal(1);
+    expect(r.stderr).to.contain(`build-config-iso: input not found: ${missing}`);
+    expect(fs.existsSync(out)).to.equal(false);
+  });
+
+  it("rejects destinations that clash, escape the ISO or use the marker name", async () => {
+    const out = path.join(dir, "bad", "config.iso");
+    const clash = await runScript(SCRIPT, [out, `${keys}=Autounattend.xml`, `${answer}=autounattend.xml`]);
+    expect(clash.code).to.equal(1);
+    expect(clash.stderr).to.contain("given twice");
+    const escape = await runScript(SCRIPT, [out, `${keys}=../x`]);
+    expect(escape.code).to.equal(1);
+    expect(escape.stderr).to.contain("'..'");
+    const marker = await runScript(SCRIPT, [out, `${keys}=${CONFIG_MEDIA_MARKER}`]);
+    expect(marker.code).to.equal(1);
+    expect(marker.stderr).to.contain("reserved");
+    const label = await runScript(SCRIPT, [out, keys], { env: { CONFIG_ISO_LABEL: "much-too-long-label" } });
+    expect(label.code).to.equal(1);
+    expect(label.stderr).to.contain("CONFIG_ISO_LABEL");
+    const usage = await runScript(SCRIPT, [out]);
+    expect(usage.code).to.equal(2);
+    expect(fs.existsSync(out)).to.equal(false);
+  });
+});
+
+/** pwsh from PATH or the .NET global tool folder; undefined when absent. */
+function findPwsh(): string | undefined {
+  const candidates = [
+    ...(process.env.PATH ?? "").split(path.delimiter).map((d) => path.join(d, "pwsh")),
+    path.join(os.homedir(), ".dotnet", "tools", "pwsh"),
+  ];
+  return candidates.find((c) => fs.existsSync(c));
+}
+
+describe("config media PowerShell", function () {
+  this.timeout(60000);
+  const pwsh = findPwsh();
+
+  const parseCheck = `
+    $errs = $null
+    if ($env:PS_FILE) {
+      [void][System.Management.Automation.Language.Parser]::ParseFile($env:PS_FILE, [ref]$null, [ref]$errs)
+    } else {
+      [void][System.Management.Automation.Language.Parser]::ParseInput($env:PS_SRC, [ref]$null, [ref]$errs)
+    }
+    if ($errs) { $errs | ForEach-Object { "$($_.Extent.StartLineNumber): $($_.Message)" }; exit 1 }
+  `;
+
+  it("firstlogon.ps1 parses", async function () {
+    if (!pwsh) this.skip();
+    const r = await run(pwsh!, ["-NoProfile", "-NonInteractive", "-Command", parseCheck], {
+      env: { PS_FILE: FIRSTLOGON },
+    });
+    expect(r.code, r.stdout + r.stderr).to.equal(0);
+  });
+
+  it("the first-logon command lines parse as PowerShell", async function () {
+    if (!pwsh) this.skip();
+    for (const c of firstLogonCommands(answerInput)) {
+      const m = /-Command "(.*)"$/.exec(c.commandLine);
+      expect(m, c.commandLine).to.not.equal(null);
+      const r = await run(pwsh!, ["-NoProfile", "-NonInteractive", "-Command", parseCheck], {
+        env: { PS_SRC: m![1] },
+      });
+      expect(r.code, `command ${c.order}: ${r.stdout}${r.stderr}`).to.equal(0);
+    }
+  });
+
+  it("firstlogon.ps1 uses the names the answer file and the ISO provide", () => {
+    const text = fs.readFileSync(FIRSTLOGON, "utf8");
+    for (const s of [
+      "'authorized_keys'",
+      "'OpenSSH-ARM64.zip'",
+      "OpenSSH.Server~~~~0.0.1.0",
+      "administrators_authorized_keys",
+      "/inheritance:r",
+      "*S-1-5-32-544:F",
+      "install-sshd.ps1",
+      "firstlogon.log",
+    ]) {
+      expect(text, s).to.contain(s);
+    }
+  });
+});
