@@ -146,7 +146,10 @@ export function validateConfig(
     if (spec.secret) {
       values[spec.key] = true; // presence only
       if (!storedAsSecret.has(spec.key))
-        add(spec.key, `is stored in plain text in the stack file. Fix: pulumi config set --secret ${spec.key} <value> (or pipe it in on stdin).`);
+        add(
+          spec.key,
+          `is stored in plain text in the stack file. Fix: pulumi config set --secret ${spec.key} <value> (or pipe it in on stdin).`,
+        );
       continue;
     }
     const parsed = parseTyped(spec, text);
@@ -184,7 +187,10 @@ export function validateConfig(
   }
   const amiId = str("hostAmiId");
   if (amiId !== undefined && !/^ami-[0-9a-f]{8,17}$/.test(amiId)) {
-    add("hostAmiId", `${JSON.stringify(amiId)} is not an AMI id. Fix: use an id like ami-0123456789abcdef0, or unset it.`);
+    add(
+      "hostAmiId",
+      `${JSON.stringify(amiId)} is not an AMI id. Fix: use an id like ami-0123456789abcdef0, or unset it.`,
+    );
   }
   const volumeGiB = int("hostVolumeGiB");
   if (volumeGiB !== undefined && (volumeGiB < 60 || volumeGiB > 65536)) {
@@ -195,7 +201,8 @@ export function validateConfig(
   }
   const iops = int("hostVolumeIops");
   if (iops !== undefined) {
-    if (iops < 3000 || iops > 80000) add("hostVolumeIops", `${iops} is outside gp3's 3000 to 80000. Fix: use 3000 to 80000.`);
+    if (iops < 3000 || iops > 80000)
+      add("hostVolumeIops", `${iops} is outside gp3's 3000 to 80000. Fix: use 3000 to 80000.`);
     else if (volumeGiB !== undefined && iops > 500 * volumeGiB)
       add(
         "hostVolumeIops",
@@ -214,11 +221,17 @@ export function validateConfig(
   }
   const subnetId = str("hostSubnetId");
   if (subnetId !== undefined && !/^subnet-[0-9a-f]{8,17}$/.test(subnetId)) {
-    add("hostSubnetId", `${JSON.stringify(subnetId)} is not a subnet id. Fix: use an id like subnet-0123456789abcdef0.`);
+    add(
+      "hostSubnetId",
+      `${JSON.stringify(subnetId)} is not a subnet id. Fix: use an id like subnet-0123456789abcdef0.`,
+    );
   }
   const cidrs = (values["sshAllowedCidrs"] as unknown[] | undefined) ?? [];
   if (isAws && values["sshAllowedCidrs"] !== undefined && cidrs.length === 0) {
-    add("sshAllowedCidrs", `is empty, so nobody could reach the host. Fix: list your address, e.g. ["203.0.113.7/32"].`);
+    add(
+      "sshAllowedCidrs",
+      `is empty, so nobody could reach the host. Fix: list your address, e.g. ["203.0.113.7/32"].`,
+    );
   }
   cidrs.forEach((c, i) => {
     const why = cidrProblem(c);
@@ -233,14 +246,22 @@ export function validateConfig(
   const authorizedKeys = (values["sshAuthorizedKeys"] as unknown[] | undefined) ?? [];
   authorizedKeys.forEach((k, i) => {
     const why = publicKeyProblem(k);
-    if (why) add("sshAuthorizedKeys", `item ${i} ${why} Fix: paste one line of an id_*.pub file, e.g. "ssh-ed25519 AAAA... you@host".`);
+    if (why)
+      add(
+        "sshAuthorizedKeys",
+        `item ${i} ${why} Fix: paste one line of an id_*.pub file, e.g. "ssh-ed25519 AAAA... you@host".`,
+      );
   });
 
   // ---- artifacts
   const bucketName = str("artifactBucketName");
   if (bucketName !== undefined) {
     const why = bucketNameProblem(bucketName);
-    if (why) add("artifactBucketName", `${JSON.stringify(bucketName)} ${why} Fix: use an existing bucket's exact name, or unset it to create one.`);
+    if (why)
+      add(
+        "artifactBucketName",
+        `${JSON.stringify(bucketName)} ${why} Fix: use an existing bucket's exact name, or unset it to create one.`,
+      );
   }
   const prefix = str("artifactPrefix") ?? "windows-arm64/";
   if (!/^[A-Za-z0-9!\-_.*'()/]+\/$/.test(prefix) || prefix.startsWith("/") || prefix.includes("//")) {
@@ -255,14 +276,25 @@ export function validateConfig(
   }
   const artifactUri = str("artifactUri");
   if (artifactUri !== undefined) {
-    if (isAws) add("artifactUri", `applies to the local target only; the aws target publishes to the artifact bucket. Fix: unset it, or use artifactBucketName/artifactPrefix.`);
+    if (isAws)
+      add(
+        "artifactUri",
+        `applies to the local target only; the aws target publishes to the artifact bucket. Fix: unset it, or use artifactBucketName/artifactPrefix.`,
+      );
     else if (!/^file:\/\/\/.+/.test(artifactUri) && !/^s3:\/\/[a-z0-9.-]{3,63}(\/.*)?$/.test(artifactUri))
-      add("artifactUri", `${JSON.stringify(artifactUri)} is neither file:///abs/dir/ nor s3://bucket/prefix/. Fix: use one of those forms.`);
+      add(
+        "artifactUri",
+        `${JSON.stringify(artifactUri)} is neither file:///abs/dir/ nor s3://bucket/prefix/. Fix: use one of those forms.`,
+      );
   }
   const endpointUrl = str("artifactEndpointUrl");
   if (endpointUrl !== undefined) {
     if (isAws) add("artifactEndpointUrl", `applies to the local target only. Fix: unset it.`);
-    else if (!isHttpUrl(endpointUrl)) add("artifactEndpointUrl", `${JSON.stringify(endpointUrl)} is not an http(s) URL. Fix: e.g. http://127.0.0.1:9000.`);
+    else if (!isHttpUrl(endpointUrl))
+      add(
+        "artifactEndpointUrl",
+        `${JSON.stringify(endpointUrl)} is not an http(s) URL. Fix: e.g. http://127.0.0.1:9000.`,
+      );
   }
   const localWorkDir = str("localWorkDir") ?? ".work/local";
 
@@ -284,7 +316,8 @@ export function validateConfig(
   }
   for (const key of ["windowsImageSha256", "virtioIsoSha256"]) {
     const v = str(key);
-    if (v !== undefined && !HEX64.test(v)) add(key, `${JSON.stringify(v)} is not a SHA-256 (64 hex digits). Fix: sha256sum the file and paste the hash.`);
+    if (v !== undefined && !HEX64.test(v))
+      add(key, `${JSON.stringify(v)} is not a SHA-256 (64 hex digits). Fix: sha256sum the file and paste the hash.`);
   }
   const virtioUrl = str("virtioIsoUrl");
   if (virtioUrl !== undefined) {
@@ -293,7 +326,10 @@ export function validateConfig(
   }
   const windowsVersion = str("windowsVersion") as WindowsVersion | undefined;
   if (windowsVersion !== undefined && !WINDOWS_VERSIONS.includes(windowsVersion)) {
-    add("windowsVersion", `${JSON.stringify(windowsVersion)} is not a known release. Fix: use one of ${WINDOWS_VERSIONS.join(", ")}.`);
+    add(
+      "windowsVersion",
+      `${JSON.stringify(windowsVersion)} is not a known release. Fix: use one of ${WINDOWS_VERSIONS.join(", ")}.`,
+    );
   }
   if (isAws && hostType && windowsVersion && NEEDS_ATOMICS.includes(windowsVersion) && !hostType.lseAtomics) {
     add(
@@ -308,7 +344,10 @@ export function validateConfig(
   if (cpus !== undefined) {
     if (cpus < 1) add("vmCpus", `${cpus} is less than 1. Fix: use 1 to ${hostType?.cores ?? 4}.`);
     else if (isAws && hostType && cpus > hostType.cores)
-      add("vmCpus", `${cpus} is more than the ${hostType.cores} cores of ${hostType.name}. Fix: use at most ${hostType.cores}.`);
+      add(
+        "vmCpus",
+        `${cpus} is more than the ${hostType.cores} cores of ${hostType.name}. Fix: use at most ${hostType.cores}.`,
+      );
     else if (isAws && hostType?.generation === 1 && cpus > GRAVITON1_SAFE_CPUS && !bool("allowUnsafeCpuCount"))
       add(
         "vmCpus",
@@ -325,30 +364,48 @@ export function validateConfig(
   }
   const machineOptions = str("vmMachineOptions") ?? "";
   if (!/^[A-Za-z0-9=,._-]*$/.test(machineOptions)) {
-    add("vmMachineOptions", `${JSON.stringify(machineOptions)} has characters QEMU options never use (spaces, quotes, ...). Fix: comma-separated key=value pairs, e.g. gic-version=max,its=off.`);
+    add(
+      "vmMachineOptions",
+      `${JSON.stringify(machineOptions)} has characters QEMU options never use (spaces, quotes, ...). Fix: comma-separated key=value pairs, e.g. gic-version=max,its=off.`,
+    );
   }
   const diskGiB = int("vmDiskGiB");
   if (diskGiB !== undefined) {
     if (diskGiB < 64) add("vmDiskGiB", `${diskGiB} GiB is below the 64 GiB Windows 11 needs. Fix: use at least 64.`);
     else if (isAws && volumeGiB !== undefined && format === "iso" && diskGiB > volumeGiB - 20)
-      add("vmDiskGiB", `${diskGiB} GiB does not fit on the ${volumeGiB} GiB host volume with the ISO. Fix: raise hostVolumeGiB to ${diskGiB + 20} or more.`);
+      add(
+        "vmDiskGiB",
+        `${diskGiB} GiB does not fit on the ${volumeGiB} GiB host volume with the ISO. Fix: raise hostVolumeGiB to ${diskGiB + 20} or more.`,
+      );
   }
   const buildletPort = int("vmBuildletPort");
   if (buildletPort !== undefined && (buildletPort < 1 || buildletPort > 65535 || buildletPort === 22)) {
-    add("vmBuildletPort", `${buildletPort} is not a usable port (1-65535, not 22, which the host's sshd uses). Fix: e.g. 443.`);
+    add(
+      "vmBuildletPort",
+      `${buildletPort} is not a usable port (1-65535, not 22, which the host's sshd uses). Fix: e.g. 443.`,
+    );
   }
 
   // ---- guest
   const adminUser = str("guestAdminUser") ?? "gopher";
   if (!/^[A-Za-z0-9][A-Za-z0-9._-]{0,19}$/.test(adminUser) || /^administrator$/i.test(adminUser)) {
-    add("guestAdminUser", `${JSON.stringify(adminUser)} is not a usable Windows user name (1-20 letters, digits, . _ -; not Administrator). Fix: e.g. gopher.`);
+    add(
+      "guestAdminUser",
+      `${JSON.stringify(adminUser)} is not a usable Windows user name (1-20 letters, digits, . _ -; not Administrator). Fix: e.g. gopher.`,
+    );
   }
   const locale = str("guestLocale") ?? "en-US";
-  if (!/^[a-z]{2,3}-[A-Z]{2}$/.test(locale)) add("guestLocale", `${JSON.stringify(locale)} is not a locale name. Fix: e.g. en-US or de-DE.`);
+  if (!/^[a-z]{2,3}-[A-Z]{2}$/.test(locale))
+    add("guestLocale", `${JSON.stringify(locale)} is not a locale name. Fix: e.g. en-US or de-DE.`);
   const timeZone = str("guestTimeZone") ?? "UTC";
-  if (!/^[A-Za-z0-9 ()+.\-_]{2,64}$/.test(timeZone)) add("guestTimeZone", `${JSON.stringify(timeZone)} is not a Windows time zone id. Fix: e.g. UTC or "Pacific Standard Time" (tzutil /l lists them).`);
+  if (!/^[A-Za-z0-9 ()+.\-_]{2,64}$/.test(timeZone))
+    add(
+      "guestTimeZone",
+      `${JSON.stringify(timeZone)} is not a Windows time zone id. Fix: e.g. UTC or "Pacific Standard Time" (tzutil /l lists them).`,
+    );
   const edition = str("windowsEdition") ?? "Windows 11 Pro";
-  if (edition.trim() === "" || edition.length > 128) add("windowsEdition", `is empty or too long. Fix: e.g. "Windows 11 Pro".`);
+  if (edition.trim() === "" || edition.length > 128)
+    add("windowsEdition", `is empty or too long. Fix: e.g. "Windows 11 Pro".`);
 
   const downloads: Array<[string, string, string, string]> = [
     ["guestInstallBuildlet", "buildletStage0Url", "buildletStage0Sha256", "buildlet"],
@@ -363,19 +420,31 @@ export function validateConfig(
       const why = urlProblem(url, ["https"]);
       if (why) add(urlKey, `${JSON.stringify(url)} ${why} (the guest downloads it itself)`);
     }
-    if (sha !== undefined && !HEX64.test(sha)) add(shaKey, `${JSON.stringify(sha)} is not a SHA-256 (64 hex digits). Fix: sha256sum the file and paste the hash.`);
+    if (sha !== undefined && !HEX64.test(sha))
+      add(
+        shaKey,
+        `${JSON.stringify(sha)} is not a SHA-256 (64 hex digits). Fix: sha256sum the file and paste the hash.`,
+      );
     if (!bool(switchKey)) continue;
-    if (url === undefined) add(urlKey, `is required while ${switchKey} is true. Fix: set it, or set ${switchKey}: false.`);
-    if (sha === undefined) add(shaKey, `is required while ${switchKey} is true: every download is verified. Fix: set it, or set ${switchKey}: false.`);
+    if (url === undefined)
+      add(urlKey, `is required while ${switchKey} is true. Fix: set it, or set ${switchKey}: false.`);
+    if (sha === undefined)
+      add(
+        shaKey,
+        `is required while ${switchKey} is true: every download is verified. Fix: set it, or set ${switchKey}: false.`,
+      );
     if (url !== undefined && sha !== undefined) guestDownloads[name] = { url, sha256: sha.toLowerCase() };
   }
 
   // ---- tags
   const tags = (values["tags"] as Record<string, unknown> | undefined) ?? {};
   for (const [k, v] of Object.entries(tags)) {
-    if (typeof v !== "string") add("tags", `tag ${JSON.stringify(k)} has a ${typeof v} value; tag values are strings. Fix: quote it.`);
-    else if (v.length > 256) add("tags", `tag ${JSON.stringify(k)} value is longer than 256 characters. Fix: shorten it.`);
-    if (k.length === 0 || k.length > 128) add("tags", `tag key ${JSON.stringify(k)} must be 1 to 128 characters. Fix: rename it.`);
+    if (typeof v !== "string")
+      add("tags", `tag ${JSON.stringify(k)} has a ${typeof v} value; tag values are strings. Fix: quote it.`);
+    else if (v.length > 256)
+      add("tags", `tag ${JSON.stringify(k)} value is longer than 256 characters. Fix: shorten it.`);
+    if (k.length === 0 || k.length > 128)
+      add("tags", `tag key ${JSON.stringify(k)} must be 1 to 128 characters. Fix: rename it.`);
     if (/^aws:/i.test(k)) add("tags", `tag key ${JSON.stringify(k)} uses the reserved aws: prefix. Fix: rename it.`);
   }
 
@@ -473,9 +542,12 @@ function parseTyped(spec: KeySpec, text: string): { value: unknown } | { error: 
       try {
         v = JSON.parse(text);
       } catch {
-        return { error: `is not valid ${spec.type === "array" ? "list" : "object"} (JSON/YAML). Fix: e.g. ${spec.type === "array" ? '["203.0.113.7/32"]' : '{"team": "ci"}'}.` };
+        return {
+          error: `is not valid ${spec.type === "array" ? "list" : "object"} (JSON/YAML). Fix: e.g. ${spec.type === "array" ? '["203.0.113.7/32"]' : '{"team": "ci"}'}.`,
+        };
       }
-      if (spec.type === "array" && !Array.isArray(v)) return { error: `is not a list. Fix: write it as a YAML list or ["a", "b"].` };
+      if (spec.type === "array" && !Array.isArray(v))
+        return { error: `is not a list. Fix: write it as a YAML list or ["a", "b"].` };
       if (spec.type === "object" && (typeof v !== "object" || v === null || Array.isArray(v)))
         return { error: `is not an object of key: value pairs. Fix: e.g. {"team": "ci"}.` };
       return { value: v };
@@ -484,7 +556,7 @@ function parseTyped(spec: KeySpec, text: string): { value: unknown } | { error: 
 }
 
 export function cidrProblem(value: unknown): string | undefined {
-  if (typeof value !== "string") return "is not a string. Fix: write CIDRs as strings, e.g. \"203.0.113.7/32\".";
+  if (typeof value !== "string") return 'is not a string. Fix: write CIDRs as strings, e.g. "203.0.113.7/32".';
   const m = /^([^/]+)\/(\d{1,3})$/.exec(value);
   if (!m) return "is not a CIDR (address/prefix length). Fix: e.g. 203.0.113.7/32 for one address.";
   const [, addr, lenText] = m;
@@ -496,18 +568,28 @@ export function cidrProblem(value: unknown): string | undefined {
   if (kind === 4) {
     const n = addr.split(".").reduce((acc, o) => acc * 256 + Number(o), 0);
     const hostBits = 32 - len;
-    if (hostBits > 0 && n % 2 ** hostBits !== 0) return `has host bits set for /${len}, which AWS rejects. Fix: use the network address or /32.`;
+    if (hostBits > 0 && n % 2 ** hostBits !== 0)
+      return `has host bits set for /${len}, which AWS rejects. Fix: use the network address or /32.`;
   }
   return undefined;
 }
 
-const KEY_TYPES = ["ssh-ed25519", "ssh-rsa", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384", "ecdsa-sha2-nistp521", "sk-ssh-ed25519@openssh.com", "sk-ecdsa-sha2-nistp256@openssh.com"];
+const KEY_TYPES = [
+  "ssh-ed25519",
+  "ssh-rsa",
+  "ecdsa-sha2-nistp256",
+  "ecdsa-sha2-nistp384",
+  "ecdsa-sha2-nistp521",
+  "sk-ssh-ed25519@openssh.com",
+  "sk-ecdsa-sha2-nistp256@openssh.com",
+];
 
 export function publicKeyProblem(value: unknown): string | undefined {
   if (typeof value !== "string") return "is not a string.";
   if (/PRIVATE KEY/.test(value)) return "is a PRIVATE key: never put one here.";
   const parts = value.trim().split(/\s+/);
-  if (parts.length < 2 || !KEY_TYPES.includes(parts[0])) return `is not an OpenSSH public key (type must be one of ${KEY_TYPES.slice(0, 3).join(", ")}, ...).`;
+  if (parts.length < 2 || !KEY_TYPES.includes(parts[0]))
+    return `is not an OpenSSH public key (type must be one of ${KEY_TYPES.slice(0, 3).join(", ")}, ...).`;
   const blob = Buffer.from(parts[1], "base64");
   if (blob.length < 20 || blob.toString("base64") !== parts[1]) return "has an invalid base64 key body.";
   const nameLen = blob.readUInt32BE(0);
@@ -517,7 +599,8 @@ export function publicKeyProblem(value: unknown): string | undefined {
 
 export function bucketNameProblem(name: string): string | undefined {
   if (name.length < 3 || name.length > 63) return "is not 3 to 63 characters long, as S3 bucket names are.";
-  if (!/^[a-z0-9][a-z0-9.-]*[a-z0-9]$/.test(name)) return "has characters S3 bucket names never have (lowercase letters, digits, '.', '-').";
+  if (!/^[a-z0-9][a-z0-9.-]*[a-z0-9]$/.test(name))
+    return "has characters S3 bucket names never have (lowercase letters, digits, '.', '-').";
   if (net.isIPv4(name)) return "looks like an IP address, which S3 bucket names may not.";
   return undefined;
 }
@@ -543,7 +626,8 @@ export function urlProblem(s: string, schemes: string[]): string | undefined {
   if (!schemes.includes(scheme)) return `uses ${scheme}://, which this target cannot fetch. ${fix}`;
   if (scheme === "s3" && (!u.hostname || u.pathname.length < 2)) return `is not s3://bucket/key. ${fix}`;
   if (scheme === "https" && !u.hostname) return `has no host. ${fix}`;
-  if (scheme === "file" && !path.isAbsolute(decodeURIComponent(u.pathname))) return `is not an absolute file:/// path. ${fix}`;
+  if (scheme === "file" && !path.isAbsolute(decodeURIComponent(u.pathname)))
+    return `is not an absolute file:/// path. ${fix}`;
   return undefined;
 }
 
@@ -620,9 +704,7 @@ export function readRawConfig(): RawConfig {
 /** Reads and validates the whole config; throws one ConfigError listing every problem. */
 export function loadConfig(): LoadedConfig {
   const raw = readRawConfig();
-  const storedAsSecret = new Set(
-    Object.keys(raw).filter((k) => isStoredAsSecret(`${PROJECT}:${k}`)),
-  );
+  const storedAsSecret = new Set(Object.keys(raw).filter((k) => isStoredAsSecret(`${PROJECT}:${k}`)));
   const config = parseConfig(raw, storedAsSecret);
   const cfg = new pulumi.Config(PROJECT);
   return {

@@ -42,7 +42,8 @@ export const CONFIG_KEYS: readonly KeySpec[] = Object.freeze([
   },
   {
     key: "hostAmiId",
-    type: "string", default: "",
+    type: "string",
+    default: "",
     description: "AMI for the host. Default: the newest Canonical Ubuntu 24.04 arm64 server AMI.",
   },
   {
@@ -65,14 +66,16 @@ export const CONFIG_KEYS: readonly KeySpec[] = Object.freeze([
   },
   {
     key: "hostSubnetId",
-    type: "string", default: "",
+    type: "string",
+    default: "",
     description: "Subnet for the host (public IP needed). Default: the region's default VPC.",
   },
   {
     key: "sshAllowedCidrs",
-    type: "array", default: [],
+    type: "array",
+    default: [],
     requiredFor: "aws",
-    description: "CIDRs allowed to reach the host's SSH port (the only ingress). Example: [\"203.0.113.7/32\"].",
+    description: 'CIDRs allowed to reach the host\'s SSH port (the only ingress). Example: ["203.0.113.7/32"].',
   },
   {
     key: "allowSshFromAnywhere",
@@ -82,7 +85,8 @@ export const CONFIG_KEYS: readonly KeySpec[] = Object.freeze([
   },
   {
     key: "sshPrivateKey",
-    type: "string", default: "",
+    type: "string",
+    default: "",
     secret: true,
     description:
       "The pipeline's SSH private key (OpenSSH PEM). Default: an ED25519 key generated and kept as a stack secret.",
@@ -102,7 +106,8 @@ export const CONFIG_KEYS: readonly KeySpec[] = Object.freeze([
   // ---- artifacts
   {
     key: "artifactBucketName",
-    type: "string", default: "",
+    type: "string",
+    default: "",
     description: "Use this existing bucket (e.g. go-builder-data) instead of creating one.",
   },
   {
@@ -119,13 +124,15 @@ export const CONFIG_KEYS: readonly KeySpec[] = Object.freeze([
   },
   {
     key: "artifactUri",
-    type: "string", default: "",
+    type: "string",
+    default: "",
     description:
       "Local target only: where to publish, `file:///abs/dir/` or `s3://bucket/prefix/` (default file://<localWorkDir>/artifacts/).",
   },
   {
     key: "artifactEndpointUrl",
-    type: "string", default: "",
+    type: "string",
+    default: "",
     description: "Local target only: S3-compatible endpoint for an s3:// artifactUri (e.g. http://127.0.0.1:9000).",
   },
   {
@@ -137,19 +144,22 @@ export const CONFIG_KEYS: readonly KeySpec[] = Object.freeze([
   // ---- source images
   {
     key: "windowsImageUrl",
-    type: "string", default: "",
+    type: "string",
+    default: "",
     requiredFor: "all",
     description: "Windows ARM64 image: s3:// or https:// (file:// on the local target); .vhdx, .qcow2 or .iso.",
   },
   {
     key: "windowsImageSha256",
-    type: "string", default: "",
+    type: "string",
+    default: "",
     requiredFor: "all",
     description: "SHA-256 of windowsImageUrl (64 hex digits).",
   },
   {
     key: "windowsVersion",
-    type: "string", default: "",
+    type: "string",
+    default: "",
     requiredFor: "all",
     description: "Windows release in the image: 10, 11-22h2, 11-23h2, 11-24h2 or 11-25h2.",
   },
@@ -209,7 +219,8 @@ export const CONFIG_KEYS: readonly KeySpec[] = Object.freeze([
   },
   {
     key: "windowsProductKey",
-    type: "string", default: "",
+    type: "string",
+    default: "",
     secret: true,
     description: "ISO installs: product key (optional; a secret).",
   },
@@ -256,7 +267,12 @@ export const CONFIG_KEYS: readonly KeySpec[] = Object.freeze([
     default: true,
     description: "Install VS Build Tools with the ARM64 and ARM VC tools.",
   },
-  { key: "vsBuildToolsUrl", type: "string", default: "", description: "URL of the VS Build Tools bootstrapper (vs_BuildTools.exe)." },
+  {
+    key: "vsBuildToolsUrl",
+    type: "string",
+    default: "",
+    description: "URL of the VS Build Tools bootstrapper (vs_BuildTools.exe).",
+  },
   { key: "vsBuildToolsSha256", type: "string", default: "", description: "SHA-256 of vsBuildToolsUrl." },
   {
     key: "guestAutoLogon",

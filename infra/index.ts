@@ -24,7 +24,10 @@ let pipelinePrivateKey: pulumi.Output<string>;
 let pipelinePublicKey: pulumi.Output<string>;
 if (secrets.sshPrivateKey) {
   pipelinePrivateKey = pulumi.secret(secrets.sshPrivateKey);
-  pipelinePublicKey = tls.getPublicKeyOutput({ privateKeyOpenssh: secrets.sshPrivateKey }).publicKeyOpenssh;
+  // The public half is not secret: unwrap it so the key pair and outputs stay readable.
+  pipelinePublicKey = pulumi.unsecret(
+    tls.getPublicKeyOutput({ privateKeyOpenssh: secrets.sshPrivateKey }).publicKeyOpenssh,
+  );
 } else {
   const key = new tls.PrivateKey("pipeline-key", { algorithm: "ED25519" });
   pipelinePrivateKey = pulumi.secret(key.privateKeyOpenssh);

@@ -4,7 +4,8 @@ import { projectConfigBlock } from "../infra/configSchema";
 const doc = {
   name: "windows-arm64-image",
   runtime: { name: "nodejs", options: { typescript: true } },
-  description: "Builds a Windows ARM64 VM image for CI builders on AWS Graviton bare metal: S3 artifacts, a KVM host, unattended Windows provisioning, a published image and a baked AMI.",
+  description:
+    "Builds a Windows ARM64 VM image for CI builders on AWS Graviton bare metal: S3 artifacts, a KVM host, unattended Windows provisioning, a published image and a baked AMI.",
 
   config: projectConfigBlock(),
 };

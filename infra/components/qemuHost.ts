@@ -116,14 +116,12 @@ export class QemuHost extends pulumi.ComponentResource {
       { assumeRolePolicy: JSON.stringify(EC2_ASSUME_ROLE_POLICY), tags: tags("role") },
       child,
     );
-    const sourceArns = pulumi
-      .output(aws.getPartitionOutput({}, child))
-      .apply((p) =>
-        args.sourceObjectUrls
-          .map((u) => /^s3:\/\/([^/]+)\/(.+)$/.exec(u))
-          .filter((m): m is RegExpExecArray => m !== null)
-          .map((m) => `arn:${p.partition}:s3:::${m[1]}/${m[2]}`),
-      );
+    const sourceArns = pulumi.output(aws.getPartitionOutput({}, child)).apply((p) =>
+      args.sourceObjectUrls
+        .map((u) => /^s3:\/\/([^/]+)\/(.+)$/.exec(u))
+        .filter((m): m is RegExpExecArray => m !== null)
+        .map((m) => `arn:${p.partition}:s3:::${m[1]}/${m[2]}`),
+    );
     new aws.iam.RolePolicy(
       `${name}-artifacts`,
       {
@@ -135,11 +133,7 @@ export class QemuHost extends pulumi.ComponentResource {
       child,
     );
     const profile = new aws.iam.InstanceProfile(`${name}-profile`, { role: role.name, tags: tags("profile") }, child);
-    const keyPair = new aws.ec2.KeyPair(
-      `${name}-key`,
-      { publicKey: args.publicKeyOpenssh, tags: tags("key") },
-      child,
-    );
+    const keyPair = new aws.ec2.KeyPair(`${name}-key`, { publicKey: args.publicKeyOpenssh, tags: tags("key") }, child);
 
     this.instance = new aws.ec2.Instance(
       `${name}-instance`,
@@ -217,4 +211,3 @@ export class QemuHost extends pulumi.ComponentResource {
     });
   }
 }
-

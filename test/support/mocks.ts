@@ -26,6 +26,9 @@ export interface ProgramRun {
 
 export const PROJECT = "windows-arm64-image";
 
+/** The registrations of the latest runProgram, even when the program threw. */
+export let lastRunResources: Registered[] = [];
+
 /** A config that validates for the aws target. */
 export const BASE_CONFIG: Record<string, string> = {
   "aws:region": "us-east-2",
@@ -53,7 +56,8 @@ function computedState(type: string, name: string, inputs: Record<string, unknow
       return { keyName: name };
     case "tls:index/privateKey:PrivateKey":
       return {
-        privateKeyOpenssh: "-----BEGIN OPENSSH PRIVATE KEY-----\nMOCKPRIVATEKEYDATA\n-----END OPENSSH PRIVATE KEY-----\n",
+        privateKeyOpenssh:
+          "-----BEGIN OPENSSH PRIVATE KEY-----\nMOCKPRIVATEKEYDATA\n-----END OPENSSH PRIVATE KEY-----\n",
         publicKeyOpenssh: "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIMockPublicKey pipeline",
       };
     case "random:index/randomPassword:RandomPassword":
@@ -112,6 +116,7 @@ export async function runProgram(
   opts: { secretKeys?: string[]; asyncDelayMs?: number; stack?: string } = {},
 ): Promise<ProgramRun> {
   const resources: Registered[] = [];
+  lastRunResources = resources;
   const calls: ProgramRun["calls"] = [];
   let seq = 0;
   const delay = opts.asyncDelayMs ?? 0;
@@ -121,7 +126,8 @@ export async function runProgram(
       newResource: async (args: pulumi.runtime.MockResourceArgs) => {
         resources.push({ type: args.type, name: args.name, inputs: args.inputs, seq: seq++ });
         if (delay > 0) await new Promise((r) => setTimeout(r, delay * Math.random()));
-        const id = args.type === "aws:ec2/amiFromInstance:AmiFromInstance" ? "ami-0123456789abcdef0" : `${args.name}-id`;
+        const id =
+          args.type === "aws:ec2/amiFromInstance:AmiFromInstance" ? "ami-0123456789abcdef0" : `${args.name}-id`;
         return { id, state: { ...args.inputs, ...computedState(args.type, args.name, args.inputs) } };
       },
       call: async (args: pulumi.runtime.MockCallArgs) => {
@@ -158,7 +164,8 @@ export async function runProgram(
     ofType: (type) => resources.filter((r) => r.type === type),
     one: (type, suffix) => {
       const found = resources.filter((r) => r.type === type && (!suffix || r.name.endsWith(suffix)));
-      if (found.length !== 1) throw new Error(`expected one ${type}${suffix ? ` *${suffix}` : ""}, found ${found.length}`);
+      if (found.length !== 1)
+        throw new Error(`expected one ${type}${suffix ? ` *${suffix}` : ""}, found ${found.length}`);
       return found[0];
     },
   };
@@ -166,7 +173,13 @@ export async function runProgram(
 
 /** The value of an Output (or plain value); undefined for unknowns. */
 export function resolve<T>(v: T | pulumi.Output<T>): Promise<T | undefined> {
-  if (pulumi.Output.isInstance(v)) return new Promise((r) => (v as pulumi.Output<T>).apply((x) => { r(x); return x; }));
+  if (pulumi.Output.isInstance(v))
+    return new Promise((r) =>
+      (v as pulumi.Output<T>).apply((x) => {
+        r(x);
+        return x;
+      }),
+    );
   return Promise.resolve(v as T);
 }
 

@@ -110,8 +110,18 @@ describe("config validation", () => {
     ["CIDR with host bits", { sshAllowedCidrs: '["10.0.0.1/8"]' }, "sshAllowedCidrs", /host bits/],
     ["SSH open to the internet", { sshAllowedCidrs: '["0.0.0.0/0"]' }, "sshAllowedCidrs", /allowSshFromAnywhere: true/],
     ["SSH open to all IPv6", { sshAllowedCidrs: '["::/0"]' }, "sshAllowedCidrs", /whole internet/],
-    ["private key as authorized key", { sshAuthorizedKeys: '["-----BEGIN OPENSSH PRIVATE KEY-----"]' }, "sshAuthorizedKeys", /PRIVATE key/],
-    ["garbage authorized key", { sshAuthorizedKeys: '["hello world"]' }, "sshAuthorizedKeys", /not an OpenSSH public key/],
+    [
+      "private key as authorized key",
+      { sshAuthorizedKeys: '["-----BEGIN OPENSSH PRIVATE KEY-----"]' },
+      "sshAuthorizedKeys",
+      /PRIVATE key/,
+    ],
+    [
+      "garbage authorized key",
+      { sshAuthorizedKeys: '["hello world"]' },
+      "sshAuthorizedKeys",
+      /not an OpenSSH public key/,
+    ],
     [
       "authorized key body of another type",
       { sshAuthorizedKeys: `["${ED25519.replace("ssh-ed25519", "ssh-rsa")}"]` },
@@ -126,7 +136,12 @@ describe("config validation", () => {
     ["missing image URL", { windowsImageUrl: "" }, "windowsImageUrl", /required but not set/],
     ["http image URL", { windowsImageUrl: "http://example.com/w.vhdx" }, "windowsImageUrl", /s3:\/\/ or https:\/\//],
     ["file:// image URL on aws", { windowsImageUrl: "file:///tmp/w.vhdx" }, "windowsImageUrl", /cannot fetch/],
-    ["image of unknown format", { windowsImageUrl: "https://example.com/w.zip" }, "windowsImageUrl", /\.vhdx, \.qcow2 or \.iso/],
+    [
+      "image of unknown format",
+      { windowsImageUrl: "https://example.com/w.zip" },
+      "windowsImageUrl",
+      /\.vhdx, \.qcow2 or \.iso/,
+    ],
     ["short image hash", { windowsImageSha256: "abc" }, "windowsImageSha256", /64 hex digits/],
     ["non-hex virtio hash", { virtioIsoSha256: "z".repeat(64) }, "virtioIsoSha256", /sha256sum/],
     ["unknown Windows version", { windowsVersion: "12" }, "windowsVersion", /11-23h2/],
@@ -144,14 +159,29 @@ describe("config validation", () => {
     ["admin user with a space", { guestAdminUser: "go pher" }, "guestAdminUser", /e\.g\. gopher/],
     ["bad locale", { guestLocale: "english" }, "guestLocale", /en-US/],
     ["boolean typo", { keepHostRunning: "yes" }, "keepHostRunning", /true or false/],
-    ["buildlet on without URL", { guestInstallBuildlet: "true", buildletStage0Sha256: "b".repeat(64) }, "buildletStage0Url", /guestInstallBuildlet: false/],
-    ["llvm-mingw on without hash", { guestInstallLlvmMingw: "true", llvmMingwUrl: "https://example.com/llvm.zip" }, "llvmMingwSha256", /every download is verified/],
+    [
+      "buildlet on without URL",
+      { guestInstallBuildlet: "true", buildletStage0Sha256: "b".repeat(64) },
+      "buildletStage0Url",
+      /guestInstallBuildlet: false/,
+    ],
+    [
+      "llvm-mingw on without hash",
+      { guestInstallLlvmMingw: "true", llvmMingwUrl: "https://example.com/llvm.zip" },
+      "llvmMingwSha256",
+      /every download is verified/,
+    ],
     ["VS Build Tools over s3://", { vsBuildToolsUrl: "s3://x/vs.exe" }, "vsBuildToolsUrl", /guest downloads it itself/],
     ["tags not an object", { tags: '["a"]' }, "tags", /key: value/],
     ["tag with reserved prefix", { tags: '{"aws:team": "x"}' }, "tags", /reserved aws: prefix/],
     ["tag with number value", { tags: '{"team": 5}' }, "tags", /quote it/],
     ["typo of a key", { vmCpu: "4" }, "vmCpu", /Did you mean vmCpus/],
-    ["private key stored in plain text", { sshPrivateKey: "-----BEGIN OPENSSH PRIVATE KEY-----" }, "sshPrivateKey", /--secret/],
+    [
+      "private key stored in plain text",
+      { sshPrivateKey: "-----BEGIN OPENSSH PRIVATE KEY-----" },
+      "sshPrivateKey",
+      /--secret/,
+    ],
   ];
 
   for (const [what, over, key, hint] of BAD) {
@@ -196,7 +226,15 @@ describe("config validation", () => {
 describe("host type table", () => {
   it("lists the Graviton bare-metal types the stack supports", () => {
     const names = HOST_TYPES.map((t) => t.name);
-    for (const n of ["a1.metal", "c6g.metal", "c6gn.metal", "x2gd.metal", "c7gn.metal", "r7gd.metal", "m8g.metal-24xl"]) {
+    for (const n of [
+      "a1.metal",
+      "c6g.metal",
+      "c6gn.metal",
+      "x2gd.metal",
+      "c7gn.metal",
+      "r7gd.metal",
+      "m8g.metal-24xl",
+    ]) {
       expect(names).to.include(n);
     }
     expect(names.every((n) => /\.metal/.test(n))).to.equal(true);

@@ -1,0 +1,176 @@
+import { expect } from "chai";
+import * as mocks from "../support/mocks";
+import { allStrings, BASE_CONFIG, ProgramRun, runProgram } from "../support/mocks";
+
+describe("stack foundation (mocks)", function () {
+  this.timeout(60000);
+  let run: ProgramRun;
+  before(async () => {
+    run = await runProgram({ ...BASE_CONFIG, tags: JSON.stringify({ team: "ci" }) });
+  });
+
+  it("creates a private, encrypted, versioned, TLS-only bucket with lifecycle rules", () => {
+    run.one("aws:s3/bucket:Bucket");
+    expect(run.one("aws:s3/bucketVersioning:BucketVersioning").inputs.versioningConfiguration).to.deep.equal({
+      status: "Enabled",
+    });
+    const pab = run.one("aws:s3/bucketPublicAccessBlock:BucketPublicAccessBlock").inputs;
+    expect(pab).to.include({
+      blockPublicAcls: true,
+      blockPublicPolicy: true,
+      ignorePublicAcls: true,
+      restrictPublicBuckets: true,
+    });
+    expect(run.one("aws:s3/bucketOwnershipControls:BucketOwnershipControls").inputs.rule).to.deep.equal({
+      objectOwnership: "BucketOwnerEnforced",
+    });
+    const sse = run.one("aws:s3/bucketServerSideEncryptionConfiguration:BucketServerSideEncryptionConfiguration")
+      .inputs as { rules: Array<{ applyServerSideEncryptionByDefault: { sseAlgorithm: string } }> };
+    expect(sse.rules[0].applyServerSideEncryptionByDefault.sseAlgorithm).to.equal("AES256");
+    const policy = JSON.parse(run.one("aws:s3/bucketPolicy:BucketPolicy").inputs.policy as string);
+    expect(policy.Statement[0]).to.deep.include({ Effect: "Deny", Action: "s3:*" });
+    expect(policy.Statement[0].Condition).to.deep.equal({ Bool: { "aws:SecureTransport": "false" } });
+    const rules = (
+      run.one("aws:s3/bucketLifecycleConfiguration:BucketLifecycleConfiguration").inputs as {
+        rules: Array<Record<string, unknown>>;
+      }
+    ).rules;
+    expect(rules.find((r) => r.noncurrentVersionExpiration)).to.deep.include({
+      noncurrentVersionExpiration: { noncurrentDays: 30 },
+    });
+    expect(rules.find((r) => r.abortIncompleteMultipartUpload)).to.not.equal(undefined);
+  });
+
+  it("looks up an existing bucket instead of creating one", async () => {
+    const r = await runProgram({ ...BASE_CONFIG, artifactBucketName: "go-builder-data" });
+    expect(r.ofType("aws:s3/bucket:Bucket")).to.have.length(0);
+    expect(r.ofType("aws:s3/bucketPolicy:BucketPolicy")).to.have.length(0);
+    expect(r.calls.map((c) => c.token)).to.include("aws:s3/getBucket:getBucket");
+    expect(r.outputs.bucketName).to.equal("go-builder-data");
+    const policy = JSON.parse(r.one("aws:iam/rolePolicy:RolePolicy").inputs.policy as string);
+    expect(JSON.stringify(policy)).to.contain("arn:aws:s3:::go-builder-data/windows-arm64/*");
+  });
+
+  it("the host requires IMDSv2 and has an encrypted gp3 root volume", () => {
+    const inst = run.one("aws:ec2/instance:Instance").inputs as Record<string, any>;
+    expect(inst.instanceType).to.equal("a1.metal");
+    expect(inst.metadataOptions.httpTokens).to.equal("required");
+    expect(inst.rootBlockDevice).to.include({ volumeType: "gp3", encrypted: true, volumeSize: 150, iops: 3000 });
+    expect(inst.ami).to.equal("ami-0ubuntu2404arm64");
+  });
+
+  it("looks up the newest Canonical Ubuntu 24.04 arm64 AMI with owners set", () => {
+    const call = run.calls.find((c) => c.token === "aws:ec2/getAmi:getAmi");
+    expect(call?.inputs.owners).to.deep.equal(["099720109477"]);
+    expect(call?.inputs.mostRecent).to.equal(true);
+    expect(JSON.stringify(call?.inputs.filters)).to.contain("ubuntu-noble-24.04-arm64-server");
+  });
+
+  it("an explicit hostAmiId skips the lookup", async () => {
+    const r = await runProgram({ ...BASE_CONFIG, hostAmiId: "ami-0123456789abcdef0" });
+    expect(r.calls.map((c) => c.token)).to.not.include("aws:ec2/getAmi:getAmi");
+    expect(r.one("aws:ec2/instance:Instance").inputs.ami).to.equal("ami-0123456789abcdef0");
+  });
+
+  it("allows SSH only from sshAllowedCidrs and no other ingress", () => {
+    const sg = run.one("aws:ec2/securityGroup:SecurityGroup").inputs as { ingress: Array<Record<string, unknown>> };
+    expect(sg.ingress).to.have.length(1);
+    expect(sg.ingress[0]).to.deep.include({
+      fromPort: 22,
+      toPort: 22,
+      protocol: "tcp",
+      cidrBlocks: ["203.0.113.7/32"],
+    });
+    expect(run.ofType("aws:ec2/securityGroupRule:SecurityGroupRule")).to.have.length(0);
+    expect(run.ofType("aws:vpc/securityGroupIngressRule:SecurityGroupIngressRule")).to.have.length(0);
+  });
+
+  it("grants the host only what the pipeline needs on the artifact prefix", () => {
+    const policy = JSON.parse(run.one("aws:iam/rolePolicy:RolePolicy").inputs.policy as string);
+    for (const st of policy.Statement) {
+      for (const a of st.Action) expect(a).to.not.match(/\*/);
+      for (const r of st.Resource) expect(r).to.not.equal("*");
+    }
+    const rw = policy.Statement.find((s: { Sid: string }) => s.Sid === "ReadWriteArtifacts");
+    expect(rw.Resource).to.deep.equal(["arn:aws:s3:::artifacts-bucket-123/windows-arm64/*"]);
+    const list = policy.Statement.find((s: { Sid: string }) => s.Sid === "ListArtifactPrefix");
+    expect(list.Condition.StringLike["s3:prefix"]).to.deep.equal(["windows-arm64/*"]);
+    const src = policy.Statement.find((s: { Sid: string }) => s.Sid === "ReadSourceImages");
+    expect(src.Resource).to.deep.equal(["arn:aws:s3:::media-bucket/images/win11-23h2.vhdx"]);
+    const role = JSON.parse(run.one("aws:iam/role:Role").inputs.assumeRolePolicy as string);
+    expect(role.Statement[0].Principal).to.deep.equal({ Service: "ec2.amazonaws.com" });
+  });
+
+  it("cloud-init installs the host packages and holds no secret", () => {
+    const ud = run.one("aws:ec2/instance:Instance").inputs.userData as string;
+    expect(ud.startsWith("#cloud-config")).to.equal(true);
+    for (const p of ["qemu-system-arm", "qemu-efi-aarch64", "qemu-utils", "xorriso"]) expect(ud).to.contain(`- ${p}`);
+    expect(ud).to.match(/aws-cli/);
+    expect(ud).to.not.match(/PRIVATE KEY|password/i);
+  });
+
+  it("uses the generated ED25519 key for the key pair and the connection", () => {
+    expect(run.one("tls:index/privateKey:PrivateKey").inputs.algorithm).to.equal("ED25519");
+    expect(run.one("aws:ec2/keyPair:KeyPair").inputs.publicKey).to.match(/^ssh-ed25519 /);
+  });
+
+  it("a given sshPrivateKey is read as a secret and no key is generated", async () => {
+    const r = await runProgram(
+      {
+        ...BASE_CONFIG,
+        sshPrivateKey: "-----BEGIN OPENSSH PRIVATE KEY-----\nGIVEN\n-----END OPENSSH PRIVATE KEY-----",
+      },
+      { secretKeys: ["sshPrivateKey"] },
+    );
+    expect(r.ofType("tls:index/privateKey:PrivateKey")).to.have.length(0);
+    expect(r.one("aws:ec2/keyPair:KeyPair").inputs.publicKey).to.contain("GivenKey");
+    const plain = r.resources.filter((x) => !x.type.startsWith("command:")).flatMap((x) => allStrings(x.inputs));
+    expect(plain.join("\n")).to.not.contain("GIVEN");
+  });
+
+  it("waits for SSH in a bounded local loop, then for cloud-init on the host", () => {
+    const up = run.one("command:local:Command", "ssh-up").inputs as Record<string, string>;
+    expect(up.create).to.match(/wait-for-guest\.sh 198\.51\.100\.10 22 1800/);
+    const ready = run.one("command:remote:Command", "qemu-host-ready");
+    expect(ready.inputs.stdin).to.contain("cloud-init status");
+    expect(ready.seq).to.be.greaterThan(run.one("command:local:Command", "ssh-up").seq);
+  });
+
+  it("merges the tags into every taggable resource", () => {
+    const taggable = run.resources.filter((r) => r.type.startsWith("aws:") && "tags" in r.inputs);
+    expect(taggable.length).to.be.greaterThan(5);
+    for (const r of taggable)
+      expect(r.inputs.tags, r.name).to.deep.include({ team: "ci", Project: "windows-arm64-image" });
+    for (const t of [
+      "aws:s3/bucket:Bucket",
+      "aws:ec2/instance:Instance",
+      "aws:iam/role:Role",
+      "aws:ec2/securityGroup:SecurityGroup",
+    ]) {
+      expect(run.one(t).inputs.tags, t).to.deep.include({ team: "ci" });
+    }
+  });
+
+  it("exports the outputs operators need", () => {
+    expect(run.outputs).to.include({
+      bucketName: "artifacts-bucket-123",
+      artifactPrefix: "windows-arm64/",
+      hostPublicIp: "198.51.100.10",
+      hostInstanceType: "a1.metal",
+    });
+    expect(run.outputs.hostSshCommand).to.equal("ssh ubuntu@198.51.100.10");
+    expect(run.outputs.vncTunnelCommand).to.match(/-L 5903:127\.0\.0\.1:5903/);
+  });
+
+  it("fails before any resource is declared when the config is invalid", async () => {
+    let err: unknown;
+    try {
+      await runProgram({ ...BASE_CONFIG, vmCpus: "8", windowsImageSha256: "nope" });
+    } catch (e) {
+      err = e;
+    }
+    expect(String(err)).to.match(/windows-arm64-image:vmCpus: 8 vCPUs on Graviton1/);
+    expect(String(err)).to.match(/windows-arm64-image:windowsImageSha256: "nope" is not a SHA-256/);
+    expect(mocks.lastRunResources).to.have.length(0);
+  });
+});
