@@ -100,7 +100,10 @@ describe("stand-in aarch64 guest fixture", function () {
   it("builds a cached disk and key pair, and a rebuild with the same inputs does nothing", async function () {
     this.timeout(60_000);
     const before = fs.statSync(guest.disk).mtimeMs;
-    const res = await run("bash", [path.join(repoRoot, "test/fixtures/build-standin-guest.sh"), path.dirname(guest.disk)]);
+    const res = await run("bash", [
+      path.join(repoRoot, "test/fixtures/build-standin-guest.sh"),
+      path.dirname(guest.disk),
+    ]);
     expect(res.code, res.stderr).to.equal(0);
     expect(res.stderr).to.match(/up to date/);
     expect(fs.statSync(guest.disk).mtimeMs).to.equal(before);
