@@ -169,7 +169,7 @@ export function validateAnswerFileInput(input: AnswerFileInput): string[] {
   if (str("locale", input.locale, true) && !/^[a-z]{2,3}(-[A-Za-z0-9]{2,8})*$/.test(input.locale)) {
     problems.push(`locale must be a language tag like "en-US" (got ${JSON.stringify(input.locale)})`);
   }
-  if (str("timeZone", input.timeZone, true) && !/^[A-Za-z0-9 ().+\-]{1,64}$/.test(input.timeZone)) {
+  if (str("timeZone", input.timeZone, true) && !/^[A-Za-z0-9 ().+-]{1,64}$/.test(input.timeZone)) {
     problems.push(`timeZone must be a Windows time zone id like "UTC" (got ${JSON.stringify(input.timeZone)})`);
   }
   if (str("computerName", input.computerName, false)) {
@@ -179,10 +179,7 @@ export function validateAnswerFileInput(input: AnswerFileInput): string[] {
     }
   }
   str("windowsEdition", input.windowsEdition, false);
-  if (
-    str("productKey", input.productKey, false) &&
-    !/^[A-Za-z0-9]{5}(-[A-Za-z0-9]{5}){4}$/.test(input.productKey)
-  ) {
+  if (str("productKey", input.productKey, false) && !/^[A-Za-z0-9]{5}(-[A-Za-z0-9]{5}){4}$/.test(input.productKey)) {
     problems.push("productKey must look like XXXXX-XXXXX-XXXXX-XXXXX-XXXXX");
   }
   if (input.sourceKind === "iso" && input.windowsEdition === undefined && input.productKey === undefined) {
@@ -388,7 +385,11 @@ function specialize(root: XMLBuilder, input: AnswerFileInput): void {
   const deployment = component(settings, "Microsoft-Windows-Deployment");
   const cmd = addItem(deployment.ele("RunSynchronous"), "RunSynchronousCommand");
   leaf(cmd, "Order", 1);
-  leaf(cmd, "Path", "reg.exe add HKLM\\SOFTWARE\\Microsoft\\Windows\\CurrentVersion\\OOBE /v BypassNRO /t REG_DWORD /d 1 /f");
+  leaf(
+    cmd,
+    "Path",
+    "reg.exe add HKLM\\SOFTWARE\\Microsoft\\Windows\\CurrentVersion\\OOBE /v BypassNRO /t REG_DWORD /d 1 /f",
+  );
   leaf(cmd, "Description", "Let OOBE finish without a network connection");
 }
 

@@ -11,10 +11,11 @@
        the network first); if that fails and OpenSSH-ARM64.zip (a
        Win32-OpenSSH release) is on the config media, expand it to
        C:\Program Files\OpenSSH and run its install-sshd.ps1;
-    2. copy the config media's authorized_keys to
+    2. set sshd to start automatically and start it (its first start creates
+       C:\ProgramData\ssh with the right permissions and the host keys);
+    3. copy the config media's authorized_keys to
        C:\ProgramData\ssh\administrators_authorized_keys, readable only by
        Administrators and SYSTEM (SIDs, so it works on any display language);
-    3. set sshd to start automatically and start it;
     4. allow inbound TCP 22 in the firewall (rule OpenSSH-Server-In-TCP).
   The OpenSSH default shell is left alone (cmd.exe): the pipeline runs
   PowerShell as `powershell -NoProfile -NonInteractive -EncodedCommand ...`.
@@ -160,8 +161,8 @@ New-Item -ItemType Directory -Force -Path $LogDir | Out-Null
 try {
   Write-Log "start (media $MediaRoot, source $OpenSshSource)"
   Install-OpenSshServer
-  Install-AuthorizedKeys
   Start-Sshd
+  Install-AuthorizedKeys
   Open-SshPort
   Write-Log 'done'
   exit 0

@@ -29,7 +29,7 @@ function input(overrides: Partial<AnswerFileInput> = {}): AnswerFileInput {
   };
 }
 
-type Node = Record<string, any>; // eslint-disable-line @typescript-eslint/no-explicit-any
+type Node = Record<string, any>;
 
 const parser = new XMLParser({
   ignoreAttributes: false,
@@ -180,7 +180,7 @@ describe("answerFile", () => {
         expect(c.CommandLine).to.match(/^powershell\.exe .*-ExecutionPolicy Bypass -Command "/);
         // cmd.exe would expand %VAR% and end the argument at an inner double quote.
         expect(c.CommandLine).to.not.contain("%");
-        expect((c.CommandLine as string).slice(0, -1).split("-Command \"")[1]).to.not.contain('"');
+        expect((c.CommandLine as string).slice(0, -1).split('-Command "')[1]).to.not.contain('"');
       }
       const drivers = cmds[0].CommandLine as string;
       expect(drivers).to.contain("pnputil.exe /add-driver");
@@ -310,7 +310,9 @@ describe("answerFile", () => {
           .replace(/&quot;/g, '"')
           .replace(/&apos;/g, "'")
           .replace(/&amp;/g, "&");
-      const md = (comp(root, "windowsPE", "Microsoft-Windows-Setup").ImageInstall.OSImage.InstallFrom.MetaData as Node[])[0];
+      const md = (
+        comp(root, "windowsPE", "Microsoft-Windows-Setup").ImageInstall.OSImage.InstallFrom.MetaData as Node[]
+      )[0];
       expect(unescape(md.Value)).to.equal(edition);
       const shell = comp(root, "oobeSystem", "Microsoft-Windows-Shell-Setup");
       expect(unescape(shell.AutoLogon.Username)).to.equal(user);
