@@ -269,7 +269,7 @@ export function firstLogonCommands(input: AnswerFileInput): LogonCommand[] {
   ];
 }
 
-/** Values set to 1 under HKLM\\SYSTEM\\Setup\\LabConfig in WinPE, before Setup checks the hardware (Windows 11). */
+/** Values set to 1 under HKLM\SYSTEM\Setup\LabConfig in WinPE, before Setup checks the hardware (Windows 11). */
 export const LAB_CONFIG_BYPASSES: readonly string[] = ["BypassTPMCheck", "BypassSecureBootCheck", "BypassRAMCheck"];
 
 function component(settings: XMLBuilder, name: string): XMLBuilder {
