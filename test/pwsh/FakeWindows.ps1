@@ -1,0 +1,410 @@
+<#
+    Test support for the guest scripts (dot-source it in BeforeAll).
+
+    An in-memory stand-in for the Windows state that provision.ps1 and
+    check.ps1 read and change: HKLM registry keys and values, services,
+    Defender, firewall profiles, local users and Administrators, the Visual
+    Studio installer and downloads. Enable-FakeWindows (call it in
+    BeforeEach or It) mocks the Windows-only commands so they act on
+    $global:FakeWin; file system commands stay real (tests use $TestDrive).
+    Every change to the fake state is appended to $global:FakeWin.Changes, so
+    "a second run changes nothing" is a real assertion.
+#>
+
+$global:RepoRoot = (Resolve-Path (Join-Path $PSScriptRoot '../..')).Path
+$global:GuestDir = Join-Path (Join-Path $global:RepoRoot 'provisioning') 'windows'
+$global:ProvisionScript = Join-Path $global:GuestDir 'provision.ps1'
+$global:CheckScript = Join-Path $global:GuestDir 'check.ps1'
+$global:CommonModule = Join-Path $global:GuestDir 'common.psm1'
+
+# Windows-only cmdlets do not exist in PowerShell on Linux: give Pester a
+# command (with the parameters the scripts use) to mock.
+$stubs = @{
+    'Get-Service'            = '[CmdletBinding()] param([Parameter(Position = 0)][string[]]$Name)'
+    'Set-Service'            = '[CmdletBinding()] param([Parameter(Position = 0)][string]$Name, [string]$StartupType)'
+    'Get-MpPreference'       = '[CmdletBinding()] param()'
+    'Set-MpPreference'       = '[CmdletBinding()] param([bool]$DisableRealtimeMonitoring)'
+    'Get-NetFirewallProfile' = '[CmdletBinding()] param([string[]]$Name)'
+    'Set-NetFirewallProfile' = '[CmdletBinding()] param([string[]]$Name, [string]$Enabled)'
+    'Get-LocalUser'          = '[CmdletBinding()] param([Parameter(Position = 0)][string]$Name)'
+    'New-LocalUser'          = '[CmdletBinding()] param([string]$Name, [securestring]$Password, [switch]$PasswordNeverExpires, [switch]$AccountNeverExpires, [string]$Description)'
+    'Set-LocalUser'          = '[CmdletBinding()] param([string]$Name, [securestring]$Password, [bool]$PasswordNeverExpires)'
+    'Enable-LocalUser'       = '[CmdletBinding()] param([string]$Name)'
+    'Get-LocalGroupMember'   = '[CmdletBinding()] param([string]$SID, [string]$Group)'
+    'Add-LocalGroupMember'   = '[CmdletBinding()] param([string]$SID, [string]$Group, [string[]]$Member)'
+}
+foreach ($name in $stubs.Keys) {
+    if (-not (Get-Command $name -ErrorAction SilentlyContinue)) {
+        $body = $stubs[$name] + " throw '$name is a test stub: it must be mocked'"
+        Set-Item -Path "function:global:$name" -Value ([scriptblock]::Create($body))
+    }
+}
+
+function global:ConvertTo-FakeRegistryKey {
+    param([string]$Path)
+    return $Path.TrimEnd('\').ToLowerInvariant()
+}
+
+function global:Add-FakeRegistryKey {
+    param([string]$Path)
+    $parts = $Path.TrimEnd('\').Split('\')
+    for ($i = 1; $i -le $parts.Count; $i++) {
+        $key = ConvertTo-FakeRegistryKey (($parts[0..($i - 1)]) -join '\')
+        if (-not $global:FakeWin.Keys.ContainsKey($key)) { $global:FakeWin.Keys[$key] = $true }
+    }
+}
+
+function global:Set-FakeRegistryValue {
+    <# Sets a value directly in the fake (test setup; not recorded as a change). #>
+    param([string]$Path, [string]$Name, $Value, [string]$Type = 'String')
+    Add-FakeRegistryKey -Path $Path
+    $global:FakeWin.Registry[(ConvertTo-FakeRegistryKey $Path) + '|' + $Name.ToLowerInvariant()] = @{ Path = $Path; Name = $Name; Value = $Value; Type = $Type }
+}
+
+function global:Get-FakeRegistryValue {
+    param([string]$Path, [string]$Name)
+    $entry = $global:FakeWin.Registry[(ConvertTo-FakeRegistryKey $Path) + '|' + $Name.ToLowerInvariant()]
+    if ($null -eq $entry) { return $null }
+    return $entry.Value
+}
+
+function global:Remove-FakeRegistryValue {
+    param([string]$Path, [string]$Name)
+    $global:FakeWin.Registry.Remove((ConvertTo-FakeRegistryKey $Path) + '|' + $Name.ToLowerInvariant())
+}
+
+function global:New-FakeWindows {
+    <# A fresh machine as it looks after Windows Setup. #>
+    $global:FakeWin = @{
+        Registry    = @{}
+        Keys        = @{}
+        Services    = @{
+            NlaSvc         = 'Automatic'
+            LanmanServer   = 'Automatic'
+            BITS           = 'Manual'
+            DPS            = 'Automatic'
+            MSDTC          = 'Manual'
+            IKEEXT         = 'Manual'
+            RemoteRegistry = 'Disabled'
+            lmhosts        = 'Manual'
+            sshd           = 'Automatic'
+        }
+        Defender    = @{ DisableRealtimeMonitoring = $false; TamperProtection = $false }
+        Firewall    = [ordered]@{ Domain = $true; Private = $true; Public = $true }
+        Users       = @{}
+        Admins      = New-Object System.Collections.Generic.List[string]
+        NextRid     = 1001
+        VsInstalled = $false
+        VsExitCode  = 0
+        VsInstalls  = $true
+        Served      = @{}
+        Downloads   = New-Object System.Collections.Generic.List[string]
+        Processes   = New-Object System.Collections.Generic.List[object]
+        Changes     = New-Object System.Collections.Generic.List[string]
+        IsAdmin     = $true
+    }
+    $global:FakeWin.Admins.Add('S-1-5-21-1000-1000-1000-500')
+    foreach ($key in @(
+            'HKLM:\SOFTWARE\Microsoft\Windows\Windows Error Reporting',
+            'HKLM:\SOFTWARE\Microsoft\Windows\CurrentVersion\Policies\System',
+            'HKLM:\SOFTWARE\Microsoft\Windows\CurrentVersion\Run',
+            'HKLM:\SOFTWARE\Microsoft\Windows NT\CurrentVersion\Winlogon',
+            'HKLM:\SOFTWARE\Policies\Microsoft\Windows')) {
+        Add-FakeRegistryKey -Path $key
+    }
+    Set-FakeRegistryValue -Path 'HKLM:\SOFTWARE\Microsoft\Windows\CurrentVersion\Policies\System' -Name 'EnableLUA' -Value 1 -Type 'DWord'
+    Set-FakeRegistryValue -Path 'HKLM:\SOFTWARE\Microsoft\Windows NT\CurrentVersion\Winlogon' -Name 'AutoAdminLogon' -Value '0'
+    Set-FakeRegistryValue -Path 'HKLM:\SOFTWARE\Microsoft\Windows NT\CurrentVersion\Winlogon' -Name 'Shell' -Value 'explorer.exe'
+}
+
+function global:Add-FakeUser {
+    <# Adds a local user directly (test setup). #>
+    param([string]$Name, [string]$Password, [bool]$Enabled = $true, [bool]$NeverExpires = $false, [bool]$Admin = $false)
+    $sid = 'S-1-5-21-1000-1000-1000-{0}' -f $global:FakeWin.NextRid
+    $global:FakeWin.NextRid++
+    $expires = $null
+    if (-not $NeverExpires) { $expires = [DateTime]'2030-01-01' }
+    $global:FakeWin.Users[$Name] = @{ Name = $Name; Password = $Password; Enabled = $Enabled; PasswordExpires = $expires; SID = $sid }
+    if ($Admin) { $global:FakeWin.Admins.Add($sid) }
+}
+
+function global:Get-FakeRegistryPathArgument {
+    param($Bound)
+    if ($Bound.ContainsKey('LiteralPath')) { return [string](@($Bound['LiteralPath'])[0]) }
+    if ($Bound.ContainsKey('Path')) { return [string](@($Bound['Path'])[0]) }
+    return ''
+}
+
+function global:Add-FakeMock {
+    <# Mocks a command both where the scripts call it and inside common.psm1. #>
+    param([string]$CommandName, [scriptblock]$MockWith, [scriptblock]$ParameterFilter)
+    if ($ParameterFilter) {
+        Mock -CommandName $CommandName -MockWith $MockWith -ParameterFilter $ParameterFilter
+        Mock -CommandName $CommandName -MockWith $MockWith -ParameterFilter $ParameterFilter -ModuleName common
+    }
+    else {
+        Mock -CommandName $CommandName -MockWith $MockWith
+        Mock -CommandName $CommandName -MockWith $MockWith -ModuleName common
+    }
+}
+
+function global:Enable-FakeWindows {
+    # Mock filters and bodies can run under the scripts' strict mode: read
+    # optional parameters through $PesterBoundParameters only.
+    $isRegistry = { (Get-FakeRegistryPathArgument $PesterBoundParameters) -like 'HKLM:*' }
+
+    # Pester 6 fails a call that matches no filtered mock instead of running the
+    # original command: file system calls get a default mock that runs the cmdlet.
+    foreach ($name in 'Test-Path', 'New-Item', 'Get-ItemProperty', 'New-ItemProperty', 'Set-ItemProperty', 'Remove-ItemProperty') {
+        $passThrough = [scriptblock]::Create("& (Get-Command -Name '$name' -CommandType Cmdlet) @PesterBoundParameters")
+        Add-FakeMock $name -MockWith $passThrough
+    }
+
+    # Registry (HKLM only; other paths reach the real file system).
+    Add-FakeMock Test-Path -ParameterFilter $isRegistry -MockWith {
+        $global:FakeWin.Keys.ContainsKey((ConvertTo-FakeRegistryKey (Get-FakeRegistryPathArgument $PesterBoundParameters)))
+    }
+    Add-FakeMock New-Item -ParameterFilter $isRegistry -MockWith {
+        $p = Get-FakeRegistryPathArgument $PesterBoundParameters
+        Add-FakeRegistryKey -Path $p
+        $global:FakeWin.Changes.Add("registry key created: $p")
+        [pscustomobject]@{ PSPath = $p }
+    }
+    Add-FakeMock Get-ItemProperty -ParameterFilter $isRegistry -MockWith {
+        $entry = $global:FakeWin.Registry[(ConvertTo-FakeRegistryKey (Get-FakeRegistryPathArgument $PesterBoundParameters)) + '|' + "$Name".ToLowerInvariant()]
+        if ($null -ne $entry) { [pscustomobject]@{ $entry.Name = $entry.Value } }
+    }
+    $setValue = {
+        $p = Get-FakeRegistryPathArgument $PesterBoundParameters
+        if (-not $global:FakeWin.Keys.ContainsKey((ConvertTo-FakeRegistryKey $p))) {
+            throw "Cannot find path '$p' because it does not exist."
+        }
+        $type = 'String'
+        if ($PesterBoundParameters.ContainsKey('PropertyType')) { $type = $PesterBoundParameters['PropertyType'] }
+        Set-FakeRegistryValue -Path $p -Name $Name -Value $Value -Type $type
+        $global:FakeWin.Changes.Add("registry value set: $p\$Name")
+    }
+    Add-FakeMock New-ItemProperty -ParameterFilter $isRegistry -MockWith $setValue
+    Add-FakeMock Set-ItemProperty -ParameterFilter $isRegistry -MockWith $setValue
+    Add-FakeMock Remove-ItemProperty -ParameterFilter $isRegistry -MockWith {
+        $p = Get-FakeRegistryPathArgument $PesterBoundParameters
+        Remove-FakeRegistryValue -Path $p -Name "$Name"
+        $global:FakeWin.Changes.Add("registry value removed: $p\$Name")
+    }
+
+    # Services.
+    Add-FakeMock Get-Service -MockWith {
+        foreach ($n in $Name) {
+            if ($global:FakeWin.Services.ContainsKey($n)) {
+                [pscustomobject]@{ Name = $n; StartType = $global:FakeWin.Services[$n]; Status = 'Running' }
+            }
+        }
+    }
+    Add-FakeMock Set-Service -MockWith {
+        if (-not $global:FakeWin.Services.ContainsKey($Name)) { throw "Service '$Name' was not found on computer '.'." }
+        $global:FakeWin.Services[$Name] = $StartupType
+        $global:FakeWin.Changes.Add("service $Name -> $StartupType")
+    }
+
+    # Defender (Tamper Protection silently ignores the change, as on Windows).
+    Add-FakeMock Get-MpPreference -MockWith {
+        [pscustomobject]@{ DisableRealtimeMonitoring = $global:FakeWin.Defender.DisableRealtimeMonitoring }
+    }
+    Add-FakeMock Set-MpPreference -MockWith {
+        if (-not $global:FakeWin.Defender.TamperProtection) {
+            $global:FakeWin.Defender.DisableRealtimeMonitoring = $DisableRealtimeMonitoring
+            $global:FakeWin.Changes.Add("defender realtime disabled -> $DisableRealtimeMonitoring")
+        }
+    }
+
+    # Firewall.
+    Add-FakeMock Get-NetFirewallProfile -MockWith {
+        foreach ($n in @($global:FakeWin.Firewall.Keys)) {
+            [pscustomobject]@{ Name = $n; Enabled = $global:FakeWin.Firewall[$n] }
+        }
+    }
+    Add-FakeMock Set-NetFirewallProfile -MockWith {
+        foreach ($n in $Name) {
+            $global:FakeWin.Firewall[$n] = ("$Enabled" -eq 'True')
+            $global:FakeWin.Changes.Add("firewall $n -> $Enabled")
+        }
+    }
+
+    # Local users and the Administrators group.
+    Add-FakeMock Get-LocalUser -MockWith {
+        $u = $global:FakeWin.Users[$Name]
+        if ($null -ne $u) {
+            [pscustomobject]@{ Name = $u.Name; Enabled = $u.Enabled; PasswordExpires = $u.PasswordExpires; SID = $u.SID }
+        }
+    }
+    Add-FakeMock New-LocalUser -MockWith {
+        if ($global:FakeWin.Users.ContainsKey($Name)) { throw "User $Name already exists." }
+        $plain = (New-Object System.Net.NetworkCredential('', $Password)).Password
+        Add-FakeUser -Name $Name -Password $plain -NeverExpires ([bool]$PesterBoundParameters['PasswordNeverExpires'])
+        $global:FakeWin.Changes.Add("user created: $Name")
+    }
+    Add-FakeMock Set-LocalUser -MockWith {
+        $u = $global:FakeWin.Users[$Name]
+        if ($null -eq $u) { throw "User $Name was not found." }
+        if ($PesterBoundParameters.ContainsKey('Password')) {
+            $u.Password = (New-Object System.Net.NetworkCredential('', $Password)).Password
+            $global:FakeWin.Changes.Add("user password set: $Name")
+        }
+        if ($PesterBoundParameters.ContainsKey('PasswordNeverExpires')) {
+            if ($PasswordNeverExpires) { $u.PasswordExpires = $null } else { $u.PasswordExpires = [DateTime]'2030-01-01' }
+            $global:FakeWin.Changes.Add("user password expiry set: $Name")
+        }
+    }
+    Add-FakeMock Enable-LocalUser -MockWith {
+        $global:FakeWin.Users[$Name].Enabled = $true
+        $global:FakeWin.Changes.Add("user enabled: $Name")
+    }
+    Add-FakeMock Get-LocalGroupMember -MockWith {
+        if ($PesterBoundParameters['SID'] -ne 'S-1-5-32-544') { throw 'the scripts must name Administrators by SID' }
+        foreach ($memberSid in $global:FakeWin.Admins) {
+            [pscustomobject]@{ Name = "FAKE\$memberSid"; SID = $memberSid }
+        }
+    }
+    Add-FakeMock Add-LocalGroupMember -MockWith {
+        if ($PesterBoundParameters['SID'] -ne 'S-1-5-32-544') { throw 'the scripts must name Administrators by SID' }
+        foreach ($m in $Member) {
+            $u = $global:FakeWin.Users[$m]
+            if ($null -eq $u) { throw "Principal $m was not found." }
+            if ($global:FakeWin.Admins.Contains($u.SID)) { throw "$m is already a member of group Administrators." }
+            $global:FakeWin.Admins.Add($u.SID)
+            $global:FakeWin.Changes.Add("admin added: $m")
+        }
+    }
+    Add-FakeMock Test-LocalCredential -MockWith {
+        $u = $global:FakeWin.Users[$UserName]
+        ($null -ne $u) -and ($u.Password -ceq $Password)
+    }
+    Add-FakeMock Test-IsAdministrator -MockWith { $global:FakeWin.IsAdmin }
+
+    # Visual Studio installer.
+    Add-FakeMock Get-VsBuildToolsPath -MockWith {
+        if ($global:FakeWin.VsInstalled) { 'C:\Program Files (x86)\Microsoft Visual Studio\2022\BuildTools' }
+    }
+    Add-FakeMock Start-Process -MockWith {
+        $global:FakeWin.Processes.Add([pscustomobject]@{
+                FilePath     = $PesterBoundParameters['FilePath']
+                ArgumentList = @($PesterBoundParameters['ArgumentList'])
+                Wait         = [bool]$PesterBoundParameters['Wait']
+            })
+        if ($global:FakeWin.VsInstalls) {
+            $global:FakeWin.VsInstalled = $true
+            $global:FakeWin.Changes.Add('visual studio installed')
+        }
+        [pscustomobject]@{ ExitCode = $global:FakeWin.VsExitCode }
+    }
+
+    # Downloads: serve local files registered in FakeWin.Served (URL -> path).
+    Add-FakeMock Invoke-WebRequest -MockWith {
+        $u = "$Uri"
+        $global:FakeWin.Downloads.Add($u)
+        if (-not $global:FakeWin.Served.ContainsKey($u)) { throw "Response status code does not indicate success: 404 (Not Found)." }
+        Copy-Item -LiteralPath $global:FakeWin.Served[$u] -Destination $OutFile
+    }
+}
+
+function global:New-RandomFile {
+    param([string]$Path, [int]$Size = 4096)
+    $bytes = New-Object byte[] $Size
+    [System.Random]::new().NextBytes($bytes)
+    [System.IO.File]::WriteAllBytes($Path, $bytes)
+    return (Get-FileHash -LiteralPath $Path -Algorithm SHA256).Hash.ToLowerInvariant()
+}
+
+function global:New-TestEnvironment {
+    <#
+    Creates the files the downloads serve (a buildlet, an llvm-mingw-like zip,
+    a VS bootstrapper), registers them in FakeWin.Served, and writes a
+    settings file with every switch on and every path under Root.
+    Returns: ConfigPath, Settings (hashtable written), Root, LogPath,
+    Password, User and the hashes.
+    #>
+    param([Parameter(Mandatory = $true)][string]$Root, [hashtable]$Overrides = @{})
+    $served = Join-Path $Root 'served'
+    $machine = Join-Path $Root 'machine'
+    New-Item -ItemType Directory -Path $served, $machine -Force | Out-Null
+
+    $buildletSha = New-RandomFile -Path (Join-Path $served 'buildlet-stage0.exe') -Size 8192
+    $vsSha = New-RandomFile -Path (Join-Path $served 'vs_BuildTools.exe') -Size 2048
+
+    $tree = Join-Path $Root 'llvm-tree'
+    $top = Join-Path $tree 'llvm-mingw-20990101-ucrt-aarch64'
+    New-Item -ItemType Directory -Path (Join-Path $top 'bin'), (Join-Path $top 'include') -Force | Out-Null
+    [void](New-RandomFile -Path (Join-Path (Join-Path $top 'bin') 'clang.exe') -Size 1024)
+    Set-Content -LiteralPath (Join-Path (Join-Path $top 'include') 'stdio.h') -Value '/* test */'
+    $zip = Join-Path $served 'llvm-mingw.zip'
+    Compress-Archive -Path $top -DestinationPath $zip -Force
+    $llvmSha = (Get-FileHash -LiteralPath $zip -Algorithm SHA256).Hash.ToLowerInvariant()
+
+    $base = 'https://downloads.example.test/ci'
+    $global:FakeWin.Served["$base/buildlet-stage0.exe"] = Join-Path $served 'buildlet-stage0.exe'
+    $global:FakeWin.Served["$base/vs_BuildTools.exe?X-Amz-Signature=abc123"] = Join-Path $served 'vs_BuildTools.exe'
+    $global:FakeWin.Served["$base/llvm-mingw.zip"] = $zip
+
+    $password = 'Pw-' + [guid]::NewGuid().ToString('N')
+    $settings = [ordered]@{
+        logPath                 = Join-Path (Join-Path $machine 'log') 'provision.log'
+        downloadDir             = Join-Path $machine 'downloads'
+        disableWindowsUpdate    = $true
+        disableErrorReportingUi = $true
+        disableUac              = $true
+        disableFirewall         = $true
+        disableDefenderRealtime = $true
+        disableServices         = $true
+        installBuildlet         = $true
+        buildletStage0Url       = "$base/buildlet-stage0.exe"
+        buildletStage0Sha256    = $buildletSha
+        buildletPath            = Join-Path (Join-Path $machine 'golang') 'bootstrap.exe'
+        installLlvmMingw        = $true
+        llvmMingwUrl            = "$base/llvm-mingw.zip"
+        llvmMingwSha256         = $llvmSha
+        llvmMingwDir            = Join-Path (Join-Path $machine 'godep') 'llvm-aarch64'
+        installVsBuildTools     = $true
+        vsBuildToolsUrl         = "$base/vs_BuildTools.exe?X-Amz-Signature=abc123"
+        vsBuildToolsSha256      = $vsSha
+        createBuilderUser       = $true
+        builderUser             = 'ci-builder'
+        builderPassword         = $password
+        autoLogon               = $true
+    }
+    foreach ($key in $Overrides.Keys) {
+        if ($null -eq $Overrides[$key]) { $settings.Remove($key) } else { $settings[$key] = $Overrides[$key] }
+    }
+    $configPath = Join-Path $Root 'settings.json'
+    $settings | ConvertTo-Json -Depth 5 | Set-Content -LiteralPath $configPath -Encoding UTF8
+    [pscustomobject]@{
+        Root        = $Root
+        ConfigPath  = $configPath
+        Settings    = $settings
+        LogPath     = $settings['logPath']
+        Password    = $password
+        User        = 'ci-builder'
+        BuildletSha = $buildletSha
+        LlvmSha     = $llvmSha
+        VsSha       = $vsSha
+        Served      = $served
+    }
+}
+
+function global:Save-TestSettings {
+    <# Rewrites the settings file of a test environment after changing $Env.Settings. #>
+    param([Parameter(Mandatory = $true)]$Environment)
+    $Environment.Settings | ConvertTo-Json -Depth 5 | Set-Content -LiteralPath $Environment.ConfigPath -Encoding UTF8
+}
+
+function global:Invoke-GuestScript {
+    <#
+    Runs provision.ps1 or check.ps1 in this process (so the mocks apply) and
+    returns ExitCode and Output (every line it wrote: output and host).
+    #>
+    param([Parameter(Mandatory = $true)][ValidateSet('provision', 'check')][string]$Name, [Parameter(Mandatory = $true)][string]$ConfigPath)
+    $path = $global:ProvisionScript
+    if ($Name -eq 'check') { $path = $global:CheckScript }
+    $global:LASTEXITCODE = -999
+    $lines = & $path -ConfigPath $ConfigPath 6>&1 | ForEach-Object { "$_" }
+    [pscustomobject]@{ ExitCode = $global:LASTEXITCODE; Output = @($lines); Text = (@($lines) -join "`n") }
+}
