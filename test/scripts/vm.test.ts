@@ -1,0 +1,588 @@
+import { expect } from "chai";
+import * as fs from "fs";
+import * as net from "net";
+import * as os from "os";
+import * as path from "path";
+import { run, runScript, script } from "../support/run";
+
+// The VM lifecycle scripts against a real qemu-system-aarch64 (TCG, no guest
+// OS: a blank disk boots into the UEFI shell, which is enough to exercise the
+// launcher, the port forwards, QMP and the failure paths).
+
+const tcgBase = {
+  VM_ACCEL: "tcg",
+  VM_CPUS: "1",
+  VM_MEMORY_GIB: "1",
+  VM_IMDS_PROXY: "0",
+};
+
+interface Vm {
+  dir: string;
+  envFile: string;
+  sshPort: number;
+  buildletPort: number;
+  qmp: string;
+  serial: string;
+  pidFile: string;
+  runLog: string;
+}
+
+function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const srv = net.createServer();
+    srv.on("error", reject);
+    srv.listen(0, "127.0.0.1", () => {
+      const port = (srv.address() as net.AddressInfo).port;
+      srv.close(() => resolve(port));
+    });
+  });
+}
+
+function sleep(ms: number): Promise<void> {
+  return new Promise((r) => setTimeout(r, ms));
+}
+
+async function waitFor(what: string, cond: () => boolean, timeoutMs: number): Promise<void> {
+  const end = Date.now() + timeoutMs;
+  while (!cond()) {
+    if (Date.now() > end) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
+    await sleep(250);
+  }
+}
+
+function readPid(file: string): number | undefined {
+  try {
+    const pid = parseInt(fs.readFileSync(file, "utf8").trim(), 10);
+    return Number.isFinite(pid) ? pid : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+/** Alive and not a zombie. */
+function alive(pid: number | undefined): boolean {
+  if (pid === undefined) return false;
+  try {
+    const stat = fs.readFileSync(`/proc/${pid}/stat`, "utf8");
+    const state = stat.slice(stat.lastIndexOf(")") + 2).split(" ")[0];
+    return state !== "Z" && state !== "X";
+  } catch {
+    return false;
+  }
+}
+
+/** Pids of live QEMU processes whose command line mentions `needle`. */
+function qemuProcessesMentioning(needle: string): number[] {
+  const pids: number[] = [];
+  for (const entry of fs.readdirSync("/proc")) {
+    if (!/^\d+$/.test(entry)) continue;
+    let cmdline = "";
+    try {
+      cmdline = fs.readFileSync(`/proc/${entry}/cmdline`, "utf8").split("\0").join(" ");
+    } catch {
+      continue;
+    }
+    if (cmdline.includes("qemu-system") && cmdline.includes(needle) && alive(Number(entry))) {
+      pids.push(Number(entry));
+    }
+  }
+  return pids;
+}
+
+/** Local addresses listening on a TCP port, from /proc/net/tcp{,6}. */
+function listenAddresses(port: number): string[] {
+  const out: string[] = [];
+  for (const file of ["/proc/net/tcp", "/proc/net/tcp6"]) {
+    let text = "";
+    try {
+      text = fs.readFileSync(file, "utf8");
+    } catch {
+      continue;
+    }
+    for (const line of text.split("\n").slice(1)) {
+      const cols = line.trim().split(/\s+/);
+      if (cols.length < 4 || cols[3] !== "0A") continue; // 0A = LISTEN
+      const [addrHex, portHex] = cols[1].split(":");
+      if (parseInt(portHex, 16) !== port) continue;
+      if (addrHex.length === 8) {
+        const bytes = addrHex.match(/../g)!.map((b) => parseInt(b, 16));
+        out.push(bytes.reverse().join("."));
+      } else {
+        out.push(/^0+$/.test(addrHex) ? "::" : `ipv6:${addrHex}`);
+      }
+    }
+  }
+  return out.sort();
+}
+
+/** The value following each occurrence of `flag` in an argument list. */
+function values(args: string[], flag: string): string[] {
+  const out: string[] = [];
+  args.forEach((a, i) => {
+    if (a === flag && i + 1 < args.length) out.push(args[i + 1]);
+  });
+  return out;
+}
+
+describe("VM lifecycle scripts: run-vm, start-vm, wait-for-guest, stop-vm", function () {
+  this.timeout(120000);
+
+  let work: string;
+  let driversIso: string;
+  let configIso: string;
+  const vms: Vm[] = [];
+
+  async function makeVm(name: string, vars: Record<string, string> = {}): Promise<Vm> {
+    const dir = path.join(work, name);
+    fs.mkdirSync(dir, { recursive: true });
+    const efi = await runScript("build-efi.sh", [dir]);
+    expect(efi.code, efi.stderr).to.equal(0);
+    const img = await run("qemu-img", ["create", "-q", "-f", "qcow2", path.join(dir, "disk.qcow2"), "1G"]);
+    expect(img.code, img.stderr).to.equal(0);
+    const sshPort = await freePort();
+    let buildletPort = await freePort();
+    while (buildletPort === sshPort) buildletPort = await freePort();
+    const settings: Record<string, string> = {
+      VM_DIR: dir,
+      ...tcgBase,
+      VM_DISK: path.join(dir, "disk.qcow2"),
+      VM_SSH_PORT: String(sshPort),
+      VM_BUILDLET_PORT: String(buildletPort),
+      ...vars,
+    };
+    const envFile = path.join(dir, "vm.env");
+    const lines = ["# written by vm.test.ts", ...Object.entries(settings).map(([k, v]) => `${k}=${v}`)];
+    fs.writeFileSync(envFile, lines.join("\n") + "\n");
+    const vm: Vm = {
+      dir,
+      envFile,
+      sshPort,
+      buildletPort,
+      qmp: path.join(dir, "qmp.sock"),
+      serial: path.join(dir, "serial.log"),
+      pidFile: path.join(dir, "qemu.pid"),
+      runLog: path.join(dir, "run-vm.log"),
+    };
+    vms.push(vm);
+    return vm;
+  }
+
+  before(async function () {
+    work = fs.mkdtempSync(path.join(os.tmpdir(), "vm-test-"));
+    const isoDir = path.join(work, "iso-content");
+    fs.mkdirSync(isoDir);
+    fs.writeFileSync(path.join(isoDir, "README.TXT"), "stand-in drivers\n");
+    driversIso = path.join(work, "drivers.iso");
+    configIso = path.join(work, "config.iso");
+    for (const [iso, label] of [
+      [driversIso, "VIRTIO"],
+      [configIso, "CONFIG"],
+    ]) {
+      const r = await run("xorriso", ["-as", "mkisofs", "-quiet", "-V", label, "-o", iso, isoDir]);
+      expect(r.code, r.stderr).to.equal(0);
+    }
+  });
+
+  after(async function () {
+    // Kill only what these tests started: QEMUs and launchers of our VM dirs.
+    for (const vm of vms) {
+      for (const f of [vm.pidFile, path.join(vm.dir, "run-vm.pid")]) {
+        const pid = readPid(f);
+        if (alive(pid)) {
+          try {
+            process.kill(pid!, "SIGKILL");
+          } catch {
+            /* already gone */
+          }
+        }
+      }
+    }
+    for (const pid of qemuProcessesMentioning(work)) process.kill(pid, "SIGKILL");
+    fs.rmSync(work, { recursive: true, force: true });
+  });
+
+  describe("run-vm.sh --print and validation (QEMU not started)", function () {
+    it("--print shows the device set: pflash pair, NVMe writethrough, read-only USB CDs, virtio-net, loopback SSH", async function () {
+      const vm = await makeVm("print", {
+        VM_DRIVERS_ISO: driversIso,
+        VM_CONFIG_ISO: configIso,
+        VM_MACHINE_OPTS: "gic-version=max",
+        VM_VNC_DISPLAY: "7",
+        VM_MAC: "52:54:00:aa:bb:cc",
+      });
+      const r = await runScript("run-vm.sh", ["--print", vm.envFile]);
+      expect(r.code, r.stderr).to.equal(0);
+      const args = r.stdout.trimEnd().split("\n");
+      expect(args[0]).to.equal("qemu-system-aarch64");
+      expect(values(args, "-machine")).to.deep.equal(["virt,gic-version=max"]);
+      expect(values(args, "-accel")).to.deep.equal(["tcg"]);
+      expect(values(args, "-cpu")).to.deep.equal(["max"]);
+      expect(values(args, "-smp")).to.deep.equal(["1"]);
+      expect(values(args, "-m")).to.deep.equal(["1G"]);
+      expect(args).to.include.members(["-nodefaults", "-no-user-config"]);
+      expect(values(args, "-name")).to.deep.equal(["windows-vm"]);
+      expect(values(args, "-pidfile")).to.deep.equal([vm.pidFile]);
+
+      const drives = values(args, "-drive");
+      const pflash = drives.filter((d) => d.startsWith("if=pflash"));
+      expect(pflash).to.have.length(2);
+      expect(pflash[0]).to.include("unit=0").and.include("readonly=on").and.include("format=raw");
+      expect(pflash[0]).to.include(`file=${path.join(vm.dir, "QEMU_EFI.fd")}`);
+      expect(pflash[1]).to.include("unit=1").and.not.include("readonly");
+      expect(pflash[1]).to.include(`file=${path.join(vm.dir, "QEMU_VARS.fd")}`);
+
+      const devices = values(args, "-device");
+      const disk = drives.find((d) => d.includes("id=disk0"));
+      expect(disk).to.include("format=qcow2").and.include("cache=writethrough");
+      expect(disk).to.include(`file=${path.join(vm.dir, "disk.qcow2")}`);
+      expect(devices.find((d) => d.startsWith("nvme,"))).to.include("drive=disk0").and.include("serial=");
+
+      for (const [id, iso] of [
+        ["drivers", driversIso],
+        ["config", configIso],
+      ]) {
+        const drive = drives.find((d) => d.includes(`id=${id},`));
+        expect(drive, id).to.include("readonly=on").and.include("media=cdrom").and.include(`file=${iso}`);
+        expect(devices.some((d) => d.startsWith("usb-storage,") && d.includes(`drive=${id}`))).to.equal(true);
+      }
+      expect(devices).to.include.members(["nec-usb-xhci,id=xhci", "ramfb", "virtio-rng-pci"]);
+      expect(devices.some((d) => d.startsWith("usb-kbd"))).to.equal(true);
+      expect(devices.some((d) => d.startsWith("usb-mouse"))).to.equal(true);
+
+      const nic = devices.find((d) => d.startsWith("virtio-net-pci,"));
+      expect(nic).to.include("disable-legacy=on").and.include("mac=52:54:00:aa:bb:cc");
+      const netdev = values(args, "-netdev")[0];
+      expect(netdev).to.include(`hostfwd=tcp:127.0.0.1:${vm.sshPort}-:22`);
+      expect(netdev).to.include(`hostfwd=tcp::${vm.buildletPort}-:443`);
+      expect(netdev).not.to.include("guestfwd"); // VM_IMDS_PROXY=0
+
+      expect(values(args, "-vnc")).to.deep.equal(["127.0.0.1:7"]);
+      expect(values(args, "-display")).to.deep.equal([]);
+      expect(values(args, "-chardev").join(" ")).to.include(`path=${vm.serial},append=on`);
+      expect(values(args, "-chardev").join(" ")).to.include(`path=${vm.qmp},server=on,wait=off`);
+
+      // RUN_VM_DRY_RUN=1 is the same as --print; the environment wins over the file;
+      // the IMDS proxy and KVM settings show up as documented.
+      const dry = await runScript("run-vm.sh", [vm.envFile], { env: { RUN_VM_DRY_RUN: "1" } });
+      expect(dry.code, dry.stderr).to.equal(0);
+      expect(dry.stdout).to.equal(r.stdout);
+      const imds = await runScript("run-vm.sh", ["--print", vm.envFile], {
+        env: { VM_IMDS_PROXY: "1", VM_CPUS: "2", VM_VNC_DISPLAY: "" },
+      });
+      expect(imds.code, imds.stderr).to.equal(0);
+      const imdsArgs = imds.stdout.trimEnd().split("\n");
+      expect(values(imdsArgs, "-netdev")[0]).to.match(
+        /,guestfwd=tcp:10\.0\.2\.100:8173-cmd:(nc|netcat|ncat) 169\.254\.169\.254 80$|socat - TCP:169\.254\.169\.254:80$/,
+      );
+      expect(values(imdsArgs, "-smp")).to.deep.equal(["2"]);
+      // VM_VNC_DISPLAY set to empty in the environment wins too: no VNC, no display.
+      expect(values(imdsArgs, "-vnc")).to.deep.equal([]);
+      expect(values(imdsArgs, "-display")).to.deep.equal(["none"]);
+    });
+
+    it("a missing firmware and disk fail before QEMU starts, naming each variable and path", async function () {
+      const vm = await makeVm("missing", {
+        VM_EFI_CODE: path.join(work, "missing", "nope", "QEMU_EFI.fd"),
+        VM_DISK: path.join(work, "missing", "nope.qcow2"),
+        VM_DRIVERS_ISO: path.join(work, "missing", "virtio-win.iso"),
+        VM_CPUS: "two",
+        VM_SSH_PORT: "70000",
+      });
+      fs.appendFileSync(vm.envFile, "this line is not KEY=value\n");
+      const started = Date.now();
+      const r = await runScript("run-vm.sh", [vm.envFile]);
+      expect(r.code, r.stderr).to.equal(2);
+      expect(r.stderr).to.include(
+        `VM_EFI_CODE=${path.join(work, "missing", "nope", "QEMU_EFI.fd")} does not exist (run build-efi.sh first)`,
+      );
+      expect(r.stderr).to.include(
+        `VM_DISK=${path.join(work, "missing", "nope.qcow2")} does not exist (run prepare-disk.sh first)`,
+      );
+      expect(r.stderr).to.include(`VM_DRIVERS_ISO=${path.join(work, "missing", "virtio-win.iso")} does not exist`);
+      expect(r.stderr).to.include("VM_CPUS=two is not a whole number");
+      expect(r.stderr).to.include("VM_SSH_PORT=70000 is not a TCP port number");
+      expect(r.stderr).to.match(/vm\.env:\d+: not a KEY=value line/);
+      expect(r.stderr).not.to.include("starting:");
+      expect(Date.now() - started).to.be.below(10000);
+      expect(fs.existsSync(vm.pidFile), "qemu.pid").to.equal(false);
+      expect(fs.existsSync(vm.serial), "serial.log").to.equal(false);
+      expect(fs.existsSync(vm.qmp), "qmp.sock").to.equal(false);
+      expect(qemuProcessesMentioning(vm.dir)).to.deep.equal([]);
+
+      // start-vm refuses the same file with the same messages and exit code 2.
+      const s = await runScript("start-vm.sh", [vm.envFile]);
+      expect(s.code, s.stderr).to.equal(2);
+      expect(s.stderr).to.include("VM_DISK=").and.include("not starting the VM");
+      expect(fs.existsSync(vm.runLog)).to.equal(false);
+      expect(qemuProcessesMentioning(vm.dir)).to.deep.equal([]);
+    });
+
+    it("rejects firmware that is not 64 MiB, a non-qcow2 disk, and KVM where there is none", async function () {
+      const vm = await makeVm("badfiles", { VM_ACCEL: "kvm" });
+      fs.copyFileSync("/usr/share/qemu-efi-aarch64/QEMU_EFI.fd", path.join(vm.dir, "QEMU_EFI.fd"));
+      fs.writeFileSync(path.join(vm.dir, "disk.qcow2"), Buffer.alloc(4096));
+      const r = await runScript("run-vm.sh", ["--check", vm.envFile]);
+      expect(r.code, r.stderr).to.equal(2);
+      expect(r.stderr).to.match(/VM_EFI_CODE=\S+ is 2097152 bytes, .*exactly 67108864/);
+      expect(r.stderr).to.match(/VM_DISK=\S+ is not a qcow2 image/);
+      const kvmUsable = os.arch() === "arm64" && fs.existsSync("/dev/kvm");
+      if (!kvmUsable) expect(r.stderr).to.include("VM_ACCEL=kvm").and.include("VM_ACCEL=tcg for tests");
+    });
+
+    it("parses the env file without running it: shell syntax is data or an error, never code", async function () {
+      const marker = path.join(work, "pwned");
+      const vm = await makeVm("inject", { VM_MACHINE_OPTS: `$(touch ${marker})` });
+      fs.appendFileSync(vm.envFile, `touch ${marker}\nexport VM_CPUS=1\nPATH=/nonexistent\n`);
+      const r = await runScript("run-vm.sh", ["--print", vm.envFile]);
+      expect(r.code).to.equal(2);
+      expect(r.stderr).to.include("VM_MACHINE_OPTS=$(touch");
+      expect(r.stderr).to.match(/not a KEY=value line: 'touch /);
+      expect(r.stderr).to.match(/not a KEY=value line: 'export VM_CPUS=1'/);
+      expect(r.stderr).not.to.include("qemu-system-aarch64 not found"); // PATH= from the file is ignored
+      expect(fs.existsSync(marker)).to.equal(false);
+    });
+  });
+
+  describe("a VM booted under TCG (blank disk: UEFI firmware only)", function () {
+    let vm: Vm;
+    let qemuPid: number;
+
+    before(async function () {
+      const vncPort = await freePort();
+      vm = await makeVm("boot", {
+        VM_DRIVERS_ISO: driversIso,
+        VM_CONFIG_ISO: configIso,
+        VM_VNC_DISPLAY: String(vncPort - 5900),
+      });
+    });
+
+    it("start-vm starts the launcher in the background and returns once QMP answers", async function () {
+      const t0 = Date.now();
+      const r = await runScript("start-vm.sh", [vm.envFile], { timeoutMs: 60000 });
+      expect(r.code, r.stderr).to.equal(0);
+      expect(r.stdout).to.match(/start-vm: VM started \(QEMU pid \d+/);
+      expect(r.stderr).to.include("no systemd here");
+      expect(Date.now() - t0).to.be.below(30000);
+      qemuPid = readPid(vm.pidFile)!;
+      expect(alive(qemuPid), "QEMU alive").to.equal(true);
+      // The launcher execs QEMU: the recorded launcher pid is QEMU's.
+      expect(readPid(path.join(vm.dir, "run-vm.pid"))).to.equal(qemuPid);
+      expect(fs.readFileSync(vm.runLog, "utf8")).to.include("run-vm: starting: qemu-system-aarch64");
+    });
+
+    it("the serial log shows the UEFI firmware banner within 60 s", async function () {
+      await waitFor("UEFI firmware in the serial log", () => {
+        try {
+          return fs.readFileSync(vm.serial, "utf8").includes("UEFI firmware");
+        } catch {
+          return false;
+        }
+      }, 60000);
+      expect(fs.readFileSync(vm.serial, "utf8")).to.match(/=== run-vm: starting QEMU at \S+ ===/);
+    });
+
+    it("forwards SSH on 127.0.0.1 only, the buildlet port on all addresses, VNC on loopback", async function () {
+      expect(listenAddresses(vm.sshPort)).to.deep.equal(["127.0.0.1"]);
+      expect(listenAddresses(vm.buildletPort)).to.deep.equal(["0.0.0.0"]);
+      const vncPort = 5900 + Number(/VM_VNC_DISPLAY=(\d+)/.exec(fs.readFileSync(vm.envFile, "utf8"))![1]);
+      expect(listenAddresses(vncPort)).to.deep.equal(["127.0.0.1"]);
+    });
+
+    it("a second start-vm is a no-op", async function () {
+      const r = await runScript("start-vm.sh", [vm.envFile], { timeoutMs: 60000 });
+      expect(r.code, r.stderr).to.equal(0);
+      expect(r.stdout).to.include(`VM already running (QEMU pid ${qemuPid}`);
+      expect(readPid(vm.pidFile)).to.equal(qemuPid);
+      expect(qemuProcessesMentioning(vm.dir)).to.deep.equal([qemuPid]);
+    });
+
+    it("run-vm refuses to start a second QEMU on the same VM dir", async function () {
+      const r = await runScript("run-vm.sh", [vm.envFile]);
+      expect(r.code).to.equal(2);
+      expect(r.stderr).to.include(`already running (pid ${qemuPid}`);
+      expect(r.stderr).to.include(`stop it first: stop-vm.sh ${vm.qmp}`);
+      expect(qemuProcessesMentioning(vm.dir)).to.deep.equal([qemuPid]);
+    });
+
+    it("wait-for-guest times out with host:port, the timeout and the serial-log tail when no guest answers", async function () {
+      const t0 = Date.now();
+      const r = await runScript("wait-for-guest.sh", ["127.0.0.1", String(vm.sshPort), "4"], {
+        env: { SERIAL_LOG: vm.serial, VM_PID_FILE: vm.pidFile },
+        timeoutMs: 30000,
+      });
+      expect(r.code, r.stderr).to.equal(1);
+      expect(r.stdout).to.equal("");
+      expect(r.stderr).to.include(`timed out after 4s waiting for an SSH banner on 127.0.0.1:${vm.sshPort}`);
+      expect(r.stderr).to.include("last 40 lines of the serial log");
+      expect(r.stderr).to.include("| UEFI firmware");
+      expect(r.stderr).not.to.match(/\x1b\[/); // terminal escapes are stripped
+      expect(Date.now() - t0).to.be.within(3500, 15000);
+    });
+
+    it("stop-vm ends QEMU and says how (the UEFI shell ignores the ACPI power button)", async function () {
+      const t0 = Date.now();
+      const r = await runScript("stop-vm.sh", [vm.qmp, "3"], {
+        env: { STOP_VM_REQUIRE_GRACEFUL: "1" },
+        timeoutMs: 60000,
+      });
+      const elapsed = Date.now() - t0;
+      expect(r.stderr).to.include("ACPI power-down sent");
+      if (r.stdout.includes("powered off gracefully")) {
+        expect(r.code, r.stderr).to.equal(0);
+      } else {
+        expect(r.stdout).to.include("stop-vm: forced quit after timeout (3s): the guest did not power off");
+        expect(r.stderr).to.include("WARNING");
+        expect(r.code, "STOP_VM_REQUIRE_GRACEFUL=1 makes a forced stop an error").to.equal(3);
+        expect(elapsed).to.be.within(2500, 30000);
+      }
+      await waitFor("QEMU to be reaped", () => !alive(qemuPid), 10000);
+      expect(qemuProcessesMentioning(vm.dir)).to.deep.equal([]);
+      expect(fs.existsSync(vm.pidFile), "qemu.pid removed by QEMU").to.equal(false);
+      expect(listenAddresses(vm.sshPort)).to.deep.equal([]);
+    });
+
+    it("stop-vm again is a no-op success", async function () {
+      const r = await runScript("stop-vm.sh", [vm.qmp, "3"]);
+      expect(r.code, r.stderr).to.equal(0);
+      expect(r.stdout).to.include("stop-vm: already stopped");
+    });
+  });
+
+  describe("failure and halt paths with a real QEMU", function () {
+    it("start-vm names the cause when QEMU dies right after starting, and leaves nothing running", async function () {
+      const vm = await makeVm("dies", { VM_MACHINE_OPTS: "no-such-option=on" });
+      const r = await runScript("start-vm.sh", [vm.envFile], { timeoutMs: 60000 });
+      expect(r.code, r.stderr).to.equal(1);
+      expect(r.stderr).to.match(/start-vm: QEMU failed to start: .*no-such-option/);
+      expect(r.stderr).to.include("launcher output");
+      expect(qemuProcessesMentioning(vm.dir)).to.deep.equal([]);
+    });
+
+    it("start-vm refuses a port that is already taken, before starting anything", async function () {
+      const vm = await makeVm("busy");
+      const blocker = net.createServer((s) => s.destroy());
+      await new Promise<void>((res) => blocker.listen(vm.sshPort, "127.0.0.1", () => res()));
+      try {
+        const r = await runScript("start-vm.sh", [vm.envFile], { timeoutMs: 30000 });
+        expect(r.code, r.stderr).to.equal(2);
+        expect(r.stderr).to.include(`VM_SSH_PORT=${vm.sshPort}: something already listens`);
+        expect(fs.existsSync(vm.runLog)).to.equal(false);
+      } finally {
+        blocker.close();
+      }
+    });
+
+    it("VM_HALT_ON_EXIT=1 powers the host off after QEMU exits; wait-for-guest fails at once on the VM exit", async function () {
+      const marker = path.join(work, "halted");
+      const haltCmd = path.join(work, "fake-halt.sh");
+      fs.writeFileSync(haltCmd, `#!/bin/sh\necho halted >"${marker}"\n`, { mode: 0o755 });
+      const vm = await makeVm("halt", { VM_HALT_ON_EXIT: "1" });
+      const env = { RUN_VM_HALT_COMMAND: haltCmd };
+      const s = await runScript("start-vm.sh", [vm.envFile], { env, timeoutMs: 60000 });
+      expect(s.code, s.stderr).to.equal(0);
+      const launcherPid = readPid(path.join(vm.dir, "run-vm.pid"));
+      const pid = readPid(vm.pidFile);
+      expect(pid).not.to.equal(launcherPid); // QEMU is the launcher's child here
+
+      const waiting = runScript("wait-for-guest.sh", ["127.0.0.1", String(vm.sshPort), "90"], {
+        env: { SERIAL_LOG: vm.serial, VM_PID_FILE: vm.pidFile },
+        timeoutMs: 100000,
+      });
+      await sleep(1500);
+      const t0 = Date.now();
+      const stop = await runScript("stop-vm.sh", [vm.qmp, "0"], { timeoutMs: 60000 });
+      expect(stop.code, stop.stderr).to.equal(0);
+      expect(stop.stdout).to.include("forced quit after timeout (0s)");
+      const w = await waiting;
+      expect(w.code, w.stderr).to.equal(3);
+      expect(w.stderr).to.include(`the VM exited (QEMU pid ${pid} is gone)`);
+      expect(Date.now() - t0).to.be.below(20000);
+      await waitFor("the launcher to power off the host", () => fs.existsSync(marker), 15000);
+      await waitFor("the launcher to exit", () => !alive(launcherPid), 15000);
+      expect(fs.readFileSync(vm.runLog, "utf8")).to.match(
+        /VM_HALT_ON_EXIT=1: powering off the host with '.*fake-halt\.sh'/,
+      );
+    });
+
+    it("VM_HALT_ON_EXIT=1 does not power the host off when the launcher is stopped with SIGTERM", async function () {
+      const marker = path.join(work, "halted-term");
+      const haltCmd = path.join(work, "fake-halt-term.sh");
+      fs.writeFileSync(haltCmd, `#!/bin/sh\necho halted >"${marker}"\n`, { mode: 0o755 });
+      const vm = await makeVm("halt-term", { VM_HALT_ON_EXIT: "1" });
+      const s = await runScript("start-vm.sh", [vm.envFile], {
+        env: { RUN_VM_HALT_COMMAND: haltCmd },
+        timeoutMs: 60000,
+      });
+      expect(s.code, s.stderr).to.equal(0);
+      const launcherPid = readPid(path.join(vm.dir, "run-vm.pid"))!;
+      const pid = readPid(vm.pidFile);
+      process.kill(launcherPid, "SIGTERM");
+      await waitFor("QEMU to exit", () => !alive(pid), 15000);
+      await waitFor("the launcher to exit", () => !alive(launcherPid), 15000);
+      expect(fs.readFileSync(vm.runLog, "utf8")).to.include("the host is NOT powered off");
+      expect(fs.existsSync(marker)).to.equal(false);
+    });
+  });
+
+  describe("wait-for-guest and stop-vm without a VM", function () {
+    it("wait-for-guest succeeds on an SSH banner, also one that comes up late", async function () {
+      const port = await freePort();
+      const server = net.createServer((s) => s.end("SSH-2.0-test\r\n"));
+      setTimeout(() => server.listen(port, "127.0.0.1"), 3000);
+      try {
+        const r = await runScript("wait-for-guest.sh", ["127.0.0.1", String(port), "30"], { timeoutMs: 40000 });
+        expect(r.code, r.stderr).to.equal(0);
+        expect(r.stdout).to.equal("SSH-2.0-test\n");
+        expect(r.stderr).to.match(new RegExp(`guest SSH answered on 127\\.0\\.0\\.1:${port} after \\d+s`));
+      } finally {
+        server.close();
+      }
+    });
+
+    it("wait-for-guest is not fooled by a listener that sends no banner", async function () {
+      const port = await freePort();
+      const held: net.Socket[] = [];
+      const server = net.createServer((s) => held.push(s));
+      await new Promise<void>((res) => server.listen(port, "127.0.0.1", () => res()));
+      try {
+        const r = await runScript("wait-for-guest.sh", ["127.0.0.1", String(port), "3"], {
+          env: { WAIT_FOR_GUEST_PROGRESS_S: "1" },
+          timeoutMs: 20000,
+        });
+        expect(r.code, r.stderr).to.equal(1);
+        expect(r.stderr).to.include(`timed out after 3s waiting for an SSH banner on 127.0.0.1:${port}`);
+        expect(r.stderr).to.include("connected, but no SSH banner came");
+      } finally {
+        held.forEach((s) => s.destroy());
+        server.close();
+      }
+    });
+
+    it("wait-for-guest rejects bad arguments and a VM that is not running", async function () {
+      const bad = await runScript("wait-for-guest.sh", ["127.0.0.1", "http", "5"]);
+      expect(bad.code).to.equal(2);
+      expect(bad.stderr).to.include("PORT='http' is not a TCP port");
+      const port = await freePort();
+      const r = await runScript("wait-for-guest.sh", ["127.0.0.1", String(port), "30"], {
+        env: { VM_PID_FILE: path.join(work, "no-such-qemu.pid") },
+        timeoutMs: 30000,
+      });
+      expect(r.code).to.equal(3);
+      expect(r.stderr).to.include("the VM is not running");
+    });
+
+    it("stop-vm on an absent socket is a no-op success", async function () {
+      const r = await runScript("stop-vm.sh", [path.join(work, "nowhere", "qmp.sock")]);
+      expect(r.code, r.stderr).to.equal(0);
+      expect(r.stdout).to.include("stop-vm: already stopped (no QMP socket at");
+      const bad = await runScript("stop-vm.sh", [path.join(work, "qmp.sock"), "soon"]);
+      expect(bad.code).to.equal(2);
+    });
+
+    it("the scripts exist and are executable", function () {
+      for (const name of ["run-vm.sh", "start-vm.sh", "wait-for-guest.sh", "stop-vm.sh"]) {
+        fs.accessSync(script(name), fs.constants.X_OK);
+      }
+    });
+  });
+});
