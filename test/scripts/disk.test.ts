@@ -1,0 +1,261 @@
+import { expect } from "chai";
+import { ChildProcess, spawn } from "child_process";
+import * as crypto from "crypto";
+import * as fs from "fs";
+import * as os from "os";
+import * as path from "path";
+import { run, runScript } from "../support/run";
+
+const GIB = 1024 * 1024 * 1024;
+
+async function ok(cmd: string, args: string[]): Promise<string> {
+  const r = await run(cmd, args);
+  if (r.code !== 0) throw new Error(`${cmd} ${args.join(" ")} failed (${r.code}): ${r.stderr}`);
+  return r.stdout;
+}
+
+async function info(file: string): Promise<{ format: string; "virtual-size": number }> {
+  return JSON.parse(await ok("qemu-img", ["info", "-U", "--output=json", file]));
+}
+
+function sha256File(file: string): string {
+  return crypto.createHash("sha256").update(fs.readFileSync(file)).digest("hex");
+}
+
+/** Starts a paused QEMU that holds FILE open (and locked) as its NVMe disk. */
+async function holdDisk(file: string): Promise<ChildProcess> {
+  const qemu = spawn(
+    "qemu-system-aarch64",
+    [
+      "-M", "virt", "-cpu", "max", "-accel", "tcg", "-m", "256", "-S",
+      "-display", "none", "-monitor", "none", "-serial", "none", "-nic", "none",
+      "-drive", `file=${file},if=none,id=d,format=qcow2`,
+      "-device", "nvme,drive=d,serial=held",
+    ],
+    { stdio: "ignore" },
+  );
+  // Wait until the lock is taken (qemu-img info without -U then fails).
+  for (let i = 0; i < 100; i++) {
+    const r = await run("qemu-img", ["info", file]);
+    if (r.code !== 0 && /lock/.test(r.stderr)) return qemu;
+    if (qemu.exitCode !== null) throw new Error("qemu-system-aarch64 exited early");
+    await new Promise((res) => setTimeout(res, 100));
+  }
+  qemu.kill("SIGKILL");
+  throw new Error("QEMU did not lock the disk");
+}
+
+async function stopQemu(qemu: ChildProcess): Promise<void> {
+  if (qemu.exitCode !== null || qemu.signalCode !== null) return;
+  await new Promise<void>((resolve) => {
+    qemu.once("exit", () => resolve());
+    qemu.kill("SIGKILL");
+  });
+}
+
+describe("prepare-disk.sh", function () {
+  this.timeout(120000);
+  let dir: string;
+
+  beforeEach(() => {
+    dir = fs.mkdtempSync(path.join(os.tmpdir(), "disk-"));
+  });
+  afterEach(() => fs.rmSync(dir, { recursive: true, force: true }));
+
+  /** A 256 MiB VHDX with some data written into it. */
+  async function makeVhdx(name = "win.vhdx", pattern = "0xab"): Promise<string> {
+    const src = path.join(dir, name);
+    await ok("qemu-img", ["create", "-q", "-f", "vhdx", src, "256M"]);
+    await ok("qemu-io", ["-f", "vhdx", "-c", `write -P ${pattern} 1M 3M`, "-c", "write -P 0x11 200M 512k", src]);
+    return src;
+  }
+
+  it("converts a VHDX to a valid qcow2 of the same virtual size and content", async () => {
+    const src = await makeVhdx();
+    const dest = path.join(dir, "vm", "disk.qcow2");
+    const r = await runScript("prepare-disk.sh", [src, dest]);
+    expect(r.code, r.stderr).to.equal(0);
+    expect(r.stdout).to.equal("");
+    expect(r.stderr).to.match(/converting: 100%/);
+    const di = await info(dest);
+    expect(di.format).to.equal("qcow2");
+    expect(di["virtual-size"]).to.equal(256 * 1024 * 1024);
+    expect((await run("qemu-img", ["check", dest])).code).to.equal(0);
+    const cmp = await run("qemu-img", ["compare", "-f", "vhdx", "-F", "qcow2", src, dest]);
+    expect(cmp.code, cmp.stdout + cmp.stderr).to.equal(0);
+    expect(fs.readFileSync(`${dest}.source-sha256`, "utf8").trim()).to.equal(sha256File(src));
+    expect(fs.existsSync(`${dest}.partial`)).to.equal(false);
+  });
+
+  it("skips a rerun, and never wipes a disk the VM has changed while the source is the same", async () => {
+    const src = await makeVhdx();
+    const dest = path.join(dir, "disk.qcow2");
+    const r1 = await runScript("prepare-disk.sh", [src, dest]);
+    expect(r1.code, r1.stderr).to.equal(0);
+    // "Boot" the VM: the guest writes to its disk.
+    await ok("qemu-io", ["-f", "qcow2", "-c", "write -P 0x77 100M 1M", dest]);
+    const before = fs.statSync(dest);
+    const r2 = await runScript("prepare-disk.sh", [src, dest]);
+    expect(r2.code, r2.stderr).to.equal(0);
+    expect(r2.stderr).to.match(/already prepared .*kept as it is/);
+    expect(r2.stderr).to.not.match(/converting/);
+    // Hashed once (then the SOURCE.sha256 stamp is reused).
+    expect(r2.stderr).to.not.match(/computing SHA-256/);
+    const after = fs.statSync(dest);
+    expect(after.ino).to.equal(before.ino);
+    expect(after.mtimeMs).to.equal(before.mtimeMs);
+    const read = await ok("qemu-io", ["-f", "qcow2", "-c", "read -P 0x77 100M 1M", dest]);
+    expect(read).to.contain("read 1048576/1048576");
+  });
+
+  it("replaces the disk when the source changes", async () => {
+    const src = await makeVhdx();
+    const dest = path.join(dir, "disk.qcow2");
+    expect((await runScript("prepare-disk.sh", [src, dest])).code).to.equal(0);
+    await ok("qemu-io", ["-f", "vhdx", "-c", "write -P 0xcd 1M 3M", src]);
+    const r = await runScript("prepare-disk.sh", [src, dest]);
+    expect(r.code, r.stderr).to.equal(0);
+    expect(r.stderr).to.contain("prepared from another source; replacing it");
+    expect((await run("qemu-img", ["compare", "-f", "vhdx", "-F", "qcow2", src, dest])).code).to.equal(0);
+    expect(fs.readFileSync(`${dest}.source-sha256`, "utf8").trim()).to.equal(sha256File(src));
+  });
+
+  it("uses the SOURCE.sha256 stamp written by fetch-image.sh instead of hashing", async () => {
+    const src = await makeVhdx();
+    const st = (await ok("stat", ["-c", "%s %.9Y", src])).trim();
+    const recorded = "c".repeat(64);
+    fs.writeFileSync(`${src}.sha256`, `${recorded} ${st}\n`);
+    const dest = path.join(dir, "disk.qcow2");
+    const r = await runScript("prepare-disk.sh", [src, dest]);
+    expect(r.code, r.stderr).to.equal(0);
+    expect(r.stderr).to.not.match(/computing SHA-256/);
+    expect(fs.readFileSync(`${dest}.source-sha256`, "utf8").trim()).to.equal(recorded);
+  });
+
+  it("treats a disk without its stamp as incomplete and rebuilds it", async () => {
+    const src = await makeVhdx();
+    const dest = path.join(dir, "disk.qcow2");
+    fs.writeFileSync(dest, "half-written");
+    const r = await runScript("prepare-disk.sh", [src, dest]);
+    expect(r.code, r.stderr).to.equal(0);
+    expect(r.stderr).to.contain("has no");
+    expect((await info(dest)).format).to.equal("qcow2");
+  });
+
+  it("checks and copies a qcow2 source", async () => {
+    const src = path.join(dir, "src.qcow2");
+    await ok("qemu-img", ["create", "-q", "-f", "qcow2", src, "128M"]);
+    await ok("qemu-io", ["-f", "qcow2", "-c", "write -P 0x42 0 2M", src]);
+    const dest = path.join(dir, "out", "disk.qcow2");
+    const r = await runScript("prepare-disk.sh", [src, dest]);
+    expect(r.code, r.stderr).to.equal(0);
+    expect(r.stderr).to.contain("checking");
+    expect(r.stderr).to.contain("copying");
+    expect(fs.readFileSync(dest).equals(fs.readFileSync(src))).to.equal(true);
+  });
+
+  it("refuses a damaged qcow2 source", async () => {
+    const src = path.join(dir, "bad.qcow2");
+    await ok("qemu-img", ["create", "-q", "-f", "qcow2", src, "128M"]);
+    await ok("qemu-io", ["-f", "qcow2", "-c", "write -P 0x42 0 2M", src]);
+    // Zero the refcount of cluster 0 (the header): "refcount=0 reference=1" is corruption.
+    const buf = fs.readFileSync(src);
+    const refcountTable = Number(buf.readBigUInt64BE(48));
+    const refcountBlock = Number(buf.readBigUInt64BE(refcountTable));
+    buf.writeUInt16BE(0, refcountBlock);
+    fs.writeFileSync(src, buf);
+    const dest = path.join(dir, "disk.qcow2");
+    const r = await runScript("prepare-disk.sh", [src, dest]);
+    expect(r.code).to.not.equal(0);
+    expect(r.stderr).to.contain("qemu-img check found");
+    expect(fs.existsSync(dest)).to.equal(false);
+    expect(fs.existsSync(`${dest}.partial`)).to.equal(false);
+  });
+
+  it("converts raw and vmdk sources", async () => {
+    for (const fmt of ["raw", "vmdk"]) {
+      const src = path.join(dir, `src.${fmt === "raw" ? "img" : fmt}`);
+      await ok("qemu-img", ["create", "-q", "-f", fmt, src, "64M"]);
+      await ok("qemu-io", ["-f", fmt, "-c", "write -P 0x5a 4M 1M", src]);
+      const dest = path.join(dir, `${fmt}.qcow2`);
+      const r = await runScript("prepare-disk.sh", [src, dest]);
+      expect(r.code, r.stderr).to.equal(0);
+      expect(r.stderr).to.contain(`(${fmt}, virtual size 64 MiB)`);
+      expect((await info(dest)).format).to.equal("qcow2");
+      expect((await run("qemu-img", ["compare", "-f", fmt, "-F", "qcow2", src, dest])).code).to.equal(0);
+    }
+  });
+
+  it("makes an empty qcow2 of SIZE_GIB (default 64) for an ISO, and grows but never shrinks it", async () => {
+    const content = path.join(dir, "iso-content");
+    fs.mkdirSync(content);
+    fs.writeFileSync(path.join(content, "setup.exe"), "MZ");
+    const iso = path.join(dir, "Win11_ARM64.ISO");
+    await ok("xorriso", ["-as", "mkisofs", "-quiet", "-o", iso, content]);
+
+    const def = path.join(dir, "default.qcow2");
+    const r0 = await runScript("prepare-disk.sh", [iso, def]);
+    expect(r0.code, r0.stderr).to.equal(0);
+    expect((await info(def))["virtual-size"]).to.equal(64 * GIB);
+
+    const dest = path.join(dir, "disk.qcow2");
+    const r1 = await runScript("prepare-disk.sh", [iso, dest, "2"]);
+    expect(r1.code, r1.stderr).to.equal(0);
+    expect(r1.stderr).to.contain("install ISO");
+    const i1 = await info(dest);
+    expect(i1.format).to.equal("qcow2");
+    expect(i1["virtual-size"]).to.equal(2 * GIB);
+    // Empty: reads back as zeros, and takes almost no space.
+    expect(fs.statSync(dest).size).to.be.below(1024 * 1024);
+    await ok("qemu-io", ["-f", "qcow2", "-c", "write -P 0x99 0 64k", dest]);
+
+    const r2 = await runScript("prepare-disk.sh", [iso, dest, "3"]);
+    expect(r2.code, r2.stderr).to.equal(0);
+    expect(r2.stderr).to.contain("growing");
+    expect((await info(dest))["virtual-size"]).to.equal(3 * GIB);
+    const r3 = await runScript("prepare-disk.sh", [iso, dest, "1"]);
+    expect(r3.code, r3.stderr).to.equal(0);
+    expect(r3.stderr).to.contain("never shrunk");
+    expect((await info(dest))["virtual-size"]).to.equal(3 * GIB);
+    // The installed data survived both reruns.
+    expect(await ok("qemu-io", ["-f", "qcow2", "-c", "read -P 0x99 0 64k", dest])).to.contain("read 65536/65536");
+  });
+
+  it("refuses to replace a disk that a running QEMU holds", async () => {
+    const src = await makeVhdx();
+    const dest = path.join(dir, "disk.qcow2");
+    expect((await runScript("prepare-disk.sh", [src, dest])).code).to.equal(0);
+    await ok("qemu-io", ["-f", "vhdx", "-c", "write -P 0xee 1M 1M", src]);
+    const qemu = await holdDisk(dest);
+    try {
+      const r = await runScript("prepare-disk.sh", [src, dest]);
+      expect(r.code).to.not.equal(0);
+      expect(r.stderr).to.match(/in use by a running QEMU/);
+    } finally {
+      await stopQemu(qemu);
+    }
+    // The old disk and its stamp are still there, so nothing is lost.
+    expect((await info(dest)).format).to.equal("qcow2");
+  });
+
+  it("fails clearly on a missing source or a bad size", async () => {
+    const r1 = await runScript("prepare-disk.sh", [path.join(dir, "nope.vhdx"), path.join(dir, "d.qcow2")]);
+    expect(r1.code).to.not.equal(0);
+    expect(r1.stderr).to.match(/prepare-disk: error: source image .*nope\.vhdx does not exist/);
+    const iso = path.join(dir, "x.iso");
+    fs.writeFileSync(iso, "x");
+    const r2 = await runScript("prepare-disk.sh", [iso, path.join(dir, "d.qcow2"), "0"]);
+    expect(r2.code).to.not.equal(0);
+    expect(r2.stderr).to.contain("SIZE_GIB must be a positive whole number");
+  });
+
+  it("refuses an image format it does not convert (encrypted LUKS)", async () => {
+    const src = path.join(dir, "enc.qcow2");
+    await ok("qemu-img", [
+      "create", "-q", "--object", "secret,id=s,data=x", "-f", "luks", "-o", "key-secret=s,iter-time=100", src, "16M",
+    ]);
+    const r = await runScript("prepare-disk.sh", [src, path.join(dir, "d.qcow2")]);
+    expect(r.code).to.not.equal(0);
+    expect(r.stderr).to.contain("format 'luks'");
+  });
+});
