@@ -46,7 +46,9 @@ export function renderCloudInit(authorizedKeys: readonly string[]): string {
     "runcmd:",
     // AWS CLI v2 is a snap on Ubuntu 24.04; retry since the store can be slow right after boot.
     `  - [bash, -c, "for i in 1 2 3 4 5; do snap install aws-cli --classic && break; sleep 10; done"]`,
-    `  - [install, -d, -o, ${HOST_USER}, -g, ${HOST_USER}, -m, "0755", ${HOST_HOME}]`,
+    ...["", "/provisioning", "/provisioning/windows", "/assets"].map(
+      (d) => `  - [install, -d, -o, ${HOST_USER}, -g, ${HOST_USER}, -m, "0755", ${HOST_HOME}${d}]`,
+    ),
     `  - [install, -d, -o, root, -g, root, -m, "0700", /var/lib/windows-vm]`,
     "final_message: windows-arm64-image host ready after $UPTIME seconds",
   );

@@ -3,12 +3,30 @@
  * The only place that creates top-level resources.
  */
 import * as pulumi from "@pulumi/pulumi";
+import * as random from "@pulumi/random";
 import * as tls from "@pulumi/tls";
-import { loadConfig } from "./config";
+import * as fs from "fs";
+import * as os from "os";
+import * as path from "path";
+import { DEFAULT_CONFIG_MEDIA_LABEL, DEFAULT_DRIVER_NAMES, renderAnswerFile } from "./answerFile";
+import { StackConfig, loadConfig } from "./config";
 import { PROJECT } from "./configSchema";
+import { AmiBake } from "./components/amiBake";
 import { ArtifactBucket } from "./components/artifactBucket";
+import { EfiFirmware } from "./components/efiFirmware";
+import { GuestProvisioning } from "./components/guestProvisioning";
+import { HostFiles } from "./components/hostFiles";
+import { ImagePublication } from "./components/imagePublication";
 import { QemuHost } from "./components/qemuHost";
+import { WindowsDisk } from "./components/windowsDisk";
+import { WindowsVm } from "./components/windowsVm";
 import { HOST_USER } from "./hostSetup";
+import { fileSha256, sha256Hex } from "./paths";
+import { PipelineContext } from "./pipeline/context";
+import { guestProvisionCommand, guestSettings } from "./pipeline/guest";
+import { AWS_LAYOUT, buildPlan, driverFolder, HostLayout, hostFiles, RuntimeName } from "./pipeline/plan";
+import { LocalRunner, RemoteRunner, Runner } from "./pipeline/runner";
+import { renderVmEnv } from "./pipeline/vmEnv";
 
 const { config, secrets } = loadConfig();
 const stack = pulumi.getStack();
@@ -65,6 +83,108 @@ const host =
       })
     : undefined;
 
+// ---- the image pipeline
+
+/** Paths on this machine for the local target; KVM only on an arm64 Linux host with /dev/kvm. */
+function localLayout(c: StackConfig): HostLayout {
+  const home = path.resolve(c.localWorkDir);
+  const kvm = os.arch() === "arm64" && fs.existsSync("/dev/kvm");
+  if (!kvm) {
+    pulumi.log.warn(
+      "local target: no KVM on this machine (it needs an arm64 Linux host with /dev/kvm), so the VM runs under TCG emulation; Windows will be very slow.",
+    );
+  }
+  return {
+    home,
+    vmDir: path.join(home, "vm"),
+    sudo: "",
+    imageRoot: path.join(home, "image-root"),
+    buildUnit: "windows-vm-build-local",
+    sshPort: 2222,
+    accel: kvm ? "kvm" : "tcg",
+  };
+}
+
+const layout = isAws ? AWS_LAYOUT : localLayout(config);
+const fileHashes = Object.fromEntries(hostFiles().map((f) => [f, fileSha256(f)]));
+const plan = buildPlan({ config, layout, fileHashes });
+
+// The guest administrator's password: generated, a secret, never on a command line.
+const guestPassword = new random.RandomPassword("guest-admin-password", {
+  length: 24,
+  special: true,
+  overrideSpecial: "!#%*-_=+",
+  minLower: 1,
+  minUpper: 1,
+  minNumeric: 1,
+  minSpecial: 1,
+});
+const answerFile = pulumi.secret(
+  pulumi.all([guestPassword.result, pipelinePublicKey, secrets.windowsProductKey]).apply(([pw, key, productKey]) =>
+    renderAnswerFile({
+      sourceKind: config.image.format,
+      adminUser: config.guest.adminUser,
+      adminPassword: pw,
+      locale: config.guest.locale,
+      timeZone: config.guest.timeZone,
+      windowsEdition: config.image.format === "iso" ? config.guest.edition : undefined,
+      productKey: productKey || undefined,
+      authorizedKey: key.trim(),
+      driverFolder: driverFolder(config),
+      driverNames: [...DEFAULT_DRIVER_NAMES],
+      configMediaLabel: DEFAULT_CONFIG_MEDIA_LABEL,
+    }),
+  ),
+);
+const settingsJson = pulumi.secret(guestPassword.result.apply((pw) => JSON.stringify(guestSettings(config, pw))));
+// Hashes of secrets are safe to show and keep `pulumi preview` readable.
+const runtime: { [K in RuntimeName]: pulumi.Input<string> } = {
+  hostId: host ? host.instanceId : "local",
+  artifactUri: bucket
+    ? pulumi.interpolate`s3://${bucket.bucketName}/${config.artifacts.prefix}`
+    : (config.artifacts.uri ?? `file://${path.join(layout.home, "artifacts")}/`),
+  pipelineKey: pipelinePublicKey.apply((k) => k.trim()),
+  answerFile: pulumi.unsecret(answerFile.apply((x) => sha256Hex(x))),
+  guestSettings: pulumi.unsecret(settingsJson.apply((x) => sha256Hex(x))),
+};
+const runner: Runner = host ? new RemoteRunner(layout, host.connection, runtime) : new LocalRunner(layout, runtime);
+const ctx = new PipelineContext(runner, plan, host?.ready);
+
+new HostFiles("host-files", { ctx, fileHashes });
+new EfiFirmware("firmware", { ctx });
+new WindowsDisk("windows-disk", { ctx });
+new WindowsVm("build-vm", { ctx, answerFile, buildEnv: renderVmEnv(config, layout, "build") });
+new GuestProvisioning("guest", {
+  ctx,
+  user: config.guest.adminUser,
+  privateKey: pipelinePrivateKey,
+  script: guestProvisionCommand(),
+  parameters: settingsJson,
+});
+const publication = new ImagePublication("image", { ctx });
+const bake = host
+  ? new AmiBake("bake", {
+      ctx,
+      instanceId: host.instanceId,
+      manifest: publication.manifest,
+      imageEnv: renderVmEnv(config, layout, "image"),
+      windowsVersion: config.image.windowsVersion,
+      sourceImageUrl: config.image.url,
+      stack,
+      keepHostRunning: config.host.keepRunning,
+      retainOnDelete: config.retainAmiOnDelete,
+      tags,
+    })
+  : undefined;
+
+// ---- outputs (other stacks read these with a StackReference)
+
+export const amiId = bake?.amiId;
+export const amiName = bake?.amiName;
+export const imageUri = publication.imageUri;
+export const imageSha256 = publication.imageSha256;
+export const manifestUri = publication.manifestUri;
+export const windowsVersion = config.image.windowsVersion;
 export const target = config.target;
 export const bucketName = bucket?.bucketName;
 export const bucketArn = bucket?.bucketArn;

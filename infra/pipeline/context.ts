@@ -1,0 +1,50 @@
+import * as pulumi from "@pulumi/pulumi";
+import { Plan, Stage, StageId } from "./plan";
+import { Runner } from "./runner";
+
+/**
+ * What every stage component receives: the runner, the plan, and the
+ * resources created so far (by stage id, and the copies of repo files), so a
+ * stage's resource depends exactly on its predecessors and its own files.
+ */
+export class PipelineContext {
+  private readonly done = new Map<StageId, pulumi.Resource>();
+  private readonly copies = new Map<string, pulumi.Resource>();
+
+  constructor(
+    readonly runner: Runner,
+    readonly plan: Plan,
+    /** The resource proving the host is ready (AWS), if any. */
+    readonly hostReady?: pulumi.Resource,
+  ) {}
+
+  record(id: StageId, r: pulumi.Resource): void {
+    this.done.set(id, r);
+  }
+
+  recordCopy(file: string, r: pulumi.Resource): void {
+    this.copies.set(file, r);
+  }
+
+  resource(id: StageId): pulumi.Resource {
+    const r = this.done.get(id);
+    if (!r) throw new Error(`pipeline: stage ${id} has not been created yet`);
+    return r;
+  }
+
+  has(id: StageId): boolean {
+    return this.done.has(id);
+  }
+
+  /** The resources a stage must wait for: host ready, its files' copies, its upstream stages. */
+  dependencies(stage: Stage): pulumi.Resource[] {
+    const deps: pulumi.Resource[] = [];
+    if (this.hostReady) deps.push(this.hostReady);
+    for (const f of stage.files) {
+      const c = this.copies.get(f);
+      if (c) deps.push(c);
+    }
+    for (const id of stage.dependsOn) if (this.done.has(id)) deps.push(this.resource(id));
+    return deps;
+  }
+}

@@ -1,0 +1,78 @@
+/**
+ * What the guest provisioning stage sends to Windows: the settings JSON that
+ * provision.ps1 and check.ps1 read (a secret: it holds the builder password),
+ * and the one PowerShell command run over SSH that feeds it to them.
+ */
+import { StackConfig } from "../config";
+import { CONFIG_MEDIA_MARKER, GUEST_LOG_DIR } from "../answerFile";
+
+export const SERVICES_TO_DISABLE = Object.freeze([
+  "NlaSvc",
+  "LanmanServer",
+  "BITS",
+  "DPS",
+  "MSDTC",
+  "IKEEXT",
+  "RemoteRegistry",
+  "lmhosts",
+]);
+
+/** The settings provision.ps1 and check.ps1 read (see provisioning/windows/README in the main README). */
+export function guestSettings(c: StackConfig, builderPassword: string): Record<string, unknown> {
+  const g = c.guest;
+  return {
+    logPath: `${GUEST_LOG_DIR}\\provision.log`,
+    disableWindowsUpdate: g.disableWindowsUpdate,
+    disableErrorReportingUi: g.disableErrorReportingUi,
+    disableUac: g.disableUac,
+    disableFirewall: g.disableFirewall,
+    disableDefenderRealtime: g.disableDefenderRealtime,
+    disableServices: g.disableServices,
+    servicesToDisable: [...SERVICES_TO_DISABLE],
+    installBuildlet: g.buildlet !== undefined,
+    buildletStage0Url: g.buildlet?.url ?? "",
+    buildletStage0Sha256: g.buildlet?.sha256 ?? "",
+    installLlvmMingw: g.llvmMingw !== undefined,
+    llvmMingwUrl: g.llvmMingw?.url ?? "",
+    llvmMingwSha256: g.llvmMingw?.sha256 ?? "",
+    installVsBuildTools: g.vsBuildTools !== undefined,
+    vsBuildToolsUrl: g.vsBuildTools?.url ?? "",
+    vsBuildToolsSha256: g.vsBuildTools?.sha256 ?? "",
+    createBuilderUser: true,
+    builderUser: g.adminUser,
+    builderPassword,
+    autoLogon: g.autoLogon,
+  };
+}
+
+/**
+ * The PowerShell run in the guest: reads the settings JSON from stdin into a
+ * file only Administrators can read, runs provision.ps1 and then check.ps1
+ * from the config media, deletes the file, and exits with the first failure.
+ */
+export const GUEST_PROVISION_SCRIPT = [
+  "$ErrorActionPreference = 'Stop'",
+  "$json = [Console]::In.ReadToEnd()",
+  `$media = Get-PSDrive -PSProvider FileSystem | Where-Object { Test-Path (Join-Path $_.Root '${CONFIG_MEDIA_MARKER}') } | Select-Object -First 1`,
+  "if (-not $media) { Write-Error 'provision: the config media (windows-arm64-image.marker) is not attached'; exit 3 }",
+  "$dir = Join-Path $env:ProgramData 'windows-arm64-image'",
+  "New-Item -ItemType Directory -Force -Path $dir | Out-Null",
+  "$cfg = Join-Path $dir 'settings.json'",
+  "try {",
+  "  Set-Content -LiteralPath $cfg -Value $json -Encoding UTF8",
+  "  & icacls.exe $cfg /inheritance:r /grant '*S-1-5-32-544:F' /grant '*S-1-5-18:F' | Out-Null",
+  "  & powershell.exe -NoProfile -NonInteractive -ExecutionPolicy Bypass -File (Join-Path $media.Root 'provision.ps1') -ConfigPath $cfg",
+  "  if ($LASTEXITCODE -ne 0) { Write-Error \"provision: provision.ps1 failed with exit code $LASTEXITCODE (log: $dir\\provision.log)\"; exit $LASTEXITCODE }",
+  "  & powershell.exe -NoProfile -NonInteractive -ExecutionPolicy Bypass -File (Join-Path $media.Root 'check.ps1') -ConfigPath $cfg",
+  "  if ($LASTEXITCODE -ne 0) { Write-Error \"provision: check.ps1 found settings that are not as configured (exit $LASTEXITCODE)\"; exit $LASTEXITCODE }",
+  "} finally { Remove-Item -LiteralPath $cfg -Force -ErrorAction SilentlyContinue }",
+].join("\n");
+
+/** `powershell -EncodedCommand` form (base64 of UTF-16LE), for cmd.exe, Windows' default SSH shell. */
+export function encodedPowerShell(script: string): string {
+  return `powershell -NoProfile -NonInteractive -ExecutionPolicy Bypass -EncodedCommand ${Buffer.from(script, "utf16le").toString("base64")}`;
+}
+
+export function guestProvisionCommand(): string {
+  return encodedPowerShell(GUEST_PROVISION_SCRIPT);
+}
