@@ -31,6 +31,8 @@
 #   VM_EFI_VARS [$VM_DIR/QEMU_VARS.fd] 64 MiB EFI variable store, writable pflash
 #   VM_DRIVERS_ISO []                 virtio-win ISO, read-only USB CD (optional)
 #   VM_CONFIG_ISO []                  answer-file ISO, read-only USB CD (optional)
+#   VM_INSTALL_ISO []                 Windows install ISO, read-only USB CD booted
+#                                     before the disk (optional; for ISO installs)
 #   VM_SSH_PORT [2222]                host port 127.0.0.1:N -> guest 22
 #   VM_BUILDLET_PORT [443]            host port *:N -> guest 443 (all addresses)
 #   VM_VNC_DISPLAY []                 VNC display number on 127.0.0.1 (optional)
@@ -87,7 +89,7 @@ done
 if [[ $mode == run && ${RUN_VM_DRY_RUN:-0} == 1 ]]; then mode=print; fi
 
 readonly known_vars=(VM_DIR VM_CPUS VM_MEMORY_GIB VM_ACCEL VM_MACHINE_OPTS VM_DISK VM_EFI_CODE VM_EFI_VARS
-  VM_DRIVERS_ISO VM_CONFIG_ISO VM_SSH_PORT VM_BUILDLET_PORT VM_VNC_DISPLAY VM_QMP_SOCKET VM_SERIAL_LOG
+  VM_DRIVERS_ISO VM_CONFIG_ISO VM_INSTALL_ISO VM_SSH_PORT VM_BUILDLET_PORT VM_VNC_DISPLAY VM_QMP_SOCKET VM_SERIAL_LOG
   VM_HALT_ON_EXIT VM_MAC VM_IMDS_PROXY)
 
 problems=()
@@ -138,6 +140,7 @@ VM_EFI_CODE=${VM_EFI_CODE:-$VM_DIR/QEMU_EFI.fd}
 VM_EFI_VARS=${VM_EFI_VARS:-$VM_DIR/QEMU_VARS.fd}
 VM_DRIVERS_ISO=${VM_DRIVERS_ISO:-}
 VM_CONFIG_ISO=${VM_CONFIG_ISO:-}
+VM_INSTALL_ISO=${VM_INSTALL_ISO:-}
 VM_SSH_PORT=${VM_SSH_PORT:-2222}
 VM_BUILDLET_PORT=${VM_BUILDLET_PORT:-443}
 VM_VNC_DISPLAY=${VM_VNC_DISPLAY:-}
@@ -242,6 +245,7 @@ if check_file VM_DISK "run prepare-disk.sh first" writable; then
 fi
 [[ -z $VM_DRIVERS_ISO ]] || check_file VM_DRIVERS_ISO "fetch the virtio-win ISO, or leave VM_DRIVERS_ISO empty" || true
 [[ -z $VM_CONFIG_ISO ]] || check_file VM_CONFIG_ISO "run build-config-iso.sh, or leave VM_CONFIG_ISO empty" || true
+[[ -z $VM_INSTALL_ISO ]] || check_file VM_INSTALL_ISO "fetch the Windows ISO, or leave VM_INSTALL_ISO empty" || true
 
 for var in VM_SERIAL_LOG VM_QMP_SOCKET; do
   dir=$(dirname -- "${!var}")
@@ -259,7 +263,7 @@ fi
 
 # Every path goes into a QEMU option value, where ',' must be doubled; a
 # space would break the env file format anyway.
-for var in VM_DIR VM_DISK VM_EFI_CODE VM_EFI_VARS VM_DRIVERS_ISO VM_CONFIG_ISO VM_QMP_SOCKET VM_SERIAL_LOG; do
+for var in VM_DIR VM_DISK VM_EFI_CODE VM_EFI_VARS VM_DRIVERS_ISO VM_CONFIG_ISO VM_INSTALL_ISO VM_QMP_SOCKET VM_SERIAL_LOG; do
   [[ ${!var} != *[[:space:]]* ]] || problem "$var='${!var}' contains white space"
 done
 
@@ -348,10 +352,21 @@ if [[ -n $VM_VNC_DISPLAY ]]; then
 else
   cmd+=(-display none)
 fi
+# Boot order: the firmware's own (USB before NVMe, which an ISO without an EFI
+# boot image passes in no time), except with an install ISO: that first, then
+# the disk. (With any bootindex set, devices without one are not boot options.)
+disk_boot="" install_boot=""
+if [[ -n $VM_INSTALL_ISO ]]; then disk_boot=",bootindex=1" install_boot=",bootindex=0"; fi
 cmd+=(
   -drive "if=none,id=disk0,format=qcow2,cache=writethrough,discard=unmap,file=$(q "$VM_DISK")"
-  -device nvme,drive=disk0,serial=windows-disk0
+  -device "nvme,drive=disk0,serial=windows-disk0$disk_boot"
 )
+if [[ -n $VM_INSTALL_ISO ]]; then
+  cmd+=(
+    -drive "if=none,id=install,format=raw,media=cdrom,readonly=on,file=$(q "$VM_INSTALL_ISO")"
+    -device "usb-storage,bus=xhci.0,drive=install,removable=on$install_boot"
+  )
+fi
 if [[ -n $VM_DRIVERS_ISO ]]; then
   cmd+=(
     -drive "if=none,id=drivers,format=raw,media=cdrom,readonly=on,file=$(q "$VM_DRIVERS_ISO")"

@@ -18,6 +18,8 @@
 # Output: the outcome on stdout, one line:
 #   "stop-vm: powered off gracefully after Ns"
 #   "stop-vm: forced quit after timeout (Ns): the guest did not power off"
+#   "stop-vm: forced quit: REASON" (QMP refused the power-down, or the socket
+#     is missing while QEMU runs: then SIGTERM/SIGKILL by pid)
 #   "stop-vm: already stopped (...)"
 # progress and warnings on stderr.
 # Exit: 0 when QEMU is gone (graceful, forced or already stopped); 3 when it

@@ -6,6 +6,9 @@
 #   HOST PORT   where the guest's SSH is reached (127.0.0.1 and VM_SSH_PORT on the host)
 #   TIMEOUT_S   seconds to wait at most
 #
+# Also runs on the operator's machine to wait for the EC2 host's SSH: it needs
+# only bash (3.2 or later) with /dev/tcp, and timeout, gtimeout or perl.
+#
 # Success means an SSH banner ("SSH-2.0-...") was read, not merely a TCP
 # connect: QEMU's hostfwd accepts connections long before the guest listens.
 #
@@ -47,7 +50,7 @@ serial_tail() {
   fi
   log "last 40 lines of the serial log $serial_log:"
   # Firmware output carries terminal escapes and carriage returns: drop them.
-  sed -e 's/\x1b\[[0-9;=?]*[A-Za-z]//g' -e 's/\r/\n/g' -- "$serial_log" | tr -d '\000-\010\013-\037' |
+  tr '\r' '\n' <"$serial_log" | sed -e "s/$(printf '\033')\\[[0-9;=?]*[A-Za-z]//g" | tr -d '\000-\010\013-\037' |
     grep -v '^[[:space:]]*$' | tail -n 40 | cut -c1-240 | sed 's/^/  | /' >&2 || true
 }
 
@@ -73,21 +76,45 @@ if [[ -n $pid_file ]]; then
   fi
 fi
 
-# Reads the first line the server sends, within $1 seconds.
-# Returns 1 when nothing answered the connect, 2 when no line came.
+# run_bounded SECONDS CMD...: runs CMD, killed after SECONDS. This script also
+# runs on the operator's machine (waiting for the EC2 host's own SSH), where
+# GNU timeout may be missing (macOS): fall back to gtimeout, then perl's alarm.
+run_bounded() {
+  local secs=$1
+  shift
+  if command -v timeout >/dev/null 2>&1; then
+    timeout "$secs" "$@"
+  elif command -v gtimeout >/dev/null 2>&1; then
+    gtimeout "$secs" "$@"
+  elif command -v perl >/dev/null 2>&1; then
+    perl -e 'alarm shift @ARGV; exec @ARGV or exit 127' "$secs" "$@"
+  else
+    "$@" # read -t still bounds the wait for a banner; only a connect can take longer
+  fi
+}
+
+# read_banner SECONDS: prints the first line the server sends.
+# Returns 1 when the connection was refused, 2 when it connected but no line
+# came, 3 when the connect itself did not complete in time.
 # shellcheck disable=SC2016 # expanded by the inner bash
 read_banner() {
-  local line rc=0
-  line=$(timeout "$1" bash -c '
+  local out rc=0
+  out=$(run_bounded "$1" bash -c '
     exec 3<>"/dev/tcp/$0/$1" || exit 11
+    printf "+"
     IFS= read -r -t "$2" line <&3 || [[ -n $line ]] || exit 12
     printf "%s" "$line"
   ' "$host" "$port" "$(($1 > 1 ? $1 - 1 : 1))" 2>/dev/null) || rc=$?
-  case $rc in
-    0) printf '%s' "${line%$'\r'}" ;;
-    11) return 1 ;;
-    *) return 2 ;;
-  esac
+  if ((rc == 0)); then
+    out=${out#+}
+    printf '%s' "${out%$'\r'}"
+  elif ((rc == 11)); then
+    return 1
+  elif [[ $out == +* ]]; then
+    return 2
+  else
+    return 3
+  fi
 }
 
 log "waiting up to ${timeout_s}s for an SSH banner on $host:$port"
@@ -109,7 +136,8 @@ while :; do
     case $rc in
       0) last="got '${banner:0:60}' instead of an SSH banner" ;;
       1) last="connection refused" ;;
-      *) last="connected, but no SSH banner came" ;;
+      2) last="connected, but no SSH banner came" ;;
+      *) last="no answer to the TCP connect" ;;
     esac
   fi
   if [[ -n $qemu_pid ]] && ! alive "$qemu_pid"; then

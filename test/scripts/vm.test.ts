@@ -130,6 +130,7 @@ describe("VM lifecycle scripts: run-vm, start-vm, wait-for-guest, stop-vm", func
   let work: string;
   let driversIso: string;
   let configIso: string;
+  let installIso: string;
   const vms: Vm[] = [];
 
   async function makeVm(name: string, vars: Record<string, string> = {}): Promise<Vm> {
@@ -174,9 +175,11 @@ describe("VM lifecycle scripts: run-vm, start-vm, wait-for-guest, stop-vm", func
     fs.writeFileSync(path.join(isoDir, "README.TXT"), "stand-in drivers\n");
     driversIso = path.join(work, "drivers.iso");
     configIso = path.join(work, "config.iso");
+    installIso = path.join(work, "install.iso");
     for (const [iso, label] of [
       [driversIso, "VIRTIO"],
       [configIso, "CONFIG"],
+      [installIso, "INSTALL"],
     ]) {
       const r = await run("xorriso", ["-as", "mkisofs", "-quiet", "-V", label, "-o", iso, isoDir]);
       expect(r.code, r.stderr).to.equal(0);
@@ -235,7 +238,10 @@ describe("VM lifecycle scripts: run-vm, start-vm, wait-for-guest, stop-vm", func
       const disk = drives.find((d) => d.includes("id=disk0"));
       expect(disk).to.include("format=qcow2").and.include("cache=writethrough");
       expect(disk).to.include(`file=${path.join(vm.dir, "disk.qcow2")}`);
-      expect(devices.find((d) => d.startsWith("nvme,"))).to.include("drive=disk0").and.include("serial=");
+      expect(devices.find((d) => d.startsWith("nvme,")))
+        .to.include("drive=disk0")
+        .and.include("serial=")
+        .and.not.include("bootindex"); // the firmware's own boot order without an install ISO
 
       for (const [id, iso] of [
         ["drivers", driversIso],
@@ -278,6 +284,17 @@ describe("VM lifecycle scripts: run-vm, start-vm, wait-for-guest, stop-vm", func
       // VM_VNC_DISPLAY set to empty in the environment wins too: no VNC, no display.
       expect(values(imdsArgs, "-vnc")).to.deep.equal([]);
       expect(values(imdsArgs, "-display")).to.deep.equal(["none"]);
+
+      // An install ISO boots first (bootindex 0), then the disk.
+      const inst = await runScript("run-vm.sh", ["--print", vm.envFile], { env: { VM_INSTALL_ISO: installIso } });
+      expect(inst.code, inst.stderr).to.equal(0);
+      const instArgs = inst.stdout.trimEnd().split("\n");
+      expect(values(instArgs, "-drive").find((d) => d.includes("id=install,")))
+        .to.include("readonly=on")
+        .and.include(`file=${installIso}`);
+      const instDevices = values(instArgs, "-device");
+      expect(instDevices).to.include("usb-storage,bus=xhci.0,drive=install,removable=on,bootindex=0");
+      expect(instDevices.find((d) => d.startsWith("nvme,"))).to.match(/,bootindex=1$/);
     });
 
     it("a missing firmware and disk fail before QEMU starts, naming each variable and path", async function () {
@@ -352,6 +369,7 @@ describe("VM lifecycle scripts: run-vm, start-vm, wait-for-guest, stop-vm", func
       vm = await makeVm("boot", {
         VM_DRIVERS_ISO: driversIso,
         VM_CONFIG_ISO: configIso,
+        VM_INSTALL_ISO: installIso,
         VM_VNC_DISPLAY: String(vncPort - 5900),
       });
     });
@@ -378,7 +396,17 @@ describe("VM lifecycle scripts: run-vm, start-vm, wait-for-guest, stop-vm", func
           return false;
         }
       }, 60000);
-      expect(fs.readFileSync(vm.serial, "utf8")).to.match(/=== run-vm: starting QEMU at \S+ ===/);
+      const serial = fs.readFileSync(vm.serial, "utf8");
+      expect(serial).to.match(/=== run-vm: starting QEMU at \S+ ===/);
+      // Boot order: the install ISO (USB; no EFI image in this stand-in, so "Not Found"), then the NVMe disk.
+      await waitFor("the boot manager to try the NVMe disk", () =>
+        /BdsDxe: .*NVMe/.test(fs.readFileSync(vm.serial, "utf8")), 60000);
+      const attempts = fs
+        .readFileSync(vm.serial, "utf8")
+        .split(/\r?\n/)
+        .filter((l) => /BdsDxe: (failed to load|loading)/.test(l));
+      expect(attempts[0], attempts.join("\n")).to.match(/USB/);
+      expect(attempts[1], attempts.join("\n")).to.match(/NVMe/);
     });
 
     it("forwards SSH on 127.0.0.1 only, the buildlet port on all addresses, VNC on loopback", async function () {
@@ -536,6 +564,44 @@ describe("VM lifecycle scripts: run-vm, start-vm, wait-for-guest, stop-vm", func
         expect(r.stderr).to.match(new RegExp(`guest SSH answered on 127\\.0\\.0\\.1:${port} after \\d+s`));
       } finally {
         server.close();
+      }
+    });
+
+    it("wait-for-guest works without GNU timeout (an operator's macOS machine), using perl's alarm", async function () {
+      const bin = fs.mkdtempSync(path.join(work, "bin-"));
+      for (const tool of ["bash", "perl", "sleep", "seq", "tr", "sed", "grep", "tail", "cut"]) {
+        const found = await run("bash", ["-c", `command -v ${tool}`]);
+        fs.symlinkSync(found.stdout.trim(), path.join(bin, tool));
+      }
+      const port = await freePort();
+      const held: net.Socket[] = [];
+      const silent = net.createServer((s) => held.push(s));
+      await new Promise<void>((res) => silent.listen(port, "127.0.0.1", () => res()));
+      try {
+        const bash = path.join(bin, "bash");
+        const r = await run(bash, [script("wait-for-guest.sh"), "127.0.0.1", String(port), "3"], {
+          env: { PATH: bin },
+          timeoutMs: 20000,
+        });
+        expect(r.code, r.stderr).to.equal(1);
+        expect(r.stderr).to.include("connected, but no SSH banner came");
+        silent.close();
+        held.forEach((s) => s.destroy());
+        const banner = net.createServer((s) => s.end("SSH-2.0-OpenSSH_for_Windows_9.5\r\n"));
+        await new Promise<void>((res) => banner.listen(port, "127.0.0.1", () => res()));
+        try {
+          const ok = await run(bash, [script("wait-for-guest.sh"), "127.0.0.1", String(port), "10"], {
+            env: { PATH: bin },
+            timeoutMs: 20000,
+          });
+          expect(ok.code, ok.stderr).to.equal(0);
+          expect(ok.stdout).to.equal("SSH-2.0-OpenSSH_for_Windows_9.5\n");
+        } finally {
+          banner.close();
+        }
+      } finally {
+        held.forEach((s) => s.destroy());
+        silent.close();
       }
     });
 
