@@ -1,0 +1,274 @@
+import { expect } from "chai";
+import { ChildProcess, spawn } from "child_process";
+import * as crypto from "crypto";
+import * as fs from "fs";
+import * as os from "os";
+import * as path from "path";
+import { run, RunResult, script } from "../support/run";
+import { startS3, S3Server } from "../support/s3";
+
+interface Manifest {
+  manifestVersion: number;
+  sha256: string;
+  size: number;
+  format: string;
+  virtualSize: number;
+  imageUri: string;
+  varsUri: string;
+  varsSha256: string;
+  varsSize: number;
+  manifestUri: string;
+  sourceUrl: string | null;
+  sourceSha256: string | null;
+  windowsVersion: string | null;
+  createdAt: string;
+}
+
+async function ok(cmd: string, args: string[]): Promise<string> {
+  const r = await run(cmd, args);
+  if (r.code !== 0) throw new Error(`${cmd} ${args.join(" ")} failed (${r.code}): ${r.stderr}`);
+  return r.stdout;
+}
+
+function sha256File(file: string): string {
+  return crypto.createHash("sha256").update(fs.readFileSync(file)).digest("hex");
+}
+
+/** Parses the publish-image stdout: exactly one line of JSON. */
+function parseStdout(r: RunResult): Manifest {
+  expect(r.stdout.endsWith("\n"), "stdout ends with a newline").to.equal(true);
+  const lines = r.stdout.slice(0, -1).split("\n");
+  expect(lines, r.stdout).to.have.length(1);
+  return JSON.parse(lines[0]) as Manifest;
+}
+
+describe("publish-image.sh", function () {
+  this.timeout(180000);
+  let s3: S3Server;
+  let dir: string;
+  let vmDir: string;
+  let disk: string;
+
+  before(async () => {
+    s3 = await startS3("images");
+  });
+  after(async () => {
+    await s3.stop();
+  });
+
+  beforeEach(async () => {
+    dir = fs.mkdtempSync(path.join(os.tmpdir(), "publish-"));
+    vmDir = path.join(dir, "vm");
+    fs.mkdirSync(vmDir);
+    disk = path.join(vmDir, "disk.qcow2");
+    await ok("qemu-img", ["create", "-q", "-f", "qcow2", disk, "1G"]);
+    await ok("qemu-io", ["-f", "qcow2", "-c", "write -P 0x5a 0 8M", "-c", "write -P 0x17 300M 2M", disk]);
+    const vars = Buffer.alloc(64 * 1024 * 1024);
+    vars.write("BOOT0001", 8192);
+    fs.writeFileSync(path.join(vmDir, "QEMU_VARS.fd"), vars);
+  });
+  afterEach(() => fs.rmSync(dir, { recursive: true, force: true }));
+
+  function publish(uri: string, env: NodeJS.ProcessEnv = {}): Promise<RunResult> {
+    return run("bash", [script("publish-image.sh"), vmDir, uri], { env: { ...s3.env, ...env } });
+  }
+
+  async function lastModified(key: string): Promise<string> {
+    const r = await s3.aws(["s3api", "head-object", "--bucket", s3.bucket, "--key", key]);
+    expect(r.code, r.stderr).to.equal(0);
+    return (JSON.parse(r.stdout) as { LastModified: string }).LastModified;
+  }
+
+  it("publishes disk, variables, manifest and latest.json; prints the manifest as one line", async () => {
+    const sha = sha256File(disk);
+    const varsSha = sha256File(path.join(vmDir, "QEMU_VARS.fd"));
+    const r = await publish("s3://images/win11/", {
+      IMAGE_SOURCE_URL: "s3://source/Win11_ARM64.vhdx",
+      IMAGE_SOURCE_SHA256: "AB".repeat(32),
+      WINDOWS_VERSION: "11-23H2",
+    });
+    expect(r.code, r.stderr).to.equal(0);
+    const m = parseStdout(r);
+    expect(m.sha256).to.equal(sha);
+    expect(m.size).to.equal(fs.statSync(disk).size);
+    expect(m.format).to.equal("qcow2");
+    expect(m.virtualSize).to.equal(1024 * 1024 * 1024);
+    expect(m.imageUri).to.equal(`s3://images/win11/${sha}/disk.qcow2`);
+    expect(m.varsUri).to.equal(`s3://images/win11/${sha}/QEMU_VARS.fd`);
+    expect(m.varsSha256).to.equal(varsSha);
+    expect(m.varsSize).to.equal(64 * 1024 * 1024);
+    expect(m.manifestUri).to.equal(`s3://images/win11/${sha}/manifest.json`);
+    expect(m.sourceUrl).to.equal("s3://source/Win11_ARM64.vhdx");
+    expect(m.sourceSha256).to.equal("ab".repeat(32));
+    expect(m.windowsVersion).to.equal("11-23H2");
+    expect(m.createdAt).to.match(/^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$/);
+    expect(Math.abs(Date.parse(m.createdAt) - Date.now())).to.be.below(600000);
+
+    expect(await s3.listKeys("win11/")).to.deep.equal([
+      `win11/${sha}/QEMU_VARS.fd`,
+      `win11/${sha}/disk.qcow2`,
+      `win11/${sha}/manifest.json`,
+      "win11/latest.json",
+    ]);
+    const image = await s3.getObject(`win11/${sha}/disk.qcow2`);
+    expect(image && image.equals(fs.readFileSync(disk))).to.equal(true);
+    const vars = await s3.getObject(`win11/${sha}/QEMU_VARS.fd`);
+    expect(vars && crypto.createHash("sha256").update(vars).digest("hex")).to.equal(varsSha);
+    expect(JSON.parse(String(await s3.getObject(`win11/${sha}/manifest.json`)))).to.deep.equal(m);
+    expect(JSON.parse(String(await s3.getObject("win11/latest.json")))).to.deep.equal(m);
+    // Progress and results went to stderr.
+    expect(r.stderr).to.contain("publish-image: uploading");
+    expect(fs.readFileSync(`${disk}.sha256`, "utf8")).to.match(new RegExp(`^${sha} ${m.size} `));
+  });
+
+  it("records null for unset source metadata, and works without a prefix", async () => {
+    const r = await publish("s3://images");
+    expect(r.code, r.stderr).to.equal(0);
+    const m = parseStdout(r);
+    expect(m.sourceUrl).to.equal(null);
+    expect(m.sourceSha256).to.equal(null);
+    expect(m.windowsVersion).to.equal(null);
+    expect(m.imageUri).to.equal(`s3://images/${m.sha256}/disk.qcow2`);
+    expect(JSON.parse(String(await s3.getObject("latest.json")))).to.deep.equal(m);
+  });
+
+  it("uploads nothing on a rerun with the same disk, and repairs latest.json", async () => {
+    const r1 = await publish("s3://images/rerun");
+    expect(r1.code, r1.stderr).to.equal(0);
+    const m1 = parseStdout(r1);
+    const imageModified = await lastModified(`rerun/${m1.sha256}/disk.qcow2`);
+    // Someone pointed latest.json elsewhere meanwhile.
+    fs.writeFileSync(path.join(dir, "other.json"), '{"sha256":"other"}\n');
+    await s3.aws(["s3", "cp", "--only-show-errors", path.join(dir, "other.json"), "s3://images/rerun/latest.json"]);
+    await new Promise((res) => setTimeout(res, 1100));
+
+    const r2 = await publish("s3://images/rerun/");
+    expect(r2.code, r2.stderr).to.equal(0);
+    expect(r2.stderr).to.contain("no upload needed");
+    expect(r2.stderr).to.not.contain("uploading");
+    expect(parseStdout(r2)).to.deep.equal(m1);
+    expect(await lastModified(`rerun/${m1.sha256}/disk.qcow2`)).to.equal(imageModified);
+    expect(JSON.parse(String(await s3.getObject("rerun/latest.json")))).to.deep.equal(m1);
+
+    // Without the local hash stamp the disk is streamed again (that is the hash),
+    // but the published copy is found and kept as it is.
+    fs.rmSync(`${disk}.sha256`);
+    const r3 = await publish("s3://images/rerun");
+    expect(r3.code, r3.stderr).to.equal(0);
+    expect(r3.stderr).to.contain("already published");
+    expect(parseStdout(r3)).to.deep.equal(m1);
+    expect(await s3.listKeys("rerun/")).to.not.satisfy((keys: string[]) => keys.some((k) => k.includes("staging")));
+  });
+
+  it("refuses while a running QEMU holds the disk, and publishes nothing", async () => {
+    const qemu = spawn(
+      "qemu-system-aarch64",
+      [
+        "-M", "virt", "-cpu", "max", "-accel", "tcg", "-m", "256", "-S",
+        "-display", "none", "-monitor", "none", "-serial", "none", "-nic", "none",
+        "-drive", `file=${disk},if=none,id=d,format=qcow2`,
+        "-device", "nvme,drive=d,serial=held",
+      ],
+      { stdio: "ignore" },
+    );
+    try {
+      let locked = false;
+      for (let i = 0; i < 100 && !locked; i++) {
+        const r = await run("qemu-img", ["info", disk]);
+        locked = r.code !== 0 && /lock/.test(r.stderr);
+        if (!locked) await new Promise((res) => setTimeout(res, 100));
+      }
+      expect(locked, "QEMU holds the disk lock").to.equal(true);
+      const r = await publish("s3://images/busy/");
+      expect(r.code).to.not.equal(0);
+      expect(r.stdout).to.equal("");
+      expect(r.stderr).to.match(/disk\.qcow2 is in use by a running QEMU; shut the VM down before publishing/);
+      expect(await s3.listKeys("busy/")).to.deep.equal([]);
+    } finally {
+      await new Promise<void>((resolve) => {
+        if (qemu.exitCode !== null) return resolve();
+        qemu.once("exit", () => resolve());
+        qemu.kill("SIGKILL");
+      });
+    }
+  });
+
+  it("an interrupted publish leaves the previous latest.json pointing at a complete image", async () => {
+    const r1 = await publish("s3://images/crash/");
+    expect(r1.code, r1.stderr).to.equal(0);
+    const old = parseStdout(r1);
+    const oldImage = fs.readFileSync(disk);
+
+    // The VM ran again: a bigger, different disk.
+    await ok("qemu-io", ["-f", "qcow2", "-c", "write -P 0x66 16M 200M", disk]);
+    const newSha = sha256File(disk);
+    const child: ChildProcess = spawn("bash", [script("publish-image.sh"), vmDir, "s3://images/crash/"], {
+      env: { ...process.env, ...s3.env, PUBLISH_PROGRESS_INTERVAL_S: "1" },
+      stdio: ["ignore", "pipe", "pipe"],
+    });
+    let stdout = "";
+    let stderr = "";
+    child.stdout!.on("data", (d: Buffer) => (stdout += d.toString()));
+    const closed = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((resolve) =>
+      child.on("close", (code, signal) => resolve({ code, signal })),
+    );
+    await new Promise<void>((resolve, reject) => {
+      const timer = setTimeout(() => reject(new Error(`upload never started: ${stderr}`)), 60000);
+      child.stderr!.on("data", (d: Buffer) => {
+        stderr += d.toString();
+        if (/uploading .*disk\.qcow2/.test(stderr)) {
+          clearTimeout(timer);
+          resolve();
+        }
+      });
+    });
+    await new Promise((res) => setTimeout(res, 700));
+    const killedAt = Date.now();
+    child.kill("SIGTERM");
+    const end = await closed;
+    // The script stopped (by the signal, through its trap), its uploader with it.
+    expect(end.code, stderr).to.equal(143);
+    expect(stderr).to.contain("terminated");
+    expect(Date.now() - killedAt).to.be.below(15000);
+    expect(stdout).to.equal("");
+
+    const latest = JSON.parse(String(await s3.getObject("crash/latest.json"))) as Manifest;
+    expect(latest).to.deep.equal(old);
+    const image = await s3.getObject(`crash/${latest.sha256}/disk.qcow2`);
+    expect(image && image.equals(oldImage)).to.equal(true);
+    expect(await s3.getObject(`crash/${newSha}/manifest.json`)).to.equal(undefined);
+
+    // A rerun finishes the job and only then moves latest.json.
+    const r2 = await publish("s3://images/crash/");
+    expect(r2.code, r2.stderr).to.equal(0);
+    const m2 = parseStdout(r2);
+    expect(m2.sha256).to.equal(newSha);
+    expect(JSON.parse(String(await s3.getObject("crash/latest.json")))).to.deep.equal(m2);
+    const keys = await s3.listKeys("crash/");
+    expect(keys).to.include.members([`crash/${old.sha256}/disk.qcow2`, `crash/${newSha}/disk.qcow2`]);
+  });
+
+  it("fails clearly on bad arguments and missing files", async () => {
+    const r1 = await publish("https://images/x");
+    expect(r1.code).to.not.equal(0);
+    expect(r1.stderr).to.contain("must look like s3://bucket/prefix/");
+    fs.rmSync(path.join(vmDir, "QEMU_VARS.fd"));
+    const r2 = await publish("s3://images/x/");
+    expect(r2.code).to.not.equal(0);
+    expect(r2.stderr).to.match(/QEMU_VARS\.fd not found/);
+    const r3 = await publish("s3://images/x/", { IMAGE_SOURCE_SHA256: "xyz" });
+    expect(r3.code).to.not.equal(0);
+    expect(r3.stderr).to.contain("IMAGE_SOURCE_SHA256");
+    const r4 = await run("bash", [script("publish-image.sh"), vmDir]);
+    expect(r4.code).to.equal(2);
+    expect(r4.stdout).to.equal("");
+  });
+
+  it("names the endpoint when S3 cannot be reached", async () => {
+    const r = await publish("s3://images/down/", { S3_ENDPOINT_URL: "http://127.0.0.1:9" });
+    expect(r.code).to.not.equal(0);
+    expect(r.stdout).to.equal("");
+    expect(r.stderr).to.contain("http://127.0.0.1:9");
+    expect(r.stderr).to.contain("publish-image: error:");
+  });
+});
