@@ -74,7 +74,11 @@ export class AmiBake extends pulumi.ComponentResource {
     const state = new aws.ec2transitgateway.InstanceState(
       `${name}-host-state`,
       { instanceId: args.instanceId, state: args.keepHostRunning ? "running" : "stopped" },
-      { parent: this, dependsOn: [this.ami], customTimeouts: { create: `${stop.timeoutMinutes}m`, update: `${stop.timeoutMinutes}m` } },
+      {
+        parent: this,
+        dependsOn: [this.ami],
+        customTimeouts: { create: `${stop.timeoutMinutes}m`, update: `${stop.timeoutMinutes}m` },
+      },
     );
     ctx.record("stopHost", state);
 

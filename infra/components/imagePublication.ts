@@ -38,9 +38,17 @@ export class ImagePublication extends pulumi.ComponentResource {
     super("windows-arm64-image:pipeline:ImagePublication", name, {}, opts);
     const { ctx } = args;
     const stop = ctx.plan.stage("stopVm");
-    ctx.record("stopVm", runHostStage(ctx.runner, stop, { name: `${name}-stop-vm` }, { parent: this, dependsOn: ctx.dependencies(stop) }));
+    ctx.record(
+      "stopVm",
+      runHostStage(ctx.runner, stop, { name: `${name}-stop-vm` }, { parent: this, dependsOn: ctx.dependencies(stop) }),
+    );
     const pub = ctx.plan.stage("publish");
-    const cmd = runHostStage(ctx.runner, pub, { name: `${name}-publish` }, { parent: this, dependsOn: ctx.dependencies(pub) });
+    const cmd = runHostStage(
+      ctx.runner,
+      pub,
+      { name: `${name}-publish` },
+      { parent: this, dependsOn: ctx.dependencies(pub) },
+    );
     ctx.record("publish", cmd);
     this.manifest = cmd.stdout.apply(parseManifest);
     this.imageSha256 = this.manifest.apply((m) => m.sha256);

@@ -17,7 +17,12 @@ export class WindowsDisk extends pulumi.ComponentResource {
       const stage = ctx.plan.stage(id);
       ctx.record(
         id,
-        runHostStage(ctx.runner, stage, { name: `${name}-${suffix}` }, { parent: this, dependsOn: ctx.dependencies(stage) }),
+        runHostStage(
+          ctx.runner,
+          stage,
+          { name: `${name}-${suffix}` },
+          { parent: this, dependsOn: ctx.dependencies(stage) },
+        ),
       );
     }
     this.registerOutputs({});

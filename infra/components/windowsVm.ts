@@ -30,9 +30,17 @@ export class WindowsVm extends pulumi.ComponentResource {
     );
     ctx.record(
       "renderEnv",
-      runHostStage(ctx.runner, ctx.plan.stage("renderEnv"), { name: `${name}-env`, stdin: args.buildEnv }, child("renderEnv")),
+      runHostStage(
+        ctx.runner,
+        ctx.plan.stage("renderEnv"),
+        { name: `${name}-env`, stdin: args.buildEnv },
+        child("renderEnv"),
+      ),
     );
-    ctx.record("startVm", runHostStage(ctx.runner, ctx.plan.stage("startVm"), { name: `${name}-start` }, child("startVm")));
+    ctx.record(
+      "startVm",
+      runHostStage(ctx.runner, ctx.plan.stage("startVm"), { name: `${name}-start` }, child("startVm")),
+    );
     ctx.record(
       "waitGuest",
       runHostStage(ctx.runner, ctx.plan.stage("waitGuest"), { name: `${name}-wait-guest` }, child("waitGuest")),

@@ -62,9 +62,9 @@ export const GUEST_PROVISION_SCRIPT = [
   "  Set-Content -LiteralPath $cfg -Value $json -Encoding UTF8",
   "  & icacls.exe $cfg /inheritance:r /grant '*S-1-5-32-544:F' /grant '*S-1-5-18:F' | Out-Null",
   "  & powershell.exe -NoProfile -NonInteractive -ExecutionPolicy Bypass -File (Join-Path $media.Root 'provision.ps1') -ConfigPath $cfg",
-  "  if ($LASTEXITCODE -ne 0) { Write-Error \"provision: provision.ps1 failed with exit code $LASTEXITCODE (log: $dir\\provision.log)\"; exit $LASTEXITCODE }",
+  '  if ($LASTEXITCODE -ne 0) { Write-Error "provision: provision.ps1 failed with exit code $LASTEXITCODE (log: $dir\\provision.log)"; exit $LASTEXITCODE }',
   "  & powershell.exe -NoProfile -NonInteractive -ExecutionPolicy Bypass -File (Join-Path $media.Root 'check.ps1') -ConfigPath $cfg",
-  "  if ($LASTEXITCODE -ne 0) { Write-Error \"provision: check.ps1 found settings that are not as configured (exit $LASTEXITCODE)\"; exit $LASTEXITCODE }",
+  '  if ($LASTEXITCODE -ne 0) { Write-Error "provision: check.ps1 found settings that are not as configured (exit $LASTEXITCODE)"; exit $LASTEXITCODE }',
   "} finally { Remove-Item -LiteralPath $cfg -Force -ErrorAction SilentlyContinue }",
 ].join("\n");
 

@@ -126,7 +126,8 @@ export interface PlanInputs {
 
 /** Repo files each stage runs. */
 export const STAGE_FILES: Partial<Record<StageId, string[]>> = {
-  waitHost: ["provisioning/host-ready.sh", "provisioning/wait-for-guest.sh"],
+  // waitHost: QemuHost sends host-ready.sh on stdin and waits with wait-for-guest.sh locally;
+  // its own triggers hold those scripts' hashes, so editing them re-runs only the wait.
   firmware: ["provisioning/build-efi.sh"],
   fetchImage: ["provisioning/fetch-image.sh"],
   fetchDrivers: ["provisioning/fetch-image.sh"],
@@ -197,9 +198,10 @@ export function buildPlan(p: PlanInputs): Plan {
     },
     {
       id: "uploadFiles",
-      title: "Copy the scripts and assets to the host",
+      title: "Copy the scripts and assets to the host (each file re-copied only when it changes)",
       site: "host",
-      dependsOn: ["waitHost"],
+      // Runs once the host is ready (the component orders it); its digest is the files' hashes.
+      dependsOn: [],
       files: hostFiles(),
       inputs: {},
       timeoutMinutes: 10,
@@ -354,7 +356,10 @@ export function buildPlan(p: PlanInputs): Plan {
         uses: ["pipelineKey"],
         command: [
           `${L.sudo}install -D -m 0644 /dev/stdin ${shq(`${vm}/vm.env`)}`,
-          withEnv({ PIPELINE_PUBLIC_KEY: RUNTIME.pipelineKey }, run("prepare-ami.sh", "--generalize", L.imageRoot, `${vm}/vm.env`)),
+          withEnv(
+            { PIPELINE_PUBLIC_KEY: RUNTIME.pipelineKey },
+            run("prepare-ami.sh", "--generalize", L.imageRoot, `${vm}/vm.env`),
+          ),
         ].join(" && "),
         stdin: "vmImageEnv",
         timeoutMinutes: 10,
@@ -387,7 +392,7 @@ export function buildPlan(p: PlanInputs): Plan {
   for (const { uses, ...d } of drafts) {
     const files = d.files ?? STAGE_FILES[d.id] ?? [];
     const inputs: Record<string, string> = { ...d.inputs };
-    if (d.id !== "uploadFiles") {
+    {
       for (const f of files) {
         const h = p.fileHashes[f];
         if (h === undefined) throw new Error(`buildPlan: no hash for ${f}`);

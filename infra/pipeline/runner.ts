@@ -133,13 +133,11 @@ function timeouts(minutes: number): pulumi.CustomTimeouts {
 export function stageCommand(runner: Runner, stage: Stage): pulumi.Output<string> {
   if (stage.command === undefined) throw new Error(`stage ${stage.id} has no host command`);
   const cmd = stage.command;
-  return pulumi
-    .all(stage.runtime.map((r) => pulumi.output(runner.runtime[r])))
-    .apply((vals) => {
-      const values: Partial<RuntimeValues> = {};
-      stage.runtime.forEach((r, i) => (values[r] = vals[i]));
-      return resolveCommand(cmd, values);
-    });
+  return pulumi.all(stage.runtime.map((r) => pulumi.output(runner.runtime[r]))).apply((vals) => {
+    const values: Partial<RuntimeValues> = {};
+    stage.runtime.forEach((r, i) => (values[r] = vals[i]));
+    return resolveCommand(cmd, values);
+  });
 }
 
 /** The stage's triggers: its digest and the runtime values it depends on. */
