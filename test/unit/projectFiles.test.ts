@@ -1,0 +1,48 @@
+import { expect } from "chai";
+import * as fs from "fs";
+import * as yaml from "js-yaml";
+import * as path from "path";
+import { parseConfig, RawConfig } from "../../infra/config";
+import { CONFIG_KEYS, projectConfigBlock } from "../../infra/configSchema";
+
+const root = path.resolve(__dirname, "..", "..");
+const load = (f: string) => yaml.load(fs.readFileSync(path.join(root, f), "utf8")) as Record<string, any>;
+
+/** A stack file's project keys, as the strings Pulumi hands the program. */
+function stackRaw(file: string): RawConfig {
+  const raw: RawConfig = {};
+  for (const [k, v] of Object.entries(load(file).config as Record<string, unknown>)) {
+    if (!k.startsWith("windows-arm64-image:")) continue;
+    raw[k.slice("windows-arm64-image:".length)] = typeof v === "string" ? v : JSON.stringify(v);
+  }
+  return raw;
+}
+
+describe("project files", () => {
+  it("Pulumi.yaml declares the project, the Node.js runtime and every config key from the schema", () => {
+    const doc = load("Pulumi.yaml");
+    expect(doc.name).to.equal("windows-arm64-image");
+    expect(doc.runtime.name).to.equal("nodejs");
+    expect(doc.config).to.deep.equal(projectConfigBlock());
+    for (const k of CONFIG_KEYS) {
+      expect(doc.config[k.key].description, k.key).to.be.a("string").and.not.equal("");
+      expect(doc.config[k.key], k.key).to.have.property("default");
+    }
+  });
+
+  it("package.json points Pulumi at infra/index.ts", () => {
+    expect(JSON.parse(fs.readFileSync(path.join(root, "package.json"), "utf8")).main).to.equal("infra/index.ts");
+  });
+
+  for (const f of ["Pulumi.dev.yaml", "Pulumi.local.yaml"]) {
+    it(`${f} is a valid stack`, () => {
+      const c = parseConfig(stackRaw(f));
+      expect(c.image.windowsVersion).to.equal("11-23h2");
+    });
+  }
+
+  it("Pulumi.dev.yaml targets us-east-2 on a1.metal", () => {
+    expect(load("Pulumi.dev.yaml").config["aws:region"]).to.equal("us-east-2");
+    expect(parseConfig(stackRaw("Pulumi.dev.yaml")).host.instanceType).to.equal("a1.metal");
+  });
+});
