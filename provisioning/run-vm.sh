@@ -53,8 +53,10 @@
 # Exit: 2 when validation fails (every problem is listed first, QEMU is not
 #   started); otherwise QEMU's own exit status (QEMU replaces this script via
 #   exec unless VM_HALT_ON_EXIT=1, so systemd supervises QEMU directly). With
-#   VM_HALT_ON_EXIT=1 the host is powered off after QEMU exits by itself; not
-#   when this script was stopped by SIGTERM/SIGINT (forwarded to QEMU).
+#   VM_HALT_ON_EXIT=1 the host is powered off after QEMU exits by itself (the
+#   guest shut down, or QEMU quit or crashed); not when the service is being
+#   stopped: this script got SIGTERM/SIGINT/SIGHUP (forwarded to QEMU), or its
+#   systemd unit is "deactivating" (ExecStop powered the guest down).
 set -euo pipefail
 
 readonly me="run-vm"
@@ -432,6 +434,15 @@ trap - TERM INT HUP
 
 if [[ -n $stopped_by ]]; then
   log "QEMU exited with status $rc after SIG$stopped_by; the service was stopped, so the host is NOT powered off"
+  exit "$rc"
+fi
+# Under systemd, `systemctl stop` first runs the unit's ExecStop (an ACPI
+# power-down): the guest shuts down and QEMU exits by itself while the unit is
+# "deactivating". That is a stop of the service too, not a reason to power off.
+own_unit=$(grep -o '[^/]*\.service$' /proc/self/cgroup 2>/dev/null | head -n 1 || true)
+if [[ -n $own_unit ]] && command -v systemctl >/dev/null 2>&1 &&
+  [[ $(systemctl show --property=ActiveState --value "$own_unit" 2>/dev/null || true) == deactivating ]]; then
+  log "QEMU exited with status $rc while $own_unit is being stopped, so the host is NOT powered off"
   exit "$rc"
 fi
 if [[ -n ${RUN_VM_HALT_COMMAND:-} ]]; then

@@ -21,8 +21,9 @@
 # of run-vm.log (or the unit's journal) and of the serial log; if it did not
 # come up in time, stop the launcher and say so.
 #
-# Env: START_VM_WAIT_S; VM_* variables in the environment override the file
-#   (and are passed on to the transient unit).
+# Env: START_VM_WAIT_S; START_VM_SYSTEMD (auto [default], 1: use systemd-run,
+#   0: run detached even where systemd runs); VM_* variables in the
+#   environment override the file (and are passed on to the transient unit).
 # Output: one line on stdout: "start-vm: VM started (...)" or
 #   "start-vm: VM already running (...)"; progress and errors on stderr.
 # Exit: 0 started or already running; 2 invalid configuration (nothing
@@ -61,8 +62,15 @@ pid_file=${cfg[VM_PID_FILE]}
 run_log="$vm_dir/run-vm.log"
 launcher_pid_file="$vm_dir/run-vm.pid"
 
-use_systemd=0
-if [[ -d /run/systemd/system ]] && command -v systemd-run >/dev/null 2>&1; then use_systemd=1; fi
+case ${START_VM_SYSTEMD:-auto} in
+  auto)
+    use_systemd=0
+    if [[ -d /run/systemd/system ]] && command -v systemd-run >/dev/null 2>&1; then use_systemd=1; fi
+    ;;
+  1) use_systemd=1 ;;
+  0) use_systemd=0 ;;
+  *) usage "START_VM_SYSTEMD='$START_VM_SYSTEMD' must be auto, 0 or 1" ;;
+esac
 
 alive() {
   local state
@@ -86,10 +94,17 @@ qmp_answers() {
   fi
 }
 clean() { sed -e 's/\x1b\[[0-9;=?]*[A-Za-z]//g' -e 's/\r/\n/g' | tr -d '\000-\010\013-\037' | grep -v '^[[:space:]]*$' | cut -c1-240; }
-show_tail() { # show_tail FILE N TITLE
-  [[ -s $1 ]] || return 0
-  log "$3 ($1, last $2 lines):"
-  clean <"$1" | tail -n "$2" | sed 's/^/  | /' >&2 || true
+# The serial output of this start only: what follows run-vm's last marker line.
+show_serial() {
+  local out
+  [[ -s $serial_log ]] || return 0
+  out=$(clean <"$serial_log" | awk '/^=== run-vm: starting QEMU/ { n = 0 } { buf[n++] = $0 } END { for (i = 1; i < n; i++) print buf[i] }' | tail -n 20)
+  if [[ -z $out ]]; then
+    log "serial log $serial_log: no output from this start"
+  else
+    log "serial log ($serial_log, this start, last 20 lines):"
+    printf '%s\n' "$out" | sed 's/^/  | /' >&2
+  fi
 }
 
 # --- 1. already running? -------------------------------------------------------------
@@ -148,15 +163,19 @@ launcher_alive() {
     alive "$launcher_pid"
   fi
 }
+# The launcher's output: its log file, or the unit's journal.
+launcher_output() {
+  if ((use_systemd)); then
+    journalctl -u "$unit" -n 40 --no-pager -o cat 2>/dev/null | clean || true
+  elif [[ -s $run_log ]]; then
+    clean <"$run_log" | tail -n 30
+  fi
+}
 failed() {
   log "QEMU failed to start: $1"
-  if ((use_systemd)); then
-    log "journal of $unit:"
-    journalctl -u "$unit" -n 40 --no-pager -o cat 2>/dev/null | clean | sed 's/^/  | /' >&2 || true
-  else
-    show_tail "$run_log" 30 "launcher output"
-  fi
-  show_tail "$serial_log" 20 "serial log"
+  if ((use_systemd)); then log "journal of $unit:"; else log "launcher output ($run_log):"; fi
+  launcher_output | sed 's/^/  | /' >&2
+  show_serial
   exit 1
 }
 
@@ -168,10 +187,8 @@ while :; do
     exit 0
   fi
   if ! launcher_alive; then
-    cause=""
-    if ((!use_systemd)) && [[ -s $run_log ]]; then
-      cause=$(grep -v '^run-vm: starting:' "$run_log" | grep -v "Could not open option rom" | clean | tail -n 1 || true)
-    fi
+    # QEMU's last words are the cause ("qemu-system-aarch64: ...: reason").
+    cause=$(launcher_output | grep -v -e '^run-vm: starting:' -e 'Could not open option rom' | tail -n 1 || true)
     failed "${cause:-the launcher exited}"
   fi
   if ((SECONDS - start >= wait_s)); then

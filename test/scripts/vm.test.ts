@@ -124,6 +124,11 @@ function values(args: string[], flag: string): string[] {
   return out;
 }
 
+/** start-vm.sh on the detached (non-systemd) path, whatever the machine runs. */
+function startVm(vm: Vm, env: NodeJS.ProcessEnv = {}) {
+  return runScript("start-vm.sh", [vm.envFile], { env: { START_VM_SYSTEMD: "0", ...env }, timeoutMs: 60000 });
+}
+
 describe("VM lifecycle scripts: run-vm, start-vm, wait-for-guest, stop-vm", function () {
   this.timeout(120000);
 
@@ -327,7 +332,7 @@ describe("VM lifecycle scripts: run-vm, start-vm, wait-for-guest, stop-vm", func
       expect(qemuProcessesMentioning(vm.dir)).to.deep.equal([]);
 
       // start-vm refuses the same file with the same messages and exit code 2.
-      const s = await runScript("start-vm.sh", [vm.envFile]);
+      const s = await startVm(vm);
       expect(s.code, s.stderr).to.equal(2);
       expect(s.stderr).to.include("VM_DISK=").and.include("not starting the VM");
       expect(fs.existsSync(vm.runLog)).to.equal(false);
@@ -376,7 +381,7 @@ describe("VM lifecycle scripts: run-vm, start-vm, wait-for-guest, stop-vm", func
 
     it("start-vm starts the launcher in the background and returns once QMP answers", async function () {
       const t0 = Date.now();
-      const r = await runScript("start-vm.sh", [vm.envFile], { timeoutMs: 60000 });
+      const r = await startVm(vm);
       expect(r.code, r.stderr).to.equal(0);
       expect(r.stdout).to.match(/start-vm: VM started \(QEMU pid \d+/);
       expect(r.stderr).to.include("no systemd here");
@@ -417,7 +422,7 @@ describe("VM lifecycle scripts: run-vm, start-vm, wait-for-guest, stop-vm", func
     });
 
     it("a second start-vm is a no-op", async function () {
-      const r = await runScript("start-vm.sh", [vm.envFile], { timeoutMs: 60000 });
+      const r = await startVm(vm);
       expect(r.code, r.stderr).to.equal(0);
       expect(r.stdout).to.include(`VM already running (QEMU pid ${qemuPid}`);
       expect(readPid(vm.pidFile)).to.equal(qemuPid);
@@ -479,7 +484,7 @@ describe("VM lifecycle scripts: run-vm, start-vm, wait-for-guest, stop-vm", func
   describe("failure and halt paths with a real QEMU", function () {
     it("start-vm names the cause when QEMU dies right after starting, and leaves nothing running", async function () {
       const vm = await makeVm("dies", { VM_MACHINE_OPTS: "no-such-option=on" });
-      const r = await runScript("start-vm.sh", [vm.envFile], { timeoutMs: 60000 });
+      const r = await startVm(vm);
       expect(r.code, r.stderr).to.equal(1);
       expect(r.stderr).to.match(/start-vm: QEMU failed to start: .*no-such-option/);
       expect(r.stderr).to.include("launcher output");
@@ -491,7 +496,7 @@ describe("VM lifecycle scripts: run-vm, start-vm, wait-for-guest, stop-vm", func
       const blocker = net.createServer((s) => s.destroy());
       await new Promise<void>((res) => blocker.listen(vm.sshPort, "127.0.0.1", () => res()));
       try {
-        const r = await runScript("start-vm.sh", [vm.envFile], { timeoutMs: 30000 });
+        const r = await startVm(vm);
         expect(r.code, r.stderr).to.equal(2);
         expect(r.stderr).to.include(`VM_SSH_PORT=${vm.sshPort}: something already listens`);
         expect(fs.existsSync(vm.runLog)).to.equal(false);
@@ -500,13 +505,75 @@ describe("VM lifecycle scripts: run-vm, start-vm, wait-for-guest, stop-vm", func
       }
     });
 
+    it("start-vm where systemd runs: a transient unit with --collect and KillMode=mixed (systemd stand-ins)", async function () {
+      // Stand-ins for systemd-run/systemctl/journalctl that record their
+      // arguments and run the unit's command detached, as systemd would.
+      const fake = fs.mkdtempSync(path.join(work, "fake-systemd-"));
+      const files: Record<string, string> = {
+        "systemd-run": [
+          "#!/usr/bin/env bash",
+          'unit="" cmd=() envs=()',
+          'for a in "$@"; do case $a in --unit=*) unit=${a#--unit=} ;; --setenv=*) envs+=("${a#--setenv=}") ;;',
+          '  --*) ;; *) cmd+=("$a") ;; esac; done',
+          'printf "%s\\n" "$@" >"$FAKE_SYSTEMD/$unit.args"',
+          'env "${envs[@]}" setsid nohup "${cmd[@]}" >"$FAKE_SYSTEMD/$unit.journal" 2>&1 </dev/null &',
+          'echo $! >"$FAKE_SYSTEMD/$unit.pid"',
+        ].join("\n"),
+        systemctl: [
+          "#!/usr/bin/env bash",
+          'verb="" unit=""',
+          'for a in "$@"; do case $a in -*) ;; *) if [[ -z $verb ]]; then verb=$a; else unit=$a; fi ;; esac; done',
+          'pid=$(cat "$FAKE_SYSTEMD/$unit.pid" 2>/dev/null)',
+          'case $verb in',
+          '  is-active) if [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null && ! grep -q "^State:.*Z" "/proc/$pid/status"; then',
+          '      echo active; else echo inactive; exit 3; fi ;;',
+          '  stop) [[ -z $pid ]] || kill "$pid" 2>/dev/null; exit 0 ;;',
+          '  *) exit 0 ;;',
+          "esac",
+        ].join("\n"),
+        journalctl: [
+          "#!/usr/bin/env bash",
+          'unit=""; while (($#)); do [[ $1 == -u ]] && unit=$2; shift; done',
+          'cat "$FAKE_SYSTEMD/$unit.journal"',
+        ].join("\n"),
+      };
+      for (const [name, text] of Object.entries(files)) {
+        fs.writeFileSync(path.join(fake, name), text + "\n", { mode: 0o755 });
+      }
+      const env = { START_VM_SYSTEMD: "1", FAKE_SYSTEMD: fake, PATH: `${fake}:${process.env.PATH}`, VM_CPUS: "1" };
+
+      const vm = await makeVm("unit");
+      const r = await runScript("start-vm.sh", [vm.envFile, "windows-vm-test"], { env, timeoutMs: 60000 });
+      expect(r.code, r.stderr).to.equal(0);
+      expect(r.stdout).to.match(/VM started \(QEMU pid \d+, .*unit windows-vm-test\)/);
+      const args = fs.readFileSync(path.join(fake, "windows-vm-test.args"), "utf8").trimEnd().split("\n");
+      expect(args).to.include.members(["--unit=windows-vm-test", "--collect", "--property=KillMode=mixed"]);
+      expect(args).to.include("--setenv=VM_CPUS=1");
+      expect(args.slice(-2)).to.deep.equal([script("run-vm.sh"), vm.envFile]);
+      expect(fs.existsSync(vm.runLog), "no run-vm.log on the systemd path").to.equal(false);
+      const again = await runScript("start-vm.sh", [vm.envFile, "windows-vm-test"], { env, timeoutMs: 60000 });
+      expect(again.code, again.stderr).to.equal(0);
+      expect(again.stdout).to.include("already running");
+      const stop = await runScript("stop-vm.sh", [vm.qmp, "0"], { timeoutMs: 60000 });
+      expect(stop.code, stop.stderr).to.equal(0);
+      expect(qemuProcessesMentioning(vm.dir)).to.deep.equal([]);
+
+      // A QEMU that dies at once: the cause comes from the unit's journal.
+      const bad = await makeVm("unit-dies", { VM_MACHINE_OPTS: "no-such-option=on" });
+      const b = await runScript("start-vm.sh", [bad.envFile, "windows-vm-test2"], { env, timeoutMs: 60000 });
+      expect(b.code, b.stderr).to.equal(1);
+      expect(b.stderr).to.include("journal of windows-vm-test2");
+      expect(b.stderr).to.match(/QEMU failed to start: .*no-such-option/);
+      expect(b.stderr).to.include("no-such-option");
+    });
+
     it("VM_HALT_ON_EXIT=1 powers the host off after QEMU exits; wait-for-guest fails at once on the VM exit", async function () {
       const marker = path.join(work, "halted");
       const haltCmd = path.join(work, "fake-halt.sh");
       fs.writeFileSync(haltCmd, `#!/bin/sh\necho halted >"${marker}"\n`, { mode: 0o755 });
       const vm = await makeVm("halt", { VM_HALT_ON_EXIT: "1" });
       const env = { RUN_VM_HALT_COMMAND: haltCmd };
-      const s = await runScript("start-vm.sh", [vm.envFile], { env, timeoutMs: 60000 });
+      const s = await startVm(vm, env);
       expect(s.code, s.stderr).to.equal(0);
       const launcherPid = readPid(path.join(vm.dir, "run-vm.pid"));
       const pid = readPid(vm.pidFile);
@@ -537,10 +604,7 @@ describe("VM lifecycle scripts: run-vm, start-vm, wait-for-guest, stop-vm", func
       const haltCmd = path.join(work, "fake-halt-term.sh");
       fs.writeFileSync(haltCmd, `#!/bin/sh\necho halted >"${marker}"\n`, { mode: 0o755 });
       const vm = await makeVm("halt-term", { VM_HALT_ON_EXIT: "1" });
-      const s = await runScript("start-vm.sh", [vm.envFile], {
-        env: { RUN_VM_HALT_COMMAND: haltCmd },
-        timeoutMs: 60000,
-      });
+      const s = await startVm(vm, { RUN_VM_HALT_COMMAND: haltCmd });
       expect(s.code, s.stderr).to.equal(0);
       const launcherPid = readPid(path.join(vm.dir, "run-vm.pid"))!;
       const pid = readPid(vm.pidFile);
