@@ -10,6 +10,8 @@ export default tseslint.config(
     rules: {
       "@typescript-eslint/no-explicit-any": "off",
       "@typescript-eslint/no-unused-vars": ["error", { argsIgnorePattern: "^_" }],
+      // Tests strip ANSI escapes from serial consoles.
+      "no-control-regex": "off",
     },
   },
 );
