@@ -1,4 +1,5 @@
 #Requires -Version 5.1
+
 <#
 .SYNOPSIS
     Verifies what provision.ps1 set up (runs inside the guest, elevated).

@@ -1,4 +1,5 @@
 #Requires -Version 5.1
+
 <#
 .SYNOPSIS
     Provisions a Windows ARM64 VM as a CI builder (runs inside the guest, elevated).

@@ -1,0 +1,221 @@
+# Tests of provisioning/windows/check.ps1 against the in-memory Windows of
+# FakeWindows.ps1, after a real provision.ps1 run.
+
+BeforeDiscovery {
+    Import-Module (Join-Path $PSScriptRoot '../../provisioning/windows/common.psm1') -Force -DisableNameChecking
+    $switchCases = @(Get-StepCatalog | ForEach-Object { @{ Step = $_.Name; Switch = $_.Switch } })
+
+    $winlogon = 'HKLM:\SOFTWARE\Microsoft\Windows NT\CurrentVersion\Winlogon'
+    # One way to undo each setting, and the row that must then fail.
+    $breakCases = @(
+        @{ Label = 'Windows Update policy missing'; Row = 'WindowsUpdate\AU\NoAutoUpdate'; Break = { Remove-FakeRegistryValue 'HKLM:\SOFTWARE\Policies\Microsoft\Windows\WindowsUpdate\AU' 'NoAutoUpdate' } }
+        @{ Label = 'error reporting UI shown'; Row = 'Windows Error Reporting\DontShowUI'; Break = { Set-FakeRegistryValue 'HKLM:\SOFTWARE\Microsoft\Windows\Windows Error Reporting' 'DontShowUI' 0 DWord } }
+        @{ Label = 'UAC on'; Row = 'Policies\System\EnableLUA'; Break = { Set-FakeRegistryValue 'HKLM:\SOFTWARE\Microsoft\Windows\CurrentVersion\Policies\System' 'EnableLUA' 1 DWord } }
+        @{ Label = 'a firewall profile on'; Row = 'firewall profile Public Enabled'; Break = { $global:FakeWin.Firewall['Public'] = $true } }
+        @{ Label = 'Defender real-time on'; Row = 'Defender DisableRealtimeMonitoring'; Break = { $global:FakeWin.Defender.DisableRealtimeMonitoring = $false } }
+        @{ Label = 'a service not disabled'; Row = 'service BITS StartType'; Break = { $global:FakeWin.Services['BITS'] = 'Manual' } }
+        @{ Label = 'buildlet binary changed'; Row = 'bootstrap.exe SHA-256'; Break = { Set-Content -LiteralPath $global:TestEnv.Settings.buildletPath -Value 'tampered' } }
+        @{ Label = 'buildlet binary missing'; Row = 'bootstrap.exe SHA-256'; Break = { Remove-Item -LiteralPath $global:TestEnv.Settings.buildletPath } }
+        @{ Label = 'buildlet Run entry wrong'; Row = 'CurrentVersion\Run\buildlet'; Break = { Set-FakeRegistryValue 'HKLM:\SOFTWARE\Microsoft\Windows\CurrentVersion\Run' 'buildlet' 'C:\elsewhere.exe' } }
+        @{ Label = 'llvm-mingw from another archive'; Row = 'source archive SHA-256'; Break = { Set-Content -LiteralPath (Join-Path $global:TestEnv.Settings.llvmMingwDir '.source-sha256') -Value ('12' * 32) } }
+        @{ Label = 'clang.exe missing'; Row = 'clang.exe'; Break = { Remove-Item -LiteralPath (Join-Path (Join-Path $global:TestEnv.Settings.llvmMingwDir 'bin') 'clang.exe') } }
+        @{ Label = 'VS Build Tools missing'; Row = 'VS instance with'; Break = { $global:FakeWin.VsInstalled = $false } }
+        @{ Label = 'builder user missing'; Row = 'local user ci-builder'; Break = { $global:FakeWin.Users.Remove('ci-builder') } }
+        @{ Label = 'builder user disabled'; Row = 'local user ci-builder Enabled'; Break = { $global:FakeWin.Users['ci-builder'].Enabled = $false } }
+        @{ Label = 'builder password expires'; Row = 'local user ci-builder password expires'; Break = { $global:FakeWin.Users['ci-builder'].PasswordExpires = [DateTime]'2031-01-01' } }
+        @{ Label = 'builder not an administrator'; Row = 'local user ci-builder in Administrators'; Break = { [void]$global:FakeWin.Admins.Remove($global:FakeWin.Users['ci-builder'].SID) } }
+        @{ Label = 'builder password changed'; Row = 'local user ci-builder password'; Break = { $global:FakeWin.Users['ci-builder'].Password = 'changed-elsewhere' } }
+        @{ Label = 'autologon off'; Row = 'Winlogon\AutoAdminLogon'; Break = { Set-FakeRegistryValue $winlogon 'AutoAdminLogon' '0' } }
+        @{ Label = 'autologon user wrong'; Row = 'Winlogon\DefaultUserName'; Break = { Set-FakeRegistryValue $winlogon 'DefaultUserName' 'Administrator' } }
+        @{ Label = 'autologon password wrong'; Row = 'Winlogon\DefaultPassword'; Break = { Set-FakeRegistryValue $winlogon 'DefaultPassword' 'not-it' } }
+        @{ Label = 'AutoLogonCount set'; Row = 'Winlogon\AutoLogonCount'; Break = { Set-FakeRegistryValue $winlogon 'AutoLogonCount' 2 DWord } }
+    )
+    foreach ($case in $breakCases) { $case.Winlogon = $winlogon }
+}
+
+BeforeAll {
+    . (Join-Path $PSScriptRoot 'FakeWindows.ps1')
+    Import-Module $global:CommonModule -Force -DisableNameChecking
+
+    # Rows of the printed table as objects (header and separator skipped).
+    function ConvertFrom-CheckTable {
+        param([string[]]$Lines)
+        $header = [array]::IndexOf($Lines, ($Lines | Where-Object { $_ -match '^Step\s+\| Setting\s+\| Expected\s+\| Actual\s+\| Result$' } | Select-Object -First 1))
+        if ($header -lt 0) { return @() }
+        foreach ($line in $Lines[($header + 2)..($Lines.Count - 1)]) {
+            if ($line -notmatch ' \| ') { break }
+            $cells = $line -split ' \| '
+            [pscustomobject]@{
+                Step = $cells[0].Trim(); Setting = $cells[1].Trim(); Expected = $cells[2].Trim(); Actual = $cells[3].Trim(); Result = $cells[4].Trim()
+            }
+        }
+    }
+}
+
+Describe 'check.ps1' {
+    BeforeEach {
+        New-FakeWindows
+        Enable-FakeWindows
+        $global:TestEnv = New-TestEnvironment -Root (Join-Path $TestDrive ([guid]::NewGuid().ToString('N')))
+        $script:t = $global:TestEnv
+        $provisioned = Invoke-GuestScript provision $t.ConfigPath
+        $provisioned.ExitCode | Should -Be 0 -Because $provisioned.Text
+    }
+
+    It 'passes after provisioning, with a PASS row per setting of every step' {
+        $r = Invoke-GuestScript check $t.ConfigPath
+        $r.ExitCode | Should -Be 0 -Because $r.Text
+        $rows = @(ConvertFrom-CheckTable $r.Output)
+        # 3 policies, 3 firewall profiles, Defender, 8 services, buildlet 2,
+        # llvm-mingw 2, VS 1, user 5, autologon 4.
+        $rows | Should -HaveCount 29
+        $rows | Where-Object { $_.Result -ne 'PASS' } | Should -BeNullOrEmpty
+        foreach ($step in Get-StepCatalog) {
+            @($rows | Where-Object { $_.Step -eq $step.Name }).Count | Should -BeGreaterThan 0 -Because "step $($step.Name) needs a check"
+        }
+        foreach ($name in (Get-SettingSchema | Where-Object { $_.Key -eq 'servicesToDisable' }).Default) {
+            $rows.Setting | Should -Contain "service $name StartType"
+        }
+        $r.Output[-1] | Should -Be 'check: 29 of 29 checks passed, 0 failed'
+    }
+
+    It 'never prints the password' {
+        $r = Invoke-GuestScript check $t.ConfigPath
+        $r.Text | Should -Not -Match ([regex]::Escape($t.Password))
+        $row = ConvertFrom-CheckTable $r.Output | Where-Object { $_.Setting -like '*\DefaultPassword' }
+        $row.Expected | Should -Be '(configured password)'
+        $row.Actual | Should -Be '(matches)'
+    }
+
+    It 'changes nothing on the machine' {
+        $changes = $global:FakeWin.Changes.Count
+        [void](Invoke-GuestScript check $t.ConfigPath)
+        $global:FakeWin.Changes.Count | Should -Be $changes
+        $global:FakeWin.Downloads | Should -HaveCount 3
+    }
+
+    It 'reports "<Label>" in its row and exits 1' -ForEach $breakCases {
+        . $Break
+        $r = Invoke-GuestScript check $t.ConfigPath
+        $r.ExitCode | Should -Be 1
+        $failed = @(ConvertFrom-CheckTable $r.Output | Where-Object { $_.Result -eq 'FAIL' })
+        $failed | Should -HaveCount 1 -Because ($failed | Out-String)
+        $failed[0].Setting | Should -BeLike "*$Row*"
+        $r.Output | Where-Object { $_ -match '^check: \d+ of \d+ checks passed, 1 failed$' } | Should -HaveCount 1
+        $r.Output[-1] | Should -Match ('^check: FAILED: .*' + [regex]::Escape($Row))
+        $r.Text | Should -Not -Match ([regex]::Escape($t.Password))
+    }
+
+    It 'fails when any change provisioning made is undone (every change is covered by a check)' {
+        # Replays each change recorded by the fake during provisioning, undoes
+        # it, and expects the check to fail. A new kind of change without an
+        # undo here fails this test, so a new setting cannot go unchecked.
+        $fresh = $global:FakeWin.Changes.ToArray()
+        $fresh | Should -Not -BeNullOrEmpty
+        foreach ($change in $fresh) {
+            $undo = $null
+            switch -Regex ($change) {
+                '^registry key created: ' { continue }
+                '^registry value set: (.+)\\([^\\]+)$' {
+                    $path = $Matches[1]; $name = $Matches[2]
+                    $saved = $global:FakeWin.Registry[(ConvertTo-FakeRegistryKey $path) + '|' + $name.ToLowerInvariant()]
+                    Remove-FakeRegistryValue $path $name
+                    $undo = { $global:FakeWin.Registry[(ConvertTo-FakeRegistryKey $path) + '|' + $name.ToLowerInvariant()] = $saved }.GetNewClosure()
+                }
+                '^service (\S+) -> Disabled$' {
+                    $svc = $Matches[1]
+                    $global:FakeWin.Services[$svc] = 'Manual'
+                    $undo = { $global:FakeWin.Services[$svc] = 'Disabled' }.GetNewClosure()
+                }
+                '^firewall (\S+) -> False$' {
+                    $fw = $Matches[1]
+                    $global:FakeWin.Firewall[$fw] = $true
+                    $undo = { $global:FakeWin.Firewall[$fw] = $false }.GetNewClosure()
+                }
+                '^defender realtime disabled -> True$' {
+                    $global:FakeWin.Defender.DisableRealtimeMonitoring = $false
+                    $undo = { $global:FakeWin.Defender.DisableRealtimeMonitoring = $true }
+                }
+                '^user created: (.+)$' {
+                    $user = $Matches[1]
+                    $savedUser = $global:FakeWin.Users[$user]
+                    $global:FakeWin.Users.Remove($user)
+                    $undo = { $global:FakeWin.Users[$user] = $savedUser }.GetNewClosure()
+                }
+                '^admin added: (.+)$' {
+                    $sid = $global:FakeWin.Users[$Matches[1]].SID
+                    [void]$global:FakeWin.Admins.Remove($sid)
+                    $undo = { $global:FakeWin.Admins.Add($sid) }.GetNewClosure()
+                }
+                '^visual studio installed$' {
+                    $global:FakeWin.VsInstalled = $false
+                    $undo = { $global:FakeWin.VsInstalled = $true }
+                }
+                default { throw "no undo for the change '$change': teach this test (and check.ps1) about it" }
+            }
+            if ($null -eq $undo) { continue }
+            $r = Invoke-GuestScript check $t.ConfigPath
+            $r.ExitCode | Should -Be 1 -Because "undoing '$change' must fail the check"
+            & $undo
+            (Invoke-GuestScript check $t.ConfigPath).ExitCode | Should -Be 0 -Because "restoring '$change' must pass again"
+        }
+    }
+
+    It 'fails every row on a machine that was never provisioned' {
+        New-FakeWindows
+        Remove-Item -LiteralPath (Join-Path $t.Root 'machine') -Recurse -Force
+        $r = Invoke-GuestScript check $t.ConfigPath
+        $r.ExitCode | Should -Be 1
+        $rows = @(ConvertFrom-CheckTable $r.Output)
+        $passing = @($rows | Where-Object { $_.Result -eq 'PASS' } | ForEach-Object { $_.Setting })
+        # Only what a fresh machine already has passes: RemoteRegistry is
+        # disabled out of the box and there is no AutoLogonCount.
+        $passing | Should -Be @('service RemoteRegistry StartType', 'HKLM:\SOFTWARE\Microsoft\Windows NT\CurrentVersion\Winlogon\AutoLogonCount')
+        foreach ($step in Get-StepCatalog) {
+            @($rows | Where-Object { $_.Step -eq $step.Name -and $_.Result -eq 'FAIL' }).Count | Should -BeGreaterThan 0
+        }
+    }
+
+    It 'checks nothing of <Step> when <Switch> is false' -ForEach $switchCases {
+        $t.Settings[$Switch] = $false
+        Save-TestSettings $t
+        # Undo everything so that only the steps still switched on can pass.
+        New-FakeWindows
+        Remove-Item -LiteralPath (Join-Path $t.Root 'machine') -Recurse -Force
+        $r = Invoke-GuestScript check $t.ConfigPath
+        $rows = @(ConvertFrom-CheckTable $r.Output)
+        $rows | Where-Object { $_.Step -eq $Step } | Should -BeNullOrEmpty
+        $r.Output | Should -Contain "check: switched off, not checked: $Step"
+    }
+
+    It 'passes with a switched-off step left undone' {
+        $t.Settings.disableFirewall = $false
+        Save-TestSettings $t
+        $global:FakeWin.Firewall['Domain'] = $true
+        $r = Invoke-GuestScript check $t.ConfigPath
+        $r.ExitCode | Should -Be 0 -Because $r.Text
+    }
+
+    It 'reports a check that throws as a FAIL row with the error' {
+        Mock Get-MpPreference { throw 'The service cannot be started' }
+        $r = Invoke-GuestScript check $t.ConfigPath
+        $r.ExitCode | Should -Be 1
+        $row = ConvertFrom-CheckTable $r.Output | Where-Object { $_.Step -eq 'disable-defender-realtime' }
+        $row.Result | Should -Be 'FAIL'
+        $row.Actual | Should -Be 'error: The service cannot be started'
+    }
+
+    It 'treats a listed service that is not installed as passing' {
+        $global:FakeWin.Services.Remove('MSDTC')
+        $r = Invoke-GuestScript check $t.ConfigPath
+        $r.ExitCode | Should -Be 0 -Because $r.Text
+        (ConvertFrom-CheckTable $r.Output | Where-Object { $_.Setting -eq 'service MSDTC StartType' }).Actual | Should -Be '(not installed)'
+    }
+
+    It 'exits 2 on invalid settings' {
+        Set-Content -LiteralPath $t.ConfigPath -Value '{ "installBuildlet": "yes" }'
+        $r = Invoke-GuestScript check $t.ConfigPath
+        $r.ExitCode | Should -Be 2
+        $r.Text | Should -Match "'installBuildlet' must be true or false"
+    }
+}

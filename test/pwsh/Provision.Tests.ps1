@@ -1,0 +1,497 @@
+# Tests of provisioning/windows/provision.ps1 against an in-memory Windows
+# (FakeWindows.ps1): registry, services, Defender, firewall, local users and
+# the VS installer are fakes; files, hashes, zips and logs are real.
+
+BeforeDiscovery {
+    Import-Module (Join-Path $PSScriptRoot '../../provisioning/windows/common.psm1') -Force -DisableNameChecking
+    $switchCases = @(Get-StepCatalog | ForEach-Object { @{ Step = $_.Name; Switch = $_.Switch } })
+    $downloadCases = @(
+        @{ Step = 'install-buildlet'; ShaKey = 'buildletStage0Sha256'; UrlKey = 'buildletStage0Url' }
+        @{ Step = 'install-llvm-mingw'; ShaKey = 'llvmMingwSha256'; UrlKey = 'llvmMingwUrl' }
+        @{ Step = 'install-vs-build-tools'; ShaKey = 'vsBuildToolsSha256'; UrlKey = 'vsBuildToolsUrl' }
+    )
+}
+
+BeforeAll {
+    . (Join-Path $PSScriptRoot 'FakeWindows.ps1')
+    Import-Module $global:CommonModule -Force -DisableNameChecking
+
+    $script:WU = 'HKLM:\SOFTWARE\Policies\Microsoft\Windows\WindowsUpdate\AU'
+    $script:WER = 'HKLM:\SOFTWARE\Microsoft\Windows\Windows Error Reporting'
+    $script:SYS = 'HKLM:\SOFTWARE\Microsoft\Windows\CurrentVersion\Policies\System'
+    $script:RUN = 'HKLM:\SOFTWARE\Microsoft\Windows\CurrentVersion\Run'
+    $script:WINLOGON = 'HKLM:\SOFTWARE\Microsoft\Windows NT\CurrentVersion\Winlogon'
+
+    function Get-LogText { Get-Content -LiteralPath $script:t.LogPath -Raw }
+
+    # The part of the fake machine each step owns, to show a switched-off step left it alone.
+    function Get-StepState {
+        param([string]$Step)
+        $s = $script:t.Settings
+        switch ($Step) {
+            'disable-windows-update' { "$(Get-FakeRegistryValue $script:WU 'NoAutoUpdate')" }
+            'disable-error-reporting-ui' { "$(Get-FakeRegistryValue $script:WER 'DontShowUI')" }
+            'disable-uac' { "$(Get-FakeRegistryValue $script:SYS 'EnableLUA')" }
+            'disable-firewall' { ($global:FakeWin.Firewall.Values | ForEach-Object { "$_" }) -join ',' }
+            'disable-defender-realtime' { "$($global:FakeWin.Defender.DisableRealtimeMonitoring)" }
+            'disable-services' { ($global:FakeWin.Services.Keys | Sort-Object | ForEach-Object { "$_=$($global:FakeWin.Services[$_])" }) -join ',' }
+            'install-buildlet' { "$(Test-Path -LiteralPath $s.buildletPath)|$(Get-FakeRegistryValue $script:RUN 'buildlet')" }
+            'install-llvm-mingw' { "$(Test-Path -LiteralPath $s.llvmMingwDir)" }
+            'install-vs-build-tools' { "$($global:FakeWin.Processes.Count)|$($global:FakeWin.VsInstalled)" }
+            'create-builder-user' { "$($global:FakeWin.Users.Count)|$($global:FakeWin.Admins.Count)" }
+            'configure-autologon' { "$(Get-FakeRegistryValue $script:WINLOGON 'AutoAdminLogon')|$(Get-FakeRegistryValue $script:WINLOGON 'DefaultUserName')" }
+            default { throw "no state probe for step $Step" }
+        }
+    }
+}
+
+Describe 'provision.ps1' {
+    BeforeEach {
+        New-FakeWindows
+        Enable-FakeWindows
+        $script:t = New-TestEnvironment -Root (Join-Path $TestDrive ([guid]::NewGuid().ToString('N')))
+    }
+
+    Context 'a full run on a fresh machine' {
+        BeforeEach {
+            $script:r = Invoke-GuestScript provision $t.ConfigPath
+        }
+
+        It 'exits 0' {
+            $r.ExitCode | Should -Be 0 -Because $r.Text
+        }
+
+        It 'sets the Windows Update, error reporting and UAC policies' {
+            Get-FakeRegistryValue $WU 'NoAutoUpdate' | Should -Be 1
+            $global:FakeWin.Registry[(ConvertTo-FakeRegistryKey $WU) + '|noautoupdate'].Type | Should -Be 'DWord'
+            Get-FakeRegistryValue $WER 'DontShowUI' | Should -Be 1
+            Get-FakeRegistryValue $SYS 'EnableLUA' | Should -Be 0
+        }
+
+        It 'turns off every firewall profile and Defender real-time monitoring' {
+            $global:FakeWin.Firewall.Values | Should -Not -Contain $true
+            $global:FakeWin.Defender.DisableRealtimeMonitoring | Should -BeTrue
+        }
+
+        It 'disables the listed services and no other' {
+            foreach ($name in 'NlaSvc', 'LanmanServer', 'BITS', 'DPS', 'MSDTC', 'IKEEXT', 'RemoteRegistry', 'lmhosts') {
+                $global:FakeWin.Services[$name] | Should -Be 'Disabled' -Because "$name is in servicesToDisable"
+            }
+            $global:FakeWin.Services['sshd'] | Should -Be 'Automatic'
+        }
+
+        It 'installs the verified buildlet and registers it under HKLM Run' {
+            (Get-FileHash -LiteralPath $t.Settings.buildletPath -Algorithm SHA256).Hash | Should -Be $t.BuildletSha
+            Get-FakeRegistryValue $RUN 'buildlet' | Should -Be $t.Settings.buildletPath
+        }
+
+        It 'unpacks llvm-mingw without its top-level folder and removes the zip' {
+            $dir = $t.Settings.llvmMingwDir
+            Join-Path (Join-Path $dir 'bin') 'clang.exe' | Should -Exist
+            Join-Path (Join-Path $dir 'include') 'stdio.h' | Should -Exist
+            (Get-Content -LiteralPath (Join-Path $dir '.source-sha256') -Raw).Trim() | Should -Be $t.LlvmSha
+            Join-Path $t.Settings.downloadDir 'llvm-mingw.zip' | Should -Not -Exist
+            "$dir.partial" | Should -Not -Exist
+        }
+
+        It 'runs the VS Build Tools bootstrapper once, quietly, with the ARM64 and ARM VC tools' {
+            $global:FakeWin.Processes.Count | Should -Be 1
+            $p = $global:FakeWin.Processes[0]
+            $p.FilePath | Should -Be (Join-Path $t.Settings.downloadDir 'vs_BuildTools.exe')
+            $p.Wait | Should -BeTrue
+            ($p.ArgumentList -join ' ') | Should -Be ('--quiet --wait --norestart --nocache --add Microsoft.VisualStudio.Workload.VCTools ' +
+                '--add Microsoft.VisualStudio.Component.VC.Tools.ARM64 --add Microsoft.VisualStudio.Component.VC.Tools.ARM --includeRecommended')
+            Join-Path $t.Settings.downloadDir 'vs_BuildTools.exe' | Should -Not -Exist
+        }
+
+        It 'creates the builder as a local administrator whose password never expires' {
+            $u = $global:FakeWin.Users['ci-builder']
+            $u | Should -Not -BeNullOrEmpty
+            $u.Enabled | Should -BeTrue
+            $u.PasswordExpires | Should -BeNullOrEmpty
+            $u.Password | Should -BeExactly $t.Password
+            $global:FakeWin.Admins | Should -Contain $u.SID
+        }
+
+        It 'configures Winlogon autologon for the builder' {
+            Get-FakeRegistryValue $WINLOGON 'AutoAdminLogon' | Should -BeExactly '1'
+            Get-FakeRegistryValue $WINLOGON 'DefaultUserName' | Should -BeExactly 'ci-builder'
+            Get-FakeRegistryValue $WINLOGON 'DefaultPassword' | Should -BeExactly $t.Password
+        }
+
+        It 'downloads each file exactly once' {
+            $global:FakeWin.Downloads | Should -HaveCount 3
+            ($global:FakeWin.Downloads | Sort-Object -Unique) | Should -HaveCount 3
+        }
+
+        It 'logs every step with a UTC timestamp to logPath' {
+            $t.LogPath | Should -Exist
+            $lines = @(Get-Content -LiteralPath $t.LogPath)
+            foreach ($line in $lines) {
+                $line | Should -Match '^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ \[(INFO|WARN|ERROR)\] '
+            }
+            foreach ($step in Get-StepCatalog) {
+                $lines | Where-Object { $_ -match [regex]::Escape("step '$($step.Name)': start") } | Should -HaveCount 1
+                $lines | Where-Object { $_ -match [regex]::Escape("step '$($step.Name)': done") } | Should -HaveCount 1
+            }
+            $lines[-1] | Should -Match 'provision: done; 11 step\(s\) ran, 0 switched off'
+        }
+
+        It 'never writes the password to the log or the console' {
+            Get-LogText | Should -Not -Match ([regex]::Escape($t.Password))
+            $r.Text | Should -Not -Match ([regex]::Escape($t.Password))
+            Get-LogText | Should -Match 'builderPassword=<redacted>'
+        }
+
+        It 'never logs the query string of a download URL' {
+            Get-LogText | Should -Not -Match 'X-Amz-Signature'
+            Get-LogText | Should -Match ([regex]::Escape('vs_BuildTools.exe?<query hidden>'))
+        }
+
+        It 'changes nothing on a second run' {
+            $changes = $global:FakeWin.Changes.Count
+            $buildletTime = (Get-Item -LiteralPath $t.Settings.buildletPath).LastWriteTimeUtc
+            $stampTime = (Get-Item -Force -LiteralPath (Join-Path $t.Settings.llvmMingwDir '.source-sha256')).LastWriteTimeUtc
+
+            $second = Invoke-GuestScript provision $t.ConfigPath
+
+            $second.ExitCode | Should -Be 0 -Because $second.Text
+            $global:FakeWin.Changes.Count | Should -Be $changes -Because (($global:FakeWin.Changes | Select-Object -Skip $changes) -join '; ')
+            $global:FakeWin.Downloads | Should -HaveCount 3
+            $global:FakeWin.Processes | Should -HaveCount 1
+            (Get-Item -LiteralPath $t.Settings.buildletPath).LastWriteTimeUtc | Should -Be $buildletTime
+            (Get-Item -Force -LiteralPath (Join-Path $t.Settings.llvmMingwDir '.source-sha256')).LastWriteTimeUtc | Should -Be $stampTime
+            $second.Output[-1] | Should -Match 'provision: done; 11 step\(s\) ran, 0 switched off, 0 change\(s\) made'
+            foreach ($step in Get-StepCatalog) {
+                $second.Text | Should -Match ([regex]::Escape("step '$($step.Name)': already in place, nothing changed"))
+            }
+        }
+    }
+
+    Context 'download verification' {
+        It 'stops <Step> with exit 1 when the download does not match its SHA-256' -ForEach $downloadCases {
+            $realSha = $t.Settings[$ShaKey]
+            $wrongSha = 'ab' * 32
+            $t.Settings[$ShaKey] = $wrongSha
+            Save-TestSettings $t
+
+            $r = Invoke-GuestScript provision $t.ConfigPath
+
+            $r.ExitCode | Should -Be 1
+            $log = Get-LogText
+            $log | Should -Match ([regex]::Escape("step '$Step' failed: SHA-256 mismatch"))
+            $log | Should -Match ([regex]::Escape("expected $wrongSha, actual $realSha"))
+            $log | Should -Match ([regex]::Escape("provision: FAILED at step '$Step'"))
+            $global:FakeWin.Downloads | Should -Contain $t.Settings[$UrlKey]
+            # Nothing unverified is left behind, and later steps did not run.
+            @(Get-ChildItem -Path $t.Root -Recurse -Filter '*.partial') | Should -HaveCount 0
+            $global:FakeWin.Users.Count | Should -Be 0
+            $global:FakeWin.Processes.Count | Should -Be 0
+            $log | Should -Not -Match "step 'create-builder-user': start"
+        }
+
+        It 'does not install a buildlet that fails verification' {
+            $t.Settings.buildletStage0Sha256 = '00' * 32
+            Save-TestSettings $t
+            (Invoke-GuestScript provision $t.ConfigPath).ExitCode | Should -Be 1
+            $t.Settings.buildletPath | Should -Not -Exist
+            Get-FakeRegistryValue $RUN 'buildlet' | Should -BeNullOrEmpty
+        }
+
+        It 'downloads again and replaces a file whose SHA-256 is wrong' {
+            New-Item -ItemType Directory -Path (Split-Path -Parent $t.Settings.buildletPath) -Force | Out-Null
+            Set-Content -LiteralPath $t.Settings.buildletPath -Value 'an old buildlet'
+            $r = Invoke-GuestScript provision $t.ConfigPath
+            $r.ExitCode | Should -Be 0 -Because $r.Text
+            (Get-FileHash -LiteralPath $t.Settings.buildletPath -Algorithm SHA256).Hash | Should -Be $t.BuildletSha
+            Get-LogText | Should -Match 'downloading it again'
+        }
+
+        It 'does not download a file that is already there with the right SHA-256' {
+            New-Item -ItemType Directory -Path (Split-Path -Parent $t.Settings.buildletPath) -Force | Out-Null
+            Copy-Item -LiteralPath (Join-Path $t.Served 'buildlet-stage0.exe') -Destination $t.Settings.buildletPath
+            $r = Invoke-GuestScript provision $t.ConfigPath
+            $r.ExitCode | Should -Be 0 -Because $r.Text
+            $global:FakeWin.Downloads | Should -Not -Contain $t.Settings.buildletStage0Url
+        }
+
+        It 'fails the step, naming the URL, when the server answers 404' {
+            $global:FakeWin.Served.Remove($t.Settings.llvmMingwUrl)
+            $r = Invoke-GuestScript provision $t.ConfigPath
+            $r.ExitCode | Should -Be 1
+            Get-LogText | Should -Match ([regex]::Escape("step 'install-llvm-mingw' failed: download of $($t.Settings.llvmMingwUrl) failed"))
+        }
+    }
+
+    Context 'failing steps' {
+        It 'exits 1 and logs the failing step when a command throws' {
+            Mock Set-Service { throw 'Access is denied' }
+            $r = Invoke-GuestScript provision $t.ConfigPath
+            $r.ExitCode | Should -Be 1
+            $log = Get-LogText
+            $log | Should -Match "\[ERROR\] step 'disable-services' failed: Access is denied \(at [^)]+\.ps1:\d+\)"
+            $log | Should -Match ([regex]::Escape("[ERROR] provision: FAILED at step 'disable-services': Access is denied"))
+            $log | Should -Match "step 'disable-defender-realtime': done"
+            $log | Should -Not -Match "step 'install-buildlet': start"
+        }
+
+        It 'fails when Defender keeps real-time monitoring on (Tamper Protection)' {
+            $global:FakeWin.Defender.TamperProtection = $true
+            $r = Invoke-GuestScript provision $t.ConfigPath
+            $r.ExitCode | Should -Be 1
+            Get-LogText | Should -Match "step 'disable-defender-realtime' failed: Defender kept real-time monitoring on"
+        }
+
+        It 'treats VS installer exit code 3010 as success (reboot needed)' {
+            $global:FakeWin.VsExitCode = 3010
+            $r = Invoke-GuestScript provision $t.ConfigPath
+            $r.ExitCode | Should -Be 0 -Because $r.Text
+            Get-LogText | Should -Match 'finished with 3010: success, a reboot is required'
+        }
+
+        It 'fails on any other VS installer exit code' {
+            $global:FakeWin.VsExitCode = 1603
+            $global:FakeWin.VsInstalls = $false
+            $r = Invoke-GuestScript provision $t.ConfigPath
+            $r.ExitCode | Should -Be 1
+            Get-LogText | Should -Match "step 'install-vs-build-tools' failed: Visual Studio Build Tools installer exited with code 1603"
+        }
+
+        It 'fails when the VS installer exits 0 but vswhere finds no instance' {
+            $global:FakeWin.VsInstalls = $false
+            $r = Invoke-GuestScript provision $t.ConfigPath
+            $r.ExitCode | Should -Be 1
+            Get-LogText | Should -Match "step 'install-vs-build-tools' failed: the installer exited with 0 but vswhere finds no instance"
+        }
+
+        It 'fails when the llvm-mingw archive has no bin/clang.exe' {
+            $other = Join-Path $t.Root 'not-llvm'
+            New-Item -ItemType Directory -Path $other | Out-Null
+            Set-Content -LiteralPath (Join-Path $other 'README') -Value 'not a toolchain'
+            $zip = Join-Path $t.Served 'other.zip'
+            Compress-Archive -Path (Join-Path $other 'README') -DestinationPath $zip
+            $global:FakeWin.Served[$t.Settings.llvmMingwUrl] = $zip
+            $t.Settings.llvmMingwSha256 = (Get-FileHash -LiteralPath $zip -Algorithm SHA256).Hash
+            Save-TestSettings $t
+
+            $r = Invoke-GuestScript provision $t.ConfigPath
+
+            $r.ExitCode | Should -Be 1
+            Get-LogText | Should -Match "step 'install-llvm-mingw' failed: the llvm-mingw archive has no bin\\clang\.exe"
+            $t.Settings.llvmMingwDir | Should -Not -Exist
+        }
+
+        It 'exits 2 and changes nothing when not elevated' {
+            $global:FakeWin.IsAdmin = $false
+            $r = Invoke-GuestScript provision $t.ConfigPath
+            $r.ExitCode | Should -Be 2
+            $r.Text | Should -Match 'must run elevated'
+            $global:FakeWin.Changes | Should -HaveCount 0
+        }
+    }
+
+    Context 'switches' {
+        It 'skips <Step> when <Switch> is false and runs the rest' -ForEach $switchCases {
+            $before = Get-StepState $Step
+            $t.Settings[$Switch] = $false
+            Save-TestSettings $t
+
+            $r = Invoke-GuestScript provision $t.ConfigPath
+
+            $r.ExitCode | Should -Be 0 -Because $r.Text
+            Get-StepState $Step | Should -Be $before
+            $log = Get-LogText
+            $log | Should -Match ([regex]::Escape("step '$Step': skipped (switched off)"))
+            $log | Should -Match 'provision: done; 10 step\(s\) ran, 1 switched off'
+            $log | Should -Not -Match ([regex]::Escape("step '$Step': start"))
+        }
+
+        It 'changes nothing with every switch off, and then needs no URL, hash or user' {
+            foreach ($step in Get-StepCatalog) { $t.Settings[$step.Switch] = $false }
+            foreach ($key in 'buildletStage0Url', 'buildletStage0Sha256', 'llvmMingwUrl', 'llvmMingwSha256', 'vsBuildToolsUrl', 'vsBuildToolsSha256', 'builderUser', 'builderPassword') {
+                $t.Settings.Remove($key)
+            }
+            Save-TestSettings $t
+
+            $r = Invoke-GuestScript provision $t.ConfigPath
+
+            $r.ExitCode | Should -Be 0 -Because $r.Text
+            $global:FakeWin.Changes | Should -HaveCount 0
+            $global:FakeWin.Downloads | Should -HaveCount 0
+            @(Get-Content -LiteralPath $t.LogPath | Where-Object { $_ -match 'skipped \(switched off\)' }) | Should -HaveCount 11
+        }
+    }
+
+    Context 'a partly configured machine' {
+        It 'fixes an existing builder account and leaves it alone on the next run' {
+            Add-FakeUser -Name 'ci-builder' -Password 'an-older-password' -Enabled $false -NeverExpires $false -Admin $false
+            $r = Invoke-GuestScript provision $t.ConfigPath
+            $r.ExitCode | Should -Be 0 -Because $r.Text
+            $u = $global:FakeWin.Users['ci-builder']
+            $u.Password | Should -BeExactly $t.Password
+            $u.Enabled | Should -BeTrue
+            $u.PasswordExpires | Should -BeNullOrEmpty
+            $global:FakeWin.Admins | Should -Contain $u.SID
+            $global:FakeWin.Changes | Should -Contain 'user password set: ci-builder'
+
+            $changes = $global:FakeWin.Changes.Count
+            (Invoke-GuestScript provision $t.ConfigPath).ExitCode | Should -Be 0
+            $global:FakeWin.Changes.Count | Should -Be $changes
+        }
+
+        It 'removes an AutoLogonCount that would end autologon' {
+            Set-FakeRegistryValue -Path $WINLOGON -Name 'AutoLogonCount' -Value 1 -Type DWord
+            (Invoke-GuestScript provision $t.ConfigPath).ExitCode | Should -Be 0
+            Get-FakeRegistryValue $WINLOGON 'AutoLogonCount' | Should -BeNullOrEmpty
+        }
+
+        It 'warns about a listed service that is not installed and goes on' {
+            $t.Settings.servicesToDisable = @('NoSuchService', 'BITS')
+            Save-TestSettings $t
+            $r = Invoke-GuestScript provision $t.ConfigPath
+            $r.ExitCode | Should -Be 0 -Because $r.Text
+            Get-LogText | Should -Match '\[WARN\] service NoSuchService is not installed'
+            $global:FakeWin.Services['BITS'] | Should -Be 'Disabled'
+            $global:FakeWin.Services['NlaSvc'] | Should -Be 'Automatic'
+        }
+
+        It 'replaces llvm-mingw that came from another archive' {
+            $dir = $t.Settings.llvmMingwDir
+            New-Item -ItemType Directory -Path $dir -Force | Out-Null
+            Set-Content -LiteralPath (Join-Path $dir 'old-file') -Value 'old'
+            Set-Content -LiteralPath (Join-Path $dir '.source-sha256') -Value ('cd' * 32)
+            (Invoke-GuestScript provision $t.ConfigPath).ExitCode | Should -Be 0
+            Join-Path $dir 'old-file' | Should -Not -Exist
+            (Get-Content -LiteralPath (Join-Path $dir '.source-sha256') -Raw).Trim() | Should -Be $t.LlvmSha
+        }
+
+        It 'does not run the VS installer when vswhere already finds the tools' {
+            $global:FakeWin.VsInstalled = $true
+            (Invoke-GuestScript provision $t.ConfigPath).ExitCode | Should -Be 0
+            $global:FakeWin.Processes | Should -HaveCount 0
+            $global:FakeWin.Downloads | Should -Not -Contain $t.Settings.vsBuildToolsUrl
+        }
+    }
+
+    Context 'invalid settings' {
+        It 'exits 2 and names the problem: <Problem>' -ForEach @(
+            @{ Problem = 'unknown key'; Edit = { $t.Settings['disableUAC'] = $true }; Message = "unknown setting 'disableUAC' (did you mean 'disableUac'?)" }
+            @{ Problem = 'missing URL'; Edit = { $t.Settings.Remove('buildletStage0Url') }; Message = "'buildletStage0Url' is required when 'installBuildlet' is true" }
+            @{ Problem = 'missing password'; Edit = { $t.Settings.Remove('builderPassword') }; Message = "'builderPassword' is required when 'createBuilderUser' is true" }
+            @{ Problem = 'bad hash'; Edit = { $t.Settings.llvmMingwSha256 = 'abc' }; Message = "'llvmMingwSha256' must be a SHA-256 hash" }
+            @{ Problem = 'string for bool'; Edit = { $t.Settings.disableFirewall = 'yes' }; Message = "'disableFirewall' must be true or false" }
+            @{ Problem = 'not a URL'; Edit = { $t.Settings.vsBuildToolsUrl = 'vs_BuildTools.exe' }; Message = "'vsBuildToolsUrl' must be an http(s) URL" }
+            @{ Problem = 'bad user name'; Edit = { $t.Settings.builderUser = 'ci/builder' }; Message = "'builderUser' is not a valid local user name" }
+            @{ Problem = 'services not a list'; Edit = { $t.Settings.servicesToDisable = 'BITS' }; Message = "'servicesToDisable' must be an array of strings" }
+        ) {
+            . $Edit
+            Save-TestSettings $t
+            $r = Invoke-GuestScript provision $t.ConfigPath
+            $r.ExitCode | Should -Be 2
+            $r.Text | Should -Match ([regex]::Escape($Message))
+            $r.Text | Should -Not -Match ([regex]::Escape($t.Password))
+            $global:FakeWin.Changes | Should -HaveCount 0
+        }
+
+        It 'exits 2 when the settings file is missing or not JSON' {
+            $r = Invoke-GuestScript provision (Join-Path $t.Root 'nope.json')
+            $r.ExitCode | Should -Be 2
+            $r.Text | Should -Match 'does not exist'
+            Set-Content -LiteralPath $t.ConfigPath -Value '{ "disableUac": '
+            $r = Invoke-GuestScript provision $t.ConfigPath
+            $r.ExitCode | Should -Be 2
+            $r.Text | Should -Match 'is not valid JSON'
+        }
+    }
+}
+
+Describe 'provision.ps1 in its own pwsh process, downloading over HTTP' {
+    # Runs the real script in a child pwsh with real Invoke-WebRequest against a
+    # loopback HTTP server. Only Test-IsAdministrator (Windows API) and
+    # Set-RegistryValue (no HKLM on Linux) are replaced, by functions defined in
+    # the child's calling scope.
+    BeforeAll {
+        $script:pwsh = $env:PWSH_PATH
+        if (-not $pwsh) { $script:pwsh = (Get-Command pwsh -ErrorAction SilentlyContinue).Source }
+        if (-not $pwsh) { $script:pwsh = Join-Path $HOME '.dotnet/tools/pwsh' }
+        $script:node = (Get-Command node -ErrorAction SilentlyContinue).Source
+        $script:root = Join-Path $TestDrive 'http'
+        $served = Join-Path $root 'served'
+        New-Item -ItemType Directory -Path $served -Force | Out-Null
+        $script:sha = New-RandomFile -Path (Join-Path $served 'stage0.exe') -Size 65536
+        $script:requestLog = Join-Path $root 'requests.log'
+        $portFile = Join-Path $root 'port'
+        $server = Join-Path $root 'serve.js'
+        Set-Content -LiteralPath $server -Value @'
+const http = require("http"), fs = require("fs"), path = require("path");
+const [root, portFile, requestLog] = process.argv.slice(2);
+const server = http.createServer((req, res) => {
+  fs.appendFileSync(requestLog, req.url + "\n");
+  const file = path.join(root, path.basename(new URL(req.url, "http://localhost").pathname));
+  fs.readFile(file, (err, data) => {
+    if (err) { res.writeHead(404); res.end("not found"); return; }
+    res.writeHead(200, { "content-type": "application/octet-stream" });
+    res.end(data);
+  });
+});
+server.listen(0, "127.0.0.1", () => fs.writeFileSync(portFile, String(server.address().port)));
+setTimeout(() => process.exit(0), 10 * 60 * 1000);
+'@
+        $script:serverProcess = Start-Process -FilePath $node -ArgumentList @($server, $served, $portFile, $requestLog) -PassThru `
+            -RedirectStandardOutput (Join-Path $root 'server.out') -RedirectStandardError (Join-Path $root 'server.err')
+        $deadline = [DateTime]::UtcNow.AddSeconds(20)
+        while (-not (Test-Path -LiteralPath $portFile) -and [DateTime]::UtcNow -lt $deadline) { Start-Sleep -Milliseconds 100 }
+        $script:baseUrl = 'http://127.0.0.1:{0}' -f (Get-Content -LiteralPath $portFile -Raw).Trim()
+
+        function Invoke-ChildProvision {
+            param([string]$Sha)
+            $machine = Join-Path $root 'machine'
+            $settings = [ordered]@{ logPath = Join-Path $machine 'provision.log'; downloadDir = Join-Path $machine 'downloads' }
+            foreach ($step in Get-StepCatalog) { $settings[$step.Switch] = $false }
+            $settings.installBuildlet = $true
+            $settings.buildletStage0Url = "$baseUrl/stage0.exe"
+            $settings.buildletStage0Sha256 = $Sha
+            $settings.buildletPath = Join-Path $machine 'bootstrap.exe'
+            $config = Join-Path $root 'settings.json'
+            $settings | ConvertTo-Json | Set-Content -LiteralPath $config -Encoding UTF8
+            $registryLog = Join-Path $root 'registry.log'
+            $command = @"
+& {
+function Test-IsAdministrator { `$true }
+function Set-RegistryValue { param(`$Path, `$Name, `$Value, `$Type, [switch]`$Secret) Add-Content -LiteralPath '$registryLog' -Value "`$Path\`$Name=`$Value" }
+& '$global:ProvisionScript' -ConfigPath '$config'
+}
+exit `$LASTEXITCODE
+"@
+            $output = & $pwsh -NoLogo -NoProfile -NonInteractive -Command $command 2>&1 | ForEach-Object { "$_" }
+            [pscustomobject]@{ ExitCode = $LASTEXITCODE; Text = ($output -join "`n"); Settings = $settings; RegistryLog = $registryLog }
+        }
+    }
+
+    AfterAll {
+        if ($script:serverProcess -and -not $script:serverProcess.HasExited) { Stop-Process -Id $script:serverProcess.Id }
+    }
+
+    It 'exits 1 naming expected and actual hashes when the download does not match' {
+        $wrong = 'ef' * 32
+        $r = Invoke-ChildProvision -Sha $wrong
+        $r.ExitCode | Should -Be 1 -Because $r.Text
+        $r.Text | Should -Match ([regex]::Escape("step 'install-buildlet' failed: SHA-256 mismatch for $baseUrl/stage0.exe: expected $wrong, actual $sha"))
+        $r.Settings.buildletPath | Should -Not -Exist
+        "$($r.Settings.buildletPath).partial" | Should -Not -Exist
+        $r.RegistryLog | Should -Not -Exist
+    }
+
+    It 'exits 0 with the verified file, and a second run does not download it again' {
+        $r = Invoke-ChildProvision -Sha $sha
+        $r.ExitCode | Should -Be 0 -Because $r.Text
+        (Get-FileHash -LiteralPath $r.Settings.buildletPath -Algorithm SHA256).Hash | Should -Be $sha
+        Get-Content -LiteralPath $r.RegistryLog | Should -Contain ('HKLM:\SOFTWARE\Microsoft\Windows\CurrentVersion\Run\buildlet=' + $r.Settings.buildletPath)
+        $requests = @(Get-Content -LiteralPath $requestLog).Count
+
+        $again = Invoke-ChildProvision -Sha $sha
+        $again.ExitCode | Should -Be 0 -Because $again.Text
+        @(Get-Content -LiteralPath $requestLog).Count | Should -Be $requests
+        $again.Text | Should -Match 'already present with SHA-256'
+    }
+}
