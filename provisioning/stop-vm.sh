@@ -60,7 +60,7 @@ qmp() {
     printf '%s\n' "$input" | timeout 10 nc -q 1 -U "$sock" 2>/dev/null
   fi
 }
-command -v socat >/dev/null 2>&1 || nc -h 2>&1 | grep -q -- '-U' ||
+command -v socat >/dev/null 2>&1 || { nc -h 2>&1 || true; } | grep -q -- '-U' ||
   { log "needs socat or an nc with -U (install socat or netcat-openbsd)"; exit 1; }
 
 # QEMU's pid from the pid file, when that process is alive and is a QEMU.

@@ -394,18 +394,25 @@ describe("VM lifecycle scripts: run-vm, start-vm, wait-for-guest, stop-vm", func
     });
 
     it("the serial log shows the UEFI firmware banner within 60 s", async function () {
-      await waitFor("UEFI firmware in the serial log", () => {
-        try {
-          return fs.readFileSync(vm.serial, "utf8").includes("UEFI firmware");
-        } catch {
-          return false;
-        }
-      }, 60000);
+      await waitFor(
+        "UEFI firmware in the serial log",
+        () => {
+          try {
+            return fs.readFileSync(vm.serial, "utf8").includes("UEFI firmware");
+          } catch {
+            return false;
+          }
+        },
+        60000,
+      );
       const serial = fs.readFileSync(vm.serial, "utf8");
       expect(serial).to.match(/=== run-vm: starting QEMU at \S+ ===/);
       // Boot order: the install ISO (USB; no EFI image in this stand-in, so "Not Found"), then the NVMe disk.
-      await waitFor("the boot manager to try the NVMe disk", () =>
-        /BdsDxe: .*NVMe/.test(fs.readFileSync(vm.serial, "utf8")), 60000);
+      await waitFor(
+        "the boot manager to try the NVMe disk",
+        () => /BdsDxe: .*NVMe/.test(fs.readFileSync(vm.serial, "utf8")),
+        60000,
+      );
       const attempts = fs
         .readFileSync(vm.serial, "utf8")
         .split(/\r?\n/)
@@ -505,7 +512,7 @@ describe("VM lifecycle scripts: run-vm, start-vm, wait-for-guest, stop-vm", func
       }
     });
 
-    it("start-vm where systemd runs: a transient unit with --collect and KillMode=mixed (systemd stand-ins)", async function () {
+    it("start-vm where systemd runs: a transient unit with --collect and KillMode=mixed (systemd stand-ins); stop-vm with nc when socat is absent", async function () {
       // Stand-ins for systemd-run/systemctl/journalctl that record their
       // arguments and run the unit's command detached, as systemd would.
       const fake = fs.mkdtempSync(path.join(work, "fake-systemd-"));
@@ -524,11 +531,11 @@ describe("VM lifecycle scripts: run-vm, start-vm, wait-for-guest, stop-vm", func
           'verb="" unit=""',
           'for a in "$@"; do case $a in -*) ;; *) if [[ -z $verb ]]; then verb=$a; else unit=$a; fi ;; esac; done',
           'pid=$(cat "$FAKE_SYSTEMD/$unit.pid" 2>/dev/null)',
-          'case $verb in',
+          "case $verb in",
           '  is-active) if [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null && ! grep -q "^State:.*Z" "/proc/$pid/status"; then',
-          '      echo active; else echo inactive; exit 3; fi ;;',
+          "      echo active; else echo inactive; exit 3; fi ;;",
           '  stop) [[ -z $pid ]] || kill "$pid" 2>/dev/null; exit 0 ;;',
-          '  *) exit 0 ;;',
+          "  *) exit 0 ;;",
           "esac",
         ].join("\n"),
         journalctl: [
@@ -554,8 +561,19 @@ describe("VM lifecycle scripts: run-vm, start-vm, wait-for-guest, stop-vm", func
       const again = await runScript("start-vm.sh", [vm.envFile, "windows-vm-test"], { env, timeoutMs: 60000 });
       expect(again.code, again.stderr).to.equal(0);
       expect(again.stdout).to.include("already running");
-      const stop = await runScript("stop-vm.sh", [vm.qmp, "0"], { timeoutMs: 60000 });
+      // stop-vm with netcat-openbsd's nc -U where socat is not installed.
+      const noSocat = fs.mkdtempSync(path.join(work, "bin-"));
+      for (const tool of ["bash", "nc", "timeout", "grep", "sed", "cut", "tr", "dirname", "seq", "sleep"]) {
+        const found = await run("bash", ["-c", `command -v ${tool}`]);
+        fs.symlinkSync(found.stdout.trim(), path.join(noSocat, tool));
+      }
+      const stop = await run(path.join(noSocat, "bash"), [script("stop-vm.sh"), vm.qmp, "0"], {
+        env: { PATH: noSocat },
+        timeoutMs: 60000,
+      });
       expect(stop.code, stop.stderr).to.equal(0);
+      expect(stop.stderr).to.include("ACPI power-down sent");
+      expect(stop.stdout).to.include("forced quit after timeout (0s)");
       expect(qemuProcessesMentioning(vm.dir)).to.deep.equal([]);
 
       // A QEMU that dies at once: the cause comes from the unit's journal.
