@@ -565,6 +565,23 @@ function Save-VerifiedDownload {
     return $true
 }
 
+function Expand-ZipArchive {
+    <#
+    .SYNOPSIS
+        Unpacks the zip at Path into the new folder Destination.
+    .DESCRIPTION
+        Uses System.IO.Compression.ZipFile: Expand-Archive on Windows
+        PowerShell 5.1 takes many minutes for a toolchain of thousands of
+        files. Entries that would land outside Destination make it throw.
+    #>
+    param([Parameter(Mandatory = $true)][string]$Path, [Parameter(Mandatory = $true)][string]$Destination)
+    if (-not ('System.IO.Compression.ZipFile' -as [type])) {
+        Add-Type -AssemblyName System.IO.Compression.FileSystem
+    }
+    $full = [System.IO.Path]::GetFullPath($Destination)
+    [System.IO.Compression.ZipFile]::ExtractToDirectory([System.IO.Path]::GetFullPath($Path), $full)
+}
+
 # ---------------------------------------------------------------------------
 # Windows-only probes (small so tests can mock them)
 # ---------------------------------------------------------------------------
@@ -624,7 +641,7 @@ Export-ModuleMember -Function @(
     'New-ProvisionStep', 'Invoke-ProvisionSteps',
     'Get-BuildletRunCommand', 'Get-DesiredRegistryValues', 'Get-AbsentRegistryValues',
     'Get-RegistryValue', 'Set-RegistryValue', 'Remove-RegistryValue', 'Test-RegistryValueEqual',
-    'Get-FileSha256', 'Save-VerifiedDownload',
+    'Get-FileSha256', 'Save-VerifiedDownload', 'Expand-ZipArchive',
     'Test-IsAdministrator', 'Test-LocalCredential',
     'Get-VsBuildToolsRequiredComponents', 'Get-VsBuildToolsArguments', 'Get-VsBuildToolsPath'
 )

@@ -39,6 +39,8 @@ param(
 )
 Set-StrictMode -Version Latest
 $ErrorActionPreference = 'Stop'
+# Progress bars slow downloads and archive work a lot on Windows PowerShell 5.1.
+$ProgressPreference = 'SilentlyContinue'
 
 Import-Module (Join-Path $PSScriptRoot 'common.psm1') -DisableNameChecking
 
@@ -124,7 +126,7 @@ function Install-LlvmMingw {
     $staging = $dir + '.partial'
     if (Test-Path -LiteralPath $staging) { Remove-Item -LiteralPath $staging -Recurse -Force }
     Write-Log ("unpacking {0} to {1}" -f $zip, $dir)
-    Expand-Archive -LiteralPath $zip -DestinationPath $staging -Force
+    Expand-ZipArchive -Path $zip -Destination $staging
     # Release archives hold one top-level folder (llvm-mingw-<version>-ucrt-aarch64): use its content.
     $entries = @(Get-ChildItem -LiteralPath $staging -Force)
     $root = $staging

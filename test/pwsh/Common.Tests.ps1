@@ -147,3 +147,28 @@ Describe 'Get-BuildletRunCommand' {
         Get-BuildletRunCommand -BuildletPath 'C:\Program Files\b.exe' | Should -BeExactly '"C:\Program Files\b.exe"'
     }
 }
+
+Describe 'Expand-ZipArchive' {
+    It 'unpacks a zip, keeping folders' {
+        $src = Join-Path $TestDrive 'src'
+        New-Item -ItemType Directory -Path (Join-Path $src 'top/bin') -Force | Out-Null
+        Set-Content -LiteralPath (Join-Path $src 'top/bin/tool.txt') -Value 'x'
+        Compress-Archive -Path (Join-Path $src 'top') -DestinationPath (Join-Path $TestDrive 'a.zip')
+        Expand-ZipArchive -Path (Join-Path $TestDrive 'a.zip') -Destination (Join-Path $TestDrive 'out')
+        Join-Path $TestDrive 'out/top/bin/tool.txt' | Should -Exist
+    }
+
+    It 'refuses an entry that would land outside the destination' {
+        Add-Type -AssemblyName System.IO.Compression
+        $zipPath = Join-Path $TestDrive 'evil.zip'
+        $stream = [System.IO.File]::Create($zipPath)
+        $archive = New-Object System.IO.Compression.ZipArchive($stream, [System.IO.Compression.ZipArchiveMode]::Create)
+        $writer = New-Object System.IO.StreamWriter($archive.CreateEntry('../escaped.txt').Open())
+        $writer.Write('x')
+        $writer.Dispose()
+        $archive.Dispose()
+        $stream.Dispose()
+        { Expand-ZipArchive -Path $zipPath -Destination (Join-Path $TestDrive 'inside') } | Should -Throw
+        Join-Path $TestDrive 'escaped.txt' | Should -Not -Exist
+    }
+}

@@ -29,6 +29,8 @@ if [[ -z "$PWSH" ]]; then
 fi
 
 PESTER_PSD1="$(bash "$REPO_ROOT/scripts/install-pester.sh" "$PESTER_VERSION")"
+# The tests start child pwsh processes with this path.
+export PWSH_PATH="$PWSH"
 
 exec "$PWSH" -NoLogo -NoProfile -NonInteractive -File "$SCRIPT_DIR/Invoke-TestRun.ps1" \
   -RepoRoot "$REPO_ROOT" -PesterPath "$PESTER_PSD1" "$@"
