@@ -194,7 +194,8 @@ if [[ -z ${PIPELINE_PUBLIC_KEY:-} ]]; then
   log "warning: PIPELINE_PUBLIC_KEY is not set: no authorized key removed"
 else
   blob=
-  for field in $PIPELINE_PUBLIC_KEY; do
+  read -r -a key_fields <<<"$PIPELINE_PUBLIC_KEY"
+  for field in "${key_fields[@]}"; do
     if [[ $field =~ ^AAAA[0-9A-Za-z+/]+=*$ ]]; then
       blob=$field
       break

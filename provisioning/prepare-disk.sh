@@ -77,6 +77,27 @@ trap cleanup EXIT
 
 mib() { echo $((($1 + 524288) / 1048576)); }
 
+# SHA-256 hex digest of FILE, or of stdin without FILE. OpenSSL uses the CPU's
+# SHA instructions (x86 SHA-NI, ARMv8 crypto extensions) and is several times
+# faster than coreutils sha256sum, which is the fallback.
+sha256_of() {
+  local out
+  local -a f
+  if command -v openssl >/dev/null; then
+    f=()
+    if (($# > 0)); then
+      f=("$1")
+      [[ $1 != -* ]] || f=("./$1")
+    fi
+    out=$(openssl dgst -sha256 -r "${f[@]}") || return 1
+  else
+    out=$(sha256sum "$@") || return 1
+  fi
+  out=${out%% *}
+  [[ $out =~ ^[0-9a-f]{64}$ ]] || return 1
+  printf '%s\n' "$out"
+}
+
 write_atomic() { # FILE CONTENT
   local tmp
   tmp=$(mktemp "$1.XXXXXX")
@@ -109,8 +130,7 @@ fi
 if [[ -z $source_sha ]]; then
   log "computing SHA-256 of $source_img ($(mib "${source_stat%% *}") MiB)"
   t0=$SECONDS
-  sum=$(sha256sum -- "$source_img") || die "could not read $source_img"
-  source_sha=${sum%% *}
+  source_sha=$(sha256_of "$source_img") || die "could not read $source_img"
   log "SHA-256 computed in $((SECONDS - t0)) s"
   # Best effort: lets the next run skip the hash (the source dir may be read-only).
   write_atomic "$source_stamp" "$source_sha $source_stat" 2>/dev/null || true

@@ -4,7 +4,7 @@ import * as fs from "fs";
 import * as http from "http";
 import * as os from "os";
 import * as path from "path";
-import { runScript } from "../support/run";
+import { pathWithout, runScript } from "../support/run";
 import { awsEnv, freePort, startS3, S3Server } from "../support/s3";
 
 function sha256(buf: Buffer): string {
@@ -141,6 +141,22 @@ describe("fetch-image.sh", function () {
       expect(r.stderr).to.contain("downloading file://");
       expect(r.stderr).to.contain("again from the start");
       expect(fs.readFileSync(dest).equals(body)).to.equal(true);
+    });
+
+    it("verifies with sha256sum when openssl is not installed", async () => {
+      const src = path.join(dir, "src.img");
+      fs.writeFileSync(src, body);
+      const bin = pathWithout(["openssl"], path.join(dir, "bin"));
+      const dest = path.join(dir, "dest.img");
+      const r1 = await runScript("fetch-image.sh", [`file://${src}`, sum, dest], { env: { PATH: bin } });
+      expect(r1.code, r1.stderr).to.equal(0);
+      expect(fs.readFileSync(dest).equals(body)).to.equal(true);
+      const wrong = "1".repeat(64);
+      const r2 = await runScript("fetch-image.sh", [`file://${src}`, wrong, path.join(dir, "d2")], {
+        env: { PATH: bin },
+      });
+      expect(r2.code).to.not.equal(0);
+      expect(r2.stderr).to.contain(`actual ${sum}`);
     });
 
     it("fails at once, without retrying, when the file does not exist", async () => {

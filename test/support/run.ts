@@ -1,4 +1,5 @@
 import { spawn } from "child_process";
+import * as fs from "fs";
 import * as path from "path";
 
 /** Repository root, resolved from this file. */
@@ -38,8 +39,7 @@ export function run(cmd: string, args: string[], opts: RunOptions = {}): Promise
     let stderr = "";
     child.stdout.on("data", (d: Buffer) => (stdout += d.toString()));
     child.stderr.on("data", (d: Buffer) => (stderr += d.toString()));
-    const timer =
-      opts.timeoutMs === undefined ? undefined : setTimeout(() => child.kill("SIGKILL"), opts.timeoutMs);
+    const timer = opts.timeoutMs === undefined ? undefined : setTimeout(() => child.kill("SIGKILL"), opts.timeoutMs);
     child.on("error", reject);
     // A program that exits without reading its input closes the pipe first:
     // that EPIPE is not an error of the run.
@@ -57,4 +57,21 @@ export function run(cmd: string, args: string[], opts: RunOptions = {}): Promise
 /** Runs provisioning/<name> with bash. */
 export function runScript(name: string, args: string[], opts: RunOptions = {}): Promise<RunResult> {
   return run("bash", [script(name), ...args], opts);
+}
+
+/**
+ * Fills BIN_DIR with links to every program on this machine's usual PATH
+ * except those named in EXCLUDE, and returns BIN_DIR for use as PATH: runs a
+ * script as if those programs were not installed.
+ */
+export function pathWithout(exclude: string[], binDir: string): string {
+  fs.mkdirSync(binDir, { recursive: true });
+  for (const d of ["/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin"]) {
+    if (!fs.existsSync(d)) continue;
+    for (const name of fs.readdirSync(d)) {
+      if (exclude.includes(name) || fs.existsSync(path.join(binDir, name))) continue;
+      fs.symlinkSync(path.join(d, name), path.join(binDir, name));
+    }
+  }
+  return binDir;
 }
