@@ -117,7 +117,7 @@ export function authorizedKeysFile(input: Pick<AnswerFileInput, "authorizedKey">
 }
 
 // Characters XML 1.0 cannot carry, plus the rest of the C0/C1 controls.
-// eslint-disable-next-line no-control-regex
+
 const CONTROL_CHARS = /[\u0000-\u001f\u007f-\u009f\ufffe\uffff]/;
 const RESERVED_ACCOUNTS = ["administrator", "guest", "defaultaccount", "wdagutilityaccount"];
 const SSH_KEY_LINE =

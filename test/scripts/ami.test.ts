@@ -50,9 +50,7 @@ describe("prepare-ami.sh", function () {
     const launcher = file("usr/local/lib/windows-vm/run-vm.sh");
     expect(fs.readFileSync(launcher).equals(fs.readFileSync(LAUNCHER))).to.equal(true);
     expect(fs.statSync(launcher).mode & 0o777).to.equal(0o755);
-    expect(fs.readFileSync(file("etc/systemd/system/windows-vm.service")).equals(fs.readFileSync(UNIT))).to.equal(
-      true,
-    );
+    expect(fs.readFileSync(file("etc/systemd/system/windows-vm.service")).equals(fs.readFileSync(UNIT))).to.equal(true);
     expect(fs.readlinkSync(wants())).to.equal("/etc/systemd/system/windows-vm.service");
     const env = fs.readFileSync(file("etc/windows-vm/vm.env"), "utf8");
     expect(env).to.contain("VM_DIR=/srv/vm\n");
@@ -153,10 +151,7 @@ function execStopScript(unit: string): string {
   if (!line) throw new Error("no ExecStop=");
   const m = /^ExecStop=\/bin\/sh -c "((?:[^"\\]|\\.)*)"$/.exec(line);
   if (!m) throw new Error(`unexpected ExecStop form: ${line}`);
-  return m[1]
-    .replace(/\\(.)/g, "$1")
-    .replace(/\$\$/g, "$")
-    .replace(/%%/g, "%");
+  return m[1].replace(/\\(.)/g, "$1").replace(/\$\$/g, "$").replace(/%%/g, "%");
 }
 
 describe("assets/windows-vm.service", function () {
