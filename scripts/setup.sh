@@ -21,6 +21,7 @@ apt-get install -y -q --no-install-recommends \
 
 echo "==> PowerShell ${PWSH_VERSION} (.NET tool) and Pester ${PESTER_VERSION}"
 export PATH="$HOME/.dotnet/tools:$PATH"
+# shellcheck disable=SC2016 # PowerShell code, not shell
 if ! pwsh -NoProfile -Command '$PSVersionTable.PSVersion.ToString()' 2>/dev/null | grep -qx "$PWSH_VERSION"; then
   dotnet tool update --global PowerShell --version "$PWSH_VERSION" \
     || dotnet tool install --global PowerShell --version "$PWSH_VERSION"
