@@ -119,6 +119,7 @@ trap cleanup EXIT
 trap 'log "interrupted"; exit 130' INT
 trap 'log "terminated"; exit 143' TERM
 trap 'log "hung up"; exit 129' HUP
+trap 'exit 141' PIPE
 
 # SHA-256 hex digest of FILE, or of stdin without FILE. OpenSSL uses the CPU's
 # SHA instructions (x86 SHA-NI, ARMv8 crypto extensions) and is several times
