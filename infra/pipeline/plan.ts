@@ -170,7 +170,8 @@ export function buildPlan(p: PlanInputs): Plan {
   const withEnv = (env: Record<string, string | undefined>, cmd: string) => {
     const pairs = Object.entries(env)
       .filter((e): e is [string, string] => e[1] !== undefined && e[1] !== "")
-      .map(([k, v]) => `${k}=${shq(v)}`);
+      // A runtime token stands for a value that may hold spaces (the public key): always quote it.
+      .map(([k, v]) => `${k}=${(Object.values(RUNTIME) as string[]).includes(v) ? `'${v}'` : shq(v)}`);
     return pairs.length ? cmd.replace(/bash /, `env ${pairs.join(" ")} bash `) : cmd;
   };
   const s3Endpoint = c.target === "local" ? c.artifacts.endpointUrl : undefined;
