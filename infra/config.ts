@@ -264,10 +264,10 @@ export function validateConfig(
       );
   }
   const prefix = str("artifactPrefix") ?? "windows-arm64/";
-  if (!/^[A-Za-z0-9!\-_.*'()/]+\/$/.test(prefix) || prefix.startsWith("/") || prefix.includes("//")) {
+  if (!/^[A-Za-z0-9!\-_.*()/]+\/$/.test(prefix) || prefix.startsWith("/") || prefix.includes("//")) {
     add(
       "artifactPrefix",
-      `${JSON.stringify(prefix)} is not a key prefix: it must end with "/", not start with one, and use S3-safe characters. Fix: e.g. windows-arm64/.`,
+      `${JSON.stringify(prefix)} is not a key prefix: it must end with "/", not start with one, and use letters, digits and !-_.*()/ only. Fix: e.g. windows-arm64/.`,
     );
   }
   const noncurrentDays = int("artifactNoncurrentDays");
@@ -281,7 +281,10 @@ export function validateConfig(
         "artifactUri",
         `applies to the local target only; the aws target publishes to the artifact bucket. Fix: unset it, or use artifactBucketName/artifactPrefix.`,
       );
-    else if (!/^file:\/\/\/.+/.test(artifactUri) && !/^s3:\/\/[a-z0-9.-]{3,63}(\/.*)?$/.test(artifactUri))
+    else if (artifactUri.startsWith("file://")) {
+      const problem = folderUriProblem(artifactUri);
+      if (problem) add("artifactUri", `${JSON.stringify(artifactUri)} ${problem}. Fix: use file:///abs/dir/.`);
+    } else if (!/^s3:\/\/[a-z0-9.-]{3,63}(\/[A-Za-z0-9!\-_.*()/]*)?$/.test(artifactUri))
       add(
         "artifactUri",
         `${JSON.stringify(artifactUri)} is neither file:///abs/dir/ nor s3://bucket/prefix/. Fix: use one of those forms.`,
@@ -628,6 +631,22 @@ export function urlProblem(s: string, schemes: string[]): string | undefined {
   if (scheme === "https" && !u.hostname) return `has no host. ${fix}`;
   if (scheme === "file" && !path.isAbsolute(decodeURIComponent(u.pathname)))
     return `is not an absolute file:/// path. ${fix}`;
+  return undefined;
+}
+
+/** Why a file:// publish folder is unusable (what publish-image.sh refuses), or undefined. */
+export function folderUriProblem(uri: string): string | undefined {
+  if (!uri.startsWith("file:///")) return "names a host or no absolute path";
+  let p: string;
+  try {
+    p = decodeURIComponent(uri.slice("file://".length));
+  } catch {
+    return "has a broken percent-escape";
+  }
+  if (p.includes("\\")) return "holds a backslash";
+  const trimmed = p.replace(/\/+$/, "");
+  if (trimmed === "") return "is the filesystem root";
+  if (/\/\/|\/\.\.?(\/|$)/.test(trimmed)) return "is not a plain absolute path (no //, . or ..)";
   return undefined;
 }
 

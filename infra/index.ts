@@ -8,6 +8,7 @@ import * as tls from "@pulumi/tls";
 import * as fs from "fs";
 import * as os from "os";
 import * as path from "path";
+import * as url from "url";
 import { DEFAULT_CONFIG_MEDIA_LABEL, DEFAULT_DRIVER_NAMES, renderAnswerFile } from "./answerFile";
 import { StackConfig, loadConfig } from "./config";
 import { PROJECT } from "./configSchema";
@@ -142,7 +143,7 @@ const runtime: { [K in RuntimeName]: pulumi.Input<string> } = {
   hostId: host ? host.instanceId : "local",
   artifactUri: bucket
     ? pulumi.interpolate`s3://${bucket.bucketName}/${config.artifacts.prefix}`
-    : (config.artifacts.uri ?? `file://${path.join(layout.home, "artifacts")}/`),
+    : (config.artifacts.uri ?? `${url.pathToFileURL(path.join(layout.home, "artifacts")).href}/`),
   pipelineKey: pipelinePublicKey.apply((k) => k.trim()),
   answerFile: pulumi.unsecret(answerFile.apply((x) => sha256Hex(x))),
   guestSettings: pulumi.unsecret(settingsJson.apply((x) => sha256Hex(x))),

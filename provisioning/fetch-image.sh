@@ -35,6 +35,8 @@
 # mismatch (the message names the URL, and the expected and actual hashes; DEST
 # and DEST.partial are then absent); 2 on bad usage.
 set -euo pipefail
+# shellcheck source=SCRIPTDIR/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 readonly PROG=fetch-image
 
@@ -87,8 +89,6 @@ cleanup() {
 }
 trap cleanup EXIT
 
-mib() { echo $((($1 + 524288) / 1048576)); }
-
 # "<sha256> <size> <mtime>" for FILE with the given hash.
 stamp_line() { printf '%s %s\n' "$2" "$(stat -c '%s %.9Y' -- "$1")"; }
 
@@ -102,27 +102,6 @@ write_stamp() { # FILE SHA STAMPFILE
 
 stamp_matches() { # FILE SHA STAMPFILE
   [[ -f $3 ]] && [[ "$(cat -- "$3")" == "$(stamp_line "$1" "$2")" ]]
-}
-
-# SHA-256 hex digest of FILE, or of stdin without FILE. OpenSSL uses the CPU's
-# SHA instructions (x86 SHA-NI, ARMv8 crypto extensions) and is several times
-# faster than coreutils sha256sum, which is the fallback.
-sha256_of() {
-  local out
-  local -a f
-  if command -v openssl >/dev/null; then
-    f=()
-    if (($# > 0)); then
-      f=("$1")
-      [[ $1 != -* ]] || f=("./$1")
-    fi
-    out=$(openssl dgst -sha256 -r "${f[@]}") || return 1
-  else
-    out=$(sha256sum "$@") || return 1
-  fi
-  out=${out%% *}
-  [[ $out =~ ^[0-9a-f]{64}$ ]] || return 1
-  printf '%s\n' "$out"
 }
 
 hash_file() { # FILE -> prints sha256, with progress lines

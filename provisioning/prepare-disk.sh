@@ -36,6 +36,8 @@
 # missing or unreadable, unsupported or corrupt image, DEST in use by a running
 # QEMU, qemu-img failure); 2 on bad usage.
 set -euo pipefail
+# shellcheck source=SCRIPTDIR/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 readonly PROG=prepare-disk
 
@@ -74,29 +76,6 @@ mkdir -p -- "$(dirname -- "$dest")" || die "cannot create the directory of $dest
 
 cleanup() { rm -f -- "$partial"; }
 trap cleanup EXIT
-
-mib() { echo $((($1 + 524288) / 1048576)); }
-
-# SHA-256 hex digest of FILE, or of stdin without FILE. OpenSSL uses the CPU's
-# SHA instructions (x86 SHA-NI, ARMv8 crypto extensions) and is several times
-# faster than coreutils sha256sum, which is the fallback.
-sha256_of() {
-  local out
-  local -a f
-  if command -v openssl >/dev/null; then
-    f=()
-    if (($# > 0)); then
-      f=("$1")
-      [[ $1 != -* ]] || f=("./$1")
-    fi
-    out=$(openssl dgst -sha256 -r "${f[@]}") || return 1
-  else
-    out=$(sha256sum "$@") || return 1
-  fi
-  out=${out%% *}
-  [[ $out =~ ^[0-9a-f]{64}$ ]] || return 1
-  printf '%s\n' "$out"
-}
 
 write_atomic() { # FILE CONTENT
   local tmp

@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# publish-image.sh - publish the provisioned VM disk and EFI variables to S3.
+# publish-image.sh - publish the provisioned VM disk and EFI variables to S3
+# or to a folder.
 #
-# Usage: publish-image.sh VM_DIR S3_URI
+# Usage: publish-image.sh VM_DIR DEST_URI
 #
-#   VM_DIR  directory holding disk.qcow2 and QEMU_VARS.fd (the VM must be off)
-#   S3_URI  s3://bucket/prefix/ (trailing slash optional; the prefix may be empty)
+#   VM_DIR    directory holding disk.qcow2 and QEMU_VARS.fd (the VM must be off)
+#   DEST_URI  s3://bucket/prefix/ (trailing slash optional; the prefix may be
+#             empty), or file:///absolute/dir/ (percent-encoding allowed; the
+#             folder is created when missing)
 #
 # Env:
 #   S3_ENDPOINT_URL      passed to aws as --endpoint-url (S3-compatible servers)
@@ -14,11 +17,13 @@
 #   PUBLISH_PROGRESS_INTERVAL_S  seconds between progress lines, default 10
 #   AWS credentials/region       the usual aws CLI variables or instance profile
 #
-# S3 layout (<p> = the prefix, <sha> = SHA-256 of disk.qcow2):
+# Layout (<p> = the prefix or folder, <sha> = SHA-256 of disk.qcow2):
 #   <p>/staging/<id>/disk.qcow2  upload in progress; removed once copied. An
-#                                interrupted run may leave it behind: expire
+#                                interrupted S3 run may leave it behind: expire
 #                                <p>/staging/ (and incomplete multipart uploads)
-#                                with a bucket lifecycle rule.
+#                                with a bucket lifecycle rule. In a folder it is
+#                                removed on failure, and leftovers of killed
+#                                runs older than a day are swept at the start.
 #   <p>/<sha>/disk.qcow2         the image, content-addressed
 #   <p>/<sha>/QEMU_VARS.fd       the EFI variable store that goes with it
 #   <p>/<sha>/manifest.json      written last in <p>/<sha>/: present = complete
@@ -28,9 +33,12 @@
 #                                at a complete image.
 #
 # How: the disk is read once. It is hashed while it streams to the staging key
-# (tee to openssl/sha256sum and `aws s3 cp -`), then copied server-side to its
-# content-addressed key, its size checked with head-object, the manifest written
-# and read back, staging deleted, and latest.json written last.
+# (tee to openssl/sha256sum and `aws s3 cp -`, or to the staging file), then
+# copied server-side to its content-addressed key (in a folder: renamed), its
+# size checked, the manifest written and read back, staging deleted, and
+# latest.json written last. In a folder every file is written under a temporary
+# name, flushed to disk and renamed, so a reader never sees a partial file, and
+# the free space is checked before the copy.
 # $VM_DIR/disk.qcow2.sha256 ("<sha256> <size> <mtime>") records the hash; while
 # it matches the disk and <p>/<sha>/manifest.json exists (with the same
 # QEMU_VARS.fd), a rerun uploads nothing and only makes latest.json point at it.
@@ -47,6 +55,8 @@
 # "publish-image:". Exit 0 when latest.json points at the image; 1 with a message
 # naming the cause otherwise; 2 on bad usage.
 set -euo pipefail
+# shellcheck source=SCRIPTDIR/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 readonly PROG=publish-image
 # CopyObject copies at most 5 GiB in one request; larger objects are copied in
@@ -62,23 +72,45 @@ die() {
   exit 1
 }
 usage() {
-  log "usage: publish-image.sh VM_DIR S3_URI"
+  log "usage: publish-image.sh VM_DIR DEST_URI"
   exit 2
 }
 
 [[ $# -eq 2 && -n $1 && -n $2 ]] || usage
 vm_dir=$1
-s3_uri=$2
+dest_uri=$2
 interval=${PUBLISH_PROGRESS_INTERVAL_S:-10}
 [[ $interval =~ ^[1-9][0-9]*$ ]] || die "PUBLISH_PROGRESS_INTERVAL_S must be a positive integer, got '$interval'"
 
-[[ $s3_uri == s3://?* ]] || die "S3_URI '$s3_uri' must look like s3://bucket/prefix/"
-rest=${s3_uri#s3://}
-bucket=${rest%%/*}
+# backend "s3": objects s3://$bucket/<key>; backend "file": files $root/<key>.
+# base: the URI that keys are appended to in messages and in the manifest.
+bucket=
 prefix=
-[[ $rest != */* ]] || prefix=${rest#*/}
-while [[ $prefix == */ ]]; do prefix=${prefix%/}; done
-[[ -n $bucket ]] || die "S3_URI '$s3_uri' has no bucket name"
+root=
+case $dest_uri in
+  s3://?*)
+    backend="s3"
+    rest=${dest_uri#s3://}
+    bucket=${rest%%/*}
+    [[ $rest != */* ]] || prefix=${rest#*/}
+    while [[ $prefix == */ ]]; do prefix=${prefix%/}; done
+    [[ -n $bucket ]] || die "DEST_URI '$dest_uri' has no bucket name"
+    base=s3://$bucket
+    ;;
+  file:///*)
+    backend="file"
+    base=$dest_uri
+    while [[ $base == */ ]]; do base=${base%/}; done
+    root=${base#file://}
+    [[ $root == /?* ]] || die "DEST_URI '$dest_uri' is the filesystem root; name a folder"
+    [[ $root != *\\* ]] || die "DEST_URI '$dest_uri' holds a backslash; use a plain absolute path"
+    root=$(printf '%b' "${root//%/\\x}")
+    [[ $root != *//* && /$root/ != */../* && /$root/ != */./* ]] ||
+      die "DEST_URI '$dest_uri' is not a plain absolute path (no //, . or ..)"
+    ;;
+  file://*) die "DEST_URI '$dest_uri' names a host; use file:///absolute/dir/" ;;
+  *) die "DEST_URI '$dest_uri' must look like s3://bucket/prefix/ or file:///absolute/dir/" ;;
+esac
 
 source_url=${IMAGE_SOURCE_URL:-}
 source_sha=${IMAGE_SOURCE_SHA256:-}
@@ -94,25 +126,36 @@ stamp=$disk.sha256
 [[ -f $vars ]] || die "$vars not found"
 command -v qemu-img >/dev/null || die "qemu-img not found (install the qemu-utils package)"
 command -v jq >/dev/null || die "jq not found (install the jq package)"
-command -v aws >/dev/null || die "aws not found (install the AWS CLI)"
+[[ $backend != s3 ]] || command -v aws >/dev/null || die "aws not found (install the AWS CLI)"
 
 aws_args=()
 [[ -z ${S3_ENDPOINT_URL:-} ]] || aws_args+=(--endpoint-url "$S3_ENDPOINT_URL")
 
 key() { if [[ -n $prefix ]]; then printf '%s/%s' "$prefix" "$1"; else printf '%s' "$1"; fi; }
-uri() { printf 's3://%s/%s' "$bucket" "$(key "$1")"; }
-mib() { echo $((($1 + 524288) / 1048576)); }
+at() { printf '%s/%s' "$base" "$1"; }
+uri() { at "$(key "$1")"; }
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/publish-image.XXXXXX")
 pids=()
+# Stops PID and everything it started (a background function's own children
+# would otherwise live on, holding the output open).
+kill_tree() { # PID
+  local c kids=()
+  read -r -a kids <"/proc/$1/task/$1/children" 2>/dev/null || true
+  for c in "${kids[@]}"; do kill_tree "$c"; done
+  kill "$1" 2>/dev/null || true
+}
 kill_children() {
   local p
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  for p in "${pids[@]}"; do kill_tree "$p"; done
   for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
   pids=()
 }
+staging_key=
 cleanup() {
   kill_children
+  # A failed run removes its staging file from a folder (S3: lifecycle rule).
+  [[ $backend != file || -z $staging_key ]] || remove_staging "$staging_key"
   rm -rf -- "$work"
 }
 trap cleanup EXIT
@@ -121,53 +164,101 @@ trap 'log "terminated"; exit 143' TERM
 trap 'log "hung up"; exit 129' HUP
 trap 'exit 141' PIPE
 
-# SHA-256 hex digest of FILE, or of stdin without FILE. OpenSSL uses the CPU's
-# SHA instructions (x86 SHA-NI, ARMv8 crypto extensions) and is several times
-# faster than coreutils sha256sum, which is the fallback.
-sha256_of() {
-  local out
-  local -a f
-  if command -v openssl >/dev/null; then
-    f=()
-    if (($# > 0)); then
-      f=("$1")
-      [[ $1 != -* ]] || f=("./$1")
-    fi
-    out=$(openssl dgst -sha256 -r "${f[@]}") || return 1
-  else
-    out=$(sha256sum "$@") || return 1
-  fi
-  out=${out%% *}
-  [[ $out =~ ^[0-9a-f]{64}$ ]] || return 1
-  printf '%s\n' "$out"
-}
+# Storage operations. Each sends its error output to $work/op.err (see
+# op_error) and dies naming the object and the cause, except where noted.
+# Runs aws with the endpoint.
+s3() { aws "${aws_args[@]}" "$@" 2>"$work/op.err"; }
+op_error() { grep -v '^[[:space:]]*$' "$work/op.err" | tail -n 1; }
 
-# Runs aws with the endpoint; its stderr goes to $work/aws.err (see aws_error).
-s3() { aws "${aws_args[@]}" "$@" 2>"$work/aws.err"; }
-aws_error() { grep -v '^[[:space:]]*$' "$work/aws.err" | tail -n 1; }
-
-# Sets OBJ_SIZE to the size of s3://bucket/KEY, or to "" when it does not exist.
-object_size() {
+# Sets OBJ_SIZE to the size of KEY, or to "" when it does not exist.
+object_size() { # KEY
   OBJ_SIZE=
+  if [[ $backend == file ]]; then
+    [[ ! -f $root/$1 ]] || OBJ_SIZE=$(stat -c %s -- "$root/$1")
+    return 0
+  fi
   if OBJ_SIZE=$(s3 s3api head-object --bucket "$bucket" --key "$1" --query ContentLength --output text); then
     return 0
   fi
   OBJ_SIZE=
-  grep -qE '\(404\)|Not Found|NoSuchKey' "$work/aws.err" || die "cannot read s3://$bucket/$1: $(aws_error)"
+  grep -qE '\(404\)|Not Found|NoSuchKey' "$work/op.err" || die "cannot read $(at "$1"): $(op_error)"
 }
 
-# Downloads s3://bucket/KEY to FILE; status 1 when it does not exist.
+# Copies KEY to FILE; status 1 when it does not exist.
 get_object() { # KEY FILE
   rm -f -- "$2"
+  if [[ $backend == file ]]; then
+    [[ -e $root/$1 ]] || return 1
+    cp -- "$root/$1" "$2" 2>"$work/op.err" || die "cannot read $(at "$1"): $(op_error)"
+    return 0
+  fi
   s3 s3 cp --only-show-errors "s3://$bucket/$1" "$2" && return 0
-  grep -qE '\(404\)|Not Found|NoSuchKey|does not exist' "$work/aws.err" ||
-    die "cannot read s3://$bucket/$1: $(aws_error)"
+  grep -qE '\(404\)|Not Found|NoSuchKey|does not exist' "$work/op.err" ||
+    die "cannot read $(at "$1"): $(op_error)"
   return 1
 }
 
-put_file() { # FILE KEY
+# Folder backend: makes DEST (a path under $root) from FILE by copying it under
+# a temporary name, flushing it to disk and renaming it (readers never see a
+# partial file). With "move", FILE is renamed instead (same file system).
+fs_install() { # FILE DEST [move]
+  local tmp
+  mkdir -p -- "$(dirname -- "$2")" 2>"$work/op.err" || return 1
+  if [[ ${3:-} == move ]]; then
+    mv -f -- "$1" "$2" 2>"$work/op.err"
+    return
+  fi
+  tmp=$(mktemp -- "$2.tmp.XXXXXX" 2>"$work/op.err") || return 1
+  if cp -- "$1" "$tmp" 2>"$work/op.err" && chmod 0644 -- "$tmp" && sync -- "$tmp" 2>"$work/op.err" &&
+    mv -f -- "$tmp" "$2" 2>"$work/op.err"; then
+    return 0
+  fi
+  rm -f -- "$tmp"
+  return 1
+}
+
+put_file() { # FILE KEY [CONTENT_TYPE]
+  if [[ $backend == file ]]; then
+    fs_install "$1" "$root/$2" || die "writing $1 to $(at "$2") failed: $(op_error)"
+    return 0
+  fi
   s3 s3 cp --only-show-errors --content-type "${3:-application/octet-stream}" -- "$1" "s3://$bucket/$2" ||
-    die "upload of $1 to s3://$bucket/$2 failed: $(aws_error)"
+    die "upload of $1 to $(at "$2") failed: $(op_error)"
+}
+
+# Writes stdin to KEY (the staging upload; runs in the background, so it
+# reports through its exit status and $work/upload.err, never dies).
+put_stream() { # KEY SIZE
+  if [[ $backend == file ]]; then
+    mkdir -p -- "$(dirname -- "$root/$1")" && cat >"$root/$1" && sync -- "$root/$1"
+    return
+  fi
+  aws "${aws_args[@]}" s3 cp --only-show-errors --expected-size "$2" - "s3://$bucket/$1"
+}
+
+# Copies SRC_KEY to DST_KEY (S3: server side) or, in a folder, renames it.
+promote() { # SRC_KEY DST_KEY SIZE
+  if [[ $backend == file ]]; then
+    if ! { chmod 0644 -- "$root/$1" 2>"$work/op.err" && fs_install "$root/$1" "$root/$2" move; }; then
+      die "moving $(at "$1") to $(at "$2") failed: $(op_error)"
+    fi
+  elif (($3 <= SINGLE_COPY_MAX)); then
+    s3 s3api copy-object --bucket "$bucket" --key "$2" --copy-source "$bucket/$1" >/dev/null ||
+      die "server-side copy to $(at "$2") failed: $(op_error)"
+  else
+    s3 s3 cp --only-show-errors "s3://$bucket/$1" "s3://$bucket/$2" ||
+      die "server-side copy to $(at "$2") failed: $(op_error)"
+  fi
+}
+
+# Deletes the staging KEY (and, in a folder, its directory); only warns.
+remove_staging() { # KEY
+  if [[ $backend == file ]]; then
+    rm -f -- "${root:?}/$1" && rmdir -- "$(dirname -- "$root/$1")" 2>/dev/null
+    rmdir -- "$root/$(key staging)" 2>/dev/null || true
+    return 0
+  fi
+  s3 s3 rm --only-show-errors "s3://$bucket/$1" || log "warning: could not delete $(at "$1"): $(op_error)"
 }
 
 # Refuses when a running QEMU holds FILE (qemu-img cannot take its shared lock).
@@ -209,10 +300,22 @@ published_manifest() { # SHA
 put_json() { # VALUE KEY
   printf '%s\n' "$1" >"$work/put.json"
   put_file "$work/put.json" "$2" application/json
-  get_object "$2" "$work/readback.json" || die "s3://$bucket/$2 is missing after upload"
+  get_object "$2" "$work/readback.json" || die "$(at "$2") is missing after it was written"
   jq -e --argjson want "$1" '. == $want' >/dev/null 2>&1 <"$work/readback.json" ||
-    die "s3://$bucket/$2 does not read back as written"
+    die "$(at "$2") does not read back as written"
 }
+
+if [[ $backend == file ]]; then
+  mkdir -p -- "$root" 2>"$work/op.err" || die "cannot create the folder $root: $(op_error)"
+  [[ -w $root ]] || die "the folder $root is not writable by $(id -un)"
+  # Staging left by runs that were killed (a failing run removes its own).
+  if [[ -d $root/$(key staging) ]]; then
+    while IFS= read -r -d '' old; do
+      log "removing stale staging folder $old"
+      rm -rf -- "$old"
+    done < <(find "$root/$(key staging)" -mindepth 1 -maxdepth 1 -mmin +1440 -print0)
+  fi
+fi
 
 manifest=
 sha=
@@ -229,15 +332,20 @@ if [[ -f $stamp ]]; then
 fi
 
 if [[ -z $manifest ]]; then
+  if [[ $backend == file ]]; then
+    avail=$(df -B1 --output=avail -- "$root" | tail -n 1)
+    need=$((size + vars_size + 1048576))
+    [[ ! $avail =~ ^[0-9]+$ ]] || ((avail >= need)) ||
+      die "not enough free space in $root: publishing needs $(mib "$need") MiB, $(mib "$avail") MiB are free"
+  fi
   # --- stream the disk to staging, hashing it on the way ---------------------
   staging_key=$(key "staging/$(date -u +%Y%m%dT%H%M%SZ)-$$-$RANDOM/disk.qcow2")
-  log "uploading $disk ($(mib "$size") MiB) to s3://$bucket/$staging_key, computing its SHA-256 on the way"
+  log "uploading $disk ($(mib "$size") MiB) to $(at "$staging_key"), computing its SHA-256 on the way"
   mkfifo "$work/hash.fifo" "$work/upload.fifo"
   t0=$SECONDS
   sha256_of <"$work/hash.fifo" >"$work/disk.sha" &
   hasher=$!
-  aws "${aws_args[@]}" s3 cp --only-show-errors --expected-size "$size" - "s3://$bucket/$staging_key" \
-    <"$work/upload.fifo" 2>"$work/upload.err" &
+  put_stream "$staging_key" "$size" <"$work/upload.fifo" 2>"$work/upload.err" &
   uploader=$!
   tee "$work/hash.fifo" <"$disk" >"$work/upload.fifo" &
   reader=$!
@@ -263,7 +371,7 @@ if [[ -z $manifest ]]; then
   wait "$hasher" || rc_hasher=$?
   kill_children
   if ((rc_uploader != 0)); then
-    die "upload of $disk to s3://$bucket/$staging_key failed: $(grep -v '^[[:space:]]*$' "$work/upload.err" | tail -n 1)"
+    die "upload of $disk to $(at "$staging_key") failed: $(grep -v '^[[:space:]]*$' "$work/upload.err" | tail -n 1)"
   fi
   ((rc_reader == 0)) || die "reading $disk failed (tee exit $rc_reader)"
   ((rc_hasher == 0)) || die "hashing $disk failed (exit $rc_hasher)"
@@ -278,7 +386,7 @@ if [[ -z $manifest ]]; then
   ensure_not_in_use "$disk" qcow2
   object_size "$staging_key"
   [[ $OBJ_SIZE == "$size" ]] ||
-    die "staging object s3://$bucket/$staging_key is ${OBJ_SIZE:-missing}, expected $size bytes"
+    die "staging object $(at "$staging_key") is ${OBJ_SIZE:-missing}, expected $size bytes"
   tmp=$(mktemp "$stamp.XXXXXX")
   printf '%s %s\n' "$sha" "$disk_stat" >"$tmp"
   chmod 0644 -- "$tmp"
@@ -291,15 +399,8 @@ if [[ -z $manifest ]]; then
   else
     # --- content-addressed copy ----------------------------------------------
     image_key=$(key "$sha/disk.qcow2")
-    log "copying to s3://$bucket/$image_key (server side)"
-    if ((size <= SINGLE_COPY_MAX)); then
-      s3 s3api copy-object --bucket "$bucket" --key "$image_key" \
-        --copy-source "$bucket/$staging_key" >/dev/null ||
-        die "server-side copy to s3://$bucket/$image_key failed: $(aws_error)"
-    else
-      s3 s3 cp --only-show-errors "s3://$bucket/$staging_key" "s3://$bucket/$image_key" ||
-        die "server-side copy to s3://$bucket/$image_key failed: $(aws_error)"
-    fi
+    log "copying to $(at "$image_key")$([[ $backend == file ]] || echo " (server side)")"
+    promote "$staging_key" "$image_key" "$size"
     log "uploading $vars to $(uri "$sha/QEMU_VARS.fd")"
     put_file "$vars" "$(key "$sha/QEMU_VARS.fd")"
 
@@ -327,8 +428,8 @@ if [[ -z $manifest ]]; then
     put_json "$manifest" "$(key "$sha/manifest.json")"
     log "published $(uri "$sha/")"
   fi
-  s3 s3 rm --only-show-errors "s3://$bucket/$staging_key" ||
-    log "warning: could not delete s3://$bucket/$staging_key: $(aws_error)"
+  remove_staging "$staging_key"
+  staging_key=
 fi
 
 # --- latest.json, last ---------------------------------------------------------

@@ -104,13 +104,17 @@ export const RUNTIME = {
 export type RuntimeName = keyof typeof RUNTIME;
 export type RuntimeValues = Record<RuntimeName, string>;
 
-/** Replaces the runtime tokens in a command with their values. */
+/**
+ * Replaces the runtime tokens in a command with their values. Commands hold
+ * tokens inside single quotes (see `word`), so a value must not hold one.
+ */
 export function resolveCommand(command: string, values: Partial<RuntimeValues>): string {
   let out = command;
   for (const [name, token] of Object.entries(RUNTIME) as Array<[RuntimeName, string]>) {
     const v = values[name];
     if (out.includes(token)) {
       if (v === undefined) throw new Error(`resolveCommand: no value for ${name}`);
+      if (v.includes("'")) throw new Error(`resolveCommand: the value of ${name} holds a single quote: ${v}`);
       out = out.split(token).join(v);
     }
   }
@@ -129,9 +133,9 @@ export const STAGE_FILES: Partial<Record<StageId, string[]>> = {
   // waitHost: QemuHost sends host-ready.sh on stdin and waits with wait-for-guest.sh locally;
   // its own triggers hold those scripts' hashes, so editing them re-runs only the wait.
   firmware: ["provisioning/build-efi.sh"],
-  fetchImage: ["provisioning/fetch-image.sh"],
-  fetchDrivers: ["provisioning/fetch-image.sh"],
-  prepareDisk: ["provisioning/prepare-disk.sh"],
+  fetchImage: ["provisioning/fetch-image.sh", "provisioning/lib.sh"],
+  fetchDrivers: ["provisioning/fetch-image.sh", "provisioning/lib.sh"],
+  prepareDisk: ["provisioning/prepare-disk.sh", "provisioning/lib.sh"],
   configMedia: [
     "provisioning/build-config-iso.sh",
     "provisioning/windows/firstlogon.ps1",
@@ -142,7 +146,7 @@ export const STAGE_FILES: Partial<Record<StageId, string[]>> = {
   startVm: ["provisioning/start-vm.sh", "provisioning/run-vm.sh"],
   waitGuest: ["provisioning/wait-for-guest.sh"],
   stopVm: ["provisioning/stop-vm.sh"],
-  publish: ["provisioning/publish-image.sh"],
+  publish: ["provisioning/publish-image.sh", "provisioning/lib.sh"],
   prepareAmi: ["provisioning/prepare-ami.sh", "provisioning/run-vm.sh", "assets/windows-vm.service"],
 };
 
@@ -157,6 +161,11 @@ export function shq(s: string): string {
   return `'${s.replace(/'/g, `'\\''`)}'`;
 }
 
+/** A command word: a runtime token always single-quoted (its value may hold spaces), anything else by `shq`. */
+export function word(s: string): string {
+  return (Object.values(RUNTIME) as string[]).includes(s) ? `'${s}'` : shq(s);
+}
+
 function sourceFileName(c: StackConfig): string {
   return `source.${c.image.format}`;
 }
@@ -166,12 +175,12 @@ export function buildPlan(p: PlanInputs): Plan {
   const { config: c, layout: L } = p;
   const S = `${L.home}/provisioning`;
   const vm = L.vmDir;
-  const run = (file: string, ...args: string[]) => `${L.sudo}bash ${S}/${file} ${args.map(shq).join(" ")}`.trim();
+  const run = (file: string, ...args: string[]) =>
+    `${L.sudo}bash ${shq(`${S}/${file}`)} ${args.map(word).join(" ")}`.trim();
   const withEnv = (env: Record<string, string | undefined>, cmd: string) => {
     const pairs = Object.entries(env)
       .filter((e): e is [string, string] => e[1] !== undefined && e[1] !== "")
-      // A runtime token stands for a value that may hold spaces (the public key): always quote it.
-      .map(([k, v]) => `${k}=${(Object.values(RUNTIME) as string[]).includes(v) ? `'${v}'` : shq(v)}`);
+      .map(([k, v]) => `${k}=${word(v)}`);
     return pairs.length ? cmd.replace(/bash /, `env ${pairs.join(" ")} bash `) : cmd;
   };
   const s3Endpoint = c.target === "local" ? c.artifacts.endpointUrl : undefined;
@@ -451,9 +460,9 @@ function configMediaCommand(c: StackConfig, L: HostLayout): string {
   // The answer file (secret) arrives on stdin and is written 0600, never on a command line.
   return [
     `${L.sudo}install -d -m 0700 ${shq(stage)}`,
-    `${L.sudo}bash -c ${shq(`umask 077 && cat > ${stage}/autounattend.xml`)}`,
-    `${L.sudo}bash -c ${shq(`umask 077 && printf '%s\\n' '${RUNTIME.pipelineKey}' > ${stage}/authorized_keys`)}`,
-    `${L.sudo}env ${env.join(" ")} bash ${S}/build-config-iso.sh ${shq(`${L.vmDir}/config.iso`)} ${files.map(shq).join(" ")}`,
+    `${L.sudo}bash -c ${shq(`umask 077 && cat > ${shq(`${stage}/autounattend.xml`)}`)}`,
+    `${L.sudo}bash -c ${shq(`umask 077 && printf '%s\\n' ${word(RUNTIME.pipelineKey)} > ${shq(`${stage}/authorized_keys`)}`)}`,
+    `${L.sudo}env ${env.join(" ")} bash ${shq(`${S}/build-config-iso.sh`)} ${shq(`${L.vmDir}/config.iso`)} ${files.map(shq).join(" ")}`,
   ].join(" && ");
 }
 

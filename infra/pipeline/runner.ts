@@ -6,7 +6,7 @@
 import * as command from "@pulumi/command";
 import * as pulumi from "@pulumi/pulumi";
 import { repoPath } from "../paths";
-import { HostLayout, resolveCommand, RuntimeName, RuntimeValues, Stage } from "./plan";
+import { HostLayout, resolveCommand, RuntimeName, RuntimeValues, shq, Stage } from "./plan";
 
 export type Logging = "stdout" | "stderr" | "stdoutAndStderr" | "none";
 
@@ -111,7 +111,7 @@ export class LocalRunner implements Runner {
     return new command.local.Command(
       name,
       {
-        create: `install -D -m 0644 ${repoRelPath} '${dest}'`,
+        create: `install -D -m 0644 ${shq(repoRelPath)} ${shq(dest)}`,
         triggers: [sha256],
         logging: "stderr",
         interpreter: ["/bin/bash", "-c"],

@@ -268,7 +268,7 @@ describe("publish-image.sh", function () {
   it("fails clearly on bad arguments and missing files", async () => {
     const r1 = await publish("https://images/x");
     expect(r1.code).to.not.equal(0);
-    expect(r1.stderr).to.contain("must look like s3://bucket/prefix/");
+    expect(r1.stderr).to.contain("must look like s3://bucket/prefix/ or file:///absolute/dir/");
     fs.rmSync(path.join(vmDir, "QEMU_VARS.fd"));
     const r2 = await publish("s3://images/x/");
     expect(r2.code).to.not.equal(0);
@@ -287,5 +287,153 @@ describe("publish-image.sh", function () {
     expect(r.stdout).to.equal("");
     expect(r.stderr).to.contain("http://127.0.0.1:9");
     expect(r.stderr).to.contain("publish-image: error:");
+  });
+
+  describe("to a folder (file://)", () => {
+    /** A PATH whose first entries are shims (name -> bash body); `aws` always fails loudly. */
+    function shimPath(shims: Record<string, string> = {}): string {
+      const bin = fs.mkdtempSync(path.join(dir, "bin-"));
+      const all = { aws: 'echo "aws was called: $*" >&2; exit 99', ...shims };
+      for (const [name, body] of Object.entries(all)) {
+        fs.writeFileSync(path.join(bin, name), `#!/usr/bin/env bash\n${body}\n`, { mode: 0o755 });
+      }
+      return `${bin}:${process.env.PATH}`;
+    }
+    const publishTo = (uri: string, env: NodeJS.ProcessEnv = {}) => publish(uri, { PATH: shimPath(), ...env });
+    const list = (root: string) =>
+      fs
+        .readdirSync(root, { recursive: true, encoding: "utf8" })
+        .filter((p) => fs.statSync(path.join(root, p)).isFile())
+        .sort();
+
+    it("publishes into the folder (percent-decoded, created when missing) without the AWS CLI", async () => {
+      const root = path.join(dir, "out dir", "images");
+      const uri = `file://${path.join(dir, "out%20dir", "images")}/`;
+      const sha = sha256File(disk);
+      const r = await publishTo(uri, { WINDOWS_VERSION: "11-24H2" });
+      expect(r.code, r.stderr).to.equal(0);
+      expect(r.stderr).to.not.contain("aws was called");
+      const m = parseStdout(r);
+      const base = uri.slice(0, -1);
+      expect(m.sha256).to.equal(sha);
+      expect(m.imageUri).to.equal(`${base}/${sha}/disk.qcow2`);
+      expect(m.varsUri).to.equal(`${base}/${sha}/QEMU_VARS.fd`);
+      expect(m.manifestUri).to.equal(`${base}/${sha}/manifest.json`);
+      expect(m.windowsVersion).to.equal("11-24H2");
+      // Exactly the layout S3 gets; staging is gone.
+      expect(list(root)).to.deep.equal([
+        `${sha}/QEMU_VARS.fd`,
+        `${sha}/disk.qcow2`,
+        `${sha}/manifest.json`,
+        "latest.json",
+      ]);
+      expect(fs.readFileSync(path.join(root, sha, "disk.qcow2")).equals(fs.readFileSync(disk))).to.equal(true);
+      expect(sha256File(path.join(root, sha, "QEMU_VARS.fd"))).to.equal(m.varsSha256);
+      expect(JSON.parse(fs.readFileSync(path.join(root, sha, "manifest.json"), "utf8"))).to.deep.equal(m);
+      expect(JSON.parse(fs.readFileSync(path.join(root, "latest.json"), "utf8"))).to.deep.equal(m);
+      for (const f of list(root)) expect(fs.statSync(path.join(root, f)).mode & 0o777, f).to.equal(0o644);
+
+      // A rerun copies nothing and leaves the files as they are.
+      const before = fs.statSync(path.join(root, sha, "disk.qcow2")).mtimeMs;
+      const r2 = await publishTo(uri);
+      expect(r2.code, r2.stderr).to.equal(0);
+      expect(r2.stderr).to.contain("no upload needed");
+      expect(parseStdout(r2).createdAt).to.equal(m.createdAt);
+      expect(fs.statSync(path.join(root, sha, "disk.qcow2")).mtimeMs).to.equal(before);
+    });
+
+    it("a publish stopped halfway leaves the old latest.json and no staging file; a rerun finishes", async () => {
+      const root = path.join(dir, "halt");
+      const r1 = await publishTo(`file://${root}`);
+      expect(r1.code, r1.stderr).to.equal(0);
+      const old = parseStdout(r1);
+      await ok("qemu-io", ["-f", "qcow2", "-c", "write -P 0x66 16M 20M", disk]);
+      const newSha = sha256File(disk);
+
+      // `sync` (run once the staging file is written) hangs: the publish is stopped there.
+      const mark = path.join(dir, "syncing");
+      const child = spawn("bash", [script("publish-image.sh"), vmDir, `file://${root}`], {
+        env: { ...process.env, PATH: shimPath({ sync: `touch ${mark}; exec sleep 60` }) },
+        stdio: ["ignore", "pipe", "pipe"],
+      });
+      let stderr = "";
+      let stdout = "";
+      child.stdout!.on("data", (d: Buffer) => (stdout += d.toString()));
+      child.stderr!.on("data", (d: Buffer) => (stderr += d.toString()));
+      const closed = new Promise<number | null>((resolve) => child.on("close", (code) => resolve(code)));
+      for (let i = 0; i < 600 && !fs.existsSync(mark) && child.exitCode === null; i++) {
+        await new Promise((res) => setTimeout(res, 100));
+      }
+      if (!fs.existsSync(mark)) {
+        child.kill("SIGKILL");
+        throw new Error(`publish never reached sync: ${stderr}`);
+      }
+      const staged = list(root).filter((f) => f.startsWith("staging/"));
+      expect(staged, "the staging file exists while the copy runs").to.have.length(1);
+      const killedAt = Date.now();
+      child.kill("SIGTERM");
+      expect(await closed, stderr).to.equal(143);
+      // Its children (the hung sync among them) stopped with it.
+      expect(Date.now() - killedAt).to.be.below(15000);
+      expect(stdout).to.equal("");
+      expect(JSON.parse(fs.readFileSync(path.join(root, "latest.json"), "utf8"))).to.deep.equal(old);
+      expect(list(root)).to.deep.equal([
+        `${old.sha256}/QEMU_VARS.fd`,
+        `${old.sha256}/disk.qcow2`,
+        `${old.sha256}/manifest.json`,
+        "latest.json",
+      ]);
+
+      const r2 = await publishTo(`file://${root}/`);
+      expect(r2.code, r2.stderr).to.equal(0);
+      const m2 = parseStdout(r2);
+      expect(m2.sha256).to.equal(newSha);
+      expect(JSON.parse(fs.readFileSync(path.join(root, "latest.json"), "utf8"))).to.deep.equal(m2);
+      expect(list(root)).to.include.members([`${old.sha256}/disk.qcow2`, `${newSha}/disk.qcow2`]);
+      expect(list(root).filter((f) => f.startsWith("staging/"))).to.deep.equal([]);
+    });
+
+    it("sweeps staging left by killed runs more than a day ago, and keeps recent ones", async () => {
+      const root = path.join(dir, "sweep");
+      const stale = path.join(root, "staging", "20200101T000000Z-1-1");
+      const recent = path.join(root, "staging", "recent-run");
+      for (const d of [stale, recent]) {
+        fs.mkdirSync(d, { recursive: true });
+        fs.writeFileSync(path.join(d, "disk.qcow2"), "partial");
+      }
+      const twoDaysAgo = new Date(Date.now() - 2 * 86400 * 1000);
+      fs.utimesSync(stale, twoDaysAgo, twoDaysAgo);
+      const r = await publishTo(`file://${root}`);
+      expect(r.code, r.stderr).to.equal(0);
+      expect(r.stderr).to.contain(`removing stale staging folder ${stale}`);
+      expect(fs.existsSync(stale)).to.equal(false);
+      expect(fs.readFileSync(path.join(recent, "disk.qcow2"), "utf8")).to.equal("partial");
+    });
+
+    it("refuses when the folder lacks the space, before writing anything", async () => {
+      const root = path.join(dir, "full");
+      const r = await publish(`file://${root}`, {
+        PATH: shimPath({ df: 'printf "Avail\\n%s\\n" 1048576' }),
+      });
+      expect(r.code).to.equal(1);
+      expect(r.stdout).to.equal("");
+      expect(r.stderr).to.match(/not enough free space in .*full: publishing needs \d+ MiB, 1 MiB are free/);
+      expect(list(root)).to.deep.equal([]);
+    });
+
+    it("names what is wrong with a file:// URI", async () => {
+      const cases: [string, RegExp][] = [
+        ["file://server/share/images/", /names a host; use file:\/\/\/absolute\/dir\//],
+        ["file:///", /is the filesystem root/],
+        [`file://${dir}/a/../b/`, /is not a plain absolute path/],
+        ["ftp://images/x", /must look like s3:\/\/bucket\/prefix\/ or file:\/\/\/absolute\/dir\//],
+      ];
+      for (const [uri, msg] of cases) {
+        const r = await publishTo(uri);
+        expect(r.code, uri).to.equal(1);
+        expect(r.stdout, uri).to.equal("");
+        expect(r.stderr, uri).to.match(msg);
+      }
+    });
   });
 });

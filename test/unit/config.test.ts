@@ -81,6 +81,10 @@ describe("config validation", () => {
     );
     expect(c.target).to.equal("local");
     expect(c.image.format).to.equal("qcow2");
+    const folder = parseConfig(
+      withDefaults({ ...GOOD, target: "local", artifactUri: "file:///srv/win%20images/" }),
+    ).artifacts;
+    expect(folder.uri).to.equal("file:///srv/win%20images/");
   });
 
   // [description, overrides, key that must be named, hint that must appear]
@@ -133,6 +137,12 @@ describe("config validation", () => {
     ["prefix with leading slash", { artifactPrefix: "/images/" }, "artifactPrefix", /not start with one/],
     ["noncurrent days zero", { artifactNoncurrentDays: "0" }, "artifactNoncurrentDays", /1 to 3650/],
     ["artifactUri on aws", { artifactUri: "file:///tmp/x/" }, "artifactUri", /local target only/],
+    ["artifactUri with a host", { target: "local", artifactUri: "file://nas/images/" }, "artifactUri", /names a host/],
+    ["artifactUri at the root", { target: "local", artifactUri: "file:///" }, "artifactUri", /filesystem root/],
+    ["artifactUri with ..", { target: "local", artifactUri: "file:///srv/../etc/" }, "artifactUri", /plain absolute/],
+    ["artifactUri of another scheme", { target: "local", artifactUri: "ftp://x/y/" }, "artifactUri", /neither file/],
+    ["artifactUri with a quote", { target: "local", artifactUri: "s3://b/it's/" }, "artifactUri", /neither file/],
+    ["prefix with a quote", { artifactPrefix: "it's/" }, "artifactPrefix", /!-_\.\*\(\)\/ only/],
     ["missing image URL", { windowsImageUrl: "" }, "windowsImageUrl", /required but not set/],
     ["http image URL", { windowsImageUrl: "http://example.com/w.vhdx" }, "windowsImageUrl", /s3:\/\/ or https:\/\//],
     ["file:// image URL on aws", { windowsImageUrl: "file:///tmp/w.vhdx" }, "windowsImageUrl", /cannot fetch/],

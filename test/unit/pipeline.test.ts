@@ -78,7 +78,7 @@ describe("image pipeline (mocks)", function () {
     expect(unwrap(fw.connection).user).to.equal("ubuntu");
     expect(fw.addPreviousOutputInEnv).to.equal(false);
     expect(get("publish").inputs.create).to.contain(
-      "publish-image.sh /var/lib/windows-vm s3://artifacts-bucket-123/windows-arm64/",
+      "publish-image.sh /var/lib/windows-vm 's3://artifacts-bucket-123/windows-arm64/'",
     );
     expect(get("fetchImage").inputs.create).to.contain("fetch-image.sh s3://media-bucket/images/win11-23h2.vhdx");
   });
@@ -165,5 +165,21 @@ describe("image pipeline (mocks)", function () {
     const g = r.one("command:remote:Command", "guest-run").inputs as Record<string, any>;
     expect(unwrap(g.connection).proxy).to.equal(undefined);
     expect(STAGE_IDS.length).to.equal(16);
+    const pub = r.one("command:local:Command", "image-publish").inputs as Record<string, string>;
+    expect(pub.create).to.contain("publish-image.sh /tmp/w-a-i-local/vm 'file:///tmp/w-a-i-local/artifacts/'");
+  });
+
+  it("the local target publishes to a percent-encoded folder URI under localWorkDir by default", async () => {
+    const r = await runProgram({
+      ...BASE_CONFIG,
+      target: "local",
+      sshAllowedCidrs: "[]",
+      windowsImageUrl: "file:///srv/win.qcow2",
+      localWorkDir: "/tmp/w a%i",
+    });
+    const pub = r.one("command:local:Command", "image-publish").inputs as Record<string, string>;
+    expect(pub.create).to.contain("'file:///tmp/w%20a%25i/artifacts/'");
+    // The folder's space is quoted wherever the path appears.
+    expect(pub.create).to.contain("bash '/tmp/w a%i/provisioning/publish-image.sh' '/tmp/w a%i/vm' 'file://");
   });
 });

@@ -1,4 +1,6 @@
 import { expect } from "chai";
+import * as fs from "fs";
+import * as path from "path";
 import { parseConfig, RawConfig } from "../../infra/config";
 import { guestSettings, guestProvisionCommand, GUEST_PROVISION_SCRIPT } from "../../infra/pipeline/guest";
 import {
@@ -13,6 +15,7 @@ import {
   StageId,
 } from "../../infra/pipeline/plan";
 import { renderVmEnv } from "../../infra/pipeline/vmEnv";
+import { repoRoot } from "../support/run";
 
 const RAW: RawConfig = {
   sshAllowedCidrs: '["203.0.113.7/32"]',
@@ -77,6 +80,12 @@ describe("pipeline plan", () => {
       ["fetchImage", "fetchDrivers", "prepareDisk", "configMedia", ...AFTER_START],
     ],
     ["prepare-disk.sh", {}, "provisioning/prepare-disk.sh", ["prepareDisk", ...AFTER_START]],
+    [
+      "the shared lib.sh",
+      {},
+      "provisioning/lib.sh",
+      ["fetchImage", "fetchDrivers", "prepareDisk", "configMedia", ...AFTER_START],
+    ],
     ["run-vm.sh", {}, "provisioning/run-vm.sh", [...AFTER_START]],
     ["start-vm.sh", {}, "provisioning/start-vm.sh", [...AFTER_START]],
     ["wait-for-guest.sh", {}, "provisioning/wait-for-guest.sh", AFTER_START.filter((s) => s !== "startVm")],
@@ -129,6 +138,21 @@ describe("pipeline plan", () => {
     for (const s of p.stages) for (const f of s.files) expect(all.has(f), f).to.equal(true);
   });
 
+  it("each stage lists the files its scripts source", () => {
+    const sourced = /^\s*(?:source|\.)\s+"\$\(dirname "\$\{BASH_SOURCE\[0\]\}"\)\/([^"]+)"/gm;
+    let seen = 0;
+    for (const s of plan().stages) {
+      for (const f of s.files.filter((x) => x.endsWith(".sh"))) {
+        const text = fs.readFileSync(path.join(repoRoot, f), "utf8");
+        for (const m of text.matchAll(sourced)) {
+          seen++;
+          expect(s.files, `${s.id}: ${f} sources ${m[1]}`).to.include(path.posix.join(path.posix.dirname(f), m[1]));
+        }
+      }
+    }
+    expect(seen, "some stage script sources lib.sh").to.be.greaterThan(0);
+  });
+
   it("host commands run the scripts from the host's home with their arguments", () => {
     const p = plan();
     expect(p.stage("firmware").command).to.equal(
@@ -143,7 +167,7 @@ describe("pipeline plan", () => {
     expect(p.stage("startVm").command).to.contain("start-vm.sh /var/lib/windows-vm/vm-build.env windows-vm-build");
     expect(p.stage("stopVm").command).to.contain("stop-vm.sh /var/lib/windows-vm/qmp.sock 600");
     expect(p.stage("publish").command).to.match(
-      /env IMAGE_SOURCE_URL=s3:\/\/media\/win\.vhdx .*WINDOWS_VERSION=11-23h2 bash .*publish-image\.sh \/var\/lib\/windows-vm @ARTIFACT_URI@/,
+      /env IMAGE_SOURCE_URL=s3:\/\/media\/win\.vhdx .*WINDOWS_VERSION=11-23h2 bash .*publish-image\.sh \/var\/lib\/windows-vm '@ARTIFACT_URI@'/,
     );
     expect(p.stage("prepareAmi").command).to.contain("prepare-ami.sh --generalize / /var/lib/windows-vm/vm.env");
   });
@@ -158,9 +182,11 @@ describe("pipeline plan", () => {
   it("resolves runtime tokens and refuses to leave one unresolved", () => {
     const cmd = plan().stage("publish").command as string;
     expect(resolveCommand(cmd, { artifactUri: "s3://b/p/" })).to.contain(
-      "publish-image.sh /var/lib/windows-vm s3://b/p/",
+      "publish-image.sh /var/lib/windows-vm 's3://b/p/'",
     );
     expect(() => resolveCommand(cmd, {})).to.throw(/no value for artifactUri/);
+    // Tokens sit inside single quotes: a value holding one is refused, not spliced in.
+    expect(() => resolveCommand(cmd, { artifactUri: "s3://b/it's/" })).to.throw(/artifactUri holds a single quote/);
     expect(Object.values(RUNTIME).every((t) => t.startsWith("@"))).to.equal(true);
   });
 
