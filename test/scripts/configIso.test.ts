@@ -229,18 +229,23 @@ describe("build-config-iso.sh", function () {
   });
 });
 
-/** pwsh from PATH or the .NET global tool folder; undefined when absent. */
-function findPwsh(): string | undefined {
+/** pwsh from PATH or the .NET global tool folder; fails (never skips) when scripts/setup.sh has not installed it. */
+function findPwsh(): string {
   const candidates = [
     ...(process.env.PATH ?? "").split(path.delimiter).map((d) => path.join(d, "pwsh")),
     path.join(os.homedir(), ".dotnet", "tools", "pwsh"),
   ];
-  return candidates.find((c) => fs.existsSync(c));
+  const found = candidates.find((c) => fs.existsSync(c));
+  if (!found) throw new Error("pwsh not found on PATH or in ~/.dotnet/tools: run bash scripts/setup.sh");
+  return found;
 }
 
 describe("config media PowerShell", function () {
   this.timeout(60000);
-  const pwsh = findPwsh();
+  let pwsh: string;
+  before(() => {
+    pwsh = findPwsh();
+  });
 
   const parseCheck = `
     $errs = $null
@@ -253,19 +258,17 @@ describe("config media PowerShell", function () {
   `;
 
   it("firstlogon.ps1 parses", async function () {
-    if (!pwsh) this.skip();
-    const r = await run(pwsh!, ["-NoProfile", "-NonInteractive", "-Command", parseCheck], {
+    const r = await run(pwsh, ["-NoProfile", "-NonInteractive", "-Command", parseCheck], {
       env: { PS_FILE: FIRSTLOGON },
     });
     expect(r.code, r.stdout + r.stderr).to.equal(0);
   });
 
   it("the first-logon command lines parse as PowerShell", async function () {
-    if (!pwsh) this.skip();
     for (const c of firstLogonCommands(answerInput)) {
       const m = /-Command "(.*)"$/.exec(c.commandLine);
       expect(m, c.commandLine).to.not.equal(null);
-      const r = await run(pwsh!, ["-NoProfile", "-NonInteractive", "-Command", parseCheck], {
+      const r = await run(pwsh, ["-NoProfile", "-NonInteractive", "-Command", parseCheck], {
         env: { PS_SRC: m![1] },
       });
       expect(r.code, `command ${c.order}: ${r.stdout}${r.stderr}`).to.equal(0);
