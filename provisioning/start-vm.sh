@@ -19,16 +19,24 @@
 # every problem listed); (3) start; (4) wait up to START_VM_WAIT_S (default 20)
 # for QEMU's pid file and QMP socket. If QEMU died, print the cause: the tail
 # of run-vm.log (or the unit's journal) and of the serial log; if it did not
-# come up in time, stop the launcher and say so.
+# come up in time, stop the launcher and say so. (5) When VM_INSTALL_ISO is set
+# and the disk holds no data yet (a first install), press Enter through QMP
+# (send-key) once a second for START_VM_BOOT_KEYS_S seconds: the Windows ISO's
+# boot loader waits a few seconds at "Press any key to boot from CD or DVD" and
+# otherwise falls through to the empty disk. A disk that already holds data
+# (Setup under way or done) gets no key, so it boots from the disk.
 #
 # Env: START_VM_WAIT_S; START_VM_SYSTEMD (auto [default], 1: use systemd-run,
-#   0: run detached even where systemd runs); VM_* variables in the
-#   environment override the file (and are passed on to the transient unit).
+#   0: run detached even where systemd runs); START_VM_BOOT_KEYS_S (default
+#   60, 0 = never press keys); VM_* variables in the environment override the
+#   file (and are passed on to the transient unit).
 # Output: one line on stdout: "start-vm: VM started (...)" or
 #   "start-vm: VM already running (...)"; progress and errors on stderr.
 # Exit: 0 started or already running; 2 invalid configuration (nothing
 #   started); 1 QEMU failed to start or did not come up in time.
 set -euo pipefail
+# shellcheck source=SCRIPTDIR/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 readonly me="start-vm"
 SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -48,6 +56,9 @@ unit=${2:-windows-vm-build}
 [[ $unit =~ ^[A-Za-z0-9:_.@-]+$ ]] || usage "UNIT_NAME='$unit' is not a valid unit name"
 wait_s=${START_VM_WAIT_S:-20}
 [[ $wait_s =~ ^[1-9][0-9]*$ ]] || usage "START_VM_WAIT_S='$wait_s' is not a positive number"
+keys_s=${START_VM_BOOT_KEYS_S:-60}
+[[ $keys_s =~ ^[0-9]+$ ]] || usage "START_VM_BOOT_KEYS_S='$keys_s' is not a whole number of seconds"
+keys_s=$((10#$keys_s))
 
 # The resolved settings, from the launcher itself (one parser, one set of defaults).
 declare -A cfg=()
@@ -72,27 +83,6 @@ case ${START_VM_SYSTEMD:-auto} in
   *) usage "START_VM_SYSTEMD='$START_VM_SYSTEMD' must be auto, 0 or 1" ;;
 esac
 
-alive() {
-  local state
-  state=$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f1) || return 1
-  [[ -n $state && $state != Z && $state != X ]]
-}
-qemu_pid() {
-  local pid
-  [[ -r $pid_file ]] || return 1
-  pid=$(tr -dc '0-9' 2>/dev/null <"$pid_file" || true)
-  [[ -n $pid ]] && alive "$pid" || return 1
-  tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q qemu-system || return 1
-  printf '%s\n' "$pid"
-}
-qmp_answers() {
-  [[ -S $qmp_sock ]] || return 1
-  if command -v socat >/dev/null 2>&1; then
-    timeout 3 socat -t 0.5 - "UNIX-CONNECT:$qmp_sock" </dev/null 2>/dev/null | grep -q '"QMP"'
-  else
-    timeout 2 nc -U "$qmp_sock" </dev/null 2>/dev/null | grep -q '"QMP"'
-  fi
-}
 clean() { sed -e 's/\x1b\[[0-9;=?]*[A-Za-z]//g' -e 's/\r/\n/g' | tr -d '\000-\010\013-\037' | grep -v '^[[:space:]]*$' | cut -c1-240; }
 # The serial output of this start only: what follows run-vm's last marker line.
 show_serial() {
@@ -108,12 +98,12 @@ show_serial() {
 }
 
 # --- 1. already running? -------------------------------------------------------------
-if pid=$(qemu_pid); then
+if pid=$(qemu_pid_of "$pid_file"); then
   for _ in 1 2 3 4 5; do
-    qmp_answers && break
+    qmp_answers "$qmp_sock" && break
     sleep 1
   done
-  if qmp_answers; then
+  if qmp_answers "$qmp_sock"; then
     say "VM already running (QEMU pid $pid, QMP $qmp_sock); nothing to do"
     exit 0
   fi
@@ -130,6 +120,19 @@ fi
 if ! bash "$run_vm" --check "$env_file"; then
   log "not starting the VM: fix the problems above in $env_file"
   exit 2
+fi
+
+# A first install from an ISO needs a key at the boot loader's prompt (step 5).
+press_keys=0
+if [[ -n ${cfg[VM_INSTALL_ISO]:-} ]] && ((keys_s > 0)); then
+  if ! map=$(qemu-img map --output=json -f qcow2 -- "${cfg[VM_DISK]}" 2>&1); then
+    log "warning: cannot read ${cfg[VM_DISK]} (${map//$'\n'/ }); not pressing keys at the install ISO's prompt"
+  elif grep -q '"data": *true' <<<"$map"; then
+    log "${cfg[VM_DISK]} already holds data: no key at the install ISO's prompt, so it boots from the disk"
+  else
+    qmp_usable || { log "needs socat or an nc with -U to press keys (install socat or netcat-openbsd)"; exit 1; }
+    press_keys=1
+  fi
 fi
 
 # --- 3. start ------------------------------------------------------------------------------
@@ -181,10 +184,10 @@ failed() {
 
 start=$SECONDS
 while :; do
-  if pid=$(qemu_pid) && qmp_answers; then
+  if pid=$(qemu_pid_of "$pid_file") && qmp_answers "$qmp_sock"; then
     if ((use_systemd)); then where="unit $unit"; else where="log $run_log"; fi
     say "VM started (QEMU pid $pid, QMP $qmp_sock, serial log $serial_log, $where)"
-    exit 0
+    break
   fi
   if ! launcher_alive; then
     # QEMU's last words are the cause ("qemu-system-aarch64: ...: reason").
@@ -202,3 +205,29 @@ while :; do
   fi
   sleep 0.5
 done
+
+# --- 5. a first install from an ISO: press Enter at the boot loader's prompt -------------
+((press_keys)) || exit 0
+log "blank disk and an install ISO: pressing Enter once a second for ${keys_s}s (the ISO's \"Press any key to boot from CD or DVD\")"
+key='{"execute":"send-key","arguments":{"keys":[{"type":"qcode","data":"ret"}]}}'
+pressed=0
+refused=""
+start=$SECONDS
+while ((SECONDS - start < keys_s)); do
+  if ! qemu_pid_of "$pid_file" >/dev/null; then
+    log "QEMU exited while the install ISO was booting"
+    show_serial
+    exit 1
+  fi
+  # Two replies: qmp_capabilities, then send-key.
+  reply=$(qmp "$qmp_sock" "$key" || true)
+  if [[ $(grep -c '"return"' <<<"$reply") -ge 2 ]]; then
+    pressed=$((pressed + 1))
+  else
+    refused=$(grep -o '"desc": *"[^"]*"' <<<"$reply" | tail -n 1 || true)
+  fi
+  if ((pressed > 0 && pressed % 15 == 0)); then log "pressed Enter $pressed times"; fi
+  sleep 1
+done
+((pressed > 0)) || { log "QEMU refused every key press${refused:+: $refused}"; exit 1; }
+log "pressed Enter $pressed times; Windows Setup should be booting from the ISO"

@@ -27,6 +27,8 @@
 #   stopped at all; 2 on bad arguments. Idempotent: with no QEMU running it
 #   only says so.
 set -euo pipefail
+# shellcheck source=SCRIPTDIR/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 readonly me="stop-vm"
 log() { printf '%s: %s\n' "$me" "$*" >&2; }
@@ -50,46 +52,12 @@ pid_file=${VM_PID_FILE:-$(dirname -- "$sock")/qemu.pid}
 # A write to a QMP client that has gone away must fail, not kill this script.
 trap '' PIPE
 
-# qmp CMD...: sends qmp_capabilities then each command; prints QEMU's replies.
-qmp() {
-  local input
-  input=$(printf '%s\n' '{"execute":"qmp_capabilities"}' "$@")
-  if command -v socat >/dev/null 2>&1; then
-    printf '%s\n' "$input" | timeout 10 socat -t 1 - "UNIX-CONNECT:$sock" 2>/dev/null
-  else
-    printf '%s\n' "$input" | timeout 10 nc -q 1 -U "$sock" 2>/dev/null
-  fi
-}
-command -v socat >/dev/null 2>&1 || { nc -h 2>&1 || true; } | grep -q -- '-U' ||
-  { log "needs socat or an nc with -U (install socat or netcat-openbsd)"; exit 1; }
+qmp_usable || { log "needs socat or an nc with -U (install socat or netcat-openbsd)"; exit 1; }
 
-# QEMU's pid from the pid file, when that process is alive and is a QEMU.
-qemu_pid() {
-  local pid
-  [[ -r $pid_file ]] || return 1
-  pid=$(tr -dc '0-9' 2>/dev/null <"$pid_file" || true)
-  [[ -n $pid ]] && alive "$pid" || return 1
-  tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q qemu-system || return 1
-  printf '%s\n' "$pid"
-}
-alive() {
-  local state
-  state=$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f1) || return 1
-  [[ -n $state && $state != Z && $state != X ]]
-}
-socket_answers() {
-  [[ -S $sock ]] || return 1
-  if command -v socat >/dev/null 2>&1; then
-    timeout 3 socat -t 0.5 - "UNIX-CONNECT:$sock" </dev/null 2>/dev/null | grep -q '"QMP"'
-  else
-    timeout 2 nc -U "$sock" </dev/null 2>/dev/null | grep -q '"QMP"'
-  fi
-}
-
-pid=$(qemu_pid || true)
+pid=$(qemu_pid_of "$pid_file" || true)
 # Is QEMU still there? With a pid, its process decides; without, the socket.
 running() {
-  if [[ -n $pid ]]; then alive "$pid"; else socket_answers; fi
+  if [[ -n $pid ]]; then alive "$pid"; else qmp_answers "$sock"; fi
 }
 
 if [[ ! -S $sock && -z $pid ]]; then
@@ -97,13 +65,13 @@ if [[ ! -S $sock && -z $pid ]]; then
   exit 0
 fi
 
-start=$SECONDS
+start_ms=$(now_ms)
 forced_reason=""
 if [[ -S $sock ]]; then
-  reply=$(qmp '{"execute":"system_powerdown"}' || true)
+  reply=$(qmp "$sock" '{"execute":"system_powerdown"}' || true)
   if [[ $(grep -c '"return"' <<<"$reply") -ge 2 ]]; then
     log "ACPI power-down sent through $sock${pid:+ (QEMU pid $pid)}; waiting up to ${timeout_s}s for the guest to power off"
-  elif [[ -z $pid ]] && ! socket_answers; then
+  elif [[ -z $pid ]] && ! qmp_answers "$sock"; then
     say "already stopped (stale QMP socket $sock does not answer, no running QEMU in $pid_file)"
     exit 0
   else
@@ -117,7 +85,7 @@ fi
 if [[ -z $forced_reason ]]; then
   next_progress=$progress_s
   while running; do
-    elapsed=$((SECONDS - start))
+    elapsed=$((($(now_ms) - start_ms) / 1000))
     if ((elapsed >= timeout_s)); then
       forced_reason="the guest did not power off within ${timeout_s}s"
       break
@@ -129,7 +97,7 @@ if [[ -z $forced_reason ]]; then
     sleep 1
   done
   if [[ -z $forced_reason ]]; then
-    say "powered off gracefully after $((SECONDS - start))s"
+    say "powered off gracefully after $((($(now_ms) - start_ms) / 1000))s"
     exit 0
   fi
 fi
@@ -137,7 +105,7 @@ fi
 # --- force ------------------------------------------------------------------------------
 log "WARNING: $forced_reason; forcing QEMU to quit"
 quit_reply=""
-if [[ -S $sock ]]; then quit_reply=$(qmp '{"execute":"quit"}' || true); fi
+if [[ -S $sock ]]; then quit_reply=$(qmp "$sock" '{"execute":"quit"}' || true); fi
 if [[ $(grep -c '"return"' <<<"$quit_reply") -lt 2 && -n $pid ]]; then
   log "QMP quit was not accepted: sending SIGTERM to QEMU pid $pid"
   kill -TERM "$pid" 2>/dev/null || true

@@ -143,9 +143,9 @@ export const STAGE_FILES: Partial<Record<StageId, string[]>> = {
     "provisioning/windows/check.ps1",
     "provisioning/windows/common.psm1",
   ],
-  startVm: ["provisioning/start-vm.sh", "provisioning/run-vm.sh"],
+  startVm: ["provisioning/start-vm.sh", "provisioning/run-vm.sh", "provisioning/lib.sh"],
   waitGuest: ["provisioning/wait-for-guest.sh"],
-  stopVm: ["provisioning/stop-vm.sh"],
+  stopVm: ["provisioning/stop-vm.sh", "provisioning/lib.sh"],
   publish: ["provisioning/publish-image.sh", "provisioning/lib.sh"],
   prepareAmi: ["provisioning/prepare-ami.sh", "provisioning/run-vm.sh", "assets/windows-vm.service"],
 };

@@ -379,13 +379,16 @@ describe("VM lifecycle scripts: run-vm, start-vm, wait-for-guest, stop-vm", func
       });
     });
 
-    it("start-vm starts the launcher in the background and returns once QMP answers", async function () {
+    it("start-vm starts the launcher in the background, then presses Enter for the install ISO on a blank disk", async function () {
       const t0 = Date.now();
-      const r = await startVm(vm);
+      const r = await startVm(vm, { START_VM_BOOT_KEYS_S: "20" });
       expect(r.code, r.stderr).to.equal(0);
-      expect(r.stdout).to.match(/start-vm: VM started \(QEMU pid \d+/);
+      expect(r.stdout).to.match(/^start-vm: VM started \(QEMU pid \d+.*\)\n$/);
       expect(r.stderr).to.include("no systemd here");
-      expect(Date.now() - t0).to.be.below(30000);
+      expect(r.stderr).to.include("blank disk and an install ISO: pressing Enter once a second for 20s");
+      const pressed = Number(/pressed Enter (\d+) times; Windows Setup should be booting/.exec(r.stderr)?.[1]);
+      expect(pressed, r.stderr).to.be.within(10, 20);
+      expect(Date.now() - t0).to.be.below(50000);
       qemuPid = readPid(vm.pidFile)!;
       expect(alive(qemuPid), "QEMU alive").to.equal(true);
       // The launcher execs QEMU: the recorded launcher pid is QEMU's.
@@ -419,6 +422,10 @@ describe("VM lifecycle scripts: run-vm, start-vm, wait-for-guest, stop-vm", func
         .filter((l) => /BdsDxe: (failed to load|loading)/.test(l));
       expect(attempts[0], attempts.join("\n")).to.match(/USB/);
       expect(attempts[1], attempts.join("\n")).to.match(/NVMe/);
+      // Nothing bootable, so the firmware ends in its shell: each Enter start-vm pressed
+      // (QMP send-key to the USB keyboard) shows there as a fresh prompt.
+      const prompts = fs.readFileSync(vm.serial, "utf8").split("Shell>").length - 1;
+      expect(prompts, "UEFI shell prompts after the key presses").to.be.at.least(3);
     });
 
     it("forwards SSH on 127.0.0.1 only, the buildlet port on all addresses, VNC on loopback", async function () {
@@ -583,6 +590,21 @@ describe("VM lifecycle scripts: run-vm, start-vm, wait-for-guest, stop-vm", func
       expect(b.stderr).to.include("journal of windows-vm-test2");
       expect(b.stderr).to.match(/QEMU failed to start: .*no-such-option/);
       expect(b.stderr).to.include("no-such-option");
+    });
+
+    it("start-vm presses no key when the disk already holds data (Setup under way): it boots from the disk", async function () {
+      const vm = await makeVm("installed", { VM_INSTALL_ISO: installIso });
+      const w = await run("qemu-io", ["-f", "qcow2", "-c", "write -P 0x42 0 1M", path.join(vm.dir, "disk.qcow2")]);
+      expect(w.code, w.stderr).to.equal(0);
+      const s = await startVm(vm, { START_VM_BOOT_KEYS_S: "20" });
+      expect(s.code, s.stderr).to.equal(0);
+      expect(s.stderr).to.include("already holds data: no key at the install ISO's prompt");
+      expect(s.stderr).not.to.include("pressing Enter");
+      const stop = await runScript("stop-vm.sh", [vm.qmp, "0"], { timeoutMs: 60000 });
+      expect(stop.code, stop.stderr).to.equal(0);
+      const bad = await startVm(vm, { START_VM_BOOT_KEYS_S: "soon" });
+      expect(bad.code).to.equal(2);
+      expect(bad.stderr).to.include("START_VM_BOOT_KEYS_S='soon' is not a whole number of seconds");
     });
 
     it("VM_HALT_ON_EXIT=1 powers the host off after QEMU exits; wait-for-guest fails at once on the VM exit", async function () {
