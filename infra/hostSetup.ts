@@ -86,6 +86,9 @@ export function hostPolicyDocument(bucketArn: string, prefix: string, sourceObje
         "s3:DeleteObject",
         "s3:AbortMultipartUpload",
         "s3:ListMultipartUploadParts",
+        // CopyObject within the prefix reads and writes the (empty) tag set.
+        "s3:GetObjectTagging",
+        "s3:PutObjectTagging",
       ],
       Resource: [`${bucketArn}/${prefix}*`],
     },

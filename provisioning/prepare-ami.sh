@@ -20,8 +20,9 @@
 #                                        -> ROOT/etc/systemd/system/windows-vm.service (0644)
 # enables the unit (`systemctl --root=ROOT enable`, which needs no running
 # systemd; without systemctl the multi-user.target.wants symlink is made by
-# hand) and deletes ROOT$VM_DIR/config.iso (VM_DIR from ENV_FILE, default
-# /var/lib/windows-vm).
+# hand) and deletes ROOT$VM_DIR/config.iso and ROOT$VM_DIR/config/ (the
+# answer file with the password, and the pipeline key, staged for the ISO;
+# VM_DIR from ENV_FILE, default /var/lib/windows-vm).
 #
 # With --generalize:
 #   - cloud-init state: `cloud-init clean --logs` when ROOT is / and cloud-init
@@ -153,11 +154,17 @@ fi
 [[ -L $wants ]] || die "$UNIT is not enabled: ${wants#"$root"} is missing"
 log "$UNIT is enabled (multi-user.target)"
 
-# --- answer-file media ---------------------------------------------------------
+# --- answer-file media and its staging folder (they hold the password) ---------
 config_iso=$root$vm_dir/config.iso
 if [[ -e $config_iso ]]; then
   rm -f -- "$config_iso"
   log "removed ${config_iso#"$root"} (answer-file media)"
+fi
+config_dir=$root$vm_dir/config
+if [[ -e $config_dir ]]; then
+  find "$config_dir" -type f -exec shred -u -- {} + 2>/dev/null || true
+  rm -rf -- "$config_dir"
+  log "removed ${config_dir#"$root"}/ (answer file and key staged for the config ISO)"
 fi
 
 if ((generalize == 0)); then

@@ -170,6 +170,19 @@ trap 'exit 141' PIPE
 s3() { aws "${aws_args[@]}" "$@" 2>"$work/op.err"; }
 op_error() { grep -v '^[[:space:]]*$' "$work/op.err" | tail -n 1; }
 
+# After a failed read of KEY (its error in $work/op.err): status 0 when KEY does
+# not exist. S3 answers a missing key with 403, not 404, when the caller may
+# not list the whole bucket (the host may list only its prefix): then the
+# listing of KEY decides.
+s3_absent() { # KEY
+  local found
+  grep -qE '\(404\)|Not Found|NoSuchKey|does not exist' "$work/op.err" && return 0
+  grep -qE '\(403\)|Forbidden|AccessDenied' "$work/op.err" || return 1
+  found=$(aws "${aws_args[@]}" s3api list-objects-v2 --bucket "$bucket" --prefix "$1" --max-keys 1 \
+    --query 'Contents[0].Key' --output text 2>/dev/null) || return 1
+  [[ $found != "$1" ]]
+}
+
 # Sets OBJ_SIZE to the size of KEY, or to "" when it does not exist.
 object_size() { # KEY
   OBJ_SIZE=
@@ -181,7 +194,7 @@ object_size() { # KEY
     return 0
   fi
   OBJ_SIZE=
-  grep -qE '\(404\)|Not Found|NoSuchKey' "$work/op.err" || die "cannot read $(at "$1"): $(op_error)"
+  s3_absent "$1" || die "cannot read $(at "$1"): $(op_error)"
 }
 
 # Copies KEY to FILE; status 1 when it does not exist.
@@ -193,8 +206,7 @@ get_object() { # KEY FILE
     return 0
   fi
   s3 s3 cp --only-show-errors "s3://$bucket/$1" "$2" && return 0
-  grep -qE '\(404\)|Not Found|NoSuchKey|does not exist' "$work/op.err" ||
-    die "cannot read $(at "$1"): $(op_error)"
+  s3_absent "$1" || die "cannot read $(at "$1"): $(op_error)"
   return 1
 }
 
@@ -246,6 +258,7 @@ promote() { # SRC_KEY DST_KEY SIZE
     s3 s3api copy-object --bucket "$bucket" --key "$2" --copy-source "$bucket/$1" >/dev/null ||
       die "server-side copy to $(at "$2") failed: $(op_error)"
   else
+    # Copies tags too (the host role may Get/PutObjectTagging under the prefix).
     s3 s3 cp --only-show-errors "s3://$bucket/$1" "s3://$bucket/$2" ||
       die "server-side copy to $(at "$2") failed: $(op_error)"
   fi

@@ -463,6 +463,8 @@ function configMediaCommand(c: StackConfig, L: HostLayout): string {
     `${L.sudo}bash -c ${shq(`umask 077 && cat > ${shq(`${stage}/autounattend.xml`)}`)}`,
     `${L.sudo}bash -c ${shq(`umask 077 && printf '%s\\n' ${word(RUNTIME.pipelineKey)} > ${shq(`${stage}/authorized_keys`)}`)}`,
     `${L.sudo}env ${env.join(" ")} bash ${shq(`${S}/build-config-iso.sh`)} ${shq(`${L.vmDir}/config.iso`)} ${files.map(shq).join(" ")}`,
+    // The ISO holds them now; the plain copies do not stay on the host.
+    `${L.sudo}rm -rf -- ${shq(stage)}`,
   ].join(" && ");
 }
 

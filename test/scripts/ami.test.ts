@@ -37,6 +37,8 @@ describe("prepare-ami.sh", function () {
     mk("var/lib/cloud/seed/nocloud/meta-data", "seed");
     mk("var/log/cloud-init.log", "log");
     mk("srv/vm/config.iso", "answer file with passwords");
+    mk("srv/vm/config/autounattend.xml", "<Password>secret</Password>", 0o600);
+    mk("srv/vm/config/authorized_keys", `${PIPELINE_KEY}\n`, 0o600);
     mk("srv/vm/disk.qcow2", "disk");
     envFile = path.join(dir, "vm.env");
     fs.writeFileSync(envFile, "# image settings\nVM_DIR=/srv/vm\nVM_CPUS=4\nVM_MEMORY_GIB=24\nVM_HALT_ON_EXIT=0\n");
@@ -57,6 +59,7 @@ describe("prepare-ami.sh", function () {
     expect(env).to.contain("VM_MEMORY_GIB=24\n");
     expect(env.match(/^VM_HALT_ON_EXIT=.*$/gm)).to.deep.equal(["VM_HALT_ON_EXIT=1"]);
     expect(fs.existsSync(file("srv/vm/config.iso"))).to.equal(false);
+    expect(fs.existsSync(file("srv/vm/config")), "the answer file's staging folder is gone").to.equal(false);
     expect(fs.existsSync(file("srv/vm/disk.qcow2"))).to.equal(true);
   }
 

@@ -281,6 +281,41 @@ describe("publish-image.sh", function () {
     expect(r4.stdout).to.equal("");
   });
 
+  it("publishes when S3 answers 403 for missing keys (the role may list only its prefix)", async () => {
+    // Real S3 gives 403, not 404, for a missing key to a caller without s3:ListBucket on the whole
+    // bucket. This aws wrapper turns every 404 into that 403; listing still works.
+    const bin = fs.mkdtempSync(path.join(dir, "bin-"));
+    const realAws = (await run("bash", ["-c", "command -v aws"])).stdout.trim();
+    fs.writeFileSync(
+      path.join(bin, "aws"),
+      [
+        "#!/usr/bin/env bash",
+        'err=$(mktemp); rc=0; "$REAL_AWS" "$@" 2>"$err" || rc=$?',
+        "if ((rc != 0)) && grep -qE '\\(404\\)|Not Found|NoSuchKey|does not exist' \"$err\"; then",
+        '  echo "An error occurred (403) when calling the HeadObject operation: Forbidden" >&2',
+        'else cat "$err" >&2; fi',
+        'rm -f "$err"; exit "$rc"',
+      ].join("\n") + "\n",
+      { mode: 0o755 },
+    );
+    const env = { PATH: `${bin}:${process.env.PATH}`, REAL_AWS: realAws };
+    const r = await publish("s3://images/forbidden/", env);
+    expect(r.code, r.stderr).to.equal(0);
+    const m = parseStdout(r);
+    expect(JSON.parse(String(await s3.getObject("forbidden/latest.json")))).to.deep.equal(m);
+    // When listing is refused too, a 403 is a real refusal: named, never taken for "missing".
+    const denied = path.join(bin, "deny");
+    fs.writeFileSync(
+      denied,
+      '#!/usr/bin/env bash\necho "An error occurred (403) when calling the GetObject operation: Access Denied" >&2\nexit 1\n',
+      { mode: 0o755 },
+    );
+    fs.rmSync(`${disk}.sha256`);
+    const r2 = await publish("s3://images/forbidden/", { ...env, REAL_AWS: denied });
+    expect(r2.code).to.equal(1);
+    expect(r2.stderr).to.match(/error: .*(403|Access Denied)/);
+  });
+
   it("names the endpoint when S3 cannot be reached", async () => {
     const r = await publish("s3://images/down/", { S3_ENDPOINT_URL: "http://127.0.0.1:9" });
     expect(r.code).to.not.equal(0);

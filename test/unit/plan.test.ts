@@ -177,6 +177,8 @@ describe("pipeline plan", () => {
     expect(p.stage("configMedia").stdin).to.equal("answerFile");
     expect(p.stage("provisionGuest").stdin).to.equal("guestSettings");
     expect(p.stage("configMedia").command).to.contain("cat > /var/lib/windows-vm/config/autounattend.xml");
+    // Once the ISO is built, the staged plain copies are removed.
+    expect(p.stage("configMedia").command).to.match(/build-config-iso\.sh .* && sudo -n rm -rf -- \/var\/lib\/windows-vm\/config$/);
   });
 
   it("resolves runtime tokens and refuses to leave one unresolved", () => {
