@@ -2,6 +2,7 @@
  * windows-arm64-image: wires the components and exports the stack outputs.
  * The only place that creates top-level resources.
  */
+import * as aws from "@pulumi/aws";
 import * as pulumi from "@pulumi/pulumi";
 import * as random from "@pulumi/random";
 import * as tls from "@pulumi/tls";
@@ -64,26 +65,6 @@ const bucket = isAws
     })
   : undefined;
 
-const host =
-  isAws && bucket
-    ? new QemuHost("qemu-host", {
-        instanceType: config.host.instanceType,
-        amiId: config.host.amiId,
-        volumeGiB: config.host.volumeGiB,
-        volumeIops: config.host.volumeIops,
-        volumeThroughputMiBps: config.host.volumeThroughputMiBps,
-        subnetId: config.host.subnetId,
-        sshAllowedCidrs: config.host.sshAllowedCidrs,
-        publicKeyOpenssh: pipelinePublicKey,
-        privateKeyPem: pipelinePrivateKey,
-        authorizedKeys: config.host.sshAuthorizedKeys,
-        bucketArn: bucket.bucketArn,
-        artifactPrefix: config.artifacts.prefix,
-        sourceObjectUrls: [config.image.url, config.image.virtioUrl],
-        tags,
-      })
-    : undefined;
-
 // ---- the image pipeline
 
 /** Paths on this machine for the local target; KVM only on an arm64 Linux host with /dev/kvm. */
@@ -139,14 +120,55 @@ const answerFile = pulumi.secret(
 );
 const settingsJson = pulumi.secret(guestPassword.result.apply((pw) => JSON.stringify(guestSettings(config, pw))));
 // Hashes of secrets are safe to show and keep `pulumi preview` readable.
-const runtime: { [K in RuntimeName]: pulumi.Input<string> } = {
-  hostId: host ? host.instanceId : "local",
+const runtimeValues: { [K in Exclude<RuntimeName, "hostId">]: pulumi.Input<string> } = {
   artifactUri: bucket
     ? pulumi.interpolate`s3://${bucket.bucketName}/${config.artifacts.prefix}`
     : (config.artifacts.uri ?? `${url.pathToFileURL(path.join(layout.home, "artifacts")).href}/`),
   pipelineKey: pipelinePublicKey.apply((k) => k.trim()),
   answerFile: pulumi.unsecret(answerFile.apply((x) => sha256Hex(x))),
   guestSettings: pulumi.unsecret(settingsJson.apply((x) => sha256Hex(x))),
+};
+
+// What the host stages depend on, bar the host itself: when it changes, a stopped host is started.
+const wakeKey = pulumi
+  .all([plan.stages.map((st) => st.digest), runtimeValues])
+  .apply(([digests, values]) => sha256Hex(JSON.stringify({ digests, values })));
+// The AWS CLI (host-power.sh) uses the stack's region and profile.
+const awsConfig = new pulumi.Config("aws");
+function awsCliEnv(): pulumi.Output<Record<string, string>> {
+  const profile = awsConfig.get("profile");
+  return aws.getRegionOutput().region.apply((region) => {
+    const env: Record<string, string> = { AWS_REGION: region, AWS_DEFAULT_REGION: region };
+    if (profile) env.AWS_PROFILE = profile;
+    return env;
+  });
+}
+
+const host =
+  isAws && bucket
+    ? new QemuHost("qemu-host", {
+        instanceType: config.host.instanceType,
+        amiId: config.host.amiId,
+        volumeGiB: config.host.volumeGiB,
+        volumeIops: config.host.volumeIops,
+        volumeThroughputMiBps: config.host.volumeThroughputMiBps,
+        subnetId: config.host.subnetId,
+        sshAllowedCidrs: config.host.sshAllowedCidrs,
+        publicKeyOpenssh: pipelinePublicKey,
+        privateKeyPem: pipelinePrivateKey,
+        authorizedKeys: config.host.sshAuthorizedKeys,
+        bucketArn: bucket.bucketArn,
+        artifactPrefix: config.artifacts.prefix,
+        sourceObjectUrls: [config.image.url, config.image.virtioUrl],
+        wakeKey,
+        awsCliEnv: awsCliEnv(),
+        tags,
+      })
+    : undefined;
+
+const runtime: { [K in RuntimeName]: pulumi.Input<string> } = {
+  ...runtimeValues,
+  hostId: host ? host.instanceId : "local",
 };
 const runner: Runner = host ? new RemoteRunner(layout, host.connection, runtime) : new LocalRunner(layout, runtime);
 const ctx = new PipelineContext(runner, plan, host?.ready);
@@ -174,6 +196,8 @@ const bake = host
       stack,
       keepHostRunning: config.host.keepRunning,
       retainOnDelete: config.retainAmiOnDelete,
+      wakeKey,
+      awsCliEnv: awsCliEnv(),
       tags,
     })
   : undefined;
@@ -182,6 +206,8 @@ const bake = host
 
 export const amiId = bake?.amiId;
 export const amiName = bake?.amiName;
+export const amiArn = bake?.ami.arn;
+export const amiRegion = isAws ? aws.getRegionOutput().region : undefined;
 export const imageUri = publication.imageUri;
 export const imageSha256 = publication.imageSha256;
 export const manifestUri = publication.manifestUri;

@@ -1,4 +1,5 @@
 import * as aws from "@pulumi/aws";
+import * as command from "@pulumi/command";
 import * as pulumi from "@pulumi/pulumi";
 import { WindowsVersion } from "../config";
 import { PipelineContext } from "../pipeline/context";
@@ -16,16 +17,33 @@ export interface AmiBakeArgs {
   stack: string;
   keepHostRunning: boolean;
   retainOnDelete: boolean;
+  /** The host's wake key (see QemuHost): a run that started the host stops it again. */
+  wakeKey: pulumi.Input<string>;
+  /** Environment for the AWS CLI run where Pulumi runs (AWS_REGION, AWS_PROFILE). */
+  awsCliEnv: pulumi.Input<Record<string, pulumi.Input<string>>>;
   tags: Record<string, string>;
 }
 
-/** The AMI name: the image's SHA-256 and publication date, stable across reruns. */
-export function amiName(stack: string, version: string, m: Pick<Manifest, "sha256" | "createdAt">): string {
+/**
+ * The AMI name: the image's SHA-256 and publication date, and the digest of
+ * what prepare-ami installed around it (launcher, unit, env): stable across
+ * reruns, new when either changes (AWS reads the instance only at creation).
+ */
+export function amiName(
+  stack: string,
+  version: string,
+  m: Pick<Manifest, "sha256" | "createdAt">,
+  prepareDigest: string,
+): string {
   const date = m.createdAt.slice(0, 10).replace(/-/g, "");
-  return `windows-arm64-${version}-${stack}-${date}-${m.sha256.slice(0, 16)}`;
+  return `windows-arm64-${version}-${stack}-${date}-${m.sha256.slice(0, 16)}-${prepareDigest.slice(0, 8)}`;
 }
 
-/** Prepares the host for imaging, bakes the AMI, then stops the host (unless asked to keep it). */
+/**
+ * Prepares the host for imaging, stops it (unless asked to keep it running),
+ * then bakes the AMI: from a stopped host the snapshot is consistent and no
+ * reboot boots the image's VM on the build host.
+ */
 export class AmiBake extends pulumi.ComponentResource {
   readonly ami: aws.ec2.AmiFromInstance;
   readonly amiId: pulumi.Output<string>;
@@ -43,8 +61,33 @@ export class AmiBake extends pulumi.ComponentResource {
     );
     ctx.record("prepareAmi", prepared);
 
+    const stop = ctx.plan.stage("stopHost");
+    let beforeAmi: pulumi.Resource = prepared;
+    if (!args.keepHostRunning) {
+      const stopped = new command.local.Command(
+        `${name}-stop-host`,
+        {
+          create: pulumi.interpolate`bash provisioning/host-power.sh stop ${args.instanceId}`,
+          environment: args.awsCliEnv,
+          // Stops again whenever a run had work to do (and so started the host).
+          triggers: [args.instanceId, args.wakeKey, stop.digest],
+          logging: "stdoutAndStderr",
+        },
+        {
+          parent: this,
+          dependsOn: [prepared],
+          customTimeouts: { create: `${stop.timeoutMinutes}m`, update: `${stop.timeoutMinutes}m` },
+        },
+      );
+      ctx.record("stopHost", stopped);
+      beforeAmi = stopped;
+    } else {
+      // Nothing to stop: the AMI is taken from the running host (EC2 reboots it).
+      ctx.record("stopHost", prepared);
+    }
+
     const bake = ctx.plan.stage("bakeAmi");
-    const nameOut = args.manifest.apply((m) => amiName(args.stack, args.windowsVersion, m));
+    const nameOut = args.manifest.apply((m) => amiName(args.stack, args.windowsVersion, m, prep.digest));
     this.ami = new aws.ec2.AmiFromInstance(
       `${name}-ami`,
       {
@@ -63,24 +106,12 @@ export class AmiBake extends pulumi.ComponentResource {
       },
       {
         parent: this,
-        dependsOn: [prepared],
+        dependsOn: [beforeAmi],
         retainOnDelete: args.retainOnDelete,
         customTimeouts: { create: `${bake.timeoutMinutes}m`, delete: "30m" },
       },
     );
     ctx.record("bakeAmi", this.ami);
-
-    const stop = ctx.plan.stage("stopHost");
-    const state = new aws.ec2transitgateway.InstanceState(
-      `${name}-host-state`,
-      { instanceId: args.instanceId, state: args.keepHostRunning ? "running" : "stopped" },
-      {
-        parent: this,
-        dependsOn: [this.ami],
-        customTimeouts: { create: `${stop.timeoutMinutes}m`, update: `${stop.timeoutMinutes}m` },
-      },
-    );
-    ctx.record("stopHost", state);
 
     this.amiId = this.ami.id;
     this.amiName = this.ami.name;

@@ -33,6 +33,13 @@ export interface QemuHostArgs {
   sourceObjectUrls: readonly string[];
   /** Seconds to wait for SSH and then for cloud-init (each). */
   bootTimeoutSeconds?: number;
+  /**
+   * A hash of everything the host stages depend on. When it changes there is
+   * work to do, so the host (stopped after the last build) is started again.
+   */
+  wakeKey: pulumi.Input<string>;
+  /** Environment for the AWS CLI run where Pulumi runs (AWS_REGION, AWS_PROFILE). */
+  awsCliEnv: pulumi.Input<Record<string, pulumi.Input<string>>>;
   tags: Record<string, string>;
 }
 
@@ -41,8 +48,11 @@ export const DEFAULT_BOOT_TIMEOUT_S = 1800;
 
 /**
  * The KVM-capable Graviton bare-metal host: EC2 instance (IMDSv2, encrypted
- * gp3), key pair, SSH-only security group, least-privilege instance profile,
- * and the `ready` command every later remote step depends on.
+ * gp3) with an Elastic IP (the address, and so every command's connection,
+ * survives the stop after each build), key pair, SSH-only security group,
+ * least-privilege instance profile, and the `ready` command every later
+ * remote step depends on. `ready` re-runs when the wake key changes, after
+ * host-power.sh has started the host again.
  */
 export class QemuHost extends pulumi.ComponentResource {
   readonly instance: aws.ec2.Instance;
@@ -122,7 +132,7 @@ export class QemuHost extends pulumi.ComponentResource {
         .filter((m): m is RegExpExecArray => m !== null)
         .map((m) => `arn:${p.partition}:s3:::${m[1]}/${m[2]}`),
     );
-    new aws.iam.RolePolicy(
+    const policy = new aws.iam.RolePolicy(
       `${name}-artifacts`,
       {
         role: role.id,
@@ -167,8 +177,15 @@ export class QemuHost extends pulumi.ComponentResource {
       },
     );
     this.instanceId = this.instance.id;
-    this.publicIp = this.instance.publicIp;
-    this.publicDns = this.instance.publicDns;
+    // A stopped instance gives up its public address; an Elastic IP keeps it.
+    const eip = new aws.ec2.Eip(`${name}-ip`, { domain: "vpc", tags: tags("ip") }, child);
+    const eipAssoc = new aws.ec2.EipAssociation(
+      `${name}-ip-assoc`,
+      { instanceId: this.instance.id, allocationId: eip.allocationId },
+      child,
+    );
+    this.publicIp = eip.publicIp;
+    this.publicDns = eip.publicDns;
 
     this.connection = {
       host: this.publicIp,
@@ -180,15 +197,17 @@ export class QemuHost extends pulumi.ComponentResource {
 
     const timeout = args.bootTimeoutSeconds ?? DEFAULT_BOOT_TIMEOUT_S;
     // Metal instances take many minutes to boot; dial retries have no delay between them,
-    // so wait for the SSH banner locally in one bounded loop first.
+    // so wait for the SSH banner locally in one bounded loop first. When the wake key
+    // changed (work to do), start the host first: the last build stopped it.
     const sshUp = new command.local.Command(
       `${name}-ssh-up`,
       {
-        create: pulumi.interpolate`bash provisioning/wait-for-guest.sh ${this.publicIp} 22 ${timeout}`,
-        triggers: [this.instance.id],
+        create: pulumi.interpolate`bash provisioning/host-power.sh start ${this.instance.id} ${this.publicIp} ${timeout}`,
+        environment: args.awsCliEnv,
+        triggers: [this.instance.id, args.wakeKey],
         logging: "stdoutAndStderr",
       },
-      { parent: this, customTimeouts: { create: `${Math.ceil(timeout / 60) + 5}m` } },
+      { parent: this, dependsOn: [eipAssoc], customTimeouts: { create: `${Math.ceil(timeout / 60) + 5}m` } },
     );
     const readyScript = fs.readFileSync(path.join(repoPath("provisioning"), "host-ready.sh"), "utf8");
     this.ready = new command.remote.Command(
@@ -197,11 +216,12 @@ export class QemuHost extends pulumi.ComponentResource {
         connection: this.connection,
         create: `HOST_READY_TIMEOUT_S=${timeout} bash -s`,
         stdin: readyScript,
-        triggers: [this.instance.id, sha256Hex(readyScript)],
+        triggers: [this.instance.id, sha256Hex(readyScript), args.wakeKey],
         logging: "stdoutAndStderr",
         addPreviousOutputInEnv: false,
       },
-      { parent: this, dependsOn: [sshUp], customTimeouts: { create: `${Math.ceil(timeout / 60) + 5}m` } },
+      // The role's policy is in place before any stage reads or writes S3.
+      { parent: this, dependsOn: [sshUp, policy], customTimeouts: { create: `${Math.ceil(timeout / 60) + 5}m` } },
     );
 
     this.registerOutputs({

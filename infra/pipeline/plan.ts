@@ -23,8 +23,8 @@ export const STAGE_IDS = [
   "stopVm",
   "publish",
   "prepareAmi",
-  "bakeAmi",
   "stopHost",
+  "bakeAmi",
 ] as const;
 export type StageId = (typeof STAGE_IDS)[number];
 
@@ -196,13 +196,9 @@ export function buildPlan(p: PlanInputs): Plan {
       title: "Wait for the host: SSH answers, cloud-init done, KVM and tools present",
       site: "host",
       dependsOn: [],
-      inputs: isAws
-        ? {
-            instanceType: c.host.instanceType,
-            amiId: c.host.amiId ?? "ubuntu-24.04-latest",
-            volume: `${c.host.volumeGiB}GiB/${c.host.volumeIops}iops/${c.host.volumeThroughputMiBps}MiBps`,
-          }
-        : { target: "local" },
+      // A new host is a new runtime hostId (every stage re-runs); in-place changes (instance
+      // type, volume IOPS) keep the host's work, so they re-run nothing here.
+      inputs: { target: c.target },
       timeoutMinutes: 35,
       configKeys: ["hostInstanceType", "hostAmiId", "hostVolumeGiB", "sshAllowedCidrs"],
     },
@@ -286,6 +282,8 @@ export function buildPlan(p: PlanInputs): Plan {
       site: "host",
       dependsOn: ["firmware", "prepareDisk", "fetchDrivers", "configMedia", "renderEnv"],
       inputs: {},
+      // New guest settings re-provision a VM the last run shut down: boot it again first.
+      uses: ["guestSettings"],
       command: [
         // A host that booted the baked unit runs the image VM: stop it before building.
         `${L.sudo}systemctl stop windows-vm.service 2>/dev/null || true`,
@@ -376,22 +374,27 @@ export function buildPlan(p: PlanInputs): Plan {
         configKeys: ["vmCpus", "vmMemoryGiB", "vmBuildletPort"],
       },
       {
+        id: "stopHost",
+        title: c.host.keepRunning
+          ? "Keep the host running (keepHostRunning): the AMI is taken with a reboot"
+          : "Stop the host, so the AMI is taken from a stopped, consistent disk",
+        site: "aws",
+        dependsOn: ["prepareAmi"],
+        inputs: { state: c.host.keepRunning ? "running" : "stopped" },
+        timeoutMinutes: 20,
+        configKeys: ["keepHostRunning"],
+      },
+      {
         id: "bakeAmi",
-        title: "Bake the AMI from the host (named with the image SHA-256)",
+        // Named with the image SHA-256 and the prepareAmi digest: a change to what is installed
+        // for the image bakes a new AMI. Created after stopHost (a stopped host), which does not
+        // feed its digest: keeping the host running or not does not re-bake.
+        title: "Bake the AMI from the host (named with the image SHA-256 and the prepareAmi digest)",
         site: "aws",
         dependsOn: ["prepareAmi"],
         inputs: { retain: String(c.retainAmiOnDelete) },
         timeoutMinutes: 90,
         configKeys: ["retainAmiOnDelete"],
-      },
-      {
-        id: "stopHost",
-        title: "Stop the host (unless keepHostRunning)",
-        site: "aws",
-        dependsOn: ["bakeAmi"],
-        inputs: { state: c.host.keepRunning ? "running" : "stopped" },
-        timeoutMinutes: 15,
-        configKeys: ["keepHostRunning"],
       },
     );
   }

@@ -47,7 +47,14 @@ function computedState(type: string, name: string, inputs: Record<string, unknow
     case "aws:s3/bucket:Bucket":
       return { bucket: `${name}-bucket-123`, arn: `arn:aws:s3:::${name}-bucket-123` };
     case "aws:ec2/instance:Instance":
-      return { publicIp: "198.51.100.10", publicDns: "ec2-198-51-100-10.us-east-2.compute.amazonaws.com" };
+      // The auto-assigned address, lost at each stop: nothing may connect to it.
+      return { publicIp: "203.0.113.250", publicDns: "ec2-203-0-113-250.us-east-2.compute.amazonaws.com" };
+    case "aws:ec2/eip:Eip":
+      return {
+        publicIp: "198.51.100.10",
+        publicDns: "ec2-198-51-100-10.us-east-2.compute.amazonaws.com",
+        allocationId: "eipalloc-0123",
+      };
     case "aws:iam/role:Role":
       return { arn: `arn:aws:iam::123456789012:role/${name}`, name };
     case "aws:iam/instanceProfile:InstanceProfile":
@@ -95,6 +102,8 @@ function callResult(token: string, inputs: Record<string, unknown>): Record<stri
       return { id: "vpc-0default" };
     case "aws:ec2/getSubnet:getSubnet":
       return { id: inputs.id, vpcId: "vpc-0fromsubnet" };
+    case "aws:index/getRegion:getRegion":
+      return { region: "us-east-2", name: "us-east-2" };
     case "aws:index/getPartition:getPartition":
       return { partition: "aws", dnsSuffix: "amazonaws.com" };
     case "aws:s3/getBucket:getBucket":

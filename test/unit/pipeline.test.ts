@@ -20,8 +20,8 @@ const STAGE_RESOURCE: Record<string, [string, string]> = {
   stopVm: ["command:remote:Command", "image-stop-vm"],
   publish: ["command:remote:Command", "image-publish"],
   prepareAmi: ["command:remote:Command", "bake-prepare"],
+  stopHost: ["command:local:Command", "bake-stop-host"],
   bakeAmi: ["aws:ec2/amiFromInstance:AmiFromInstance", "bake-ami"],
-  stopHost: ["aws:ec2transitgateway/instanceState:InstanceState", "bake-host-state"],
 };
 
 /** The value inside a secret-wrapped input (the whole connection is a secret: it holds the key). */
@@ -59,8 +59,8 @@ describe("image pipeline (mocks)", function () {
       ["provisionGuest", "stopVm"],
       ["stopVm", "publish"],
       ["publish", "prepareAmi"],
-      ["prepareAmi", "bakeAmi"],
-      ["bakeAmi", "stopHost"],
+      ["prepareAmi", "stopHost"],
+      ["stopHost", "bakeAmi"],
     ];
     for (const [before, after] of order)
       expect(get(before).seq, `${before} before ${after}`).to.be.lessThan(get(after).seq);
@@ -121,19 +121,36 @@ describe("image pipeline (mocks)", function () {
 
   it("bakes the AMI named with the image SHA-256, tagged, retained on delete, with long timeouts", () => {
     const ami = get("bakeAmi").inputs as Record<string, any>;
-    expect(ami.name).to.match(/^windows-arm64-11-23h2-test-20261126-c{16}$/);
+    // The image's SHA-256, then the prepareAmi digest (what was installed around it).
+    expect(ami.name).to.match(/^windows-arm64-11-23h2-test-20261126-c{16}-[0-9a-f]{8}$/);
     expect(ami.sourceInstanceId).to.equal("qemu-host-instance-id");
     expect(ami.tags).to.include({ WindowsVersion: "11-23h2", ImageSha256: "c".repeat(64), Stack: "test" });
     expect(ami.tags.SourceImage).to.equal("s3://media-bucket/images/win11-23h2.vhdx");
   });
 
-  it("stops the host after the bake by default", () => {
-    expect(get("stopHost").inputs).to.include({ instanceId: "qemu-host-instance-id", state: "stopped" });
+  it("stops the host before the bake by default (a consistent snapshot, no reboot), again after each run with work", () => {
+    const stop = get("stopHost").inputs as Record<string, any>;
+    expect(stop.create).to.equal("bash provisioning/host-power.sh stop qemu-host-instance-id");
+    expect(stop.environment).to.deep.equal({ AWS_REGION: "us-east-2", AWS_DEFAULT_REGION: "us-east-2" });
+    const wake = run.one("command:local:Command", "qemu-host-ssh-up").inputs as Record<string, any>;
+    expect(stop.triggers).to.include(wake.triggers[1]);
+    expect(run.ofType("aws:ec2transitgateway/instanceState:InstanceState")).to.have.length(0);
   });
 
-  it("keeps the host running when asked", async () => {
+  it("the wake key is stable without changes and moves with any input of a host stage", async () => {
+    const wake = (r: ProgramRun) => (r.one("command:local:Command", "qemu-host-ssh-up").inputs.triggers as string[])[1];
+    const same = await runProgram(BASE_CONFIG);
+    expect(wake(same)).to.equal(wake(run));
+    const settings = await runProgram({ ...BASE_CONFIG, guestDisableUac: "false" });
+    expect(wake(settings)).to.not.equal(wake(run));
+  });
+
+  it("keeps the host running when asked: nothing stops it, the AMI follows prepareAmi", async () => {
     const r = await runProgram({ ...BASE_CONFIG, keepHostRunning: "true" });
-    expect(r.one("aws:ec2transitgateway/instanceState:InstanceState").inputs.state).to.equal("running");
+    expect(r.resources.filter((x) => x.name.endsWith("stop-host"))).to.have.length(0);
+    expect(r.one("aws:ec2/amiFromInstance:AmiFromInstance").seq).to.be.greaterThan(
+      r.one("command:remote:Command", "bake-prepare").seq,
+    );
   });
 
   it("exports the outputs consumers read", () => {
@@ -146,7 +163,9 @@ describe("image pipeline (mocks)", function () {
     });
     expect(run.outputs.imageUri).to.match(/^s3:\/\/artifacts-bucket-123\/windows-arm64\/c{64}\/disk\.qcow2$/);
     expect(run.outputs.manifestUri).to.match(/manifest\.json$/);
-    expect(run.outputs.amiName).to.match(/c{16}$/);
+    expect(run.outputs.amiName).to.match(/c{16}-[0-9a-f]{8}$/);
+    expect(run.outputs.amiArn).to.equal("arn:aws:ec2:us-east-2::image/ami-0123456789abcdef0");
+    expect(run.outputs.amiRegion).to.equal("us-east-2");
   });
 
   it("the local target declares no AWS resource and runs the same stages locally", async () => {

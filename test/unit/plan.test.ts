@@ -40,8 +40,8 @@ const AFTER_START: StageId[] = [
   "stopVm",
   "publish",
   "prepareAmi",
-  "bakeAmi",
   "stopHost",
+  "bakeAmi",
 ];
 
 describe("pipeline plan", () => {
@@ -116,7 +116,9 @@ describe("pipeline plan", () => {
       ["prepareAmi", "bakeAmi", "stopHost"],
     ],
     // A new host is also a new runtime hostId, which re-copies every file (see runtime tests).
-    ["the host type", { hostInstanceType: "c6g.metal" }, undefined, [...STAGE_IDS].filter((s) => s !== "uploadFiles")],
+    // In-place host changes keep the host's disk and work (a replaced host is a new runtime hostId).
+    ["the host type (changed in place)", { hostInstanceType: "c6g.metal" }, undefined, []],
+    ["the host volume's IOPS", { hostVolumeIops: "6000" }, undefined, []],
     ["keepHostRunning", { keepHostRunning: "true" }, undefined, ["stopHost"]],
     ["the artifact prefix (bucket URI is a runtime value)", { artifactPrefix: "other/" }, undefined, []],
   ];
@@ -178,7 +180,9 @@ describe("pipeline plan", () => {
     expect(p.stage("provisionGuest").stdin).to.equal("guestSettings");
     expect(p.stage("configMedia").command).to.contain("cat > /var/lib/windows-vm/config/autounattend.xml");
     // Once the ISO is built, the staged plain copies are removed.
-    expect(p.stage("configMedia").command).to.match(/build-config-iso\.sh .* && sudo -n rm -rf -- \/var\/lib\/windows-vm\/config$/);
+    expect(p.stage("configMedia").command).to.match(
+      /build-config-iso\.sh .* && sudo -n rm -rf -- \/var\/lib\/windows-vm\/config$/,
+    );
   });
 
   it("resolves runtime tokens and refuses to leave one unresolved", () => {
@@ -197,6 +201,11 @@ describe("pipeline plan", () => {
     for (const s of p.stages.filter((x) => x.site !== "aws")) expect(s.runtime, s.id).to.include("hostId");
     expect(p.stage("publish").runtime).to.include.members(["artifactUri", "answerFile", "guestSettings"]);
     expect(p.stage("firmware").runtime).to.deep.equal(["hostId"]);
+    // Guest settings reach the guest only over SSH: changing them boots the VM again before provisioning.
+    for (const id of ["startVm", "waitGuest", "provisionGuest", "stopVm", "publish"] as StageId[]) {
+      expect(p.stage(id).runtime, id).to.include("guestSettings");
+    }
+    expect(p.stage("configMedia").runtime).to.not.include("guestSettings");
   });
 
   it("ISO sources pass the disk size and the WinPE drivers", () => {

@@ -138,9 +138,20 @@ describe("stack foundation (mocks)", function () {
     expect(plain.join("\n")).to.not.contain("GIVEN");
   });
 
-  it("waits for SSH in a bounded local loop, then for cloud-init on the host", () => {
-    const up = run.one("command:local:Command", "ssh-up").inputs as Record<string, string>;
-    expect(up.create).to.match(/wait-for-guest\.sh 198\.51\.100\.10 22 1800/);
+  it("gives the host an Elastic IP: the address survives the stop after each build", () => {
+    const assoc = run.one("aws:ec2/eipAssociation:EipAssociation").inputs;
+    expect(assoc).to.include({ instanceId: "qemu-host-instance-id", allocationId: "eipalloc-0123" });
+    expect(run.one("aws:ec2/eip:Eip").inputs.domain).to.equal("vpc");
+  });
+
+  it("starts the host if stopped and waits for SSH in a bounded local loop, then for cloud-init on the host", () => {
+    const up = run.one("command:local:Command", "ssh-up").inputs as Record<string, any>;
+    expect(up.create).to.equal("bash provisioning/host-power.sh start qemu-host-instance-id 198.51.100.10 1800");
+    expect(up.environment).to.include({ AWS_REGION: "us-east-2" });
+    // Triggers: the instance, and the wake key (everything the host stages depend on).
+    expect(up.triggers[0]).to.equal("qemu-host-instance-id");
+    expect(up.triggers[1]).to.match(/^[0-9a-f]{64}$/);
+    expect(run.one("command:remote:Command", "qemu-host-ready").inputs.triggers).to.include(up.triggers[1]);
     const ready = run.one("command:remote:Command", "qemu-host-ready");
     expect(ready.inputs.stdin).to.contain("cloud-init status");
     expect(ready.seq).to.be.greaterThan(run.one("command:local:Command", "ssh-up").seq);
