@@ -54,17 +54,24 @@ export const GUEST_PROVISION_SCRIPT = [
   "$ErrorActionPreference = 'Stop'",
   "$json = [Console]::In.ReadToEnd()",
   `$media = Get-PSDrive -PSProvider FileSystem | Where-Object { Test-Path (Join-Path $_.Root '${CONFIG_MEDIA_MARKER}') } | Select-Object -First 1`,
-  "if (-not $media) { Write-Error 'provision: the config media (windows-arm64-image.marker) is not attached'; exit 3 }",
+  // Messages go to stderr and the exit code is ours (Write-Error would throw under 'Stop' and exit 1).
+  "function Fail([string]$m, [int]$code) { [Console]::Error.WriteLine('provision: ' + $m); exit $code }",
+  "if (-not $media) { Fail 'the config media (windows-arm64-image.marker) is not attached' 3 }",
   "$dir = Join-Path $env:ProgramData 'windows-arm64-image'",
   "New-Item -ItemType Directory -Force -Path $dir | Out-Null",
   "$cfg = Join-Path $dir 'settings.json'",
+  // The settings hold a password: only Administrators and SYSTEM may read the file, before it is written.
+  "New-Item -ItemType File -Force -Path $cfg | Out-Null",
+  "& icacls.exe $cfg /inheritance:r /grant '*S-1-5-32-544:F' /grant '*S-1-5-18:F' | Out-Null",
+  'if ($LASTEXITCODE -ne 0) { Fail "icacls on $cfg failed with exit code $LASTEXITCODE" 4 }',
+  // Native commands' stderr must not turn into terminating errors: their exit codes decide.
+  "$ErrorActionPreference = 'Continue'",
   "try {",
   "  Set-Content -LiteralPath $cfg -Value $json -Encoding UTF8",
-  "  & icacls.exe $cfg /inheritance:r /grant '*S-1-5-32-544:F' /grant '*S-1-5-18:F' | Out-Null",
   "  & powershell.exe -NoProfile -NonInteractive -ExecutionPolicy Bypass -File (Join-Path $media.Root 'provision.ps1') -ConfigPath $cfg",
-  '  if ($LASTEXITCODE -ne 0) { Write-Error "provision: provision.ps1 failed with exit code $LASTEXITCODE (log: $dir\\provision.log)"; exit $LASTEXITCODE }',
+  '  if ($LASTEXITCODE -ne 0) { Fail "provision.ps1 failed with exit code $LASTEXITCODE (log: $dir\\provision.log)" $LASTEXITCODE }',
   "  & powershell.exe -NoProfile -NonInteractive -ExecutionPolicy Bypass -File (Join-Path $media.Root 'check.ps1') -ConfigPath $cfg",
-  '  if ($LASTEXITCODE -ne 0) { Write-Error "provision: check.ps1 found settings that are not as configured (exit $LASTEXITCODE)"; exit $LASTEXITCODE }',
+  '  if ($LASTEXITCODE -ne 0) { Fail "check.ps1 found settings that are not as configured (exit $LASTEXITCODE)" $LASTEXITCODE }',
   "} finally { Remove-Item -LiteralPath $cfg -Force -ErrorAction SilentlyContinue }",
 ].join("\n");
 

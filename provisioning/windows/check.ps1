@@ -87,7 +87,12 @@ $checks = [ordered]@{
     'disable-defender-realtime'  = {
         param($s)
         $actual = [string](Get-MpPreference).DisableRealtimeMonitoring
-        New-CheckRow -Step 'disable-defender-realtime' -Setting 'Defender DisableRealtimeMonitoring' -Expected 'True' -Actual $actual -Pass ($actual -eq 'True')
+        if ($actual -ne 'True' -and (Test-TamperProtected)) {
+            # Cannot be changed from a script: provision.ps1 warned and went on.
+            New-CheckRow -Step 'disable-defender-realtime' -Setting 'Defender DisableRealtimeMonitoring' -Expected 'True (or Tamper Protection on)' -Actual ('{0} (Tamper Protection on)' -f $actual) -Pass $true
+        } else {
+            New-CheckRow -Step 'disable-defender-realtime' -Setting 'Defender DisableRealtimeMonitoring' -Expected 'True' -Actual $actual -Pass ($actual -eq 'True')
+        }
     }
     'disable-services'           = {
         param($s)

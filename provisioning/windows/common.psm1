@@ -586,6 +586,12 @@ function Expand-ZipArchive {
 # Windows-only probes (small so tests can mock them)
 # ---------------------------------------------------------------------------
 
+function Test-TamperProtected {
+    <# True when Defender's Tamper Protection is on: scripts cannot then turn real-time monitoring off. #>
+    $status = Get-MpComputerStatus -ErrorAction SilentlyContinue
+    return ($null -ne $status -and $status.IsTamperProtected -eq $true)
+}
+
 function Test-IsAdministrator {
     <# True when the current process runs with an elevated administrator token. #>
     $identity = [Security.Principal.WindowsIdentity]::GetCurrent()
@@ -642,6 +648,6 @@ Export-ModuleMember -Function @(
     'Get-BuildletRunCommand', 'Get-DesiredRegistryValues', 'Get-AbsentRegistryValues',
     'Get-RegistryValue', 'Set-RegistryValue', 'Remove-RegistryValue', 'Test-RegistryValueEqual',
     'Get-FileSha256', 'Save-VerifiedDownload', 'Expand-ZipArchive',
-    'Test-IsAdministrator', 'Test-LocalCredential',
+    'Test-IsAdministrator', 'Test-LocalCredential', 'Test-TamperProtected',
     'Get-VsBuildToolsRequiredComponents', 'Get-VsBuildToolsArguments', 'Get-VsBuildToolsPath'
 )

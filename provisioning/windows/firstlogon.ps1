@@ -161,8 +161,9 @@ New-Item -ItemType Directory -Force -Path $LogDir | Out-Null
 try {
   Write-Log "start (media $MediaRoot, source $OpenSshSource)"
   Install-OpenSshServer
-  Start-Sshd
+  # The key before sshd answers: the pipeline connects as soon as it sees the SSH banner.
   Install-AuthorizedKeys
+  Start-Sshd
   Open-SshPort
   Write-Log 'done'
   exit 0

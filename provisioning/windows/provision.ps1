@@ -76,6 +76,12 @@ function Disable-DefenderRealtime {
         Write-Log 'Defender real-time monitoring is already off'
         return
     }
+    # Tamper Protection (on by default on Windows 10 and 11) blocks this change from any
+    # script; the build goes on with real-time monitoring on rather than failing.
+    if (Test-TamperProtected) {
+        Write-Log -Level WARN ('Defender Tamper Protection is on: real-time monitoring stays on (turn Tamper Protection off in Windows Security, or set guestDisableDefenderRealtime: false)')
+        return
+    }
     Set-MpPreference -DisableRealtimeMonitoring $true
     $after = Get-MpPreference
     if ($after.DisableRealtimeMonitoring -ne $true) {

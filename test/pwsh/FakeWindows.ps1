@@ -23,6 +23,7 @@ $stubs = @{
     'Get-Service'            = '[CmdletBinding()] param([Parameter(Position = 0)][string[]]$Name)'
     'Set-Service'            = '[CmdletBinding()] param([Parameter(Position = 0)][string]$Name, [string]$StartupType)'
     'Get-MpPreference'       = '[CmdletBinding()] param()'
+    'Get-MpComputerStatus'   = '[CmdletBinding()] param()'
     'Set-MpPreference'       = '[CmdletBinding()] param([bool]$DisableRealtimeMonitoring)'
     'Get-NetFirewallProfile' = '[CmdletBinding()] param([string[]]$Name)'
     'Set-NetFirewallProfile' = '[CmdletBinding()] param([string[]]$Name, [string]$Enabled)'
@@ -89,7 +90,7 @@ function global:New-FakeWindows {
             lmhosts        = 'Manual'
             sshd           = 'Automatic'
         }
-        Defender    = @{ DisableRealtimeMonitoring = $false; TamperProtection = $false }
+        Defender    = @{ DisableRealtimeMonitoring = $false; TamperProtection = $false; TamperHidden = $false }
         Firewall    = [ordered]@{ Domain = $true; Private = $true; Public = $true }
         Users       = @{}
         Admins      = New-Object System.Collections.Generic.List[string]
@@ -209,6 +210,9 @@ function global:Enable-FakeWindows {
     # Defender (Tamper Protection silently ignores the change, as on Windows).
     Add-FakeMock Get-MpPreference -MockWith {
         [pscustomobject]@{ DisableRealtimeMonitoring = $global:FakeWin.Defender.DisableRealtimeMonitoring }
+    }
+    Add-FakeMock Get-MpComputerStatus -MockWith {
+        [pscustomobject]@{ IsTamperProtected = [bool]$global:FakeWin.Defender.TamperProtection -and -not $global:FakeWin.Defender.TamperHidden }
     }
     Add-FakeMock Set-MpPreference -MockWith {
         if (-not $global:FakeWin.Defender.TamperProtection) {

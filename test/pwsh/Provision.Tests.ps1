@@ -235,8 +235,21 @@ Describe 'provision.ps1' {
             $log | Should -Not -Match "step 'install-buildlet': start"
         }
 
-        It 'fails when Defender keeps real-time monitoring on (Tamper Protection)' {
+        It 'with Tamper Protection on, warns and goes on with real-time monitoring on; check passes it with a note' {
             $global:FakeWin.Defender.TamperProtection = $true
+            $r = Invoke-GuestScript provision $t.ConfigPath
+            $r.ExitCode | Should -Be 0 -Because $r.Text
+            $global:FakeWin.Defender.DisableRealtimeMonitoring | Should -BeFalse
+            Get-LogText | Should -Match '\[WARN\] Defender Tamper Protection is on: real-time monitoring stays on'
+            Get-LogText | Should -Match "step 'install-buildlet'|step 'disable-services': done"
+            $c = Invoke-GuestScript check $t.ConfigPath
+            $c.ExitCode | Should -Be 0 -Because $c.Text
+            $c.Text | Should -Match 'False \(Tamper Protection on\)'
+        }
+
+        It 'fails when Defender silently keeps real-time monitoring on without reporting Tamper Protection' {
+            $global:FakeWin.Defender.TamperProtection = $true
+            $global:FakeWin.Defender.TamperHidden = $true
             $r = Invoke-GuestScript provision $t.ConfigPath
             $r.ExitCode | Should -Be 1
             Get-LogText | Should -Match "step 'disable-defender-realtime' failed: Defender kept real-time monitoring on"

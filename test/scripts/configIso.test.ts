@@ -11,6 +11,7 @@ import {
   firstLogonCommands,
   renderAnswerFile,
 } from "../../infra/answerFile";
+import { GUEST_PROVISION_SCRIPT } from "../../infra/pipeline/guest";
 import { repoRoot, run, runScript } from "../support/run";
 
 const SCRIPT = "build-config-iso.sh";
@@ -289,5 +290,83 @@ describe("config media PowerShell", function () {
     ]) {
       expect(text, s).to.contain(s);
     }
+  });
+});
+
+describe("guest provisioning wrapper (GUEST_PROVISION_SCRIPT) run by pwsh", function () {
+  this.timeout(60000);
+  let pwsh: string;
+  let dir: string;
+  before(() => {
+    pwsh = findPwsh();
+  });
+  beforeEach(() => {
+    dir = fs.mkdtempSync(path.join(os.tmpdir(), "guest-wrapper-"));
+  });
+  afterEach(() => fs.rmSync(dir, { recursive: true, force: true }));
+
+  /**
+   * Runs the wrapper with stand-ins for icacls.exe and powershell.exe (which log
+   * their calls and whether settings.json had content), config media mounted as
+   * a PowerShell drive, and ProgramData in the temp folder.
+   */
+  async function runWrapper(provisionExit: number, withMedia = true) {
+    const bin = path.join(dir, "bin");
+    const media = path.join(dir, "media");
+    const data = path.join(dir, "ProgramData");
+    fs.mkdirSync(bin);
+    fs.mkdirSync(media);
+    fs.mkdirSync(data);
+    if (withMedia) fs.writeFileSync(path.join(media, "windows-arm64-image.marker"), "");
+    const calls = path.join(dir, "calls");
+    fs.writeFileSync(path.join(bin, "icacls.exe"), `#!/bin/sh\necho "icacls size=$(wc -c <"$1")" >>'${calls}'\n`, {
+      mode: 0o755,
+    });
+    fs.writeFileSync(
+      path.join(bin, "powershell.exe"),
+      [
+        "#!/bin/sh",
+        `cfg=""; while [ $# -gt 0 ]; do [ "$1" = -ConfigPath ] && cfg=$2; [ "$1" = -File ] && f=$(basename "$2"); shift; done`,
+        `echo "$f settings=$(cat "$cfg" | tr -d '\\r\\n')" >>'${calls}'`,
+        `echo "stderr noise from $f" >&2`,
+        `[ "$f" = provision.ps1 ] && exit ${provisionExit}`,
+        "exit 0",
+      ].join("\n") + "\n",
+      { mode: 0o755 },
+    );
+    const driver = `New-PSDrive -Name CFG -PSProvider FileSystem -Root '${media}' | Out-Null; & ([scriptblock]::Create($env:WRAPPER))`;
+    const r = await run(pwsh, ["-NoProfile", "-NonInteractive", "-Command", driver], {
+      env: { PATH: `${bin}:${process.env.PATH}`, ProgramData: data, WRAPPER: GUEST_PROVISION_SCRIPT },
+      input: '{"disableUac":true}',
+    });
+    const log = fs.existsSync(calls) ? fs.readFileSync(calls, "utf8").trim().split("\n") : [];
+    const left = fs.existsSync(path.join(data, "windows-arm64-image", "settings.json"));
+    return { r, log, left };
+  }
+
+  it("restricts settings.json before writing it, runs provision then check, and removes it", async () => {
+    const { r, log, left } = await runWrapper(0);
+    expect(r.code, r.stdout + r.stderr).to.equal(0);
+    expect(log).to.deep.equal([
+      "icacls size=0",
+      'provision.ps1 settings={"disableUac":true}',
+      'check.ps1 settings={"disableUac":true}',
+    ]);
+    expect(left, "settings.json removed").to.equal(false);
+  });
+
+  it("exits with provision.ps1's code and says so on stderr (its stderr noise is not fatal)", async () => {
+    const { r, log, left } = await runWrapper(7);
+    expect(r.code).to.equal(7);
+    expect(r.stderr).to.contain("provision: provision.ps1 failed with exit code 7");
+    expect(log.some((l) => l.startsWith("check.ps1"))).to.equal(false);
+    expect(left).to.equal(false);
+  });
+
+  it("exits 3 naming the marker when the config media is not attached", async () => {
+    const { r, log } = await runWrapper(0, false);
+    expect(r.code).to.equal(3);
+    expect(r.stderr).to.contain("provision: the config media (windows-arm64-image.marker) is not attached");
+    expect(log).to.deep.equal([]);
   });
 });
