@@ -93,6 +93,8 @@ export const WINPE_DRIVER_FOLDER = "$WinPEDriver$";
 export const GUEST_LOG_DIR = "C:\\ProgramData\\windows-arm64-image";
 /** Maximum length of a SynchronousCommand CommandLine. */
 export const MAX_COMMAND_LINE = 1024;
+/** How long one driver package's pnputil run may take at first logon. */
+export const PNPUTIL_TIMEOUT_S = 300;
 
 const UNATTEND_NS = "urn:schemas-microsoft-com:unattend";
 const WCM_NS = "http://schemas.microsoft.com/WMIConfig/2002/State";
@@ -247,7 +249,14 @@ export function firstLogonCommands(input: AnswerFileInput): LogonCommand[] {
     `$null=New-Item -ItemType Directory -Force ${psq(GUEST_LOG_DIR)}`,
     `$r=[IO.DriveInfo]::GetDrives()|Where-Object{$_.IsReady -and (Test-Path ($_.Name+${psq(input.driverNames[0] + "\\" + sub)}))}|Select-Object -First 1`,
     `if(-not $r){'virtio-win media not found'|Out-File -Append $l;exit 1}`,
-    `foreach($d in ${names}){$p=$r.Name+$d+${psq("\\" + sub)};if(Test-Path $p){pnputil.exe /add-driver ($p+'\\*.inf') /install|Out-File -Append $l}else{('missing '+$p)|Out-File -Append $l}}`,
+    // Trust each package's signer first (an untrusted publisher makes pnputil wait on a dialog
+    // no one answers), and bound pnputil's run so a hang cannot keep the next command from running.
+    `$s=New-Object Security.Cryptography.X509Certificates.X509Store('TrustedPublisher','LocalMachine');$s.Open('ReadWrite')`,
+    `foreach($d in ${names}){$p=$r.Name+$d+${psq("\\" + sub)};if(Test-Path $p){` +
+      `foreach($f in (gci $p *.cat)){$c=(Get-AuthenticodeSignature $f.FullName).SignerCertificate;if($c){$s.Add($c)}};` +
+      `$x=Start-Process pnputil.exe ('/add-driver '+$p+'\\*.inf /install') -PassThru -RedirectStandardOutput ($l+'.'+$d);` +
+      `if(-not $x.WaitForExit(${PNPUTIL_TIMEOUT_S * 1000})){$x.Kill();('timeout '+$p)|Out-File -Append $l}` +
+      `}else{('missing '+$p)|Out-File -Append $l}}`,
   ].join(";");
   const config = [
     `$r=[IO.DriveInfo]::GetDrives()|Where-Object{$_.IsReady -and (Test-Path ($_.Name+${psq(FIRSTLOGON_SCRIPT)})) -and ((Test-Path ($_.Name+${psq(CONFIG_MEDIA_MARKER)})) -or $_.VolumeLabel -eq ${psq(input.configMediaLabel)})}|Select-Object -First 1`,

@@ -4,6 +4,7 @@ import {
   AnswerFileInput,
   DEFAULT_DRIVER_NAMES,
   MAX_COMMAND_LINE,
+  PNPUTIL_TIMEOUT_S,
   encodeUnattendPassword,
   firstLogonCommands,
   renderAnswerFile,
@@ -183,8 +184,11 @@ describe("answerFile", () => {
         expect((c.CommandLine as string).slice(0, -1).split('-Command "')[1]).to.not.contain('"');
       }
       const drivers = cmds[0].CommandLine as string;
-      expect(drivers).to.contain("pnputil.exe /add-driver");
-      expect(drivers).to.contain("/install");
+      expect(drivers).to.contain("Start-Process pnputil.exe ('/add-driver '+$p+'\\*.inf /install')");
+      // Each package's signer is trusted first, and pnputil's run is bounded.
+      expect(drivers).to.contain("X509Store('TrustedPublisher','LocalMachine')");
+      expect(drivers.indexOf("Get-AuthenticodeSignature")).to.be.lessThan(drivers.indexOf("Start-Process pnputil"));
+      expect(drivers).to.contain(`WaitForExit(${PNPUTIL_TIMEOUT_S * 1000})`);
       expect(drivers).to.contain("\\w11\\ARM64");
       for (const d of DEFAULT_DRIVER_NAMES) expect(drivers).to.contain(`'${d}'`);
       const config = cmds[1].CommandLine as string;
