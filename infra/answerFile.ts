@@ -240,6 +240,29 @@ function psq(s: string): string {
   return `'${s.replace(/'/g, "''")}'`;
 }
 
+/**
+ * Microsoft's generic installation keys (Windows 10 and 11, same keys): they
+ * pick the edition during Setup and do not activate Windows. By edition name
+ * without the "Windows 1x " prefix, lower case.
+ */
+export const GENERIC_INSTALL_KEYS: Readonly<Record<string, string>> = {
+  home: "YTMG3-N6DKC-DKB77-7M9GH-8HVX7",
+  pro: "VK7JG-NPHTM-C97JM-9MPGT-3V66T",
+  education: "YNMGQ-8RYV3-4PGQ3-C8XTP-7CFBY",
+  "pro education": "8PTT6-RNW4C-6V7J2-C2D3X-MHBPB",
+  "pro for workstations": "DXG7C-N36C4-C4HTG-X4T3X-2YV77",
+};
+
+/** The generic installation key for an install.wim image name such as "Windows 11 Pro", if known. */
+export function genericInstallKey(edition: string | undefined): string | undefined {
+  if (edition === undefined) return undefined;
+  const name = edition
+    .trim()
+    .toLowerCase()
+    .replace(/^windows\s+1[01]\s+/, "");
+  return GENERIC_INSTALL_KEYS[name];
+}
+
 /** The FirstLogonCommands, in order. Exported for tests and for the README. */
 export function firstLogonCommands(input: AnswerFileInput): LogonCommand[] {
   const sub = `${input.driverFolder}\\ARM64`;
@@ -366,9 +389,12 @@ function windowsPE(root: XMLBuilder, input: AnswerFileInput): void {
 
   const userData = setup.ele("UserData");
   leaf(userData, "AcceptEula", true);
-  if (input.productKey !== undefined) {
+  // Without a key, consumer (multi-edition) media stop at the product key page: use the
+  // edition's generic installation key, which installs but does not activate.
+  const key = input.productKey ?? genericInstallKey(input.windowsEdition);
+  if (key !== undefined) {
     const pk = userData.ele("ProductKey");
-    leaf(pk, "Key", input.productKey);
+    leaf(pk, "Key", key);
     leaf(pk, "WillShowUI", "OnError");
   }
 

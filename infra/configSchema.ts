@@ -222,7 +222,8 @@ export const CONFIG_KEYS: readonly KeySpec[] = Object.freeze([
     type: "string",
     default: "",
     secret: true,
-    description: "ISO installs: product key (optional; a secret).",
+    description:
+      "ISO installs: product key (a secret). Unset: the edition's generic installation key (Home, Pro, Education, Pro Education, Pro for Workstations), which installs without activating.",
   },
   { key: "guestDisableWindowsUpdate", type: "boolean", default: true, description: "Turn off automatic updates." },
   {

@@ -5,6 +5,7 @@ import {
   DEFAULT_DRIVER_NAMES,
   MAX_COMMAND_LINE,
   PNPUTIL_TIMEOUT_S,
+  genericInstallKey,
   encodeUnattendPassword,
   firstLogonCommands,
   renderAnswerFile,
@@ -289,12 +290,24 @@ describe("answerFile", () => {
       expect(xml).to.not.contain(PASSWORD);
     });
 
-    it("omits InstallFrom and ProductKey when not given", () => {
+    it("omits InstallFrom without an edition; without a key, uses the edition's generic installation key", () => {
       const r = parse(renderAnswerFile(input({ sourceKind: "iso", productKey: "VK7JG-NPHTM-C97JM-9MPGT-3V66T" })));
       const setup = comp(r, "windowsPE", "Microsoft-Windows-Setup");
       expect(setup.ImageInstall.OSImage).to.not.have.property("InstallFrom");
-      const r2 = parse(renderAnswerFile(input({ sourceKind: "iso", windowsEdition: "Windows 11 Pro" })));
-      expect(comp(r2, "windowsPE", "Microsoft-Windows-Setup").UserData).to.not.have.property("ProductKey");
+      const keyFor = (edition: string) => {
+        const ud = comp(
+          parse(renderAnswerFile(input({ sourceKind: "iso", windowsEdition: edition }))),
+          "windowsPE",
+          "Microsoft-Windows-Setup",
+        ).UserData;
+        return ud.ProductKey?.Key as string | undefined;
+      };
+      expect(keyFor("Windows 11 Pro")).to.equal("VK7JG-NPHTM-C97JM-9MPGT-3V66T");
+      expect(keyFor("Windows 11 Home")).to.equal("YTMG3-N6DKC-DKB77-7M9GH-8HVX7");
+      expect(keyFor("Windows 10 Pro for Workstations")).to.equal("DXG7C-N36C4-C4HTG-X4T3X-2YV77");
+      // No generic key known (volume media need none): no ProductKey element.
+      expect(keyFor("Windows 11 Enterprise")).to.equal(undefined);
+      expect(genericInstallKey(undefined)).to.equal(undefined);
     });
   });
 
