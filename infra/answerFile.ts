@@ -51,6 +51,13 @@ export interface AnswerFileInput {
   /** ISO installs: product key (a generic key selects the edition too). */
   productKey?: string;
   /**
+   * Keep logging the administrator on automatically after the first logon
+   * (the buildlet runs in that session). False: one automatic logon, for the
+   * first-logon commands; Windows then turns autologon off and removes the
+   * stored password. Default true.
+   */
+  keepAutoLogon?: boolean;
+  /**
    * The pipeline's OpenSSH public key line. It is validated here; the guest
    * reads it from the `authorized_keys` file on the config media (see
    * {@link authorizedKeysFile}), so it is not embedded in the answer file.
@@ -457,7 +464,7 @@ function oobeSystem(root: XMLBuilder, input: AnswerFileInput): void {
   const autoLogon = shell.ele("AutoLogon");
   password(autoLogon, input.adminPassword);
   leaf(autoLogon, "Enabled", true);
-  leaf(autoLogon, "LogonCount", AUTOLOGON_COUNT);
+  leaf(autoLogon, "LogonCount", input.keepAutoLogon === false ? 1 : AUTOLOGON_COUNT);
   leaf(autoLogon, "Username", input.adminUser);
 
   const commands = shell.ele("FirstLogonCommands");

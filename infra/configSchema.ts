@@ -279,7 +279,8 @@ export const CONFIG_KEYS: readonly KeySpec[] = Object.freeze([
     key: "guestAutoLogon",
     type: "boolean",
     default: true,
-    description: "Log the admin user on automatically (the buildlet runs in that session).",
+    description:
+      "Log the admin user on automatically (the buildlet runs in that session). false: only the first logon is automatic (for the first-logon commands).",
   },
   // ---- lifecycle
   {

@@ -111,6 +111,7 @@ const answerFile = pulumi.secret(
       timeZone: config.guest.timeZone,
       windowsEdition: config.image.format === "iso" ? config.guest.edition : undefined,
       productKey: productKey || undefined,
+      keepAutoLogon: config.guest.autoLogon,
       authorizedKey: key.trim(),
       driverFolder: driverFolder(config),
       driverNames: [...DEFAULT_DRIVER_NAMES],

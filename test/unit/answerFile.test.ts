@@ -163,6 +163,13 @@ describe("answerFile", () => {
       expect(decode(auto.Password.Value)).to.equal(PASSWORD + "Password");
     });
 
+    it("with keepAutoLogon false, logs on automatically once (the first-logon commands), then Windows stops", () => {
+      const once = parse(renderAnswerFile(input({ keepAutoLogon: false })));
+      const auto = comp(once, "oobeSystem", "Microsoft-Windows-Shell-Setup").AutoLogon as Node;
+      expect(auto.Enabled).to.equal("true");
+      expect(Number(auto.LogonCount)).to.equal(1);
+    });
+
     it("never holds the password in plain text", () => {
       const escaped = PASSWORD.replace(/&/g, "&amp;").replace(/</g, "&lt;").replace(/>/g, "&gt;");
       expect(xml).to.not.contain(PASSWORD);
