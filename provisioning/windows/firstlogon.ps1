@@ -17,6 +17,10 @@
        C:\ProgramData\ssh\administrators_authorized_keys, readable only by
        Administrators and SYSTEM (SIDs, so it works on any display language);
     4. allow inbound TCP 22 in the firewall (rule OpenSSH-Server-In-TCP).
+  First-logon commands run once: when a step fails (Windows Update not
+  reachable yet, say), a scheduled task (windows-arm64-image-firstlogon, as
+  SYSTEM) runs this script again every 5 minutes until it succeeds; a success
+  removes the task.
   The OpenSSH default shell is left alone (cmd.exe): the pipeline runs
   PowerShell as `powershell -NoProfile -NonInteractive -EncodedCommand ...`.
 
@@ -58,6 +62,8 @@ $ZipInstallDir = Join-Path $env:ProgramFiles 'OpenSSH'
 $SshDataDir = Join-Path $env:ProgramData 'ssh'
 $AdminKeysFile = Join-Path $SshDataDir 'administrators_authorized_keys'
 $FirewallRuleName = 'OpenSSH-Server-In-TCP'
+$RetryTaskName = 'windows-arm64-image-firstlogon'
+$RetryMinutes = 5
 
 function Write-Log([string]$Message) {
   $line = '{0} firstlogon: {1}' -f (Get-Date -Format 'yyyy-MM-ddTHH:mm:ssK'), $Message
@@ -157,6 +163,29 @@ function Open-SshPort {
   Write-Log "firewall rule $FirewallRuleName allows inbound TCP 22"
 }
 
+function Register-Retry {
+  try {
+    $arguments = '-NoProfile -NonInteractive -ExecutionPolicy Bypass -File "{0}" -MediaRoot "{1}" -OpenSshSource {2}' -f $PSCommandPath, $MediaRoot, $OpenSshSource
+    $action = New-ScheduledTaskAction -Execute 'powershell.exe' -Argument $arguments
+    $trigger = New-ScheduledTaskTrigger -Once -At ((Get-Date).AddMinutes($RetryMinutes)) -RepetitionInterval (New-TimeSpan -Minutes $RetryMinutes)
+    Register-ScheduledTask -TaskName $RetryTaskName -Action $action -Trigger $trigger -User 'SYSTEM' -RunLevel Highest -Force | Out-Null
+    Write-Log "retrying every $RetryMinutes minutes (scheduled task $RetryTaskName) until it succeeds"
+  } catch {
+    Write-Log "could not schedule a retry: $($_.Exception.Message)"
+  }
+}
+
+function Unregister-Retry {
+  try {
+    if (Get-ScheduledTask -TaskName $RetryTaskName -ErrorAction SilentlyContinue) {
+      Unregister-ScheduledTask -TaskName $RetryTaskName -Confirm:$false
+      Write-Log "removed the retry task $RetryTaskName"
+    }
+  } catch {
+    Write-Log "could not remove the retry task ${RetryTaskName}: $($_.Exception.Message)"
+  }
+}
+
 New-Item -ItemType Directory -Force -Path $LogDir | Out-Null
 try {
   Write-Log "start (media $MediaRoot, source $OpenSshSource)"
@@ -166,8 +195,10 @@ try {
   Start-Sshd
   Open-SshPort
   Write-Log 'done'
+  Unregister-Retry
   exit 0
 } catch {
   Write-Log "FAILED: $($_.Exception.Message)"
+  Register-Retry
   exit 1
 }
