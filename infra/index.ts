@@ -163,6 +163,7 @@ const host =
         sourceObjectUrls: [config.image.url, config.image.virtioUrl],
         wakeKey,
         awsCliEnv: awsCliEnv(),
+        requireAwsCli: !config.host.keepRunning,
         tags,
       })
     : undefined;

@@ -13,12 +13,16 @@
 #          it already is).
 #
 # Runs where Pulumi runs: needs bash, the AWS CLI and the same credentials and
-# region as the stack (AWS_REGION, AWS_PROFILE: set by the stack). Without the
-# AWS CLI, `start` only waits for SSH (enough for a host that runs), and says
-# how to start the host by hand; `stop` fails naming the missing CLI.
+# region as the stack (AWS_REGION, AWS_PROFILE: set by the stack). When the
+# AWS CLI is missing or cannot read the instance, `start` only waits for SSH
+# (enough for a host that runs) and says how to start the host by hand, unless
+# HOST_POWER_REQUIRE_CLI=1 (the stack will have to stop the host after the
+# build): then it fails at once, naming the cause and the fix, rather than
+# after hours of work. `stop` fails naming the cause.
 #
 # Env (optional): HOST_POWER_POLL_S seconds between state polls (default 10);
-#   HOST_POWER_SSH_PORT the SSH port to wait for (default 22).
+#   HOST_POWER_SSH_PORT the SSH port to wait for (default 22);
+#   HOST_POWER_REQUIRE_CLI 1 to require a working AWS CLI for `start`.
 # Output: progress and errors on stderr, prefixed "host-power:"; with `start`,
 #   the SSH banner on stdout.
 # Exit: 0 done; 1 the instance could not be started or stopped (the cause is
@@ -88,8 +92,18 @@ if [[ $action == stop ]]; then
 fi
 
 host=$3 timeout_s=$4
+cli_problem=""
 if ! command -v aws >/dev/null; then
-  log "warning: the AWS CLI is not installed, so a stopped host cannot be started from here;"
+  cli_problem="the AWS CLI is not installed"
+elif ! probe=$(aws ec2 describe-instances --instance-ids "$id" --query 'Reservations[0].Instances[0].State.Name' \
+  --output text 2>&1); then
+  cli_problem="the AWS CLI cannot read $id: ${probe//$'\n'/ }"
+fi
+if [[ -n $cli_problem ]]; then
+  if [[ ${HOST_POWER_REQUIRE_CLI:-0} == 1 ]]; then
+    die "$cli_problem; it must stop the host after the build (keepHostRunning is false). Fix: install AWS CLI v2 with the stack's credentials and region, or set keepHostRunning: true"
+  fi
+  log "warning: $cli_problem, so a stopped host cannot be started from here;"
   log "if SSH does not answer, start it: aws ec2 start-instances --instance-ids $id"
 else
   s=$(state)

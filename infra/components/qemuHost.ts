@@ -39,7 +39,9 @@ export interface QemuHostArgs {
    */
   wakeKey: pulumi.Input<string>;
   /** Environment for the AWS CLI run where Pulumi runs (AWS_REGION, AWS_PROFILE). */
-  awsCliEnv: pulumi.Input<Record<string, pulumi.Input<string>>>;
+  awsCliEnv: pulumi.Input<Record<string, string>>;
+  /** The stack stops the host after the build: check up front that the AWS CLI can. */
+  requireAwsCli: boolean;
   tags: Record<string, string>;
 }
 
@@ -203,7 +205,9 @@ export class QemuHost extends pulumi.ComponentResource {
       `${name}-ssh-up`,
       {
         create: pulumi.interpolate`bash provisioning/host-power.sh start ${this.instance.id} ${this.publicIp} ${timeout}`,
-        environment: args.awsCliEnv,
+        environment: pulumi
+          .output(args.awsCliEnv)
+          .apply((env) => ({ ...env, HOST_POWER_REQUIRE_CLI: args.requireAwsCli ? "1" : "0" })),
         triggers: [this.instance.id, args.wakeKey],
         logging: "stdoutAndStderr",
       },

@@ -92,10 +92,11 @@ describe("host-power.sh (start/stop the EC2 host from the operator's machine)", 
     expect(gone.code).to.equal(1);
     expect(gone.stderr).to.include(`${ID} is terminated: the host is gone`);
     const denied = await power(["start", ID, "127.0.0.1", "20"], "stopped", {
+      HOST_POWER_REQUIRE_CLI: "1",
       FAKE_AWS_FAIL: "An error occurred (UnauthorizedOperation) when calling the DescribeInstances operation",
     });
     expect(denied.code).to.equal(1);
-    expect(denied.stderr).to.include(`cannot read the state of ${ID}: An error occurred (UnauthorizedOperation)`);
+    expect(denied.stderr).to.include(`the AWS CLI cannot read ${ID}: An error occurred (UnauthorizedOperation)`);
   });
 
   it("start without the AWS CLI only waits for SSH and says how to start the host", async () => {
@@ -124,6 +125,23 @@ describe("host-power.sh (start/stop the EC2 host from the operator's machine)", 
     expect(r.stdout).to.equal("SSH-2.0-test\n");
     expect(r.stderr).to.include(`aws ec2 start-instances --instance-ids ${ID}`);
     expect(calls()).to.deep.equal([]);
+  });
+
+  it("start with HOST_POWER_REQUIRE_CLI=1 fails at once when the AWS CLI cannot read the host", async () => {
+    const r = await power(["start", ID, "127.0.0.1", "20"], "running", {
+      HOST_POWER_REQUIRE_CLI: "1",
+      FAKE_AWS_FAIL: "Unable to locate credentials. You can configure credentials by running aws configure.",
+    });
+    expect(r.code).to.equal(1);
+    expect(r.stdout).to.equal("");
+    expect(r.stderr).to.include(`the AWS CLI cannot read ${ID}: Unable to locate credentials`);
+    expect(r.stderr).to.include("set keepHostRunning: true");
+    // Without the requirement, the same host is only awaited.
+    const soft = await power(["start", ID, "127.0.0.1", "20"], "running", {
+      FAKE_AWS_FAIL: "Unable to locate credentials.",
+    });
+    expect(soft.code, soft.stderr).to.equal(0);
+    expect(soft.stderr).to.include("warning: the AWS CLI cannot read");
   });
 
   it("stop: stops a running host and waits for it; a stopped host is left alone", async () => {

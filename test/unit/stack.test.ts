@@ -147,7 +147,8 @@ describe("stack foundation (mocks)", function () {
   it("starts the host if stopped and waits for SSH in a bounded local loop, then for cloud-init on the host", () => {
     const up = run.one("command:local:Command", "ssh-up").inputs as Record<string, any>;
     expect(up.create).to.equal("bash provisioning/host-power.sh start qemu-host-instance-id 198.51.100.10 1800");
-    expect(up.environment).to.include({ AWS_REGION: "us-east-2" });
+    // The stack stops the host after the build (keepHostRunning false): the AWS CLI is checked up front.
+    expect(up.environment).to.include({ AWS_REGION: "us-east-2", HOST_POWER_REQUIRE_CLI: "1" });
     // Triggers: the instance, and the wake key (everything the host stages depend on).
     expect(up.triggers[0]).to.equal("qemu-host-instance-id");
     expect(up.triggers[1]).to.match(/^[0-9a-f]{64}$/);
