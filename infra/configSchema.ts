@@ -95,7 +95,8 @@ export const CONFIG_KEYS: readonly KeySpec[] = Object.freeze([
     key: "sshAuthorizedKeys",
     type: "array",
     default: [],
-    description: "Extra OpenSSH public keys allowed to log in to the host (operators).",
+    description:
+      "Extra OpenSSH public keys allowed to log in to the host (operators); changed in place, without a new host.",
   },
   {
     key: "keepHostRunning",

@@ -28,9 +28,10 @@ export const HOST_PACKAGES = Object.freeze([
 /**
  * cloud-init user data for the host. It holds no secret: EC2 stores user
  * data in plain text. The pipeline's own key arrives through the EC2 key
- * pair; `authorizedKeys` are operators' extra public keys.
+ * pair; operators' keys are set by operator-keys.sh (a change to them must
+ * not replace the host, as a user-data change would).
  */
-export function renderCloudInit(authorizedKeys: readonly string[]): string {
+export function renderCloudInit(): string {
   const lines = [
     "#cloud-config",
     "# windows-arm64-image QEMU host. No secrets here: EC2 user data is plain text.",
@@ -39,9 +40,6 @@ export function renderCloudInit(authorizedKeys: readonly string[]): string {
     "packages:",
     ...HOST_PACKAGES.map((p) => `  - ${p}`),
   ];
-  if (authorizedKeys.length > 0) {
-    lines.push("ssh_authorized_keys:", ...authorizedKeys.map((k) => `  - ${JSON.stringify(k)}`));
-  }
   lines.push(
     "runcmd:",
     // AWS CLI v2 is a snap on Ubuntu 24.04; retry since the store can be slow right after boot.

@@ -132,8 +132,8 @@ const runtimeValues: { [K in Exclude<RuntimeName, "hostId">]: pulumi.Input<strin
 
 // What the host stages depend on, bar the host itself: when it changes, a stopped host is started.
 const wakeKey = pulumi
-  .all([plan.stages.map((st) => st.digest), runtimeValues])
-  .apply(([digests, values]) => sha256Hex(JSON.stringify({ digests, values })));
+  .all([plan.stages.map((st) => st.digest), runtimeValues, config.host.sshAuthorizedKeys])
+  .apply(([digests, values, operatorKeys]) => sha256Hex(JSON.stringify({ digests, values, operatorKeys })));
 // The AWS CLI (host-power.sh) uses the stack's region and profile.
 const awsConfig = new pulumi.Config("aws");
 function awsCliEnv(): pulumi.Output<Record<string, string>> {

@@ -167,7 +167,7 @@ export class QemuHost extends pulumi.ComponentResource {
           deleteOnTermination: true,
           tags: tags("root"),
         },
-        userData: renderCloudInit(args.authorizedKeys),
+        userData: renderCloudInit(),
         userDataReplaceOnChange: true,
         tags: tags("host"),
       },
@@ -226,6 +226,22 @@ export class QemuHost extends pulumi.ComponentResource {
       },
       // The role's policy is in place before any stage reads or writes S3.
       { parent: this, dependsOn: [sshUp, policy], customTimeouts: { create: `${Math.ceil(timeout / 60) + 5}m` } },
+    );
+
+    // Operators' keys: set in place, so changing them neither replaces the host nor re-runs a stage.
+    const keysScript = fs.readFileSync(path.join(repoPath("provisioning"), "operator-keys.sh"), "utf8");
+    const keysB64 = Buffer.from(args.authorizedKeys.join("\n")).toString("base64");
+    new command.remote.Command(
+      `${name}-operator-keys`,
+      {
+        connection: this.connection,
+        create: `bash -s -- '${keysB64}'`,
+        stdin: keysScript,
+        triggers: [this.instance.id, sha256Hex(keysScript), sha256Hex(keysB64)],
+        logging: "stderr",
+        addPreviousOutputInEnv: false,
+      },
+      { parent: this, dependsOn: [this.ready] },
     );
 
     this.registerOutputs({

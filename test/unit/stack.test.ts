@@ -119,6 +119,20 @@ describe("stack foundation (mocks)", function () {
     expect(ud).to.not.match(/PRIVATE KEY|password/i);
   });
 
+  it("sets operators' keys in place (not in user data): new keys neither replace the host nor re-run a stage", async () => {
+    const alice = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIAliceKeyMaterialForTestsOnly1234567 alice";
+    const r = await runProgram({ ...BASE_CONFIG, sshAuthorizedKeys: JSON.stringify([alice]) });
+    expect(r.one("aws:ec2/instance:Instance").inputs.userData).to.equal(
+      run.one("aws:ec2/instance:Instance").inputs.userData,
+    );
+    const keys = r.one("command:remote:Command", "qemu-host-operator-keys");
+    expect(keys.inputs.create).to.equal(`bash -s -- '${Buffer.from(alice).toString("base64")}'`);
+    expect(keys.inputs.stdin).to.contain("windows-arm64-image operators: begin");
+    expect(keys.seq).to.be.greaterThan(r.one("command:remote:Command", "qemu-host-ready").seq);
+    const fw = (x: typeof r) => x.one("command:remote:Command", "firmware-build").inputs.triggers;
+    expect(fw(r)).to.deep.equal(fw(run));
+  });
+
   it("uses the generated ED25519 key for the key pair and the connection", () => {
     expect(run.one("tls:index/privateKey:PrivateKey").inputs.algorithm).to.equal("ED25519");
     expect(run.one("aws:ec2/keyPair:KeyPair").inputs.publicKey).to.match(/^ssh-ed25519 /);
