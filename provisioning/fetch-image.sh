@@ -231,7 +231,13 @@ fetch_once() {
       if ! total=$(aws "${aws_args[@]}" s3api head-object --bucket "$bucket" --key "$key" \
         --query ContentLength --output text 2>"$err"); then
         last_error="$(grep -v '^[[:space:]]*$' "$err" | tail -n 1)"
-        if grep -qE '\((404|403)\)|NoSuchKey|NoSuchBucket|AccessDenied|Forbidden|Not Found' "$err"; then
+        if grep -qE '\(404\)|NoSuchKey|NoSuchBucket|Not Found' "$err"; then
+          return 2
+        fi
+        if grep -qE '\(403\)|AccessDenied|Forbidden' "$err"; then
+          last_error="$last_error (access denied: the host role may read only this object, and a new role policy takes a few seconds to apply; a bucket in another account or encrypted with SSE-KMS must also grant the role access)"
+          # Retry twice for the policy to apply; a refusal that lasts is final.
+          ((fetch_attempt < 3)) && return 1
           return 2
         fi
         return 1
@@ -257,10 +263,12 @@ fetch_once() {
 }
 
 # Downloads into $partial with bounded retries; dies naming the URL on failure.
+fetch_attempt=1
 download() {
   local attempt=1 rc delay
   while :; do
     rc=0
+    fetch_attempt=$attempt
     fetch_once || rc=$?
     ((rc != 0)) || return 0
     if ((rc == 2)); then

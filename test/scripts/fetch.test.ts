@@ -287,6 +287,28 @@ describe("fetch-image.sh", function () {
       expect(r.stderr).to.not.contain("retrying");
     });
 
+    it("retries an access denial twice (a new role policy takes seconds to apply), then names the likely causes", async () => {
+      // An aws that is refused for everything, as a host role without access is.
+      const bin = fs.mkdtempSync(path.join(os.tmpdir(), "fetch-403-"));
+      fs.writeFileSync(
+        path.join(bin, "aws"),
+        '#!/usr/bin/env bash\necho "An error occurred (403) when calling the HeadObject operation: Forbidden" >&2\nexit 255\n',
+        { mode: 0o755 },
+      );
+      try {
+        const r = await runScript("fetch-image.sh", ["s3://images/win/win.vhdx", sum, path.join(dir, "d")], {
+          env: { ...s3.env, PATH: `${bin}:${process.env.PATH}`, FETCH_RETRIES: "5", FETCH_RETRY_DELAY_S: "0" },
+          timeoutMs: 60000,
+        });
+        expect(r.code).to.equal(1);
+        expect(r.stderr.match(/retrying in/g)).to.have.length(2);
+        expect(r.stderr).to.contain("cannot download s3://images/win/win.vhdx: An error occurred (403)");
+        expect(r.stderr).to.contain("SSE-KMS");
+      } finally {
+        fs.rmSync(bin, { recursive: true, force: true });
+      }
+    });
+
     it("retries a bounded number of times when the endpoint is down, naming the URL", async () => {
       const port = await freePort();
       const env = { ...awsEnv(`http://127.0.0.1:${port}`, dir), ...fast };
