@@ -381,7 +381,7 @@ describe("pipeline end to end (stand-in guest, TCG)", function () {
       guestInstallVsBuildTools: "false",
     });
     const awsPlan = buildPlan({ config: awsConfig, layout: L, fileHashes: repoFileHashes() });
-    expect(awsPlan.stages.map((s) => s.id)).to.deep.equal([...LOCAL_ORDER, "prepareAmi", "bakeAmi", "stopHost"]);
+    expect(awsPlan.stages.map((s) => s.id)).to.deep.equal([...LOCAL_ORDER, "prepareAmi", "stopHost", "bakeAmi"]);
     const imageEnv = renderVmEnv(awsConfig, L, "image");
     const ami = await driver.mustHost("prepareAmi", {
       plan: awsPlan,

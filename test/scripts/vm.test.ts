@@ -381,13 +381,13 @@ describe("VM lifecycle scripts: run-vm, start-vm, wait-for-guest, stop-vm", func
 
     it("start-vm starts the launcher in the background, then presses Enter for the install ISO on a blank disk", async function () {
       const t0 = Date.now();
-      const r = await startVm(vm, { START_VM_BOOT_KEYS_S: "20" });
+      const r = await startVm(vm, { START_VM_BOOT_KEYS_S: "12" });
       expect(r.code, r.stderr).to.equal(0);
       expect(r.stdout).to.match(/^start-vm: VM started \(QEMU pid \d+.*\)\n$/);
       expect(r.stderr).to.include("no systemd here");
-      expect(r.stderr).to.include("blank disk and an install ISO: pressing Enter once a second for 20s");
+      expect(r.stderr).to.include("blank disk and an install ISO: pressing Enter once a second for 12s");
       const pressed = Number(/pressed Enter (\d+) times; Windows Setup should be booting/.exec(r.stderr)?.[1]);
-      expect(pressed, r.stderr).to.be.within(10, 20);
+      expect(pressed, r.stderr).to.be.within(6, 12);
       expect(Date.now() - t0).to.be.below(50000);
       qemuPid = readPid(vm.pidFile)!;
       expect(alive(qemuPid), "QEMU alive").to.equal(true);
