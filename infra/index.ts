@@ -131,9 +131,13 @@ const runtimeValues: { [K in Exclude<RuntimeName, "hostId">]: pulumi.Input<strin
 };
 
 // What the host stages depend on, bar the host itself: when it changes, a stopped host is started.
+// (AWS-side stages such as the bake need no host; the scripts QemuHost itself runs on it do.)
+const hostScripts = ["provisioning/host-ready.sh", "provisioning/operator-keys.sh"].map((f) => fileSha256(f));
 const wakeKey = pulumi
-  .all([plan.stages.map((st) => st.digest), runtimeValues, config.host.sshAuthorizedKeys])
-  .apply(([digests, values, operatorKeys]) => sha256Hex(JSON.stringify({ digests, values, operatorKeys })));
+  .all([plan.stages.filter((st) => st.site !== "aws").map((st) => st.digest), runtimeValues])
+  .apply(([digests, values]) =>
+    sha256Hex(JSON.stringify({ digests, values, hostScripts, operatorKeys: config.host.sshAuthorizedKeys })),
+  );
 // The AWS CLI (host-power.sh) uses the stack's region and profile.
 const awsConfig = new pulumi.Config("aws");
 function awsCliEnv(): pulumi.Output<Record<string, string>> {
@@ -200,6 +204,8 @@ const bake = host
       retainOnDelete: config.retainAmiOnDelete,
       wakeKey,
       awsCliEnv: awsCliEnv(),
+      hostWork: [host.operatorKeys],
+      instanceType: config.host.instanceType,
       tags,
     })
   : undefined;

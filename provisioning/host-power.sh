@@ -101,7 +101,7 @@ elif ! probe=$(aws ec2 describe-instances --instance-ids "$id" --query 'Reservat
 fi
 if [[ -n $cli_problem ]]; then
   if [[ ${HOST_POWER_REQUIRE_CLI:-0} == 1 ]]; then
-    die "$cli_problem; it must stop the host after the build (keepHostRunning is false). Fix: install AWS CLI v2 with the stack's credentials and region, or set keepHostRunning: true"
+    die "$cli_problem; it must stop the host after the build (keepHostRunning is false). Fix: install AWS CLI v2 and give it the stack's identity (the same environment credentials or profile as Pulumi; stack-config credentials such as aws:accessKey do not reach it), or set keepHostRunning: true"
   fi
   log "warning: $cli_problem, so a stopped host cannot be started from here;"
   log "if SSH does not answer, start it: aws ec2 start-instances --instance-ids $id"

@@ -29,7 +29,7 @@ keys=$(printf '%s' "$1" | base64 -d 2>/dev/null) || die "KEYS_BASE64 is not base
 count=0
 while IFS= read -r line; do
   [[ -n $line ]] || continue
-  [[ $line =~ ^(ssh-|ecdsa-|sk-)[A-Za-z0-9@.-]+\ [A-Za-z0-9+/=]+ ]] || die "not an OpenSSH public key: ${line:0:40}..."
+  [[ $line =~ ^(ssh-|ecdsa-|sk-)[A-Za-z0-9@.-]+[[:space:]]+[A-Za-z0-9+/=]+ ]] || die "not an OpenSSH public key: ${line:0:40}..."
   count=$((count + 1))
 done <<<"$keys"
 

@@ -35,7 +35,11 @@
 #     ROOT/root/.ssh/authorized_keys and ROOT/home/*/.ssh/authorized_keys; other
 #     keys stay. Without PIPELINE_PUBLIC_KEY a warning says no key was removed.
 #
-# Env: PIPELINE_PUBLIC_KEY (only read with --generalize).
+# With BUILD_INSTANCE_ID (the build host's EC2 instance id) set, it is written
+# to ROOT/etc/windows-vm/build-instance-id: the unit's ExecCondition
+# (run-vm.sh --not-build-host) then skips the VM on the build host itself.
+#
+# Env: PIPELINE_PUBLIC_KEY (only read with --generalize); BUILD_INSTANCE_ID.
 # Output: what was done, on stderr, prefixed "prepare-ami:"; nothing on stdout.
 # Exit: 0 when done (a rerun changes nothing more); 1 with a message naming
 # the cause otherwise; 2 on bad usage. Idempotent.
@@ -140,6 +144,11 @@ install_file() { # SRC DST MODE
 install_file "$launcher_src" "$root/usr/local/lib/windows-vm/run-vm.sh" 0755
 install_file "$env_out" "$root/etc/windows-vm/vm.env" 0644
 install_file "$unit_src" "$root/etc/systemd/system/$UNIT" 0644
+if [[ -n ${BUILD_INSTANCE_ID:-} ]]; then
+  [[ $BUILD_INSTANCE_ID =~ ^i-[0-9a-f]{8,17}$ ]] || die "BUILD_INSTANCE_ID '$BUILD_INSTANCE_ID' is not an EC2 instance id"
+  printf '%s\n' "$BUILD_INSTANCE_ID" >"$work/build-instance-id"
+  install_file "$work/build-instance-id" "$root/etc/windows-vm/build-instance-id" 0644
+fi
 
 # --- enable the unit -----------------------------------------------------------
 wants=$root/etc/systemd/system/multi-user.target.wants/$UNIT

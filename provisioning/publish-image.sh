@@ -104,6 +104,8 @@ case $dest_uri in
     root=${base#file://}
     [[ $root == /?* ]] || die "DEST_URI '$dest_uri' is the filesystem root; name a folder"
     [[ $root != *\\* ]] || die "DEST_URI '$dest_uri' holds a backslash; use a plain absolute path"
+    rest=${root//%[0-9A-Fa-f][0-9A-Fa-f]/}
+    [[ $rest != *%* && $root != *%00* ]] || die "DEST_URI '$dest_uri' has a malformed percent-escape (use %XX, not %00)"
     root=$(printf '%b' "${root//%/\\x}")
     [[ $root != *//* && /$root/ != */../* && /$root/ != */./* ]] ||
       die "DEST_URI '$dest_uri' is not a plain absolute path (no //, . or ..)"
@@ -382,6 +384,8 @@ if [[ -z $manifest ]]; then
   wait "$reader" || rc_reader=$?
   wait "$uploader" || rc_uploader=$?
   wait "$hasher" || rc_hasher=$?
+  # Those three are reaped (their pids may be reused): only the progress loop is left to stop.
+  pids=("${pids[@]:3}")
   kill_children
   if ((rc_uploader != 0)); then
     die "upload of $disk to $(at "$staging_key") failed: $(grep -v '^[[:space:]]*$' "$work/upload.err" | tail -n 1)"

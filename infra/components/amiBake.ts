@@ -20,7 +20,11 @@ export interface AmiBakeArgs {
   /** The host's wake key (see QemuHost): a run that started the host stops it again. */
   wakeKey: pulumi.Input<string>;
   /** Environment for the AWS CLI run where Pulumi runs (AWS_REGION, AWS_PROFILE). */
-  awsCliEnv: pulumi.Input<Record<string, pulumi.Input<string>>>;
+  awsCliEnv: pulumi.Input<Record<string, string>>;
+  /** Other commands on the host (outside the plan) that must finish before it is stopped. */
+  hostWork: pulumi.Resource[];
+  /** A type change makes EC2 stop and start the host: it is stopped again afterwards. */
+  instanceType: string;
   tags: Record<string, string>;
 }
 
@@ -70,12 +74,12 @@ export class AmiBake extends pulumi.ComponentResource {
           create: pulumi.interpolate`bash provisioning/host-power.sh stop ${args.instanceId}`,
           environment: args.awsCliEnv,
           // Stops again whenever a run had work to do (and so started the host).
-          triggers: [args.instanceId, args.wakeKey, stop.digest],
+          triggers: [args.instanceId, args.wakeKey, stop.digest, args.instanceType],
           logging: "stdoutAndStderr",
         },
         {
           parent: this,
-          dependsOn: [prepared],
+          dependsOn: [prepared, ...args.hostWork],
           customTimeouts: { create: `${stop.timeoutMinutes}m`, update: `${stop.timeoutMinutes}m` },
         },
       );

@@ -64,6 +64,8 @@ export class QemuHost extends pulumi.ComponentResource {
   readonly connection: command.types.input.remote.ConnectionArgs;
   /** Completes when SSH answers and cloud-init has finished with the tools in place. */
   readonly ready: command.remote.Command;
+  /** Sets the operators' SSH keys on the host (after `ready`). */
+  readonly operatorKeys: command.remote.Command;
 
   constructor(name: string, args: QemuHostArgs, opts?: pulumi.ComponentResourceOptions) {
     super("windows-arm64-image:host:QemuHost", name, {}, opts);
@@ -175,7 +177,8 @@ export class QemuHost extends pulumi.ComponentResource {
         parent: this,
         // A newer Ubuntu AMI must not replace a working host; an explicit hostAmiId change still does.
         ignoreChanges: args.amiId ? [] : ["ami"],
-        customTimeouts: { create: "30m", delete: "30m" },
+        // An instance type change stops and starts a metal host: minutes each way.
+        customTimeouts: { create: "30m", update: "40m", delete: "30m" },
       },
     );
     this.instanceId = this.instance.id;
@@ -231,7 +234,7 @@ export class QemuHost extends pulumi.ComponentResource {
     // Operators' keys: set in place, so changing them neither replaces the host nor re-runs a stage.
     const keysScript = fs.readFileSync(path.join(repoPath("provisioning"), "operator-keys.sh"), "utf8");
     const keysB64 = Buffer.from(args.authorizedKeys.join("\n")).toString("base64");
-    new command.remote.Command(
+    this.operatorKeys = new command.remote.Command(
       `${name}-operator-keys`,
       {
         connection: this.connection,

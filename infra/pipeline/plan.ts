@@ -365,7 +365,8 @@ export function buildPlan(p: PlanInputs): Plan {
         command: [
           `${L.sudo}install -D -m 0644 /dev/stdin ${shq(`${vm}/vm.env`)}`,
           withEnv(
-            { PIPELINE_PUBLIC_KEY: RUNTIME.pipelineKey },
+            // The unit's ExecCondition keeps the image VM off this build host when it is started again.
+            { PIPELINE_PUBLIC_KEY: RUNTIME.pipelineKey, BUILD_INSTANCE_ID: RUNTIME.hostId },
             run("prepare-ami.sh", "--generalize", L.imageRoot, `${vm}/vm.env`),
           ),
         ].join(" && "),

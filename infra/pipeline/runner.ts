@@ -65,7 +65,8 @@ export class RemoteRunner implements Runner {
         connection: this.connection,
         source: new pulumi.asset.FileAsset(repoPath(repoRelPath)),
         remotePath: `${this.layout.home}/${repoRelPath}`,
-        triggers: [sha256],
+        // A new host (the Elastic IP keeps the connection the same) needs every file again.
+        triggers: [sha256, this.runtime.hostId],
       },
       opts,
     );

@@ -11,12 +11,14 @@
        the network first); if that fails and OpenSSH-ARM64.zip (a
        Win32-OpenSSH release) is on the config media, expand it to
        C:\Program Files\OpenSSH and run its install-sshd.ps1;
-    2. set sshd to start automatically and start it (its first start creates
-       C:\ProgramData\ssh with the right permissions and the host keys);
+    2. close TCP 22 in the firewall, set sshd to start automatically and
+       start it (its first start creates C:\ProgramData\ssh with the right
+       permissions and the host keys);
     3. copy the config media's authorized_keys to
        C:\ProgramData\ssh\administrators_authorized_keys, readable only by
        Administrators and SYSTEM (SIDs, so it works on any display language);
-    4. allow inbound TCP 22 in the firewall (rule OpenSSH-Server-In-TCP).
+    4. allow inbound TCP 22 in the firewall (rule OpenSSH-Server-In-TCP), so
+       the pipeline, which connects once it sees the SSH banner, finds its key.
   First-logon commands run once: when a step fails (Windows Update not
   reachable yet, say), a scheduled task (windows-arm64-image-firstlogon, as
   SYSTEM) runs this script again every 5 minutes until it succeeds; a success
@@ -152,6 +154,12 @@ function Start-Sshd {
   Write-Log 'sshd is running and starts automatically'
 }
 
+function Close-SshPort {
+  if (Get-NetFirewallRule -Name $FirewallRuleName -ErrorAction SilentlyContinue) {
+    Set-NetFirewallRule -Name $FirewallRuleName -Enabled False
+  }
+}
+
 function Open-SshPort {
   $rule = Get-NetFirewallRule -Name $FirewallRuleName -ErrorAction SilentlyContinue
   if ($rule) {
@@ -165,7 +173,10 @@ function Open-SshPort {
 
 function Register-Retry {
   try {
-    $arguments = '-NoProfile -NonInteractive -ExecutionPolicy Bypass -File "{0}" -MediaRoot "{1}" -OpenSshSource {2}' -f $PSCommandPath, $MediaRoot, $OpenSshSource
+    # "E:\" would end in \" (an escaped quote on a command line): pass "E:\." instead.
+    $root = $MediaRoot.TrimEnd('\')
+    if ($root -match ':$') { $root += '\.' }
+    $arguments = '-NoProfile -NonInteractive -ExecutionPolicy Bypass -File "{0}" -MediaRoot "{1}" -OpenSshSource {2}' -f $PSCommandPath, $root, $OpenSshSource
     $action = New-ScheduledTaskAction -Execute 'powershell.exe' -Argument $arguments
     $trigger = New-ScheduledTaskTrigger -Once -At ((Get-Date).AddMinutes($RetryMinutes)) -RepetitionInterval (New-TimeSpan -Minutes $RetryMinutes)
     Register-ScheduledTask -TaskName $RetryTaskName -Action $action -Trigger $trigger -User 'SYSTEM' -RunLevel Highest -Force | Out-Null
@@ -190,9 +201,11 @@ New-Item -ItemType Directory -Force -Path $LogDir | Out-Null
 try {
   Write-Log "start (media $MediaRoot, source $OpenSshSource)"
   Install-OpenSshServer
-  # The key before sshd answers: the pipeline connects as soon as it sees the SSH banner.
-  Install-AuthorizedKeys
+  # sshd's first start makes C:\ProgramData\ssh (restricted) and the host keys; the port stays
+  # closed until the key is in place, as the pipeline connects once it sees the SSH banner.
+  Close-SshPort
   Start-Sshd
+  Install-AuthorizedKeys
   Open-SshPort
   Write-Log 'done'
   Unregister-Retry

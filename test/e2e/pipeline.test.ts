@@ -161,7 +161,8 @@ describe("pipeline end to end (stand-in guest, TCG)", function () {
     });
     const settings = JSON.stringify(guestSettings(config, password));
     const runtime: RuntimeValues = {
-      hostId: "local",
+      // An EC2-shaped id: the aws plan's prepareAmi records it as the build host.
+      hostId: "i-0e2e00000000e2e0e",
       artifactUri,
       pipelineKey,
       answerFile: sha256(answer),
@@ -394,6 +395,10 @@ describe("pipeline end to end (stand-in guest, TCG)", function () {
     expect(fs.readlinkSync(wants)).to.match(/\/etc\/systemd\/system\/windows-vm\.service$/);
     expect(fs.readFileSync(path.join(root, "etc/systemd/system/windows-vm.service"), "utf8")).to.equal(
       fs.readFileSync(path.join(repoRoot, "assets/windows-vm.service"), "utf8"),
+    );
+    // The unit skips the image VM on the build host (this id), so a restarted build host keeps its disk.
+    expect(fs.readFileSync(path.join(root, "etc/windows-vm/build-instance-id"), "utf8")).to.equal(
+      "i-0e2e00000000e2e0e\n",
     );
     const bakedEnv = fs.readFileSync(path.join(root, "etc/windows-vm/vm.env"), "utf8");
     expect(bakedEnv).to.not.match(/^VM_CONFIG_ISO=/m);

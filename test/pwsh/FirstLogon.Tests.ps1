@@ -50,7 +50,7 @@ Describe 'firstlogon.ps1' {
 
         $global:FL = @{
             SshdInstalled = $false; SshdRunning = $false; CapabilityFails = $false
-            Events = [Collections.Generic.List[string]]::new(); Task = $null; FirewallRule = $false
+            Events = [Collections.Generic.List[string]]::new(); Task = $null; FirewallRule = $false; FirewallOpen = $false
             KeysFile = $script:KeysFile
         }
         Mock Get-Service {
@@ -58,7 +58,7 @@ Describe 'firstlogon.ps1' {
         }
         Mock Set-Service { $global:FL.Events.Add("set-service $StartupType") }
         Mock Start-Service {
-            $global:FL.Events.Add("start-sshd key-present=$(Test-Path -LiteralPath $global:FL.KeysFile)")
+            $global:FL.Events.Add("start-sshd port-open=$($global:FL.FirewallOpen) key-present=$(Test-Path -LiteralPath $global:FL.KeysFile)")
             $global:FL.SshdRunning = $true
         }
         Mock Get-WindowsCapability { [pscustomobject]@{ Name = $Name; State = $(if ($global:FL.SshdInstalled) { 'Installed' } else { 'NotPresent' }) } }
@@ -69,8 +69,14 @@ Describe 'firstlogon.ps1' {
         }
         Mock Get-NetIPAddress { [pscustomobject]@{ IPAddress = '10.0.2.15' } }
         Mock Get-NetFirewallRule { if ($global:FL.FirewallRule) { [pscustomobject]@{ Name = $Name } } }
-        Mock Set-NetFirewallRule { $global:FL.Events.Add('firewall-set') }
-        Mock New-NetFirewallRule { $global:FL.Events.Add('firewall-new'); $global:FL.FirewallRule = $true }
+        Mock Set-NetFirewallRule {
+            $global:FL.Events.Add("firewall-set $Enabled key-present=$(Test-Path -LiteralPath $global:FL.KeysFile)")
+            $global:FL.FirewallOpen = ($Enabled -eq 'True')
+        }
+        Mock New-NetFirewallRule {
+            $global:FL.Events.Add("firewall-new key-present=$(Test-Path -LiteralPath $global:FL.KeysFile)")
+            $global:FL.FirewallRule = $true; $global:FL.FirewallOpen = $true
+        }
         Mock icacls.exe { $global:FL.Events.Add("icacls $($args[0])"); $global:LASTEXITCODE = 0 }
         Mock New-ScheduledTaskAction { [pscustomobject]@{ Execute = $Execute; Argument = $Argument } }
         Mock New-ScheduledTaskTrigger { [pscustomobject]@{ Interval = $RepetitionInterval } }
@@ -79,13 +85,24 @@ Describe 'firstlogon.ps1' {
         Mock Unregister-ScheduledTask { $global:FL.Events.Add("unregister $TaskName"); $global:FL.Task = $null }
     }
 
-    It 'installs OpenSSH, writes the key before sshd starts, opens TCP 22, exits 0' {
+    It 'installs OpenSSH, starts sshd first (it makes its own folder), opens TCP 22 only once the key is in place' {
+        # The capability install makes the firewall rule, enabled.
+        $global:FL.FirewallRule = $true; $global:FL.FirewallOpen = $true
         Invoke-FirstLogon | Should -Be 0
         $global:FL.Events | Should -Contain 'add-capability'
-        $global:FL.Events | Should -Contain 'start-sshd key-present=True'
-        $global:FL.Events | Should -Contain 'firewall-new'
+        $global:FL.Events | Should -Contain 'start-sshd port-open=False key-present=False'
+        $global:FL.Events[-1] | Should -Be 'firewall-set True key-present=True'
+        $global:FL.FirewallOpen | Should -BeTrue
         (Get-Content -LiteralPath $script:KeysFile -Raw) | Should -Be "ssh-ed25519 AAAAC3Nza pipeline`n"
         $global:FL.Task | Should -BeNullOrEmpty
+    }
+
+    It 'gives the retry task a media root that survives the command line ("E:\" would end in an escaped quote)' {
+        $global:FL.CapabilityFails = $true
+        $global:LASTEXITCODE = 0
+        & $script:Script -MediaRoot 'E:\' -NetworkWaitSeconds 0 *> $null
+        $global:LASTEXITCODE | Should -Be 1
+        $global:FL.Task.Action.Argument | Should -Match ([regex]::Escape('-MediaRoot "E:\." -OpenSshSource Auto'))
     }
 
     It 'a failure schedules a retry of itself as SYSTEM; the retry that succeeds removes the task' {
@@ -97,7 +114,7 @@ Describe 'firstlogon.ps1' {
         $global:FL.Task.Action.Execute | Should -Be 'powershell.exe'
         $global:FL.Task.Action.Argument | Should -Match ([regex]::Escape('firstlogon.ps1" -MediaRoot "' + $script:Media + '"'))
         $global:FL.Task.Trigger.Interval | Should -Be (New-TimeSpan -Minutes 5)
-        $global:FL.Events | Should -Not -Contain 'start-sshd key-present=True'
+        $global:FL.Events | Should -Not -Match '^start-sshd'
 
         # Windows Update answers now: the scheduled run succeeds and removes its task.
         $global:FL.CapabilityFails = $false
@@ -112,6 +129,6 @@ Describe 'firstlogon.ps1' {
         Invoke-FirstLogon | Should -Be 0
         $global:FL.Events | Should -Not -Contain 'add-capability'
         $global:FL.Events | Should -Not -Match '^start-sshd'
-        $global:FL.Events | Should -Contain 'firewall-set'
+        $global:FL.Events | Should -Contain 'firewall-set True key-present=True'
     }
 }

@@ -1,6 +1,7 @@
 import { expect } from "chai";
 import { ChildProcess, spawn } from "child_process";
 import * as fs from "fs";
+import * as http from "http";
 import * as net from "net";
 import * as os from "os";
 import * as path from "path";
@@ -141,6 +142,15 @@ describe("prepare-ami.sh", function () {
     expectInstalled();
   });
 
+  it("records BUILD_INSTANCE_ID for the unit's ExecCondition, and refuses a malformed one", async () => {
+    const r = await runScript("prepare-ami.sh", [root, envFile], { env: { BUILD_INSTANCE_ID: "i-0123456789abcdef0" } });
+    expect(r.code, r.stderr).to.equal(0);
+    expect(fs.readFileSync(file("etc/windows-vm/build-instance-id"), "utf8")).to.equal("i-0123456789abcdef0\n");
+    const bad = await runScript("prepare-ami.sh", [root, envFile], { env: { BUILD_INSTANCE_ID: "local" } });
+    expect(bad.code).to.equal(1);
+    expect(bad.stderr).to.include("BUILD_INSTANCE_ID 'local' is not an EC2 instance id");
+  });
+
   it("fails clearly when ROOT is missing", async () => {
     const r = await runScript("prepare-ami.sh", [path.join(dir, "nope"), envFile]);
     expect(r.code).to.not.equal(0);
@@ -168,6 +178,7 @@ describe("assets/windows-vm.service", function () {
       "Wants=network-online.target",
       "EnvironmentFile=/etc/windows-vm/vm.env",
       "ExecStart=/usr/local/lib/windows-vm/run-vm.sh /etc/windows-vm/vm.env",
+      "ExecCondition=/usr/local/lib/windows-vm/run-vm.sh --not-build-host",
       "Restart=no",
       "WantedBy=multi-user.target",
     ]);
@@ -175,12 +186,52 @@ describe("assets/windows-vm.service", function () {
     expect(Number(timeout?.[1])).to.be.at.least(120);
   });
 
+  it("its ExecCondition skips the VM on the build host only (IMDSv2 instance id vs build-instance-id)", async () => {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), "imds-"));
+    let instanceId = "i-0aaaaaaaaaaaaaaa1";
+    const seen: string[] = [];
+    const imds = http.createServer((req, res) => {
+      seen.push(`${req.method} ${req.url} ${req.headers["x-aws-ec2-metadata-token"] ?? ""}`);
+      if (req.method === "PUT" && req.url === "/latest/api/token") {
+        res.end("tok123");
+      } else if (req.url === "/latest/meta-data/instance-id" && req.headers["x-aws-ec2-metadata-token"] === "tok123") {
+        res.end(instanceId);
+      } else {
+        res.statusCode = 401;
+        res.end();
+      }
+    });
+    await new Promise<void>((r) => imds.listen(0, "127.0.0.1", r));
+    const url = `http://127.0.0.1:${(imds.address() as net.AddressInfo).port}`;
+    const idFile = path.join(dir, "build-instance-id");
+    const check = (env: NodeJS.ProcessEnv) =>
+      run("bash", [LAUNCHER, "--not-build-host"], {
+        env: { RUN_VM_BUILD_ID_FILE: idFile, RUN_VM_IMDS_URL: url, ...env },
+      });
+    try {
+      // No build-instance-id (an image from before, or a test root): the VM starts.
+      expect((await check({})).code).to.equal(0);
+      fs.writeFileSync(idFile, "i-0aaaaaaaaaaaaaaa1\n");
+      const onBuildHost = await check({});
+      expect(onBuildHost.code).to.equal(1);
+      expect(onBuildHost.stderr).to.include("i-0aaaaaaaaaaaaaaa1 is the build host of this image");
+      expect(seen).to.include("GET /latest/meta-data/instance-id tok123");
+      instanceId = "i-0bbbbbbbbbbbbbbb2";
+      expect((await check({})).code, "an instance launched from the AMI starts the VM").to.equal(0);
+      // Metadata unreachable: start (an image instance must not stay dark).
+      expect((await check({ RUN_VM_IMDS_URL: "http://127.0.0.1:9" })).code).to.equal(0);
+    } finally {
+      imds.close();
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
   it("passes systemd-analyze verify", async () => {
     const dir = fs.mkdtempSync(path.join(os.tmpdir(), "unit-"));
     try {
       // verify wants ExecStart to exist here: point it at the repository's launcher.
       const copy = path.join(dir, "windows-vm.service");
-      fs.writeFileSync(copy, unit.replace("/usr/local/lib/windows-vm/run-vm.sh", LAUNCHER));
+      fs.writeFileSync(copy, unit.replaceAll("/usr/local/lib/windows-vm/run-vm.sh", LAUNCHER));
       const r = await run("systemd-analyze", ["verify", copy]);
       expect(r.code, r.stderr).to.equal(0);
       expect(r.stderr).to.not.match(/windows-vm\.service:/);

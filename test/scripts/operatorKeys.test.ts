@@ -7,7 +7,8 @@ import { runScript } from "../support/run";
 describe("operator-keys.sh (operators' SSH keys on the host, in place)", () => {
   const PIPELINE = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIPipeline pipeline";
   const ALICE = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIAlice alice@laptop";
-  const BOB = "ecdsa-sha2-nistp256 AAAAE2VjZHNhLXNoYTItbmlzdHAyNTY= bob";
+  // Pasted with a tab: the config check accepts any white space, so does the script.
+  const BOB = "ecdsa-sha2-nistp256\tAAAAE2VjZHNhLXNoYTItbmlzdHAyNTY= bob";
   let home: string;
   let file: string;
   beforeEach(() => {

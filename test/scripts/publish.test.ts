@@ -461,6 +461,8 @@ describe("publish-image.sh", function () {
         ["file://server/share/images/", /names a host; use file:\/\/\/absolute\/dir\//],
         ["file:///", /is the filesystem root/],
         [`file://${dir}/a/../b/`, /is not a plain absolute path/],
+        [`file://${dir}/a%zz/`, /malformed percent-escape/],
+        [`file://${dir}/a%00/`, /malformed percent-escape/],
         ["ftp://images/x", /must look like s3:\/\/bucket\/prefix\/ or file:\/\/\/absolute\/dir\//],
       ];
       for (const [uri, msg] of cases) {

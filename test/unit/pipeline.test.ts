@@ -87,6 +87,10 @@ describe("image pipeline (mocks)", function () {
     const t = get("firmware").inputs.triggers as unknown[];
     expect(t[0]).to.match(/^[0-9a-f]{64}$/);
     expect(t).to.include("qemu-host-instance-id");
+    // File copies too: a replaced host behind the same Elastic IP gets every file again.
+    for (const c of run.ofType("command:remote:CopyToRemote")) {
+      expect(c.inputs.triggers as unknown[], c.name).to.include("qemu-host-instance-id");
+    }
   });
 
   it("guest provisioning goes through the host as a jump host, parameters on stdin as a secret", () => {
@@ -134,6 +138,9 @@ describe("image pipeline (mocks)", function () {
     expect(stop.environment).to.deep.equal({ AWS_REGION: "us-east-2", AWS_DEFAULT_REGION: "us-east-2" });
     const wake = run.one("command:local:Command", "qemu-host-ssh-up").inputs as Record<string, any>;
     expect(stop.triggers).to.include(wake.triggers[1]);
+    // An instance type change (EC2 stops and starts the host) stops it again; so does a run that set operator keys.
+    expect(stop.triggers).to.include("a1.metal");
+    expect(get("stopHost").seq).to.be.greaterThan(run.one("command:remote:Command", "qemu-host-operator-keys").seq);
     expect(run.ofType("aws:ec2transitgateway/instanceState:InstanceState")).to.have.length(0);
   });
 
