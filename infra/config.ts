@@ -75,6 +75,8 @@ export interface StackConfig {
     windowsVersion: WindowsVersion;
     virtioUrl: string;
     virtioSha256: string;
+    /** Win32-OpenSSH release zip for the config ISO (offline route), if given. */
+    openSshZip?: { url: string; sha256: string };
   };
   vm: {
     cpus: number;
@@ -327,6 +329,20 @@ export function validateConfig(
     const why = urlProblem(virtioUrl, imageSchemes);
     if (why) add("virtioIsoUrl", `${JSON.stringify(virtioUrl)} ${why}`);
   }
+  const openSshUrl = str("openSshZipUrl");
+  const openSshSha = str("openSshZipSha256");
+  if (openSshUrl !== undefined) {
+    const why = urlProblem(openSshUrl, imageSchemes);
+    if (why) add("openSshZipUrl", `${JSON.stringify(openSshUrl)} ${why}`);
+    else if (!/\.zip$/i.test(new URL(openSshUrl).pathname))
+      add("openSshZipUrl", `${JSON.stringify(openSshUrl)} is not a .zip. Fix: the OpenSSH-ARM64.zip release asset.`);
+    if (openSshSha === undefined)
+      add("openSshZipSha256", `is required with openSshZipUrl. Fix: sha256sum the zip and paste the hash.`);
+  } else if (openSshSha !== undefined) {
+    add("openSshZipSha256", `is set but openSshZipUrl is not. Fix: set openSshZipUrl too, or unset this.`);
+  }
+  if (openSshSha !== undefined && !HEX64.test(openSshSha))
+    add("openSshZipSha256", `${JSON.stringify(openSshSha)} is not a SHA-256 (64 hex digits). Fix: sha256sum the zip.`);
   const windowsVersion = str("windowsVersion") as WindowsVersion | undefined;
   if (windowsVersion !== undefined && !WINDOWS_VERSIONS.includes(windowsVersion)) {
     add(
@@ -482,6 +498,7 @@ export function validateConfig(
       windowsVersion: windowsVersion as WindowsVersion,
       virtioUrl: virtioUrl as string,
       virtioSha256: (str("virtioIsoSha256") as string).toLowerCase(),
+      ...(openSshUrl && openSshSha ? { openSshZip: { url: openSshUrl, sha256: openSshSha.toLowerCase() } } : {}),
     },
     vm: {
       cpus: cpus as number,

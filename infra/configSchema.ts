@@ -176,6 +176,19 @@ export const CONFIG_KEYS: readonly KeySpec[] = Object.freeze([
     default: VIRTIO_DEFAULT_SHA256,
     description: "SHA-256 of virtioIsoUrl.",
   },
+  {
+    key: "openSshZipUrl",
+    type: "string",
+    default: "",
+    description:
+      "Optional Win32-OpenSSH ARM64 release zip (OpenSSH-ARM64.zip), put on the config ISO: the guest installs it when the Windows capability cannot be had from Windows Update.",
+  },
+  {
+    key: "openSshZipSha256",
+    type: "string",
+    default: "",
+    description: "SHA-256 of openSshZipUrl.",
+  },
   // ---- VM
   { key: "vmCpus", type: "integer", default: 4, description: "vCPUs of the Windows VM." },
   {

@@ -164,7 +164,11 @@ const host =
         authorizedKeys: config.host.sshAuthorizedKeys,
         bucketArn: bucket.bucketArn,
         artifactPrefix: config.artifacts.prefix,
-        sourceObjectUrls: [config.image.url, config.image.virtioUrl],
+        sourceObjectUrls: [
+          config.image.url,
+          config.image.virtioUrl,
+          ...(config.image.openSshZip ? [config.image.openSshZip.url] : []),
+        ],
         wakeKey,
         awsCliEnv: awsCliEnv(),
         requireAwsCli: !config.host.keepRunning,

@@ -235,13 +235,22 @@ export function buildPlan(p: PlanInputs): Plan {
     },
     {
       id: "fetchDrivers",
-      title: "Fetch the virtio-win drivers ISO and verify its SHA-256",
+      title: "Fetch the virtio-win drivers ISO (and the OpenSSH zip, if given) and verify their SHA-256",
       site: "host",
       dependsOn: ["waitHost"],
-      inputs: { url: c.image.virtioUrl, sha256: c.image.virtioSha256 },
-      command: run("fetch-image.sh", c.image.virtioUrl, c.image.virtioSha256, `${vm}/virtio-win.iso`),
+      inputs: {
+        url: c.image.virtioUrl,
+        sha256: c.image.virtioSha256,
+        ...(c.image.openSshZip ? { openSshUrl: c.image.openSshZip.url, openSshSha256: c.image.openSshZip.sha256 } : {}),
+      },
+      command: [
+        run("fetch-image.sh", c.image.virtioUrl, c.image.virtioSha256, `${vm}/virtio-win.iso`),
+        ...(c.image.openSshZip
+          ? [run("fetch-image.sh", c.image.openSshZip.url, c.image.openSshZip.sha256, `${vm}/${OPENSSH_ZIP}`)]
+          : []),
+      ].join(" && "),
       timeoutMinutes: 30,
-      configKeys: ["virtioIsoUrl", "virtioIsoSha256"],
+      configKeys: ["virtioIsoUrl", "virtioIsoSha256", "openSshZipUrl", "openSshZipSha256"],
     },
     {
       id: "prepareDisk",
@@ -443,6 +452,9 @@ export const GUEST_BOOT_TIMEOUT_S = 3600;
 /** How long an ACPI shutdown may take before QEMU is told to quit. */
 export const GUEST_SHUTDOWN_TIMEOUT_S = 600;
 
+/** The Win32-OpenSSH release zip's name on the config ISO (what firstlogon.ps1 looks for). */
+export const OPENSSH_ZIP = "OpenSSH-ARM64.zip";
+
 /** The virtio-win OS folder matching the Windows release. */
 export function driverFolder(c: StackConfig): string {
   return c.image.windowsVersion === "10" ? "w10" : "w11";
@@ -458,6 +470,7 @@ function configMediaCommand(c: StackConfig, L: HostLayout): string {
     `${S}/windows/provision.ps1`,
     `${S}/windows/check.ps1`,
     `${S}/windows/common.psm1`,
+    ...(c.image.openSshZip ? [`${L.vmDir}/${OPENSSH_ZIP}=${OPENSSH_ZIP}`] : []),
   ];
   const env: string[] = [`CONFIG_ISO_DRIVER_FOLDER=${driverFolder(c)}`];
   if (c.image.format === "iso") env.push(`CONFIG_ISO_DRIVERS_ISO=${shq(`${L.vmDir}/virtio-win.iso`)}`);

@@ -134,6 +134,17 @@ describe("pipeline plan", () => {
     });
   }
 
+  it("an OpenSSH zip, when given, is fetched with the drivers and put on the config ISO", () => {
+    const zip = { openSshZipUrl: "s3://media/OpenSSH-ARM64.zip", openSshZipSha256: "d".repeat(64) };
+    const p = plan(zip);
+    expect(p.stage("fetchDrivers").command).to.contain(
+      `fetch-image.sh s3://media/OpenSSH-ARM64.zip ${"d".repeat(64)} /var/lib/windows-vm/OpenSSH-ARM64.zip`,
+    );
+    expect(p.stage("configMedia").command).to.contain("/var/lib/windows-vm/OpenSSH-ARM64.zip=OpenSSH-ARM64.zip");
+    expect(plan().stage("configMedia").command).to.not.contain("OpenSSH");
+    expect(changedStages(plan(), p)).to.have.members(["fetchDrivers", "configMedia", ...AFTER_START]);
+  });
+
   it("the uploadFiles stage lists every file a stage runs", () => {
     const p = plan();
     const all = new Set(p.stage("uploadFiles").files);

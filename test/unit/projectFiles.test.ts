@@ -30,6 +30,15 @@ describe("project files", () => {
     }
   });
 
+  it("README's configuration table has a row for every config key, with the schema's description", () => {
+    const readme = fs.readFileSync(path.join(root, "README.md"), "utf8");
+    for (const k of CONFIG_KEYS) {
+      const row = readme.split("\n").find((l) => l.startsWith(`| \`${k.key}\` |`));
+      expect(row, `README row for ${k.key}`).to.be.a("string");
+      expect(row, k.key).to.contain(k.description.replace(/\n/g, " "));
+    }
+  });
+
   it("package.json points Pulumi at infra/index.ts", () => {
     expect(JSON.parse(fs.readFileSync(path.join(root, "package.json"), "utf8")).main).to.equal("infra/index.ts");
   });
