@@ -102,7 +102,8 @@ export const CONFIG_KEYS: readonly KeySpec[] = Object.freeze([
     key: "keepHostRunning",
     type: "boolean",
     default: false,
-    description: "Leave the host running after the AMI is baked (default: stop it to save cost).",
+    description:
+      "Leave the host running (the AMI is then taken with a reboot). Default: stop it before the AMI is taken, to save cost; a later run with work starts it again.",
   },
   // ---- artifacts
   {
