@@ -46,15 +46,8 @@ export class RemoteRunner implements Runner {
   command(name: string, spec: CommandSpec, opts: pulumi.CustomResourceOptions): StageCommand {
     return new command.remote.Command(
       name,
-      {
-        connection: this.connection,
-        create: spec.create,
-        stdin: spec.stdin,
-        triggers: spec.triggers,
-        logging: spec.logging,
-        addPreviousOutputInEnv: false,
-      },
-      { ...opts, customTimeouts: timeouts(spec.timeoutMinutes) },
+      { connection: this.connection, ...commandInputs(spec) },
+      commandOptions(spec, opts),
     );
   }
 
@@ -95,15 +88,8 @@ export class LocalRunner implements Runner {
   command(name: string, spec: CommandSpec, opts: pulumi.CustomResourceOptions): StageCommand {
     return new command.local.Command(
       name,
-      {
-        create: spec.create,
-        stdin: spec.stdin,
-        triggers: spec.triggers,
-        logging: spec.logging,
-        interpreter: ["/bin/bash", "-c"],
-        addPreviousOutputInEnv: false,
-      },
-      { ...opts, customTimeouts: timeouts(spec.timeoutMinutes) },
+      { ...commandInputs(spec), interpreter: ["/bin/bash", "-c"] },
+      commandOptions(spec, opts),
     );
   }
 
@@ -113,7 +99,7 @@ export class LocalRunner implements Runner {
       name,
       {
         create: `install -D -m 0644 ${shq(repoRelPath)} ${shq(dest)}`,
-        triggers: [sha256],
+        triggers: [sha256, this.runtime.hostId],
         logging: "stderr",
         interpreter: ["/bin/bash", "-c"],
       },
@@ -124,6 +110,22 @@ export class LocalRunner implements Runner {
   guestConnection(user: string, privateKey: pulumi.Input<string>): command.types.input.remote.ConnectionArgs {
     return { host: "127.0.0.1", port: this.layout.sshPort, user, privateKey, dialErrorLimit: 20, perDialTimeout: 30 };
   }
+}
+
+/** The inputs a stage command has on either runner. */
+function commandInputs(spec: CommandSpec) {
+  return {
+    create: spec.create,
+    stdin: spec.stdin,
+    triggers: spec.triggers,
+    logging: spec.logging,
+    // Stage output can be large (progress lines): not fed back into the next run's environment.
+    addPreviousOutputInEnv: false,
+  };
+}
+
+function commandOptions(spec: CommandSpec, opts: pulumi.CustomResourceOptions): pulumi.CustomResourceOptions {
+  return { ...opts, customTimeouts: timeouts(spec.timeoutMinutes) };
 }
 
 function timeouts(minutes: number): pulumi.CustomTimeouts {
