@@ -9,7 +9,6 @@ import * as tls from "@pulumi/tls";
 import * as fs from "fs";
 import * as os from "os";
 import * as path from "path";
-import * as url from "url";
 import { DEFAULT_CONFIG_MEDIA_LABEL, DEFAULT_DRIVER_NAMES, renderAnswerFile } from "./answerFile";
 import { StackConfig, loadConfig } from "./config";
 import { PROJECT } from "./configSchema";
@@ -26,7 +25,15 @@ import { HOST_USER } from "./hostSetup";
 import { fileSha256, sha256Hex } from "./paths";
 import { PipelineContext } from "./pipeline/context";
 import { guestProvisionCommand, guestSettings } from "./pipeline/guest";
-import { AWS_LAYOUT, buildPlan, driverFolder, HostLayout, hostFiles, RuntimeName } from "./pipeline/plan";
+import {
+  AWS_LAYOUT,
+  buildPlan,
+  defaultArtifactUri,
+  driverFolder,
+  hostFiles,
+  HostLayout,
+  RuntimeName,
+} from "./pipeline/plan";
 import { LocalRunner, RemoteRunner, Runner } from "./pipeline/runner";
 import { renderVmEnv } from "./pipeline/vmEnv";
 
@@ -124,7 +131,7 @@ const settingsJson = pulumi.secret(guestPassword.result.apply((pw) => JSON.strin
 const runtimeValues: { [K in Exclude<RuntimeName, "hostId">]: pulumi.Input<string> } = {
   artifactUri: bucket
     ? pulumi.interpolate`s3://${bucket.bucketName}/${config.artifacts.prefix}`
-    : (config.artifacts.uri ?? `${url.pathToFileURL(path.join(layout.home, "artifacts")).href}/`),
+    : (config.artifacts.uri ?? defaultArtifactUri(layout)),
   pipelineKey: pipelinePublicKey.apply((k) => k.trim()),
   answerFile: pulumi.unsecret(answerFile.apply((x) => sha256Hex(x))),
   guestSettings: pulumi.unsecret(settingsJson.apply((x) => sha256Hex(x))),

@@ -4,6 +4,8 @@
  * and (for host stages) the exact shell command it runs. Components render
  * this plan into resources; tests and the end-to-end run read it directly.
  */
+import * as path from "path";
+import * as url from "url";
 import { StackConfig } from "../config";
 import { sha256Hex } from "../paths";
 import { renderVmEnv, VmLayout } from "./vmEnv";
@@ -451,6 +453,11 @@ export function buildPlan(p: PlanInputs): Plan {
 export const GUEST_BOOT_TIMEOUT_S = 3600;
 /** How long an ACPI shutdown may take before QEMU is told to quit. */
 export const GUEST_SHUTDOWN_TIMEOUT_S = 600;
+
+/** The local target's publish folder when artifactUri is unset: <home>/artifacts/, as a file:// URI. */
+export function defaultArtifactUri(layout: HostLayout): string {
+  return `${url.pathToFileURL(path.join(layout.home, "artifacts")).href}/`;
+}
 
 /** The Win32-OpenSSH release zip's name on the config ISO (what firstlogon.ps1 looks for). */
 export const OPENSSH_ZIP = "OpenSSH-ARM64.zip";

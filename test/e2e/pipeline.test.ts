@@ -23,6 +23,7 @@ import { parseConfig, StackConfig } from "../../infra/config";
 import { guestSettings } from "../../infra/pipeline/guest";
 import {
   buildPlan,
+  defaultArtifactUri,
   driverFolder,
   GUEST_BOOT_TIMEOUT_S,
   GUEST_SHUTDOWN_TIMEOUT_S,
@@ -339,6 +340,31 @@ describe("pipeline end to end (stand-in guest, TCG)", function () {
     expect(again.stderr).to.match(/already published/);
     expect(JSON.parse(again.stdout)).to.deep.equal(manifest);
     timings.rerun = driver.timings.slice(timings.main.length);
+
+    // The local target's default: no artifactUri, so the plan publishes to <home>/artifacts/ (file://).
+    const folderConfig: StackConfig = {
+      ...p.config,
+      artifacts: { ...p.config.artifacts, uri: undefined, endpointUrl: undefined },
+    };
+    const folderPlan = buildPlan({ config: folderConfig, layout: L, fileHashes: repoFileHashes() });
+    const folderUri = defaultArtifactUri(L);
+    const folderDriver = new PipelineDriver(
+      folderPlan,
+      { ...driver.runtime, artifactUri: folderUri },
+      driver.stdin,
+      driver.env,
+      guest,
+    );
+    const toFolder = await folderDriver.mustHost("publish", {
+      timeoutMs: 60_000,
+      label: "publish (to the default folder)",
+    });
+    expect(toFolder.command).to.not.include("S3_ENDPOINT_URL");
+    const folderManifest = JSON.parse(toFolder.stdout) as Record<string, unknown>;
+    expect(folderManifest.imageUri).to.equal(`${folderUri}${localSha}/disk.qcow2`);
+    const folder = path.join(L.home, "artifacts");
+    expect(fileSha256(path.join(folder, localSha, "disk.qcow2"))).to.equal(localSha);
+    expect(JSON.parse(fs.readFileSync(path.join(folder, "latest.json"), "utf8"))).to.deep.equal(folderManifest);
   });
 
   it("prepareAmi of the aws plan installs and enables windows-vm.service and generalizes only the image root", async function () {
