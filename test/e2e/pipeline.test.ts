@@ -30,13 +30,14 @@ import {
   HostLayout,
   Plan,
   RuntimeValues,
+  STAGE_IDS,
   StageId,
 } from "../../infra/pipeline/plan";
 import { BUILD_VNC_DISPLAY, renderVmEnv } from "../../infra/pipeline/vmEnv";
 import { ensureStandinGuest, POWEROFF_LINE, readFileFromDisk, READY_LINE, StandinGuest } from "../fixtures/standin";
 import { repoRoot, run } from "../support/run";
 import {
-  fileSha256,
+  sha256File,
   freePortPair,
   isQemu,
   killVm,
@@ -59,21 +60,7 @@ import {
 const BUCKET = "e2e-artifacts";
 const BUILD_UNIT = "windows-vm-build-e2e";
 /** The host stages of the local plan, in the order they must run. */
-const LOCAL_ORDER: StageId[] = [
-  "waitHost",
-  "uploadFiles",
-  "firmware",
-  "fetchImage",
-  "fetchDrivers",
-  "prepareDisk",
-  "configMedia",
-  "renderEnv",
-  "startVm",
-  "waitGuest",
-  "provisionGuest",
-  "stopVm",
-  "publish",
-];
+const LOCAL_ORDER: StageId[] = STAGE_IDS.slice(0, STAGE_IDS.indexOf("prepareAmi"));
 /** Stages before the VM boots (idempotent, quick with the stand-in image). */
 const PREPARE: StageId[] = ["firmware", "fetchImage", "fetchDrivers", "prepareDisk", "configMedia", "renderEnv"];
 const MIB64 = 64 * 1024 * 1024;
@@ -270,8 +257,8 @@ describe("pipeline end to end (stand-in guest, TCG)", function () {
     expect(fs.statSync(path.join(vm, "QEMU_EFI.fd")).size).to.equal(MIB64);
     expect(fs.statSync(path.join(vm, "QEMU_VARS.fd")).size).to.equal(MIB64);
     // fetchImage / fetchDrivers: verified copies.
-    expect(fileSha256(path.join(vm, "source.qcow2"))).to.equal(guest.digest);
-    expect(fileSha256(path.join(vm, "virtio-win.iso"))).to.equal(drivers.sha256);
+    expect(sha256File(path.join(vm, "source.qcow2"))).to.equal(guest.digest);
+    expect(sha256File(path.join(vm, "virtio-win.iso"))).to.equal(drivers.sha256);
     // configMedia: the ISO holds exactly what was fed, and the marker and guest scripts.
     const iso = path.join(vm, "config.iso");
     expect(fs.statSync(iso).mode & 0o077, "config.iso holds the password: mode 0600").to.equal(0);
@@ -303,7 +290,7 @@ describe("pipeline end to end (stand-in guest, TCG)", function () {
 
     // publish: manifest on stdout; the object is the disk, the marker inside it.
     const manifest = JSON.parse(outputs.publish?.stdout.trim() ?? "") as Record<string, unknown>;
-    const localSha = fileSha256(path.join(vm, "disk.qcow2"));
+    const localSha = sha256File(path.join(vm, "disk.qcow2"));
     expect(manifest).to.include({
       manifestVersion: 1,
       sha256: localSha,
@@ -317,7 +304,7 @@ describe("pipeline end to end (stand-in guest, TCG)", function () {
     expect(await s3.download(`${p.prefix}${localSha}/disk.qcow2`, downloaded), "download published disk").to.equal(
       true,
     );
-    expect(fileSha256(downloaded), "sha256 of the published object").to.equal(manifest.sha256);
+    expect(sha256File(downloaded), "sha256 of the published object").to.equal(manifest.sha256);
     expect(await readFileFromDisk(downloaded, "provisioned.txt", p.dir)).to.equal(`${p.config.guest.adminUser}\n`);
     const latest = JSON.parse((await s3.text(`${p.prefix}latest.json`, p.dir)) ?? "null") as Record<string, unknown>;
     expect(latest).to.deep.equal(manifest);
@@ -335,7 +322,7 @@ describe("pipeline end to end (stand-in guest, TCG)", function () {
 
     // A second run with nothing changed redoes no heavy work and keeps the provisioned disk.
     for (const id of PREPARE) await driver.mustHost(id, { timeoutMs: 60_000, label: `${id} (rerun)` });
-    expect(fileSha256(path.join(vm, "disk.qcow2")), "prepareDisk kept the provisioned disk").to.equal(localSha);
+    expect(sha256File(path.join(vm, "disk.qcow2")), "prepareDisk kept the provisioned disk").to.equal(localSha);
     const again = await driver.mustHost("publish", { timeoutMs: 60_000, label: "publish (rerun)" });
     expect(again.stderr).to.match(/already published/);
     expect(JSON.parse(again.stdout)).to.deep.equal(manifest);
@@ -363,7 +350,7 @@ describe("pipeline end to end (stand-in guest, TCG)", function () {
     const folderManifest = JSON.parse(toFolder.stdout) as Record<string, unknown>;
     expect(folderManifest.imageUri).to.equal(`${folderUri}${localSha}/disk.qcow2`);
     const folder = path.join(L.home, "artifacts");
-    expect(fileSha256(path.join(folder, localSha, "disk.qcow2"))).to.equal(localSha);
+    expect(sha256File(path.join(folder, localSha, "disk.qcow2"))).to.equal(localSha);
     expect(JSON.parse(fs.readFileSync(path.join(folder, "latest.json"), "utf8"))).to.deep.equal(folderManifest);
   });
 
@@ -408,7 +395,7 @@ describe("pipeline end to end (stand-in guest, TCG)", function () {
       guestInstallVsBuildTools: "false",
     });
     const awsPlan = buildPlan({ config: awsConfig, layout: L, fileHashes: repoFileHashes() });
-    expect(awsPlan.stages.map((s) => s.id)).to.deep.equal([...LOCAL_ORDER, "prepareAmi", "stopHost", "bakeAmi"]);
+    expect(awsPlan.stages.map((s) => s.id)).to.deep.equal([...STAGE_IDS]);
     const imageEnv = renderVmEnv(awsConfig, L, "image");
     const ami = await driver.mustHost("prepareAmi", {
       plan: awsPlan,
@@ -556,7 +543,7 @@ describe("pipeline end to end (stand-in guest, TCG)", function () {
     // A new disk to publish (as after a provisioning run), then S3 goes away.
     const grow = await run("qemu-img", ["resize", "-q", "-f", "qcow2", path.join(vm, "disk.qcow2"), "+1M"]);
     expect(grow.code, grow.stderr).to.equal(0);
-    const newSha = fileSha256(path.join(vm, "disk.qcow2"));
+    const newSha = sha256File(path.join(vm, "disk.qcow2"));
     expect(newSha).to.not.equal(first.sha256);
     await s3.stop();
     const down = await p.driver.runHost("publish", { timeoutMs: 120_000, label: "publish (S3 down)" });

@@ -6,7 +6,7 @@
  * a failure says which stage, what it ran and what the VM was doing.
  */
 import { spawn } from "child_process";
-import * as crypto from "crypto";
+import { sha256, sha256File } from "../support/disk";
 import * as fs from "fs";
 import * as net from "net";
 import * as os from "os";
@@ -34,14 +34,8 @@ export interface Timing {
   ok: boolean;
 }
 
-/** sha256 hex of a file. */
-export function fileSha256(file: string): string {
-  return crypto.createHash("sha256").update(fs.readFileSync(file)).digest("hex");
-}
-
-export function sha256(text: string | Buffer): string {
-  return crypto.createHash("sha256").update(text).digest("hex");
-}
+/** Hash helpers live in test/support; the e2e files import them from here too. */
+export { sha256, sha256File };
 
 /** Copies every host file of the plan (provisioning/, assets/) under layout.home, as uploadFiles does. */
 export function uploadFiles(layout: HostLayout): string[] {
@@ -58,7 +52,7 @@ export function uploadFiles(layout: HostLayout): string[] {
 /** sha256 of every file a stage uses, by repo-relative path (buildPlan's fileHashes). */
 export function repoFileHashes(): Record<string, string> {
   const out: Record<string, string> = {};
-  for (const f of hostFiles()) out[f] = fileSha256(path.join(repoRoot, f));
+  for (const f of hostFiles()) out[f] = sha256File(path.join(repoRoot, f));
   return out;
 }
 
@@ -76,7 +70,7 @@ export async function makeDriversIso(dir: string): Promise<{ iso: string; sha256
   });
   if (res.code !== 0) throw new Error(`xorriso failed: ${res.stderr}`);
   fs.rmSync(tree, { recursive: true, force: true });
-  return { iso, sha256: fileSha256(iso) };
+  return { iso, sha256: sha256File(iso) };
 }
 
 /** The raw (string) stack config of the local target, as Pulumi would store it. */

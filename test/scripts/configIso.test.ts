@@ -1,5 +1,4 @@
 import { expect } from "chai";
-import { createHash } from "crypto";
 import * as fs from "fs";
 import * as os from "os";
 import * as path from "path";
@@ -12,6 +11,7 @@ import {
   renderAnswerFile,
 } from "../../infra/answerFile";
 import { GUEST_PROVISION_SCRIPT } from "../../infra/pipeline/guest";
+import { sha256File } from "../support/disk";
 import { repoRoot, run, runScript } from "../support/run";
 
 const SCRIPT = "build-config-iso.sh";
@@ -58,10 +58,6 @@ async function isoRead(iso: string, inner: string, dir: string): Promise<string>
   const text = fs.readFileSync(dest, "utf8");
   fs.chmodSync(dest, 0o600);
   return text;
-}
-
-function sha256(file: string): string {
-  return createHash("sha256").update(fs.readFileSync(file)).digest("hex");
 }
 
 function mode(file: string): number {
@@ -140,12 +136,12 @@ describe("build-config-iso.sh", function () {
   it("does nothing on a rerun with the same inputs", async () => {
     const out = path.join(dir, "rerun", "config.iso");
     expect((await runScript(SCRIPT, args(out))).code).to.equal(0);
-    const before = { hash: sha256(out), mtime: fs.statSync(out).mtimeMs };
+    const before = { hash: sha256File(out), mtime: fs.statSync(out).mtimeMs };
     await new Promise((r) => setTimeout(r, 1100));
     const again = await runScript(SCRIPT, args(out));
     expect(again.code, again.stderr).to.equal(0);
     expect(again.stderr).to.contain("up to date");
-    expect(sha256(out)).to.equal(before.hash);
+    expect(sha256File(out)).to.equal(before.hash);
     expect(fs.statSync(out).mtimeMs).to.equal(before.mtime);
   });
 

@@ -1,9 +1,8 @@
 import { expect } from "chai";
-import { ChildProcess, spawn } from "child_process";
-import * as crypto from "crypto";
 import * as fs from "fs";
 import * as os from "os";
 import * as path from "path";
+import { holdDisk, sha256File, stopQemu } from "../support/disk";
 import { run, runScript } from "../support/run";
 
 const GIB = 1024 * 1024 * 1024;
@@ -16,58 +15,6 @@ async function ok(cmd: string, args: string[]): Promise<string> {
 
 async function info(file: string): Promise<{ format: string; "virtual-size": number }> {
   return JSON.parse(await ok("qemu-img", ["info", "-U", "--output=json", file]));
-}
-
-function sha256File(file: string): string {
-  return crypto.createHash("sha256").update(fs.readFileSync(file)).digest("hex");
-}
-
-/** Starts a paused QEMU that holds FILE open (and locked) as its NVMe disk. */
-async function holdDisk(file: string): Promise<ChildProcess> {
-  const qemu = spawn(
-    "qemu-system-aarch64",
-    [
-      "-M",
-      "virt",
-      "-cpu",
-      "max",
-      "-accel",
-      "tcg",
-      "-m",
-      "256",
-      "-S",
-      "-display",
-      "none",
-      "-monitor",
-      "none",
-      "-serial",
-      "none",
-      "-nic",
-      "none",
-      "-drive",
-      `file=${file},if=none,id=d,format=qcow2`,
-      "-device",
-      "nvme,drive=d,serial=held",
-    ],
-    { stdio: "ignore" },
-  );
-  // Wait until the lock is taken (qemu-img info without -U then fails).
-  for (let i = 0; i < 100; i++) {
-    const r = await run("qemu-img", ["info", file]);
-    if (r.code !== 0 && /lock/.test(r.stderr)) return qemu;
-    if (qemu.exitCode !== null) throw new Error("qemu-system-aarch64 exited early");
-    await new Promise((res) => setTimeout(res, 100));
-  }
-  qemu.kill("SIGKILL");
-  throw new Error("QEMU did not lock the disk");
-}
-
-async function stopQemu(qemu: ChildProcess): Promise<void> {
-  if (qemu.exitCode !== null || qemu.signalCode !== null) return;
-  await new Promise<void>((resolve) => {
-    qemu.once("exit", () => resolve());
-    qemu.kill("SIGKILL");
-  });
 }
 
 describe("prepare-disk.sh", function () {

@@ -4,12 +4,9 @@ import * as fs from "fs";
 import * as http from "http";
 import * as os from "os";
 import * as path from "path";
+import { sha256 } from "../support/disk";
 import { pathWithout, runScript } from "../support/run";
 import { awsEnv, freePort, startS3, S3Server } from "../support/s3";
-
-function sha256(buf: Buffer): string {
-  return crypto.createHash("sha256").update(buf).digest("hex");
-}
 
 /** Serves BODY at /image; honours "Range: bytes=N-"; the first FAIL_FIRST requests are cut halfway. */
 async function startHttp(body: Buffer, failFirst = 0) {

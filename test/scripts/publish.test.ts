@@ -1,9 +1,9 @@
 import { expect } from "chai";
 import { ChildProcess, spawn } from "child_process";
-import * as crypto from "crypto";
 import * as fs from "fs";
 import * as os from "os";
 import * as path from "path";
+import { holdDisk, sha256, sha256File, stopQemu } from "../support/disk";
 import { run, RunResult, script } from "../support/run";
 import { startS3, S3Server } from "../support/s3";
 
@@ -28,10 +28,6 @@ async function ok(cmd: string, args: string[]): Promise<string> {
   const r = await run(cmd, args);
   if (r.code !== 0) throw new Error(`${cmd} ${args.join(" ")} failed (${r.code}): ${r.stderr}`);
   return r.stdout;
-}
-
-function sha256File(file: string): string {
-  return crypto.createHash("sha256").update(fs.readFileSync(file)).digest("hex");
 }
 
 /** Parses the publish-image stdout: exactly one line of JSON. */
@@ -113,7 +109,7 @@ describe("publish-image.sh", function () {
     const image = await s3.getObject(`win11/${sha}/disk.qcow2`);
     expect(image && image.equals(fs.readFileSync(disk))).to.equal(true);
     const vars = await s3.getObject(`win11/${sha}/QEMU_VARS.fd`);
-    expect(vars && crypto.createHash("sha256").update(vars).digest("hex")).to.equal(varsSha);
+    expect(vars && sha256(vars)).to.equal(varsSha);
     expect(JSON.parse(String(await s3.getObject(`win11/${sha}/manifest.json`)))).to.deep.equal(m);
     expect(JSON.parse(String(await s3.getObject("win11/latest.json")))).to.deep.equal(m);
     // Progress and results went to stderr.
@@ -161,52 +157,15 @@ describe("publish-image.sh", function () {
   });
 
   it("refuses while a running QEMU holds the disk, and publishes nothing", async () => {
-    const qemu = spawn(
-      "qemu-system-aarch64",
-      [
-        "-M",
-        "virt",
-        "-cpu",
-        "max",
-        "-accel",
-        "tcg",
-        "-m",
-        "256",
-        "-S",
-        "-display",
-        "none",
-        "-monitor",
-        "none",
-        "-serial",
-        "none",
-        "-nic",
-        "none",
-        "-drive",
-        `file=${disk},if=none,id=d,format=qcow2`,
-        "-device",
-        "nvme,drive=d,serial=held",
-      ],
-      { stdio: "ignore" },
-    );
+    const qemu = await holdDisk(disk);
     try {
-      let locked = false;
-      for (let i = 0; i < 100 && !locked; i++) {
-        const r = await run("qemu-img", ["info", disk]);
-        locked = r.code !== 0 && /lock/.test(r.stderr);
-        if (!locked) await new Promise((res) => setTimeout(res, 100));
-      }
-      expect(locked, "QEMU holds the disk lock").to.equal(true);
       const r = await publish("s3://images/busy/");
       expect(r.code).to.not.equal(0);
       expect(r.stdout).to.equal("");
       expect(r.stderr).to.match(/disk\.qcow2 is in use by a running QEMU; shut the VM down before publishing/);
       expect(await s3.listKeys("busy/")).to.deep.equal([]);
     } finally {
-      await new Promise<void>((resolve) => {
-        if (qemu.exitCode !== null) return resolve();
-        qemu.once("exit", () => resolve());
-        qemu.kill("SIGKILL");
-      });
+      await stopQemu(qemu);
     }
   });
 
@@ -290,6 +249,8 @@ describe("publish-image.sh", function () {
       path.join(bin, "aws"),
       [
         "#!/usr/bin/env bash",
+        '[[ -z ${DENY_LIST:-} || " $* " != *" list-objects-v2 "* ]] ||',
+        '  { echo "An error occurred (AccessDenied) when calling the ListObjectsV2 operation: Access Denied" >&2; exit 255; }',
         'err=$(mktemp); rc=0; "$REAL_AWS" "$@" 2>"$err" || rc=$?',
         "if ((rc != 0)) && grep -qE '\\(404\\)|Not Found|NoSuchKey|does not exist' \"$err\"; then",
         '  echo "An error occurred (403) when calling the HeadObject operation: Forbidden" >&2',
@@ -303,17 +264,11 @@ describe("publish-image.sh", function () {
     expect(r.code, r.stderr).to.equal(0);
     const m = parseStdout(r);
     expect(JSON.parse(String(await s3.getObject("forbidden/latest.json")))).to.deep.equal(m);
-    // When listing is refused too, a 403 is a real refusal: named, never taken for "missing".
-    const denied = path.join(bin, "deny");
-    fs.writeFileSync(
-      denied,
-      '#!/usr/bin/env bash\necho "An error occurred (403) when calling the GetObject operation: Access Denied" >&2\nexit 1\n',
-      { mode: 0o755 },
-    );
-    fs.rmSync(`${disk}.sha256`);
-    const r2 = await publish("s3://images/forbidden/", { ...env, REAL_AWS: denied });
+    // When the listing is refused too, a 403 cannot be told from a refusal: named, never taken for "missing".
+    const r2 = await publish("s3://images/denied/", { ...env, DENY_LIST: "1" });
     expect(r2.code).to.equal(1);
-    expect(r2.stderr).to.match(/error: .*(403|Access Denied)/);
+    expect(r2.stderr).to.match(/error: cannot read s3:\/\/images\/denied\/[0-9a-f]{64}\/manifest\.json: .*\(403\)/);
+    expect(await s3.listKeys("denied/")).to.deep.equal([]);
   });
 
   it("names the endpoint when S3 cannot be reached", async () => {

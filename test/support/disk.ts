@@ -1,0 +1,45 @@
+import { ChildProcess, spawn } from "child_process";
+import * as crypto from "crypto";
+import * as fs from "fs";
+import { run } from "./run";
+
+/** sha256 hex of a string or buffer. */
+export function sha256(data: string | Buffer): string {
+  return crypto.createHash("sha256").update(data).digest("hex");
+}
+
+/** sha256 hex of a file's content. */
+export function sha256File(file: string): string {
+  return sha256(fs.readFileSync(file));
+}
+
+/** Starts a paused QEMU that holds the qcow2 FILE open (and locked) as its NVMe disk; resolves once it is locked. */
+export async function holdDisk(file: string): Promise<ChildProcess> {
+  const qemu = spawn(
+    "qemu-system-aarch64",
+    [
+      ...["-M", "virt", "-cpu", "max", "-accel", "tcg", "-m", "256", "-S"],
+      ...["-display", "none", "-monitor", "none", "-serial", "none", "-nic", "none"],
+      ...["-drive", `file=${file},if=none,id=d,format=qcow2`, "-device", "nvme,drive=d,serial=held"],
+    ],
+    { stdio: "ignore" },
+  );
+  // Wait until the lock is taken (qemu-img info without -U then fails).
+  for (let i = 0; i < 100; i++) {
+    const r = await run("qemu-img", ["info", file]);
+    if (r.code !== 0 && /lock/.test(r.stderr)) return qemu;
+    if (qemu.exitCode !== null) throw new Error("qemu-system-aarch64 exited early");
+    await new Promise((res) => setTimeout(res, 100));
+  }
+  qemu.kill("SIGKILL");
+  throw new Error("QEMU did not lock the disk");
+}
+
+/** Kills a QEMU started by holdDisk and waits for it to exit. */
+export async function stopQemu(qemu: ChildProcess): Promise<void> {
+  if (qemu.exitCode !== null || qemu.signalCode !== null) return;
+  await new Promise<void>((resolve) => {
+    qemu.once("exit", () => resolve());
+    qemu.kill("SIGKILL");
+  });
+}
