@@ -40,11 +40,6 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 readonly PROG=fetch-image
 
-log() { printf '%s: %s\n' "$PROG" "$*" >&2; }
-die() {
-  log "error: $*"
-  exit 1
-}
 usage() {
   log "usage: fetch-image.sh URL SHA256 DEST"
   exit 2

@@ -6,13 +6,23 @@
 #   source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 #
 # Defines:
+#   log MSG / say MSG  MSG prefixed "$PROG: " on stderr / stdout (the caller
+#                      sets PROG to its name)
+#   die MSG            log "error: MSG", exit 1
 #   mib BYTES          BYTES in MiB, rounded to the nearest
 #   sha256_of [FILE]   SHA-256 hex digest of FILE (or stdin); status 1 when it
 #                      cannot be read
 #   now_ms, alive, qemu_pid_of, qmp_usable, qmp_answers, qmp: time, QEMU
 #                      processes and QMP
 #                      (described below)
-# Needs nothing from the caller; sets no shell options.
+# Needs PROG from the caller (for log, say, die); sets no shell options.
+
+log() { printf '%s: %s\n' "$PROG" "$*" >&2; }
+say() { printf '%s: %s\n' "$PROG" "$*"; }
+die() {
+  log "error: $*"
+  exit 1
+}
 
 mib() { echo $((($1 + 524288) / 1048576)); }
 

@@ -41,11 +41,6 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 readonly PROG=prepare-disk
 
-log() { printf '%s: %s\n' "$PROG" "$*" >&2; }
-die() {
-  log "error: $*"
-  exit 1
-}
 usage() {
   log "usage: prepare-disk.sh SOURCE DEST.qcow2 [SIZE_GIB]"
   exit 2

@@ -66,11 +66,6 @@ readonly SINGLE_COPY_MAX=$((4 * 1024 * 1024 * 1024))
 # Keep stdout for the single result line; everything else goes to stderr.
 exec 3>&1 1>&2
 
-log() { printf '%s: %s\n' "$PROG" "$*" >&2; }
-die() {
-  log "error: $*"
-  exit 1
-}
 usage() {
   log "usage: publish-image.sh VM_DIR DEST_URI"
   exit 2

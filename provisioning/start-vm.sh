@@ -38,11 +38,9 @@ set -euo pipefail
 # shellcheck source=SCRIPTDIR/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-readonly me="start-vm"
+readonly PROG="start-vm"
 SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 readonly run_vm="$SCRIPT_DIR/run-vm.sh"
-log() { printf '%s: %s\n' "$me" "$*" >&2; }
-say() { printf '%s: %s\n' "$me" "$*"; }
 usage() {
   log "$*"
   log "usage: start-vm.sh ENV_FILE [UNIT_NAME]"

@@ -30,9 +30,7 @@ set -euo pipefail
 # shellcheck source=SCRIPTDIR/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-readonly me="stop-vm"
-log() { printf '%s: %s\n' "$me" "$*" >&2; }
-say() { printf '%s: %s\n' "$me" "$*"; }
+readonly PROG="stop-vm"
 usage() {
   log "$*"
   log "usage: stop-vm.sh QMP_SOCKET [TIMEOUT_S]"
