@@ -18,7 +18,7 @@ import { EfiFirmware } from "./components/efiFirmware";
 import { GuestProvisioning } from "./components/guestProvisioning";
 import { HostFiles } from "./components/hostFiles";
 import { ImagePublication } from "./components/imagePublication";
-import { QemuHost } from "./components/qemuHost";
+import { HOST_SCRIPTS, QemuHost } from "./components/qemuHost";
 import { WindowsDisk } from "./components/windowsDisk";
 import { WindowsVm } from "./components/windowsVm";
 import { HOST_USER } from "./hostSetup";
@@ -139,25 +139,23 @@ const runtimeValues: { [K in Exclude<RuntimeName, "hostId">]: pulumi.Input<strin
 
 // What the host stages depend on, bar the host itself: when it changes, a stopped host is started.
 // (AWS-side stages such as the bake need no host; the scripts QemuHost itself runs on it do.)
-const hostScripts = ["provisioning/host-ready.sh", "provisioning/operator-keys.sh"].map((f) => fileSha256(f));
+const hostScripts = Object.values(HOST_SCRIPTS).map((f) => fileSha256(f));
 const wakeKey = pulumi
   .all([plan.stages.filter((st) => st.site !== "aws").map((st) => st.digest), runtimeValues])
   .apply(([digests, values]) =>
     sha256Hex(JSON.stringify({ digests, values, hostScripts, operatorKeys: config.host.sshAuthorizedKeys })),
   );
+const region = isAws ? aws.getRegionOutput().region : undefined;
 // The AWS CLI (host-power.sh) uses the stack's region and profile.
-const awsConfig = new pulumi.Config("aws");
-function awsCliEnv(): pulumi.Output<Record<string, string>> {
-  const profile = awsConfig.get("profile");
-  return aws.getRegionOutput().region.apply((region) => {
-    const env: Record<string, string> = { AWS_REGION: region, AWS_DEFAULT_REGION: region };
-    if (profile) env.AWS_PROFILE = profile;
-    return env;
-  });
-}
+const awsProfile = new pulumi.Config("aws").get("profile");
+const awsCliEnv = region?.apply((r) => {
+  const env: Record<string, string> = { AWS_REGION: r, AWS_DEFAULT_REGION: r };
+  if (awsProfile) env.AWS_PROFILE = awsProfile;
+  return env;
+});
 
 const host =
-  isAws && bucket
+  bucket && awsCliEnv
     ? new QemuHost("qemu-host", {
         instanceType: config.host.instanceType,
         amiId: config.host.amiId,
@@ -177,7 +175,7 @@ const host =
           ...(config.image.openSshZip ? [config.image.openSshZip.url] : []),
         ],
         wakeKey,
-        awsCliEnv: awsCliEnv(),
+        awsCliEnv,
         requireAwsCli: !config.host.keepRunning,
         tags,
       })
@@ -202,31 +200,32 @@ new GuestProvisioning("guest", {
   parameters: settingsJson,
 });
 const publication = new ImagePublication("image", { ctx });
-const bake = host
-  ? new AmiBake("bake", {
-      ctx,
-      instanceId: host.instanceId,
-      manifest: publication.manifest,
-      imageEnv: renderVmEnv(config, layout, "image"),
-      windowsVersion: config.image.windowsVersion,
-      sourceImageUrl: config.image.url,
-      stack,
-      keepHostRunning: config.host.keepRunning,
-      retainOnDelete: config.retainAmiOnDelete,
-      wakeKey,
-      awsCliEnv: awsCliEnv(),
-      hostWork: [host.operatorKeys],
-      instanceType: config.host.instanceType,
-      tags,
-    })
-  : undefined;
+const bake =
+  host && awsCliEnv
+    ? new AmiBake("bake", {
+        ctx,
+        instanceId: host.instanceId,
+        manifest: publication.manifest,
+        imageEnv: renderVmEnv(config, layout, "image"),
+        windowsVersion: config.image.windowsVersion,
+        sourceImageUrl: config.image.url,
+        stack,
+        keepHostRunning: config.host.keepRunning,
+        retainOnDelete: config.retainAmiOnDelete,
+        wakeKey,
+        awsCliEnv,
+        hostWork: [host.operatorKeys],
+        instanceType: config.host.instanceType,
+        tags,
+      })
+    : undefined;
 
 // ---- outputs (other stacks read these with a StackReference)
 
 export const amiId = bake?.amiId;
 export const amiName = bake?.amiName;
 export const amiArn = bake?.ami.arn;
-export const amiRegion = isAws ? aws.getRegionOutput().region : undefined;
+export const amiRegion = region;
 export const imageUri = publication.imageUri;
 export const imageSha256 = publication.imageSha256;
 export const manifestUri = publication.manifestUri;

@@ -2,7 +2,6 @@ import * as aws from "@pulumi/aws";
 import * as command from "@pulumi/command";
 import * as pulumi from "@pulumi/pulumi";
 import * as fs from "fs";
-import * as path from "path";
 import {
   CANONICAL_OWNER,
   EC2_ASSUME_ROLE_POLICY,
@@ -44,6 +43,12 @@ export interface QemuHostArgs {
   requireAwsCli: boolean;
   tags: Record<string, string>;
 }
+
+/** Scripts QemuHost sends to the host itself (outside the pipeline plan). */
+export const HOST_SCRIPTS = {
+  ready: "provisioning/host-ready.sh",
+  operatorKeys: "provisioning/operator-keys.sh",
+} as const;
 
 /** How long a metal instance may take to boot and answer SSH. */
 export const DEFAULT_BOOT_TIMEOUT_S = 1800;
@@ -216,7 +221,7 @@ export class QemuHost extends pulumi.ComponentResource {
       },
       { parent: this, dependsOn: [eipAssoc], customTimeouts: { create: `${Math.ceil(timeout / 60) + 5}m` } },
     );
-    const readyScript = fs.readFileSync(path.join(repoPath("provisioning"), "host-ready.sh"), "utf8");
+    const readyScript = fs.readFileSync(repoPath(HOST_SCRIPTS.ready), "utf8");
     this.ready = new command.remote.Command(
       `${name}-ready`,
       {
@@ -232,7 +237,7 @@ export class QemuHost extends pulumi.ComponentResource {
     );
 
     // Operators' keys: set in place, so changing them neither replaces the host nor re-runs a stage.
-    const keysScript = fs.readFileSync(path.join(repoPath("provisioning"), "operator-keys.sh"), "utf8");
+    const keysScript = fs.readFileSync(repoPath(HOST_SCRIPTS.operatorKeys), "utf8");
     const keysB64 = Buffer.from(args.authorizedKeys.join("\n")).toString("base64");
     this.operatorKeys = new command.remote.Command(
       `${name}-operator-keys`,
