@@ -19,7 +19,8 @@ $global:CommonModule = Join-Path $global:GuestDir 'common.psm1'
 
 # Windows-only cmdlets do not exist in PowerShell on Linux: give Pester a
 # command (with the parameters the scripts use) to mock.
-$stubs = @{
+. (Join-Path $PSScriptRoot 'Stubs.ps1')
+Add-CommandStubs @{
     'Get-Service'            = '[CmdletBinding()] param([Parameter(Position = 0)][string[]]$Name)'
     'Set-Service'            = '[CmdletBinding()] param([Parameter(Position = 0)][string]$Name, [string]$StartupType)'
     'Get-MpPreference'       = '[CmdletBinding()] param()'
@@ -33,12 +34,6 @@ $stubs = @{
     'Enable-LocalUser'       = '[CmdletBinding()] param([string]$Name)'
     'Get-LocalGroupMember'   = '[CmdletBinding()] param([string]$SID, [string]$Group)'
     'Add-LocalGroupMember'   = '[CmdletBinding()] param([string]$SID, [string]$Group, [string[]]$Member)'
-}
-foreach ($name in $stubs.Keys) {
-    if (-not (Get-Command $name -ErrorAction SilentlyContinue)) {
-        $body = $stubs[$name] + " throw '$name is a test stub: it must be mocked'"
-        Set-Item -Path "function:global:$name" -Value ([scriptblock]::Create($body))
-    }
 }
 
 function global:ConvertTo-FakeRegistryKey {

@@ -4,7 +4,8 @@
 BeforeAll {
     $script:Script = Join-Path $PSScriptRoot '../../provisioning/windows/firstlogon.ps1'
     # Windows-only commands: stubs for Pester to mock (they throw if a test forgets one).
-    $stubs = @{
+    . (Join-Path $PSScriptRoot 'Stubs.ps1')
+    Add-CommandStubs @{
         'Get-Service'              = '[CmdletBinding()] param([string]$Name)'
         'Set-Service'              = '[CmdletBinding()] param([string]$Name, [string]$StartupType)'
         'Start-Service'            = '[CmdletBinding()] param([string]$Name)'
@@ -20,11 +21,6 @@ BeforeAll {
         'Get-ScheduledTask'        = '[CmdletBinding()] param([string]$TaskName)'
         'Unregister-ScheduledTask' = '[CmdletBinding()] param([string]$TaskName, [switch]$Confirm)'
         'icacls.exe'               = 'param()'
-    }
-    foreach ($name in $stubs.Keys) {
-        if (-not (Get-Command $name -CommandType Function -ErrorAction SilentlyContinue)) {
-            Set-Item -Path "function:global:$name" -Value ([scriptblock]::Create($stubs[$name] + " throw '$name is a test stub'"))
-        }
     }
 
     function script:Invoke-FirstLogon {
