@@ -35,7 +35,7 @@ import {
 } from "../../infra/pipeline/plan";
 import { BUILD_VNC_DISPLAY, renderVmEnv } from "../../infra/pipeline/vmEnv";
 import { ensureStandinGuest, POWEROFF_LINE, readFileFromDisk, READY_LINE, StandinGuest } from "../fixtures/standin";
-import { repoRoot, run } from "../support/run";
+import { readPid, repoRoot, run } from "../support/run";
 import {
   sha256File,
   freePortPair,
@@ -46,7 +46,6 @@ import {
   must,
   PipelineDriver,
   portFree,
-  readPid,
   repoFileHashes,
   RestartableS3,
   sha256,

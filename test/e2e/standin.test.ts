@@ -9,10 +9,9 @@ import { ChildProcess, spawn } from "child_process";
 import * as fs from "fs";
 import * as os from "os";
 import * as path from "path";
-import { repoRoot, run } from "../support/run";
+import { freePort, repoRoot, run } from "../support/run";
 import {
   ensureStandinGuest,
-  freePort,
   makeFirmware,
   makeOverlay,
   POWEROFF_LINE,

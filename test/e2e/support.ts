@@ -14,7 +14,7 @@ import * as path from "path";
 import { RawConfig } from "../../infra/config";
 import { hostFiles, HostLayout, Plan, resolveCommand, RuntimeValues, Stage, StageId } from "../../infra/pipeline/plan";
 import { StandinGuest, sshArgs } from "../fixtures/standin";
-import { repoRoot, run } from "../support/run";
+import { readPid, repoRoot, run } from "../support/run";
 import { awsEnv } from "../support/s3";
 
 export interface StageResult {
@@ -286,15 +286,6 @@ export function must<T extends StageResult>(r: T): T {
     );
   }
   return r;
-}
-
-export function readPid(file: string): number | undefined {
-  try {
-    const n = Number(fs.readFileSync(file, "utf8").trim());
-    return Number.isInteger(n) && n > 0 ? n : undefined;
-  } catch {
-    return undefined;
-  }
 }
 
 /** True when pid is a live (not zombie) qemu-system process. */

@@ -5,8 +5,8 @@ import * as http from "http";
 import * as os from "os";
 import * as path from "path";
 import { sha256 } from "../support/disk";
-import { pathWithout, runScript } from "../support/run";
-import { awsEnv, freePort, startS3, S3Server } from "../support/s3";
+import { freePort, pathWithout, runScript } from "../support/run";
+import { awsEnv, startS3, S3Server } from "../support/s3";
 
 /** Serves BODY at /image; honours "Range: bytes=N-"; the first FAIL_FIRST requests are cut halfway. */
 async function startHttp(body: Buffer, failFirst = 0) {

@@ -3,7 +3,7 @@ import * as fs from "fs";
 import * as net from "net";
 import * as os from "os";
 import * as path from "path";
-import { run, runScript, script } from "../support/run";
+import { freePort, readPid, run, runScript, script } from "../support/run";
 
 // The VM lifecycle scripts against a real qemu-system-aarch64 (TCG, no guest
 // OS: a blank disk boots into the UEFI shell, which is enough to exercise the
@@ -27,17 +27,6 @@ interface Vm {
   runLog: string;
 }
 
-function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const srv = net.createServer();
-    srv.on("error", reject);
-    srv.listen(0, "127.0.0.1", () => {
-      const port = (srv.address() as net.AddressInfo).port;
-      srv.close(() => resolve(port));
-    });
-  });
-}
-
 function sleep(ms: number): Promise<void> {
   return new Promise((r) => setTimeout(r, ms));
 }
@@ -47,15 +36,6 @@ async function waitFor(what: string, cond: () => boolean, timeoutMs: number): Pr
   while (!cond()) {
     if (Date.now() > end) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
     await sleep(250);
-  }
-}
-
-function readPid(file: string): number | undefined {
-  try {
-    const pid = parseInt(fs.readFileSync(file, "utf8").trim(), 10);
-    return Number.isFinite(pid) ? pid : undefined;
-  } catch {
-    return undefined;
   }
 }
 

@@ -1,8 +1,7 @@
 import * as fs from "fs";
-import * as net from "net";
 import * as os from "os";
 import * as path from "path";
-import { run, RunResult } from "./run";
+import { freePort, run, RunResult } from "./run";
 
 // s3rver ships no type declarations; this is the part of its API the tests use.
 interface S3rverInstance {
@@ -35,19 +34,6 @@ export interface S3Server {
   /** Keys in the bucket under PREFIX. */
   listKeys(prefix?: string): Promise<string[]>;
   stop(): Promise<void>;
-}
-
-/** A TCP port that was free a moment ago on 127.0.0.1. */
-export function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const srv = net.createServer();
-    srv.on("error", reject);
-    srv.listen(0, "127.0.0.1", () => {
-      const addr = srv.address();
-      const port = typeof addr === "object" && addr ? addr.port : 0;
-      srv.close(() => resolve(port));
-    });
-  });
 }
 
 /** Environment that points the aws CLI at ENDPOINT with s3rver's fixed credentials. */
