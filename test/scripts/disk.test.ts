@@ -3,18 +3,12 @@ import * as fs from "fs";
 import * as os from "os";
 import * as path from "path";
 import { holdDisk, sha256File, stopQemu } from "../support/disk";
-import { run, runScript } from "../support/run";
+import { run, runOk, runScript } from "../support/run";
 
 const GIB = 1024 * 1024 * 1024;
 
-async function ok(cmd: string, args: string[]): Promise<string> {
-  const r = await run(cmd, args);
-  if (r.code !== 0) throw new Error(`${cmd} ${args.join(" ")} failed (${r.code}): ${r.stderr}`);
-  return r.stdout;
-}
-
 async function info(file: string): Promise<{ format: string; "virtual-size": number }> {
-  return JSON.parse(await ok("qemu-img", ["info", "-U", "--output=json", file]));
+  return JSON.parse(await runOk("qemu-img", ["info", "-U", "--output=json", file]));
 }
 
 describe("prepare-disk.sh", function () {
@@ -29,8 +23,8 @@ describe("prepare-disk.sh", function () {
   /** A 256 MiB VHDX with some data written into it. */
   async function makeVhdx(name = "win.vhdx", pattern = "0xab"): Promise<string> {
     const src = path.join(dir, name);
-    await ok("qemu-img", ["create", "-q", "-f", "vhdx", src, "256M"]);
-    await ok("qemu-io", ["-f", "vhdx", "-c", `write -P ${pattern} 1M 3M`, "-c", "write -P 0x11 200M 512k", src]);
+    await runOk("qemu-img", ["create", "-q", "-f", "vhdx", src, "256M"]);
+    await runOk("qemu-io", ["-f", "vhdx", "-c", `write -P ${pattern} 1M 3M`, "-c", "write -P 0x11 200M 512k", src]);
     return src;
   }
 
@@ -57,7 +51,7 @@ describe("prepare-disk.sh", function () {
     const r1 = await runScript("prepare-disk.sh", [src, dest]);
     expect(r1.code, r1.stderr).to.equal(0);
     // "Boot" the VM: the guest writes to its disk.
-    await ok("qemu-io", ["-f", "qcow2", "-c", "write -P 0x77 100M 1M", dest]);
+    await runOk("qemu-io", ["-f", "qcow2", "-c", "write -P 0x77 100M 1M", dest]);
     const before = fs.statSync(dest);
     const r2 = await runScript("prepare-disk.sh", [src, dest]);
     expect(r2.code, r2.stderr).to.equal(0);
@@ -68,7 +62,7 @@ describe("prepare-disk.sh", function () {
     const after = fs.statSync(dest);
     expect(after.ino).to.equal(before.ino);
     expect(after.mtimeMs).to.equal(before.mtimeMs);
-    const read = await ok("qemu-io", ["-f", "qcow2", "-c", "read -P 0x77 100M 1M", dest]);
+    const read = await runOk("qemu-io", ["-f", "qcow2", "-c", "read -P 0x77 100M 1M", dest]);
     expect(read).to.contain("read 1048576/1048576");
   });
 
@@ -76,7 +70,7 @@ describe("prepare-disk.sh", function () {
     const src = await makeVhdx();
     const dest = path.join(dir, "disk.qcow2");
     expect((await runScript("prepare-disk.sh", [src, dest])).code).to.equal(0);
-    await ok("qemu-io", ["-f", "vhdx", "-c", "write -P 0xcd 1M 3M", src]);
+    await runOk("qemu-io", ["-f", "vhdx", "-c", "write -P 0xcd 1M 3M", src]);
     const r = await runScript("prepare-disk.sh", [src, dest]);
     expect(r.code, r.stderr).to.equal(0);
     expect(r.stderr).to.contain("prepared from another source; replacing it");
@@ -86,7 +80,7 @@ describe("prepare-disk.sh", function () {
 
   it("uses the SOURCE.sha256 stamp written by fetch-image.sh instead of hashing", async () => {
     const src = await makeVhdx();
-    const st = (await ok("stat", ["-c", "%s %.9Y", src])).trim();
+    const st = (await runOk("stat", ["-c", "%s %.9Y", src])).trim();
     const recorded = "c".repeat(64);
     fs.writeFileSync(`${src}.sha256`, `${recorded} ${st}\n`);
     const dest = path.join(dir, "disk.qcow2");
@@ -108,8 +102,8 @@ describe("prepare-disk.sh", function () {
 
   it("checks and copies a qcow2 source", async () => {
     const src = path.join(dir, "src.qcow2");
-    await ok("qemu-img", ["create", "-q", "-f", "qcow2", src, "128M"]);
-    await ok("qemu-io", ["-f", "qcow2", "-c", "write -P 0x42 0 2M", src]);
+    await runOk("qemu-img", ["create", "-q", "-f", "qcow2", src, "128M"]);
+    await runOk("qemu-io", ["-f", "qcow2", "-c", "write -P 0x42 0 2M", src]);
     const dest = path.join(dir, "out", "disk.qcow2");
     const r = await runScript("prepare-disk.sh", [src, dest]);
     expect(r.code, r.stderr).to.equal(0);
@@ -120,8 +114,8 @@ describe("prepare-disk.sh", function () {
 
   it("refuses a damaged qcow2 source", async () => {
     const src = path.join(dir, "bad.qcow2");
-    await ok("qemu-img", ["create", "-q", "-f", "qcow2", src, "128M"]);
-    await ok("qemu-io", ["-f", "qcow2", "-c", "write -P 0x42 0 2M", src]);
+    await runOk("qemu-img", ["create", "-q", "-f", "qcow2", src, "128M"]);
+    await runOk("qemu-io", ["-f", "qcow2", "-c", "write -P 0x42 0 2M", src]);
     // Zero the refcount of cluster 0 (the header): "refcount=0 reference=1" is corruption.
     const buf = fs.readFileSync(src);
     const refcountTable = Number(buf.readBigUInt64BE(48));
@@ -139,8 +133,8 @@ describe("prepare-disk.sh", function () {
   it("converts raw and vmdk sources", async () => {
     for (const fmt of ["raw", "vmdk"]) {
       const src = path.join(dir, `src.${fmt === "raw" ? "img" : fmt}`);
-      await ok("qemu-img", ["create", "-q", "-f", fmt, src, "64M"]);
-      await ok("qemu-io", ["-f", fmt, "-c", "write -P 0x5a 4M 1M", src]);
+      await runOk("qemu-img", ["create", "-q", "-f", fmt, src, "64M"]);
+      await runOk("qemu-io", ["-f", fmt, "-c", "write -P 0x5a 4M 1M", src]);
       const dest = path.join(dir, `${fmt}.qcow2`);
       const r = await runScript("prepare-disk.sh", [src, dest]);
       expect(r.code, r.stderr).to.equal(0);
@@ -155,7 +149,7 @@ describe("prepare-disk.sh", function () {
     fs.mkdirSync(content);
     fs.writeFileSync(path.join(content, "setup.exe"), "MZ");
     const iso = path.join(dir, "Win11_ARM64.ISO");
-    await ok("xorriso", ["-as", "mkisofs", "-quiet", "-o", iso, content]);
+    await runOk("xorriso", ["-as", "mkisofs", "-quiet", "-o", iso, content]);
 
     const def = path.join(dir, "default.qcow2");
     const r0 = await runScript("prepare-disk.sh", [iso, def]);
@@ -171,7 +165,7 @@ describe("prepare-disk.sh", function () {
     expect(i1["virtual-size"]).to.equal(2 * GIB);
     // Empty: reads back as zeros, and takes almost no space.
     expect(fs.statSync(dest).size).to.be.below(1024 * 1024);
-    await ok("qemu-io", ["-f", "qcow2", "-c", "write -P 0x99 0 64k", dest]);
+    await runOk("qemu-io", ["-f", "qcow2", "-c", "write -P 0x99 0 64k", dest]);
 
     const r2 = await runScript("prepare-disk.sh", [iso, dest, "3"]);
     expect(r2.code, r2.stderr).to.equal(0);
@@ -182,14 +176,14 @@ describe("prepare-disk.sh", function () {
     expect(r3.stderr).to.contain("never shrunk");
     expect((await info(dest))["virtual-size"]).to.equal(3 * GIB);
     // The installed data survived both reruns.
-    expect(await ok("qemu-io", ["-f", "qcow2", "-c", "read -P 0x99 0 64k", dest])).to.contain("read 65536/65536");
+    expect(await runOk("qemu-io", ["-f", "qcow2", "-c", "read -P 0x99 0 64k", dest])).to.contain("read 65536/65536");
   });
 
   it("refuses to replace a disk that a running QEMU holds", async () => {
     const src = await makeVhdx();
     const dest = path.join(dir, "disk.qcow2");
     expect((await runScript("prepare-disk.sh", [src, dest])).code).to.equal(0);
-    await ok("qemu-io", ["-f", "vhdx", "-c", "write -P 0xee 1M 1M", src]);
+    await runOk("qemu-io", ["-f", "vhdx", "-c", "write -P 0xee 1M 1M", src]);
     const qemu = await holdDisk(dest);
     try {
       const r = await runScript("prepare-disk.sh", [src, dest]);
@@ -215,7 +209,7 @@ describe("prepare-disk.sh", function () {
 
   it("refuses an image format it does not convert (legacy qcow version 1)", async () => {
     const src = path.join(dir, "old.img");
-    await ok("qemu-img", ["create", "-q", "-f", "qcow", src, "16M"]);
+    await runOk("qemu-img", ["create", "-q", "-f", "qcow", src, "16M"]);
     const r = await runScript("prepare-disk.sh", [src, path.join(dir, "d.qcow2")]);
     expect(r.code).to.not.equal(0);
     expect(r.stderr).to.contain("has format 'qcow', which this script does not convert");

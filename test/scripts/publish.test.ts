@@ -4,7 +4,7 @@ import * as fs from "fs";
 import * as os from "os";
 import * as path from "path";
 import { holdDisk, sha256, sha256File, stopQemu } from "../support/disk";
-import { run, RunResult, script } from "../support/run";
+import { run, runOk, RunResult, script } from "../support/run";
 import { startS3, S3Server } from "../support/s3";
 
 interface Manifest {
@@ -22,12 +22,6 @@ interface Manifest {
   sourceSha256: string | null;
   windowsVersion: string | null;
   createdAt: string;
-}
-
-async function ok(cmd: string, args: string[]): Promise<string> {
-  const r = await run(cmd, args);
-  if (r.code !== 0) throw new Error(`${cmd} ${args.join(" ")} failed (${r.code}): ${r.stderr}`);
-  return r.stdout;
 }
 
 /** Parses the publish-image stdout: exactly one line of JSON. */
@@ -57,8 +51,8 @@ describe("publish-image.sh", function () {
     vmDir = path.join(dir, "vm");
     fs.mkdirSync(vmDir);
     disk = path.join(vmDir, "disk.qcow2");
-    await ok("qemu-img", ["create", "-q", "-f", "qcow2", disk, "1G"]);
-    await ok("qemu-io", ["-f", "qcow2", "-c", "write -P 0x5a 0 8M", "-c", "write -P 0x17 300M 2M", disk]);
+    await runOk("qemu-img", ["create", "-q", "-f", "qcow2", disk, "1G"]);
+    await runOk("qemu-io", ["-f", "qcow2", "-c", "write -P 0x5a 0 8M", "-c", "write -P 0x17 300M 2M", disk]);
     const vars = Buffer.alloc(64 * 1024 * 1024);
     vars.write("BOOT0001", 8192);
     fs.writeFileSync(path.join(vmDir, "QEMU_VARS.fd"), vars);
@@ -176,7 +170,7 @@ describe("publish-image.sh", function () {
     const oldImage = fs.readFileSync(disk);
 
     // The VM ran again: a bigger, different disk.
-    await ok("qemu-io", ["-f", "qcow2", "-c", "write -P 0x66 16M 200M", disk]);
+    await runOk("qemu-io", ["-f", "qcow2", "-c", "write -P 0x66 16M 200M", disk]);
     const newSha = sha256File(disk);
     const child: ChildProcess = spawn("bash", [script("publish-image.sh"), vmDir, "s3://images/crash/"], {
       env: { ...process.env, ...s3.env, PUBLISH_PROGRESS_INTERVAL_S: "1" },
@@ -337,7 +331,7 @@ describe("publish-image.sh", function () {
       const r1 = await publishTo(`file://${root}`);
       expect(r1.code, r1.stderr).to.equal(0);
       const old = parseStdout(r1);
-      await ok("qemu-io", ["-f", "qcow2", "-c", "write -P 0x66 16M 20M", disk]);
+      await runOk("qemu-io", ["-f", "qcow2", "-c", "write -P 0x66 16M 20M", disk]);
       const newSha = sha256File(disk);
 
       // `sync` (run once the staging file is written) hangs: the publish is stopped there.

@@ -99,3 +99,10 @@ export function readPid(file: string): number | undefined {
     return undefined;
   }
 }
+
+/** Runs a program and returns its stdout; throws with its stderr unless it exits 0 (test set-up steps). */
+export async function runOk(cmd: string, args: string[], opts: RunOptions = {}): Promise<string> {
+  const r = await run(cmd, args, opts);
+  if (r.code !== 0) throw new Error(`${cmd} ${args.join(" ")} failed (${r.code ?? r.signal}): ${r.stderr}`);
+  return r.stdout;
+}
