@@ -8,6 +8,7 @@ import {
   HOST_USER,
   hostPolicyDocument,
   renderCloudInit,
+  s3ObjectArn,
   UBUNTU_AMI_NAME,
 } from "../hostSetup";
 import { repoPath, sha256Hex } from "../paths";
@@ -135,12 +136,11 @@ export class QemuHost extends pulumi.ComponentResource {
       { assumeRolePolicy: JSON.stringify(EC2_ASSUME_ROLE_POLICY), tags: tags("role") },
       child,
     );
-    const sourceArns = pulumi.output(aws.getPartitionOutput({}, child)).apply((p) =>
-      args.sourceObjectUrls
-        .map((u) => /^s3:\/\/([^/]+)\/(.+)$/.exec(u))
-        .filter((m): m is RegExpExecArray => m !== null)
-        .map((m) => `arn:${p.partition}:s3:::${m[1]}/${m[2]}`),
-    );
+    const sourceArns = pulumi
+      .output(aws.getPartitionOutput({}, child))
+      .apply((p) =>
+        args.sourceObjectUrls.map((u) => s3ObjectArn(u, p.partition)).filter((arn): arn is string => arn !== undefined),
+      );
     const policy = new aws.iam.RolePolicy(
       `${name}-artifacts`,
       {

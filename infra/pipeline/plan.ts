@@ -6,6 +6,7 @@
  */
 import * as path from "path";
 import * as url from "url";
+import { ANSWER_FILE_NAME, AUTHORIZED_KEYS_FILE, FIRSTLOGON_SCRIPT, OPENSSH_ZIP_FILE } from "../answerFile";
 import { StackConfig } from "../config";
 import { sha256Hex } from "../paths";
 import { renderVmEnv, VmLayout } from "./vmEnv";
@@ -248,7 +249,7 @@ export function buildPlan(p: PlanInputs): Plan {
       command: [
         run("fetch-image.sh", c.image.virtioUrl, c.image.virtioSha256, `${vm}/virtio-win.iso`),
         ...(c.image.openSshZip
-          ? [run("fetch-image.sh", c.image.openSshZip.url, c.image.openSshZip.sha256, `${vm}/${OPENSSH_ZIP}`)]
+          ? [run("fetch-image.sh", c.image.openSshZip.url, c.image.openSshZip.sha256, `${vm}/${OPENSSH_ZIP_FILE}`)]
           : []),
       ].join(" && "),
       timeoutMinutes: 30,
@@ -459,9 +460,6 @@ export function defaultArtifactUri(layout: HostLayout): string {
   return `${url.pathToFileURL(path.join(layout.home, "artifacts")).href}/`;
 }
 
-/** The Win32-OpenSSH release zip's name on the config ISO (what firstlogon.ps1 looks for). */
-export const OPENSSH_ZIP = "OpenSSH-ARM64.zip";
-
 /** The virtio-win OS folder matching the Windows release. */
 export function driverFolder(c: StackConfig): string {
   return c.image.windowsVersion === "10" ? "w10" : "w11";
@@ -470,22 +468,25 @@ export function driverFolder(c: StackConfig): string {
 function configMediaCommand(c: StackConfig, L: HostLayout): string {
   const S = `${L.home}/provisioning`;
   const stage = `${L.vmDir}/config`;
+  // The names on the ISO are the ones the answer file and firstlogon.ps1 look for.
+  const answer = `${stage}/${ANSWER_FILE_NAME}`;
+  const keys = `${stage}/${AUTHORIZED_KEYS_FILE}`;
   const files = [
-    `${stage}/autounattend.xml=autounattend.xml`,
-    `${stage}/authorized_keys=authorized_keys`,
-    `${S}/windows/firstlogon.ps1`,
+    `${answer}=${ANSWER_FILE_NAME}`,
+    `${keys}=${AUTHORIZED_KEYS_FILE}`,
+    `${S}/windows/${FIRSTLOGON_SCRIPT}`,
     `${S}/windows/provision.ps1`,
     `${S}/windows/check.ps1`,
     `${S}/windows/common.psm1`,
-    ...(c.image.openSshZip ? [`${L.vmDir}/${OPENSSH_ZIP}=${OPENSSH_ZIP}`] : []),
+    ...(c.image.openSshZip ? [`${L.vmDir}/${OPENSSH_ZIP_FILE}=${OPENSSH_ZIP_FILE}`] : []),
   ];
   const env: string[] = [`CONFIG_ISO_DRIVER_FOLDER=${driverFolder(c)}`];
   if (c.image.format === "iso") env.push(`CONFIG_ISO_DRIVERS_ISO=${shq(`${L.vmDir}/virtio-win.iso`)}`);
   // The answer file (secret) arrives on stdin and is written 0600, never on a command line.
   return [
     `${L.sudo}install -d -m 0700 ${shq(stage)}`,
-    `${L.sudo}bash -c ${shq(`umask 077 && cat > ${shq(`${stage}/autounattend.xml`)}`)}`,
-    `${L.sudo}bash -c ${shq(`umask 077 && printf '%s\\n' ${word(RUNTIME.pipelineKey)} > ${shq(`${stage}/authorized_keys`)}`)}`,
+    `${L.sudo}bash -c ${shq(`umask 077 && cat > ${shq(answer)}`)}`,
+    `${L.sudo}bash -c ${shq(`umask 077 && printf '%s\\n' ${word(RUNTIME.pipelineKey)} > ${shq(keys)}`)}`,
     `${L.sudo}env ${env.join(" ")} bash ${shq(`${S}/build-config-iso.sh`)} ${shq(`${L.vmDir}/config.iso`)} ${files.map(shq).join(" ")}`,
     // The ISO holds them now; the plain copies do not stay on the host.
     `${L.sudo}rm -rf -- ${shq(stage)}`,
