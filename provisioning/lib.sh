@@ -12,6 +12,9 @@
 #   mib BYTES          BYTES in MiB, rounded to the nearest
 #   sha256_of [FILE]   SHA-256 hex digest of FILE (or stdin); status 1 when it
 #                      cannot be read
+#   clean_log          stdin to stdout: a serial or launcher log made readable
+#                      (terminal escapes, carriage returns, control characters
+#                      and blank lines dropped; lines cut at 240 characters)
 #   now_ms, alive, qemu_pid_of, qmp_usable, qmp_answers, qmp: time, QEMU
 #                      processes and QMP
 #                      (described below)
@@ -25,6 +28,12 @@ die() {
 }
 
 mib() { echo $((($1 + 524288) / 1048576)); }
+
+# Portable sed (also BSD's, for wait-for-guest.sh on an operator's Mac).
+clean_log() {
+  tr '\r' '\n' | sed -e "s/$(printf '\033')\\[[0-9;=?]*[A-Za-z]//g" | tr -d '\000-\010\013-\037' |
+    grep -v '^[[:space:]]*$' | cut -c1-240 || true
+}
 
 # OpenSSL uses the CPU's SHA instructions (x86 SHA-NI, ARMv8 crypto extensions)
 # and is several times faster than coreutils sha256sum, which is the fallback.

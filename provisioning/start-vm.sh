@@ -81,12 +81,11 @@ case ${START_VM_SYSTEMD:-auto} in
   *) usage "START_VM_SYSTEMD='$START_VM_SYSTEMD' must be auto, 0 or 1" ;;
 esac
 
-clean() { sed -e 's/\x1b\[[0-9;=?]*[A-Za-z]//g' -e 's/\r/\n/g' | tr -d '\000-\010\013-\037' | grep -v '^[[:space:]]*$' | cut -c1-240; }
 # The serial output of this start only: what follows run-vm's last marker line.
 show_serial() {
   local out
   [[ -s $serial_log ]] || return 0
-  out=$(clean <"$serial_log" | awk '/^=== run-vm: starting QEMU/ { n = 0 } { buf[n++] = $0 } END { for (i = 1; i < n; i++) print buf[i] }' | tail -n 20)
+  out=$(clean_log <"$serial_log" | awk '/^=== run-vm: starting QEMU/ { n = 0 } { buf[n++] = $0 } END { for (i = 1; i < n; i++) print buf[i] }' | tail -n 20)
   if [[ -z $out ]]; then
     log "serial log $serial_log: no output from this start"
   else
@@ -167,9 +166,9 @@ launcher_alive() {
 # The launcher's output: its log file, or the unit's journal.
 launcher_output() {
   if ((use_systemd)); then
-    journalctl -u "$unit" -n 40 --no-pager -o cat 2>/dev/null | clean || true
+    journalctl -u "$unit" -n 40 --no-pager -o cat 2>/dev/null | clean_log || true
   elif [[ -s $run_log ]]; then
-    clean <"$run_log" | tail -n 30
+    clean_log <"$run_log" | tail -n 30
   fi
 }
 failed() {

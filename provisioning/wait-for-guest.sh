@@ -21,9 +21,13 @@
 # Exit: 0 banner read; 1 timeout; 3 the VM (QEMU) exited or is not running;
 #   2 bad arguments.
 set -euo pipefail
+# Found without dirname: this also runs on an operator's machine with few tools.
+lib_dir=${BASH_SOURCE[0]%/*}
+[[ $lib_dir != "${BASH_SOURCE[0]}" ]] || lib_dir=.
+# shellcheck source=SCRIPTDIR/lib.sh
+source "$lib_dir/lib.sh"
 
-readonly me="wait-for-guest"
-log() { printf '%s: %s\n' "$me" "$*" >&2; }
+readonly PROG="wait-for-guest"
 usage() {
   log "$*"
   log "usage: wait-for-guest.sh HOST PORT TIMEOUT_S"
@@ -50,14 +54,7 @@ serial_tail() {
   fi
   log "last 40 lines of the serial log $serial_log:"
   # Firmware output carries terminal escapes and carriage returns: drop them.
-  tr '\r' '\n' <"$serial_log" | sed -e "s/$(printf '\033')\\[[0-9;=?]*[A-Za-z]//g" | tr -d '\000-\010\013-\037' |
-    grep -v '^[[:space:]]*$' | tail -n 40 | cut -c1-240 | sed 's/^/  | /' >&2 || true
-}
-
-alive() {
-  local state
-  state=$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f1) || return 1
-  [[ -n $state && $state != Z && $state != X ]]
+  clean_log <"$serial_log" | tail -n 40 | sed 's/^/  | /' >&2 || true
 }
 
 start=$SECONDS

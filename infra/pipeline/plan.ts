@@ -147,7 +147,7 @@ export const STAGE_FILES: Partial<Record<StageId, string[]>> = {
     "provisioning/windows/common.psm1",
   ],
   startVm: ["provisioning/start-vm.sh", "provisioning/run-vm.sh", "provisioning/lib.sh"],
-  waitGuest: ["provisioning/wait-for-guest.sh"],
+  waitGuest: ["provisioning/wait-for-guest.sh", "provisioning/lib.sh"],
   stopVm: ["provisioning/stop-vm.sh", "provisioning/lib.sh"],
   publish: ["provisioning/publish-image.sh", "provisioning/lib.sh"],
   prepareAmi: ["provisioning/prepare-ami.sh", "provisioning/run-vm.sh", "assets/windows-vm.service"],
