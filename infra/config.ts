@@ -9,7 +9,16 @@ import * as pulumi from "@pulumi/pulumi";
 import * as net from "net";
 import * as path from "path";
 import { CONFIG_KEYS, KeySpec, PROJECT } from "./configSchema";
-import { findHostType, HOST_TYPES, HostType, typesWithAtomics } from "./hostTypes";
+import {
+  findHostType,
+  GRAVITON_FAMILIES,
+  gravitonCounterpart,
+  gravitonTypeProblem,
+  findGravitonFamily,
+  HOST_TYPES,
+  HostType,
+  typesWithAtomics,
+} from "./hostTypes";
 
 export type Target = "aws" | "local";
 export type ImageFormat = "vhdx" | "qcow2" | "iso";
@@ -21,6 +30,17 @@ const NEEDS_ATOMICS: readonly WindowsVersion[] = ["11-24h2", "11-25h2"];
 export const GRAVITON1_SAFE_CPUS = 4;
 /** Memory kept for the host OS and QEMU itself. */
 export const HOST_RESERVED_GIB = 4;
+export const VS_VERSIONS = ["2019", "2022", "2026"] as const;
+export type VsVersion = (typeof VS_VERSIONS)[number];
+/** VS Build Tools versions that support Windows 10 on ARM64 (2022 and later dropped it). */
+const VS_FOR_WINDOWS_10: readonly VsVersion[] = ["2019"];
+/** The only GO_BUILDER_ENV current buildlet stage0 accepts on windows/arm64. */
+export const STAGE0_WINDOWS_ARM64_ENV = "host-windows11-arm64-azure";
+/**
+ * Source images whose file name says they are Insider/flighted builds: the OpenSSH
+ * capability (Add-WindowsCapability) is known to fail on those, so they need openSshZipUrl.
+ */
+export const FLIGHTED_IMAGE_NAME = /insider|flight|preview/i;
 
 export interface Download {
   url: string;
@@ -39,10 +59,14 @@ export interface GuestConfig {
   disableFirewall: boolean;
   disableDefenderRealtime: boolean;
   disableServices: boolean;
-  /** Present when the switch is on. */
+  /** Present when the download is installed (its URL set, its switch not false). */
   buildlet?: Download;
   llvmMingw?: Download;
   vsBuildTools?: Download;
+  /** GO_BUILDER_ENV, set machine-wide in the guest; present whenever the buildlet is installed. */
+  buildletEnv?: string;
+  /** VS Build Tools version (used when vsBuildTools is present). */
+  vsVersion: VsVersion;
 }
 
 export interface StackConfig {
@@ -58,6 +82,14 @@ export interface StackConfig {
     sshAllowedCidrs: string[];
     sshAuthorizedKeys: string[];
     keepRunning: boolean;
+    /** The host powers itself off after this many minutes with no stage running. */
+    idleMinutes: number;
+  };
+  bake: {
+    /** The short-lived arm64 instance the AMI is baked on. */
+    instanceType: string;
+    /** Root volume of the AMI; unset: derived from the image's virtual size at bake time. */
+    volumeGiB?: number;
   };
   artifacts: {
     bucketName?: string;
@@ -114,13 +146,15 @@ export function formatProblems(problems: Problem[]): string {
 
 const HEX64 = /^[0-9a-f]{64}$/i;
 
-/** Parses, defaults and validates every key; returns all problems at once. */
+/** Parses, defaults and validates every key; returns all problems (and warnings) at once. */
 export function validateConfig(
   raw: RawConfig,
   storedAsSecret: ReadonlySet<string> = new Set(),
-): { config?: StackConfig; problems: Problem[] } {
+): { config?: StackConfig; problems: Problem[]; warnings: Problem[] } {
   const problems: Problem[] = [];
+  const warnings: Problem[] = [];
   const add = (key: string, message: string) => problems.push({ key, message });
+  const warn = (key: string, message: string) => warnings.push({ key, message });
   const shown = (spec: KeySpec, value: string) => (spec.secret ? "(secret)" : JSON.stringify(value));
 
   // Unknown keys: most often a typo of a real one.
@@ -161,6 +195,8 @@ export function validateConfig(
   const str = (k: string) => values[k] as string | undefined;
   const int = (k: string) => values[k] as number | undefined;
   const bool = (k: string) => values[k] as boolean;
+  /** A switch that may be unset (undefined), true or false. */
+  const maybe = (k: string) => values[k] as boolean | undefined;
 
   const target = (str("target") ?? "aws") as Target;
   if (target !== "aws" && target !== "local") {
@@ -245,6 +281,12 @@ export function validateConfig(
       );
     }
   });
+  const idleMinutes = int("hostIdleMinutes");
+  if (idleMinutes !== undefined && (idleMinutes < 10 || idleMinutes > 1440))
+    add(
+      "hostIdleMinutes",
+      `${idleMinutes} is out of range: the host powers itself off after this many idle minutes. Fix: use 10 to 1440 (default 45).`,
+    );
   const authorizedKeys = (values["sshAuthorizedKeys"] as unknown[] | undefined) ?? [];
   authorizedKeys.forEach((k, i) => {
     const why = publicKeyProblem(k);
@@ -343,6 +385,11 @@ export function validateConfig(
   }
   if (openSshSha !== undefined && !HEX64.test(openSshSha))
     add("openSshZipSha256", `${JSON.stringify(openSshSha)} is not a SHA-256 (64 hex digits). Fix: sha256sum the zip.`);
+  if (imageUrl !== undefined && format && openSshUrl === undefined && FLIGHTED_IMAGE_NAME.test(imagePath(imageUrl)))
+    warn(
+      "openSshZipUrl",
+      `is not set, but windowsImageUrl ${JSON.stringify(imageUrl)} names an Insider/flighted build, where the OpenSSH capability from Windows Update is known to fail (0x800f0954), so the guest may never answer SSH. Fix: set openSshZipUrl and openSshZipSha256 to a Win32-OpenSSH OpenSSH-ARM64.zip release.`,
+    );
   const windowsVersion = str("windowsVersion") as WindowsVersion | undefined;
   if (windowsVersion !== undefined && !WINDOWS_VERSIONS.includes(windowsVersion)) {
     add(
@@ -444,16 +491,84 @@ export function validateConfig(
         shaKey,
         `${JSON.stringify(sha)} is not a SHA-256 (64 hex digits). Fix: sha256sum the file and paste the hash.`,
       );
-    if (!bool(switchKey)) continue;
+    const on = maybe(switchKey);
+    if (on === false) {
+      if (url !== undefined)
+        warn(
+          urlKey,
+          `is set but ${switchKey} is false, so it is not installed. Fix: unset ${switchKey} (or set it to true) to install it, or unset ${urlKey}.`,
+        );
+      continue;
+    }
+    if (on === undefined && url === undefined) {
+      if (sha !== undefined) add(shaKey, `is set but ${urlKey} is not. Fix: set ${urlKey} too, or unset this.`);
+      continue;
+    }
     if (url === undefined)
       add(urlKey, `is required while ${switchKey} is true. Fix: set it, or set ${switchKey}: false.`);
     if (sha === undefined)
       add(
         shaKey,
-        `is required while ${switchKey} is true: every download is verified. Fix: set it, or set ${switchKey}: false.`,
+        `is required ${on ? `while ${switchKey} is true` : `with ${urlKey}`}: every download is verified. Fix: set it, or set ${switchKey}: false.`,
       );
     if (url !== undefined && sha !== undefined) guestDownloads[name] = { url, sha256: sha.toLowerCase() };
   }
+  const installsBuildlet =
+    maybe("guestInstallBuildlet") === true ||
+    (maybe("guestInstallBuildlet") === undefined && str("buildletStage0Url") !== undefined);
+  const buildletEnv = str("buildletEnv");
+  if (buildletEnv !== undefined) {
+    if (!/^[a-z0-9-]{1,63}$/.test(buildletEnv))
+      add(
+        "buildletEnv",
+        `${JSON.stringify(buildletEnv)} is not a builder env name (1 to 63 lowercase letters, digits and dashes). Fix: e.g. ${STAGE0_WINDOWS_ARM64_ENV}.`,
+      );
+    else if (buildletEnv !== STAGE0_WINDOWS_ARM64_ENV)
+      warn(
+        "buildletEnv",
+        `${JSON.stringify(buildletEnv)}: current buildlet stage0 accepts only ${STAGE0_WINDOWS_ARM64_ENV} on windows/arm64 and panics on anything else; an older or self-built stage0 may accept it. Fix: use ${STAGE0_WINDOWS_ARM64_ENV} unless your stage0 knows this env.`,
+      );
+  } else if (installsBuildlet)
+    add(
+      "buildletEnv",
+      `is required while the buildlet is installed: stage0 panics on windows/arm64 without GO_BUILDER_ENV. Fix: set buildletEnv: ${STAGE0_WINDOWS_ARM64_ENV}, or set guestInstallBuildlet: false.`,
+    );
+  const vsVersion = (str("vsVersion") ?? "2022") as VsVersion;
+  const installsVs =
+    maybe("guestInstallVsBuildTools") === true ||
+    (maybe("guestInstallVsBuildTools") === undefined && str("vsBuildToolsUrl") !== undefined);
+  if (!VS_VERSIONS.includes(vsVersion))
+    add(
+      "vsVersion",
+      `${JSON.stringify(vsVersion)} is not a VS Build Tools version. Fix: use one of ${VS_VERSIONS.join(", ")}.`,
+    );
+  else if (installsVs && windowsVersion === "10" && !VS_FOR_WINDOWS_10.includes(vsVersion))
+    add(
+      "vsVersion",
+      `VS ${vsVersion} Build Tools do not support Windows 10 on ARM64 (VS 2022 and later need Windows 11 there). Fix: set vsVersion: 2019, or use a Windows 11 image, or set guestInstallVsBuildTools: false.`,
+    );
+
+  // ---- AMI bake
+  const bakeInstanceType = str("bakeInstanceType") ?? "c7g.large";
+  const bakeWhy = gravitonTypeProblem(bakeInstanceType);
+  if (bakeWhy === "family" || bakeWhy === "form")
+    add(
+      "bakeInstanceType",
+      `${JSON.stringify(bakeInstanceType)} is not an arm64 (Graviton) instance type, so the arm64 AMI cannot boot on it (x86 types never can). Fix: use ${gravitonCounterpart(bakeInstanceType)} or another Graviton type (families ${GRAVITON_FAMILIES.map((f) => f.family).join(", ")}).`,
+    );
+  else if (bakeWhy === "size") {
+    const fam = findGravitonFamily(bakeInstanceType.split(".")[0]);
+    add(
+      "bakeInstanceType",
+      `${JSON.stringify(bakeInstanceType)} is not a size of ${fam?.family}. Fix: use one of ${fam?.sizes.map((z) => `${fam.family}.${z}`).join(", ")}.`,
+    );
+  }
+  const amiVolumeGiB = int("amiVolumeGiB");
+  if (amiVolumeGiB !== undefined && (amiVolumeGiB < 16 || amiVolumeGiB > 16384))
+    add(
+      "amiVolumeGiB",
+      `${amiVolumeGiB} GiB is out of range for the AMI's root volume. Fix: use 16 to 16384, or unset it to size the volume from the image.`,
+    );
 
   // ---- tags
   const tags = (values["tags"] as Record<string, unknown> | undefined) ?? {};
@@ -467,7 +582,7 @@ export function validateConfig(
     if (/^aws:/i.test(k)) add("tags", `tag key ${JSON.stringify(k)} uses the reserved aws: prefix. Fix: rename it.`);
   }
 
-  if (problems.length > 0) return { problems };
+  if (problems.length > 0) return { problems, warnings };
 
   const config: StackConfig = {
     target,
@@ -482,6 +597,11 @@ export function validateConfig(
       sshAllowedCidrs: cidrs as string[],
       sshAuthorizedKeys: (authorizedKeys as string[]).map((k) => k.trim()),
       keepRunning: bool("keepHostRunning"),
+      idleMinutes: idleMinutes as number,
+    },
+    bake: {
+      instanceType: bakeInstanceType,
+      ...(amiVolumeGiB !== undefined ? { volumeGiB: amiVolumeGiB } : {}),
     },
     artifacts: {
       bucketName,
@@ -522,6 +642,8 @@ export function validateConfig(
       buildlet: guestDownloads["buildlet"],
       llvmMingw: guestDownloads["llvmMingw"],
       vsBuildTools: guestDownloads["vsBuildTools"],
+      ...(installsBuildlet && buildletEnv !== undefined ? { buildletEnv } : {}),
+      vsVersion,
     },
     retainAmiOnDelete: bool("retainAmiOnDelete"),
     tags: tags as Record<string, string>,
@@ -530,7 +652,7 @@ export function validateConfig(
       windowsProductKey: values["windowsProductKey"] === true,
     },
   };
-  return { config: deepFreeze(config), problems };
+  return { config: deepFreeze(config), problems, warnings };
 }
 
 /** Like validateConfig, but throws a ConfigError listing every problem. */
@@ -667,6 +789,15 @@ export function folderUriProblem(uri: string): string | undefined {
   return undefined;
 }
 
+/** A URL's path (lower-case not applied), or the text itself when it is not a URL. */
+function imagePath(url: string): string {
+  try {
+    return decodeURIComponent(new URL(url).pathname);
+  } catch {
+    return url;
+  }
+}
+
 /** The source format, from the URL path's extension (query strings ignored). */
 export function imageFormatOf(url: string): ImageFormat | undefined {
   let p: string;
@@ -741,7 +872,10 @@ export function readRawConfig(): RawConfig {
 export function loadConfig(): LoadedConfig {
   const raw = readRawConfig();
   const storedAsSecret = new Set(Object.keys(raw).filter((k) => isStoredAsSecret(`${PROJECT}:${k}`)));
-  const config = parseConfig(raw, storedAsSecret);
+  const { config: parsed, problems, warnings } = validateConfig(raw, storedAsSecret);
+  for (const w of warnings) pulumi.log.warn(`${PROJECT}:${w.key}: ${w.message}`);
+  if (!parsed) throw new ConfigError(problems);
+  const config = parsed;
   const cfg = new pulumi.Config(PROJECT);
   return {
     config,

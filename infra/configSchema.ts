@@ -105,6 +105,12 @@ export const CONFIG_KEYS: readonly KeySpec[] = Object.freeze([
     description:
       "Leave the host running (the AMI is then taken with a reboot). Default: stop it before the AMI is taken, to save cost; a later run with work starts it again.",
   },
+  {
+    key: "hostIdleMinutes",
+    type: "integer",
+    default: 45,
+    description: "The build host powers itself off after this many minutes with no stage running (10 to 1440).",
+  },
   // ---- artifacts
   {
     key: "artifactBucketName",
@@ -264,24 +270,34 @@ export const CONFIG_KEYS: readonly KeySpec[] = Object.freeze([
   {
     key: "guestInstallBuildlet",
     type: "boolean",
-    default: true,
-    description: "Install the Go buildlet stage0 and start it at logon.",
+    default: "",
+    description:
+      "Install the Go buildlet stage0 and start it at logon. Unset: installed when buildletStage0Url is set; false: never.",
   },
   { key: "buildletStage0Url", type: "string", default: "", description: "URL of buildlet stage0 for windows-arm64." },
   { key: "buildletStage0Sha256", type: "string", default: "", description: "SHA-256 of buildletStage0Url." },
   {
+    key: "buildletEnv",
+    type: "string",
+    default: "",
+    description:
+      "Go builder env name, set machine-wide as GO_BUILDER_ENV in the guest; required while the buildlet is installed (stage0 panics on windows/arm64 without it and today accepts only host-windows11-arm64-azure there).",
+  },
+  {
     key: "guestInstallLlvmMingw",
     type: "boolean",
-    default: true,
-    description: "Install the llvm-mingw aarch64 toolchain to C:\\godep.",
+    default: "",
+    description:
+      "Install the llvm-mingw aarch64 toolchain to C:\\godep. Unset: installed when llvmMingwUrl is set; false: never.",
   },
   { key: "llvmMingwUrl", type: "string", default: "", description: "URL of the llvm-mingw aarch64 zip." },
   { key: "llvmMingwSha256", type: "string", default: "", description: "SHA-256 of llvmMingwUrl." },
   {
     key: "guestInstallVsBuildTools",
     type: "boolean",
-    default: true,
-    description: "Install VS Build Tools with the ARM64 and ARM VC tools.",
+    default: "",
+    description:
+      "Install VS Build Tools with the ARM64 and ARM VC tools. Unset: installed when vsBuildToolsUrl is set; false: never.",
   },
   {
     key: "vsBuildToolsUrl",
@@ -291,11 +307,33 @@ export const CONFIG_KEYS: readonly KeySpec[] = Object.freeze([
   },
   { key: "vsBuildToolsSha256", type: "string", default: "", description: "SHA-256 of vsBuildToolsUrl." },
   {
+    key: "vsVersion",
+    type: "string",
+    default: "2022",
+    description:
+      "VS Build Tools version: 2019, 2022 or 2026. VS 2022 and later do not support Windows 10 on ARM64: use 2019 there.",
+  },
+  {
     key: "guestAutoLogon",
     type: "boolean",
     default: true,
     description:
       "Log the admin user on automatically (the buildlet runs in that session). false: only the first logon is automatic (for the first-logon commands).",
+  },
+  // ---- AMI
+  {
+    key: "bakeInstanceType",
+    type: "string",
+    default: "c7g.large",
+    description:
+      "The short-lived instance the AMI is baked on: an arm64 (Graviton) type of any size (x86 types cannot boot the arm64 AMI).",
+  },
+  {
+    key: "amiVolumeGiB",
+    type: "integer",
+    default: "",
+    description:
+      "Root volume of the baked AMI in GiB (16 to 16384). Unset: derived from the image's virtual size at bake time.",
   },
   // ---- lifecycle
   {
@@ -319,7 +357,8 @@ export function projectConfigBlock(): Record<string, Record<string, unknown>> {
   for (const k of CONFIG_KEYS) {
     const entry: Record<string, unknown> = {};
     // Pulumi's project schema types are string, integer, boolean and array; an object key has no type.
-    if (k.type !== "object") entry.type = k.type;
+    // Nor has an integer or boolean that is unset by default: Pulumi refuses a typed default of "".
+    if (k.type !== "object" && !(k.default === "" && k.type !== "string")) entry.type = k.type;
     if (k.type === "array") entry.items = { type: "string" };
     entry.description = k.description + (k.secret ? " Set it with --secret." : "");
     entry.default = k.default;

@@ -57,3 +57,83 @@ export function findHostType(name: string): HostType | undefined {
 export function typesWithAtomics(): string[] {
   return HOST_TYPES.filter((t) => t.lseAtomics).map((t) => t.name);
 }
+
+/**
+ * Graviton (arm64) instance families and their sizes, for instances that need
+ * not be bare metal (the AMI bake instance). An arm64 AMI boots only on these.
+ */
+export interface GravitonFamily {
+  family: string;
+  generation: GravitonGeneration;
+  sizes: readonly string[];
+}
+
+const UP_TO_16XL = ["medium", "large", "xlarge", "2xlarge", "4xlarge", "8xlarge", "12xlarge", "16xlarge"];
+const G2_G3_SIZES = [...UP_TO_16XL, "metal"];
+const G4_SIZES = [...UP_TO_16XL, "24xlarge", "48xlarge", "metal-24xl", "metal-48xl"];
+
+export const GRAVITON_FAMILIES: readonly GravitonFamily[] = Object.freeze([
+  { family: "a1", generation: 1, sizes: ["medium", "large", "xlarge", "2xlarge", "4xlarge", "metal"] },
+  { family: "t4g", generation: 2, sizes: ["nano", "micro", "small", "medium", "large", "xlarge", "2xlarge"] },
+  ...["c6g", "c6gd", "c6gn", "m6g", "m6gd", "r6g", "r6gd", "x2gd"].map((family) => ({
+    family,
+    generation: 2 as const,
+    sizes: G2_G3_SIZES,
+  })),
+  { family: "g5g", generation: 2, sizes: ["xlarge", "2xlarge", "4xlarge", "8xlarge", "16xlarge", "metal"] },
+  { family: "im4gn", generation: 2, sizes: ["large", "xlarge", "2xlarge", "4xlarge", "8xlarge", "16xlarge"] },
+  { family: "is4gen", generation: 2, sizes: ["medium", "large", "xlarge", "2xlarge", "4xlarge", "8xlarge"] },
+  { family: "i4g", generation: 2, sizes: ["large", "xlarge", "2xlarge", "4xlarge", "8xlarge", "16xlarge"] },
+  ...["c7g", "c7gd", "c7gn", "m7g", "m7gd", "r7g", "r7gd"].map((family) => ({
+    family,
+    generation: 3 as const,
+    sizes: G2_G3_SIZES,
+  })),
+  { family: "hpc7g", generation: 3, sizes: ["4xlarge", "8xlarge", "16xlarge"] },
+  ...["c8g", "c8gd", "c8gn", "m8g", "m8gd", "r8g", "r8gd", "x8g"].map((family) => ({
+    family,
+    generation: 4 as const,
+    sizes: G4_SIZES,
+  })),
+  {
+    family: "i8g",
+    generation: 4,
+    sizes: [
+      "large",
+      "xlarge",
+      "2xlarge",
+      "4xlarge",
+      "8xlarge",
+      "12xlarge",
+      "16xlarge",
+      "24xlarge",
+      "48xlarge",
+      "metal-24xl",
+    ],
+  },
+] as GravitonFamily[]);
+
+export function findGravitonFamily(family: string): GravitonFamily | undefined {
+  return GRAVITON_FAMILIES.find((f) => f.family === family);
+}
+
+/**
+ * Why an instance type cannot run an arm64 AMI, or undefined when it can:
+ * "family" (not a Graviton family), "size" (no such size in the family) or "form".
+ */
+export function gravitonTypeProblem(name: string): "form" | "family" | "size" | undefined {
+  const m = /^([a-z][a-z0-9-]*)\.([a-z0-9-]+)$/.exec(name);
+  if (!m) return "form";
+  const fam = findGravitonFamily(m[1]);
+  if (!fam) return "family";
+  return fam.sizes.includes(m[2]) ? undefined : "size";
+}
+
+/** The nearest Graviton type for an x86 (or unknown) one: same class and size where there is one. */
+export function gravitonCounterpart(name: string): string {
+  const m = /^([a-z]+)\d*[a-z-]*\.([a-z0-9-]+)$/.exec(name);
+  const byClass: Record<string, string> = { t: "t4g", c: "c7g", m: "m7g", r: "r7g", x: "x2gd", i: "i4g" };
+  const family = findGravitonFamily((m && byClass[m[1][0]]) ?? "c7g") as GravitonFamily;
+  const size = m && family.sizes.includes(m[2]) ? m[2] : "large";
+  return `${family.family}.${size}`;
+}

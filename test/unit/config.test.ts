@@ -57,8 +57,10 @@ describe("config validation", () => {
         guestInstallBuildlet: "true",
         buildletStage0Url: "https://storage.example.com/buildlet-stage0.windows-arm64",
         buildletStage0Sha256: "b".repeat(64),
+        buildletEnv: "host-windows11-arm64-azure",
       }),
     );
+    expect(c.guest.buildletEnv).to.equal("host-windows11-arm64-azure");
     expect(c.guest.buildlet).to.deep.equal({
       url: "https://storage.example.com/buildlet-stage0.windows-arm64",
       sha256: "b".repeat(64),
@@ -85,6 +87,155 @@ describe("config validation", () => {
       withDefaults({ ...GOOD, target: "local", artifactUri: "file:///srv/win%20images/" }),
     ).artifacts;
     expect(folder.uri).to.equal("file:///srv/win%20images/");
+  });
+
+  it("accepts a stack that sets only the required keys, with or without Pulumi.yaml's defaults", () => {
+    const required: RawConfig = {
+      sshAllowedCidrs: '["203.0.113.7/32"]',
+      windowsImageUrl: "s3://media/Windows11_ARM64_23H2.vhdx",
+      windowsImageSha256: "a".repeat(64),
+      windowsVersion: "11-23h2",
+    };
+    for (const raw of [required, withDefaults(required)]) {
+      const { config, problems, warnings } = validateConfig(raw);
+      expect(problems, JSON.stringify(problems)).to.deep.equal([]);
+      expect(warnings, JSON.stringify(warnings)).to.deep.equal([]);
+      const c = config as NonNullable<typeof config>;
+      expect(c.guest).to.include({
+        buildlet: undefined,
+        llvmMingw: undefined,
+        vsBuildTools: undefined,
+        vsVersion: "2022",
+      });
+      expect(c.guest.buildletEnv).to.equal(undefined);
+      expect(c.bake).to.deep.equal({ instanceType: "c7g.large" });
+      expect(c.host.idleMinutes).to.equal(45);
+    }
+  });
+
+  it("installs a guest download when its URL is set and its switch is unset", () => {
+    const c = parseConfig(
+      withDefaults({
+        ...GOOD,
+        guestInstallLlvmMingw: "",
+        llvmMingwUrl: "https://example.com/llvm-mingw-aarch64.zip",
+        llvmMingwSha256: "c".repeat(64),
+        guestInstallBuildlet: "",
+        buildletStage0Url: "https://example.com/stage0.exe",
+        buildletStage0Sha256: "d".repeat(64),
+        buildletEnv: "host-windows11-arm64-azure",
+      }),
+    );
+    expect(c.guest.llvmMingw).to.deep.equal({
+      url: "https://example.com/llvm-mingw-aarch64.zip",
+      sha256: "c".repeat(64),
+    });
+    expect(c.guest.buildlet?.sha256).to.equal("d".repeat(64));
+  });
+
+  it("reads the AMI bake settings, the idle timeout and VS version", () => {
+    const c = parseConfig(
+      withDefaults({
+        ...GOOD,
+        bakeInstanceType: "m8g.metal-24xl",
+        amiVolumeGiB: "80",
+        hostIdleMinutes: "90",
+        vsVersion: "2026",
+      }),
+    );
+    expect(c.bake).to.deep.equal({ instanceType: "m8g.metal-24xl", volumeGiB: 80 });
+    expect(c.host.idleMinutes).to.equal(90);
+    expect(c.guest.vsVersion).to.equal("2026");
+    for (const t of [
+      "t4g.nano",
+      "a1.large",
+      "c6gn.16xlarge",
+      "im4gn.large",
+      "r7gd.metal",
+      "x8g.48xlarge",
+      "i8g.metal-24xl",
+    ])
+      expect(parseConfig(withDefaults({ ...GOOD, bakeInstanceType: t })).bake.instanceType).to.equal(t);
+  });
+
+  it("accepts VS 2022 with Windows 10 when VS Build Tools are not installed", () => {
+    const c = parseConfig(withDefaults({ ...GOOD, windowsVersion: "10", vsVersion: "2022" }));
+    expect(c.guest.vsBuildTools).to.equal(undefined);
+    const vs2019 = parseConfig(
+      withDefaults({
+        ...GOOD,
+        windowsVersion: "10",
+        vsVersion: "2019",
+        guestInstallVsBuildTools: "true",
+        vsBuildToolsUrl: "https://aka.ms/vs/16/release/vs_buildtools.exe",
+        vsBuildToolsSha256: "e".repeat(64),
+      }),
+    );
+    expect(vs2019.guest).to.include({ vsVersion: "2019" });
+  });
+
+  // [description, overrides, key that must be named, hint that must appear]
+  const WARNED: Array<[string, RawConfig, string, RegExp]> = [
+    [
+      "a builder env current stage0 refuses",
+      {
+        buildletStage0Url: "https://example.com/stage0.exe",
+        guestInstallBuildlet: "true",
+        buildletStage0Sha256: "d".repeat(64),
+        buildletEnv: "host-windows-arm64-mini",
+      },
+      "buildletEnv",
+      /accepts only host-windows11-arm64-azure/,
+    ],
+    [
+      "a download URL with its switch off",
+      { guestInstallLlvmMingw: "false", llvmMingwUrl: "https://example.com/llvm.zip" },
+      "llvmMingwUrl",
+      /not installed.*unset guestInstallLlvmMingw/,
+    ],
+    [
+      "an Insider VHDX without the OpenSSH zip",
+      { windowsImageUrl: "s3://media/Windows11_InsiderPreview_Client_ARM64_en-us_22631.vhdx" },
+      "openSshZipUrl",
+      /Insider\/flighted.*OpenSSH-ARM64\.zip/,
+    ],
+    [
+      "a flighted ISO without the OpenSSH zip",
+      {
+        windowsImageUrl: "https://media.example.com/26100.1-FLIGHT-arm64.iso",
+        windowsVersion: "11-24h2",
+        hostInstanceType: "c7g.metal",
+      },
+      "openSshZipUrl",
+      /0x800f0954/,
+    ],
+  ];
+
+  for (const [what, over, key, hint] of WARNED) {
+    it(`accepts ${what} with a warning naming ${key}`, () => {
+      const { config, problems, warnings } = validateConfig(withDefaults({ ...GOOD, ...over }));
+      expect(problems, JSON.stringify(problems)).to.deep.equal([]);
+      expect(config).to.not.equal(undefined);
+      const mine = warnings.filter((w) => w.key === key);
+      expect(mine, JSON.stringify(warnings)).to.have.length(1);
+      expect(mine[0].message).to.match(hint);
+    });
+  }
+
+  it("does not warn about OpenSSH for a release image, or a flighted one with the zip", () => {
+    for (const over of [
+      { windowsImageUrl: "s3://media/Windows11_ARM64_23H2.vhdx" },
+      {
+        windowsImageUrl: "s3://media/Windows11_InsiderPreview_ARM64.vhdx",
+        openSshZipUrl:
+          "https://github.com/PowerShell/Win32-OpenSSH/releases/download/v9.8.1.0p1-Preview/OpenSSH-ARM64.zip",
+        openSshZipSha256: "f".repeat(64),
+      },
+    ]) {
+      const { problems, warnings } = validateConfig(withDefaults({ ...GOOD, ...over }));
+      expect(problems).to.deep.equal([]);
+      expect(warnings, JSON.stringify(warnings)).to.deep.equal([]);
+    }
   });
 
   // [description, overrides, key that must be named, hint that must appear]
@@ -190,6 +341,82 @@ describe("config validation", () => {
       /every download is verified/,
     ],
     ["VS Build Tools over s3://", { vsBuildToolsUrl: "s3://x/vs.exe" }, "vsBuildToolsUrl", /guest downloads it itself/],
+    ["x86 bake type", { bakeInstanceType: "c7i.large" }, "bakeInstanceType", /not an arm64.*Fix: use c7g\.large/],
+    ["older x86 bake type", { bakeInstanceType: "m5.xlarge" }, "bakeInstanceType", /x86 types never can.*m7g\.xlarge/],
+    ["AMD bake type", { bakeInstanceType: "t3a.micro" }, "bakeInstanceType", /t4g\.micro/],
+    [
+      "bake type that is no type",
+      { bakeInstanceType: "large" },
+      "bakeInstanceType",
+      /Graviton type \(families a1, t4g/,
+    ],
+    ["bake type of a size that does not exist", { bakeInstanceType: "c7g.huge" }, "bakeInstanceType", /c7g\.medium/],
+    ["t4g has no metal", { bakeInstanceType: "t4g.metal" }, "bakeInstanceType", /not a size of t4g/],
+    ["AMI volume too small", { amiVolumeGiB: "8" }, "amiVolumeGiB", /16 to 16384/],
+    ["AMI volume too large", { amiVolumeGiB: "20000" }, "amiVolumeGiB", /unset it to size the volume/],
+    ["AMI volume not a number", { amiVolumeGiB: "64G" }, "amiVolumeGiB", /whole number/],
+    ["idle timeout too short", { hostIdleMinutes: "5" }, "hostIdleMinutes", /10 to 1440/],
+    ["idle timeout over a day", { hostIdleMinutes: "1441" }, "hostIdleMinutes", /10 to 1440/],
+    [
+      "buildlet URL without a builder env",
+      {
+        guestInstallBuildlet: "",
+        buildletStage0Url: "https://example.com/s0.exe",
+        buildletStage0Sha256: "d".repeat(64),
+      },
+      "buildletEnv",
+      /buildletEnv: host-windows11-arm64-azure/,
+    ],
+    [
+      "builder env with capitals",
+      { buildletEnv: "Host-Windows11" },
+      "buildletEnv",
+      /lowercase letters, digits and dashes/,
+    ],
+    ["builder env too long", { buildletEnv: "a".repeat(64) }, "buildletEnv", /1 to 63/],
+    ["builder env with a space", { buildletEnv: "host windows" }, "buildletEnv", /not a builder env name/],
+    [
+      "buildlet on without URL (switch unset defaults never refuse)",
+      { guestInstallBuildlet: "true", buildletEnv: "host-windows11-arm64-azure" },
+      "buildletStage0Url",
+      /required while guestInstallBuildlet is true/,
+    ],
+    [
+      "download URL without hash, switch unset",
+      { guestInstallVsBuildTools: "", vsBuildToolsUrl: "https://example.com/vs_BuildTools.exe" },
+      "vsBuildToolsSha256",
+      /required with vsBuildToolsUrl/,
+    ],
+    [
+      "download hash without URL",
+      { guestInstallLlvmMingw: "", llvmMingwSha256: "c".repeat(64) },
+      "llvmMingwSha256",
+      /llvmMingwUrl is not/,
+    ],
+    ["unknown VS version", { vsVersion: "2017" }, "vsVersion", /2019, 2022, 2026/],
+    [
+      "VS 2022 for Windows 10",
+      {
+        windowsVersion: "10",
+        vsBuildToolsUrl: "https://example.com/vs_BuildTools.exe",
+        vsBuildToolsSha256: "e".repeat(64),
+        guestInstallVsBuildTools: "",
+      },
+      "vsVersion",
+      /do not support Windows 10 on ARM64.*vsVersion: 2019/,
+    ],
+    [
+      "VS 2026 for Windows 10",
+      {
+        windowsVersion: "10",
+        vsVersion: "2026",
+        vsBuildToolsUrl: "https://example.com/vs_BuildTools.exe",
+        vsBuildToolsSha256: "e".repeat(64),
+        guestInstallVsBuildTools: "true",
+      },
+      "vsVersion",
+      /VS 2026.*vsVersion: 2019/,
+    ],
     ["tags not an object", { tags: '["a"]' }, "tags", /key: value/],
     ["tag with reserved prefix", { tags: '{"aws:team": "x"}' }, "tags", /reserved aws: prefix/],
     ["tag with number value", { tags: '{"team": 5}' }, "tags", /quote it/],
