@@ -3,7 +3,7 @@ import eslint from "@eslint/js";
 import tseslint from "typescript-eslint";
 
 export default tseslint.config(
-  { ignores: ["node_modules/", "bin/", ".cache/", ".work/", "**/*.js", "**/*.mjs"] },
+  { ignores: ["node_modules/", "policy/node_modules/", "bin/", ".cache/", ".work/", "**/*.js", "**/*.mjs"] },
   eslint.configs.recommended,
   ...tseslint.configs.recommended,
   {
