@@ -18,9 +18,9 @@
 #   killed, or of an operator's session, starts when it was last seen.
 #   Otherwise the host has been IDLE since the newest of: the mtime of
 #   $STAGE_STATE_DIR/last-activity (touched by the wrapper at the start and
-#   end of each stage; a stage id on its first line names the stage), the
-#   last-seen record, and the boot (now - uptime). Once idle for at least
-#   IDLE_MINUTES it logs, e.g.
+#   end of each stage; a stage id as the first word of its first line names
+#   the stage), the last-seen record (idle-guard-install.sh writes one too),
+#   and the boot (now - uptime). Once idle for at least IDLE_MINUTES it logs:
 #     idle-guard: no stage for 47 min (last: stage fetchImage at 2026-12-01 10:00:00 UTC; limit 45 min): powering off
 #   checks the markers and sessions once more, and runs IDLE_POWEROFF_COMMAND.
 #   An EC2 instance stops (it is not terminated) when its OS powers off.
@@ -169,12 +169,11 @@ scan_busy() {
       [[ -f $f ]] || continue
       name=${f##*/}
       first=
-      if ! { IFS= read -r first || [[ -n $first ]]; } 2>/dev/null <"$f"; then
+      if ! { read -r first _ || [[ -n $first ]]; } 2>/dev/null <"$f"; then
         # Empty (being written), or it could not be opened.
         [[ -e $f ]] || continue # removed by its wrapper just now: the stage ended
         [[ -r $f ]] || unsure "stage marker $f cannot be read"
       fi
-      first=${first//[[:space:]]/}
       if is_uint "$first" && ((10#$first > 0)); then
         pid=$((10#$first))
       elif [[ $name =~ \.([0-9]{1,10})$ ]] && ((10#${BASH_REMATCH[1]} > 0)); then
@@ -258,8 +257,7 @@ activity=$stage_state_dir/last-activity
 if [[ -e $activity ]]; then
   t=$(stat -c %Y -- "$activity" 2>/dev/null) || unsure "cannot stat $activity"
   first=
-  { IFS= read -r first <"$activity" || true; } 2>/dev/null
-  first=${first//[[:space:]]/}
+  { read -r first _ <"$activity" || true; } 2>/dev/null
   if [[ $first =~ ^[A-Za-z][A-Za-z0-9_.:-]{0,63}$ ]]; then
     consider "$t" "stage $first"
   else
