@@ -122,13 +122,18 @@ mounted() { awk -v p="$1" '$5 == p { f = 1 } END { exit !f }' /proc/self/mountin
 
 # pids_holding FILE: "NAME (pid N)" for every process with FILE open.
 pids_holding() {
-  local fd pid out=""
-  for fd in /proc/[0-9]*/fd/*; do
-    [[ $(readlink "$fd" 2>/dev/null) == "$1" ]] || continue
+  local fd pid comm out="" pattern=$1
+  pattern=${pattern//\\/\\\\}
+  pattern=${pattern//\*/\\*}
+  pattern=${pattern//\?/\\?}
+  pattern=${pattern//\[/\\[}
+  while IFS= read -r fd; do
     pid=${fd#/proc/}
     pid=${pid%%/*}
-    [[ $out == *"(pid $pid)"* ]] || out+="${out:+, }$(cat "/proc/$pid/comm" 2>/dev/null || echo '?') (pid $pid)"
-  done
+    [[ $pid != "$$" && $pid != "$BASHPID" ]] || continue # this script's own lock
+    comm=$(cat "/proc/$pid/comm" 2>/dev/null) || continue # gone since
+    [[ $out == *"(pid $pid)"* ]] || out+="${out:+, }$comm (pid $pid)"
+  done < <(timeout 30 find /proc/[0-9]*/fd -maxdepth 1 -type l -lname "$pattern" 2>/dev/null {lock_fd}<&-)
   printf '%s' "$out"
 }
 
@@ -384,8 +389,8 @@ if ! err=$(timeout 300 ntfs-3g -o rw,norecover "$loop" "$mnt" 2>&1 {lock_fd}<&-)
   die "ntfs-3g could not mount the Windows volume (partition $part): ${err//$'\n'/ }"
 fi
 for p in /proc/[0-9]*; do
-  cmd=$(tr '\0' ' ' 2>/dev/null <"$p/cmdline") || continue
-  if [[ $cmd == *ntfs-3g*" $loop $mnt "* ]]; then
+  mapfile -d '' -t argv 2>/dev/null <"$p/cmdline" || continue
+  if [[ " ${argv[*]} " == *ntfs-3g*" $loop $mnt "* ]]; then
     printf '%s\n' "${p#/proc/}" >"$state/ntfs-3g.pid"
     break
   fi
