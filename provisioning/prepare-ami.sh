@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
-# prepare-ami.sh - make a host file system ready to be baked into the builder AMI.
+# prepare-ami.sh - make a file system ready to be baked into the builder AMI.
 #
-# Usage: prepare-ami.sh [--generalize] ROOT [ENV_FILE]
+# Usage: prepare-ami.sh [--generalize | --check] ROOT [ENV_FILE]
 #
-#   ROOT        root of the file system to prepare: / on the build host, or a
-#               mounted/unpacked tree (tests)
+#   ROOT        root of the file system to prepare: / on the bake instance
+#               (bake-image.sh calls this script), or an unpacked tree (tests)
 #   ENV_FILE    the VM env file for the image, default $SCRIPT_DIR/../vm.env.
-#               Refused if it sets VM_CONFIG_ISO (the answer-file media holds
-#               secrets and must not ship). Installed with VM_HALT_ON_EXIT=1
-#               (added or replacing another value): a builder instance stops
-#               when its VM stops.
-#   --generalize  also remove per-instance identity (see below); the last step
+#               KEY=value lines as run-vm.sh reads them. Refused if it sets
+#               VM_CONFIG_ISO (the answer-file media holds secrets and must not
+#               ship). Installed with VM_HALT_ON_EXIT=1 (added, or replacing
+#               another value): a builder instance stops when its VM stops.
+#   --check     only validate ENV_FILE and this script's sources; print the
+#               image's VM_DIR (default /var/lib/windows-vm) on stdout; change
+#               nothing.
+#   --generalize  also remove per-instance identity (below): the last step
 #               before the AMI is taken.
 #
 # Installs (written only when different):
@@ -20,51 +23,49 @@
 #                                        -> ROOT/etc/systemd/system/windows-vm.service (0644)
 # enables the unit (`systemctl --root=ROOT enable`, which needs no running
 # systemd; without systemctl the multi-user.target.wants symlink is made by
-# hand) and deletes ROOT$VM_DIR/config.iso and ROOT$VM_DIR/config/ (the
-# answer file with the password, and the pipeline key, staged for the ISO;
-# VM_DIR from ENV_FILE, default /var/lib/windows-vm).
+# hand). ROOT$VM_DIR/config.iso and ROOT$VM_DIR/config/ (answer-file media and
+# its staging, which exist only on a build host) are deleted if present, so
+# they can never ship.
 #
 # With --generalize:
 #   - cloud-init state: `cloud-init clean --logs` when ROOT is / and cloud-init
 #     is installed; otherwise ROOT/var/lib/cloud/* (except seed/) and the
-#     cloud-init logs are removed, so cloud-init runs afresh on each instance
-#     (it also makes new SSH host keys);
+#     cloud-init logs are removed. Then any user-data/vendor-data copy still
+#     under ROOT/var/lib/cloud is removed too: the bake instance's own user
+#     data (manifest, status URI) does not stay in the image, and cloud-init
+#     runs afresh on each instance (it also makes new SSH host keys);
 #   - ROOT/etc/ssh/ssh_host_* removed;
 #   - ROOT/etc/machine-id emptied (systemd makes a new one at first boot);
-#   - the key in PIPELINE_PUBLIC_KEY (an OpenSSH public key line) removed from
-#     ROOT/root/.ssh/authorized_keys and ROOT/home/*/.ssh/authorized_keys; other
-#     keys stay. Without PIPELINE_PUBLIC_KEY a warning says no key was removed.
+#   - the journal: rotated and vacuumed when ROOT is / (journalctl), otherwise
+#     ROOT/var/log/journal/* removed.
+# Authorized SSH keys are left alone: the bake instance is started without a
+# key pair and no pipeline key ever reaches it.
 #
-# With BUILD_INSTANCE_ID (the build host's EC2 instance id) set, it is written
-# to ROOT/etc/windows-vm/build-instance-id: the unit's ExecCondition
-# (run-vm.sh --not-build-host) then skips the VM on the build host itself.
-#
-# Env: PIPELINE_PUBLIC_KEY (only read with --generalize); BUILD_INSTANCE_ID.
-# Output: what was done, on stderr, prefixed "prepare-ami:"; nothing on stdout.
+# Env: none.
+# Output: progress on stderr, prefixed "prepare-ami:"; stdout is empty except
+# the VM_DIR line of --check.
 # Exit: 0 when done (a rerun changes nothing more); 1 with a message naming
 # the cause otherwise; 2 on bad usage. Idempotent.
 set -euo pipefail
+# shellcheck source=SCRIPTDIR/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 readonly PROG=prepare-ami
 SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 readonly SCRIPT_DIR
 readonly UNIT=windows-vm.service
 
-log() { printf '%s: %s\n' "$PROG" "$*" >&2; }
-die() {
-  log "error: $*"
-  exit 1
-}
 usage() {
-  log "usage: prepare-ami.sh [--generalize] ROOT [ENV_FILE]"
+  log "usage: prepare-ami.sh [--generalize | --check] ROOT [ENV_FILE]"
   exit 2
 }
 
-generalize=0
+mode=install
 args=()
 for a in "$@"; do
   case $a in
-    --generalize) generalize=1 ;;
+    --generalize) mode=generalize ;;
+    --check) mode=check ;;
     -h | --help) usage ;;
     -*) log "unknown option '$a'" && usage ;;
     *) args+=("$a") ;;
@@ -86,9 +87,6 @@ bash -n "$launcher_src" || die "launcher $launcher_src has a syntax error"
 [[ -f $unit_src ]] || die "unit file $unit_src not found"
 [[ -f $env_src ]] || die "env file $env_src not found"
 
-work=$(mktemp -d "${TMPDIR:-/tmp}/prepare-ami.XXXXXX")
-trap 'rm -rf -- "$work"' EXIT
-
 # --- the env file ------------------------------------------------------------
 # Same format as run-vm.sh reads: KEY=value lines, # comments, blank lines.
 lineno=0
@@ -96,11 +94,14 @@ vm_dir=/var/lib/windows-vm
 halt_seen=
 while IFS= read -r line || [[ -n $line ]]; do
   lineno=$((lineno + 1))
+  line=${line%$'\r'}
   [[ $line =~ ^[[:space:]]*(#.*)?$ ]] && continue
   [[ $line =~ ^([A-Z_][A-Z0-9_]*)=(.*)$ ]] ||
     die "$env_src line $lineno is not KEY=value: $line"
   k=${BASH_REMATCH[1]}
   v=${BASH_REMATCH[2]}
+  # run-vm.sh (like systemd) drops one pair of surrounding quotes.
+  if [[ $v =~ ^\"(.*)\"$ || $v =~ ^\'(.*)\'$ ]]; then v=${BASH_REMATCH[1]}; fi
   case $k in
     VM_CONFIG_ISO)
       [[ -z $v ]] ||
@@ -111,6 +112,14 @@ while IFS= read -r line || [[ -n $line ]]; do
   esac
 done <"$env_src"
 [[ $vm_dir == /* ]] || die "$env_src sets VM_DIR=$vm_dir; it must be an absolute path"
+
+if [[ $mode == check ]]; then
+  printf '%s\n' "$vm_dir"
+  exit 0
+fi
+
+work=$(mktemp -d "${TMPDIR:-/tmp}/prepare-ami.XXXXXX")
+trap 'rm -rf -- "$work"' EXIT
 
 env_out=$work/vm.env
 if [[ $halt_seen == 1 ]]; then
@@ -144,11 +153,6 @@ install_file() { # SRC DST MODE
 install_file "$launcher_src" "$root/usr/local/lib/windows-vm/run-vm.sh" 0755
 install_file "$env_out" "$root/etc/windows-vm/vm.env" 0644
 install_file "$unit_src" "$root/etc/systemd/system/$UNIT" 0644
-if [[ -n ${BUILD_INSTANCE_ID:-} ]]; then
-  [[ $BUILD_INSTANCE_ID =~ ^i-[0-9a-f]{8,17}$ ]] || die "BUILD_INSTANCE_ID '$BUILD_INSTANCE_ID' is not an EC2 instance id"
-  printf '%s\n' "$BUILD_INSTANCE_ID" >"$work/build-instance-id"
-  install_file "$work/build-instance-id" "$root/etc/windows-vm/build-instance-id" 0644
-fi
 
 # --- enable the unit -----------------------------------------------------------
 wants=$root/etc/systemd/system/multi-user.target.wants/$UNIT
@@ -163,21 +167,19 @@ fi
 [[ -L $wants ]] || die "$UNIT is not enabled: ${wants#"$root"} is missing"
 log "$UNIT is enabled (multi-user.target)"
 
-# --- answer-file media and its staging folder (they hold the password) ---------
-config_iso=$root$vm_dir/config.iso
-if [[ -e $config_iso ]]; then
-  rm -f -- "$config_iso"
-  log "removed ${config_iso#"$root"} (answer-file media)"
+# --- answer-file media (only ever on a build host; never ships) ----------------
+if [[ -e $root$vm_dir/config.iso ]]; then
+  rm -f -- "$root$vm_dir/config.iso"
+  log "removed $vm_dir/config.iso (answer-file media)"
 fi
-config_dir=$root$vm_dir/config
-if [[ -e $config_dir ]]; then
-  find "$config_dir" -type f -exec shred -u -- {} + 2>/dev/null || true
-  rm -rf -- "$config_dir"
-  log "removed ${config_dir#"$root"}/ (answer file and key staged for the config ISO)"
+if [[ -e $root$vm_dir/config ]]; then
+  find "$root$vm_dir/config" -type f -exec shred -u -- {} + 2>/dev/null || true
+  rm -rf -- "$root$vm_dir/config"
+  log "removed $vm_dir/config/ (answer file staged for the config ISO)"
 fi
 
-if ((generalize == 0)); then
-  log "done (not generalized: host keys, cloud-init state and authorized keys untouched)"
+if [[ $mode != generalize ]]; then
+  log "done (not generalized: host keys, cloud-init state and machine-id untouched)"
   exit 0
 fi
 
@@ -191,6 +193,15 @@ else
   fi
   rm -f -- "$root/var/log/cloud-init.log" "$root/var/log/cloud-init-output.log"
   log "cloud-init state removed (/var/lib/cloud except seed/, cloud-init logs)"
+fi
+if [[ -d $root/var/lib/cloud ]]; then
+  left=0
+  while IFS= read -r -d '' f; do
+    rm -f -- "$f"
+    left=$((left + 1))
+  done < <(find "$root/var/lib/cloud" \( -name 'user-data*' -o -name 'vendor-data*' -o -name 'cloud-config.txt' \) \
+    ! -type d -print0)
+  ((left == 0)) || log "removed $left user-data/vendor-data file(s) left under /var/lib/cloud"
 fi
 
 shopt -s nullglob
@@ -206,34 +217,13 @@ if [[ -s $root/etc/machine-id ]]; then
   log "emptied /etc/machine-id (a new one is made at first boot)"
 fi
 
-if [[ -z ${PIPELINE_PUBLIC_KEY:-} ]]; then
-  log "warning: PIPELINE_PUBLIC_KEY is not set: no authorized key removed"
-else
-  blob=
-  read -r -a key_fields <<<"$PIPELINE_PUBLIC_KEY"
-  for field in "${key_fields[@]}"; do
-    if [[ $field =~ ^AAAA[0-9A-Za-z+/]+=*$ ]]; then
-      blob=$field
-      break
-    fi
-  done
-  [[ -n $blob ]] || die "PIPELINE_PUBLIC_KEY does not look like an OpenSSH public key (no base64 key field)"
-  shopt -s nullglob
-  key_files=("$root"/root/.ssh/authorized_keys "$root"/home/*/.ssh/authorized_keys)
-  shopt -u nullglob
-  removed=0
-  for f in "${key_files[@]}"; do
-    [[ -f $f ]] || continue
-    grep -qF -- "$blob" "$f" || continue
-    tmp=$(mktemp "$f.XXXXXX")
-    awk -v blob="$blob" '{ for (i = 1; i <= NF; i++) if ($i == blob) next; print }' "$f" >"$tmp"
-    chmod --reference="$f" -- "$tmp"
-    chown --reference="$f" -- "$tmp"
-    mv -f -- "$tmp" "$f"
-    removed=$((removed + 1))
-    log "removed the pipeline key from ${f#"$root"}"
-  done
-  ((removed > 0)) || log "the pipeline key is in no authorized_keys file"
+if [[ -z $root ]] && command -v journalctl >/dev/null; then
+  journalctl --rotate >&2 2>/dev/null || true
+  journalctl --vacuum-time=1s >&2 2>/dev/null || log "warning: journalctl --vacuum-time failed; the bake's journal stays"
+  log "journal rotated and vacuumed"
+elif [[ -d $root/var/log/journal ]]; then
+  find "$root/var/log/journal" -mindepth 1 -maxdepth 1 -exec rm -rf -- {} +
+  log "removed /var/log/journal/*"
 fi
 
 log "done (generalized)"

@@ -3,7 +3,6 @@
 # run-vm.sh - runs the Windows ARM64 VM under QEMU in the foreground.
 #
 # Usage: run-vm.sh [--print|--check|--resolve] [ENV_FILE]
-#        run-vm.sh --not-build-host
 #
 #   ENV_FILE   the VM's env file (/etc/windows-vm/vm.env on the baked image).
 #              Lines are KEY=value (no quotes needed, no spaces in values),
@@ -20,14 +19,6 @@
 #   --check    validate everything, start nothing; exit 0 when QEMU could start.
 #   --resolve  print the resolved settings (KEY=value, defaults applied) and
 #              exit, without validation.
-#   --not-build-host
-#              the unit's ExecCondition: exit 1 (the unit is skipped, not
-#              failed) on the instance the image was built on, whose id
-#              prepare-ami.sh wrote to RUN_VM_BUILD_ID_FILE
-#              [/etc/windows-vm/build-instance-id]; that host keeps its disk
-#              for the pipeline when it is started again. Exit 0 elsewhere,
-#              and when the file or the instance metadata (IMDSv2 at
-#              RUN_VM_IMDS_URL [http://169.254.169.254]) cannot be read.
 #
 # Variables (defaults in brackets):
 #   VM_DIR [/var/lib/windows-vm]      data dir; qemu.pid is written there
@@ -85,7 +76,6 @@ while (($#)); do
     --print) mode=print ;;
     --check) mode=check ;;
     --resolve) mode=resolve ;;
-    --not-build-host) mode=not-build-host ;;
     -h | --help)
       awk 'NR > 2 && !/^#/ { exit } NR > 2 { sub(/^# ?/, ""); print }' "${BASH_SOURCE[0]}"
       exit 0
@@ -99,20 +89,6 @@ while (($#)); do
   shift
 done
 if [[ $mode == run && ${RUN_VM_DRY_RUN:-0} == 1 ]]; then mode=print; fi
-
-if [[ $mode == not-build-host ]]; then
-  id_file=${RUN_VM_BUILD_ID_FILE:-/etc/windows-vm/build-instance-id}
-  [[ -r $id_file ]] || exit 0
-  read -r build_id _ <"$id_file" || exit 0
-  imds=${RUN_VM_IMDS_URL:-http://169.254.169.254}
-  token=$(curl -fsS -m 3 -X PUT "$imds/latest/api/token" -H 'X-aws-ec2-metadata-token-ttl-seconds: 60' 2>/dev/null) || exit 0
-  here=$(curl -fsS -m 3 -H "X-aws-ec2-metadata-token: $token" "$imds/latest/meta-data/instance-id" 2>/dev/null) || exit 0
-  if [[ -n $build_id && $here == "$build_id" ]]; then
-    echo "run-vm: $here is the build host of this image: the image VM does not start here (the pipeline uses its disk)" >&2
-    exit 1
-  fi
-  exit 0
-fi
 
 readonly known_vars=(VM_DIR VM_CPUS VM_MEMORY_GIB VM_ACCEL VM_MACHINE_OPTS VM_DISK VM_EFI_CODE VM_EFI_VARS
   VM_DRIVERS_ISO VM_CONFIG_ISO VM_INSTALL_ISO VM_SSH_PORT VM_BUILDLET_PORT VM_VNC_DISPLAY VM_QMP_SOCKET VM_SERIAL_LOG
