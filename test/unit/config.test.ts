@@ -1,7 +1,17 @@
 import { expect } from "chai";
-import { formatProblems, parseConfig, RawConfig, validateConfig } from "../../infra/config";
+import {
+  formatProblems,
+  Machine,
+  parseConfig,
+  RawConfig,
+  STACK_TAG_KEYS,
+  validateConfig,
+  WINDOWS_TIME_ZONES,
+} from "../../infra/config";
+import { coversAll, parseCidr, s3KeyProblem, urlCredentials, Cidr } from "../../infra/configChecks";
 import { CONFIG_KEYS } from "../../infra/configSchema";
 import { findHostType, HOST_TYPES, typesWithAtomics } from "../../infra/hostTypes";
+import { RUNTIME } from "../../infra/pipeline/plan";
 
 /** Pulumi passes defaults from Pulumi.yaml as strings; mimic that. */
 function withDefaults(over: RawConfig): RawConfig {
@@ -19,6 +29,9 @@ const GOOD: RawConfig = {
   guestInstallLlvmMingw: "false",
   guestInstallVsBuildTools: "false",
 };
+
+/** A workstation for the local target's VM, so results do not depend on the machine running the tests. */
+const WORKSTATION: Machine = { cpus: 8, memoryGiB: 31.3, cwd: "/home/dev/windows-arm64-image" };
 
 const ED25519 = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIB7bJ9r6bH1FyqRg5Ik3pS0pQ4lTAmQmWq8b3M2xk2eX op@laptop";
 
@@ -80,11 +93,15 @@ describe("config validation", () => {
         sshAllowedCidrs: "[]",
         windowsImageUrl: "file:///srv/images/win.qcow2",
       }),
+      new Set(),
+      WORKSTATION,
     );
     expect(c.target).to.equal("local");
     expect(c.image.format).to.equal("qcow2");
     const folder = parseConfig(
       withDefaults({ ...GOOD, target: "local", artifactUri: "file:///srv/win%20images/" }),
+      new Set(),
+      WORKSTATION,
     ).artifacts;
     expect(folder.uri).to.equal("file:///srv/win%20images/");
   });
@@ -301,7 +318,7 @@ describe("config validation", () => {
     ["artifactUri with ..", { target: "local", artifactUri: "file:///srv/../etc/" }, "artifactUri", /plain absolute/],
     ["artifactUri of another scheme", { target: "local", artifactUri: "ftp://x/y/" }, "artifactUri", /neither file/],
     ["artifactUri with a quote", { target: "local", artifactUri: "s3://b/it's/" }, "artifactUri", /neither file/],
-    ["prefix with a quote", { artifactPrefix: "it's/" }, "artifactPrefix", /!-_\.\*\(\)\/ only/],
+    ["prefix with a quote", { artifactPrefix: "it's/" }, "artifactPrefix", /!-_\.\(\)\/ only/],
     ["missing image URL", { windowsImageUrl: "" }, "windowsImageUrl", /required but not set/],
     ["http image URL", { windowsImageUrl: "http://example.com/w.vhdx" }, "windowsImageUrl", /s3:\/\/ or https:\/\//],
     ["file:// image URL on aws", { windowsImageUrl: "file:///tmp/w.vhdx" }, "windowsImageUrl", /cannot fetch/],
@@ -465,6 +482,661 @@ describe("config validation", () => {
   it("accepts a well-formed operator public key", () => {
     const c = parseConfig(withDefaults({ ...GOOD, sshAuthorizedKeys: JSON.stringify([ED25519]) }));
     expect(c.host.sshAuthorizedKeys).to.deep.equal([ED25519]);
+  });
+});
+
+/** A value that must be refused: overrides, the key named, a hint in its message, and options. */
+interface Hostile {
+  over: RawConfig;
+  key: string;
+  hint: RegExp;
+  /** Text that must not appear in any message (a secret inside the value). */
+  absent?: string;
+  machine?: Machine;
+  secret?: string[];
+}
+
+const LOCAL: RawConfig = { target: "local", sshAllowedCidrs: "[]", windowsImageUrl: "file:///srv/images/win.qcow2" };
+const CIDRS = (...c: string[]) => JSON.stringify(c);
+const TAGS = (n: number) => JSON.stringify(Object.fromEntries(Array.from({ length: n }, (_, i) => [`t${i}`, "x"])));
+
+const HOSTILE: Record<string, Record<string, Hostile>> = {
+  "SSH reach": {
+    "two halves of IPv4": {
+      over: { sshAllowedCidrs: CIDRS("0.0.0.0/1", "128.0.0.0/1") },
+      key: "sshAllowedCidrs",
+      hint: /together cover every IPv4 address \(0\.0\.0\.0\/1, 128\.0\.0\.0\/1\).*allowSshFromAnywhere/,
+    },
+    "four quarters and a spare": {
+      over: { sshAllowedCidrs: CIDRS("0.0.0.0/2", "64.0.0.0/2", "128.0.0.0/2", "192.0.0.0/2", "203.0.113.7/32") },
+      key: "sshAllowedCidrs",
+      hint: /every IPv4 address/,
+    },
+    "two halves of IPv6": {
+      over: { sshAllowedCidrs: CIDRS("::/1", "8000::/1") },
+      key: "sshAllowedCidrs",
+      hint: /every IPv6 address/,
+    },
+    "0/0": { over: { sshAllowedCidrs: CIDRS("0/0") }, key: "sshAllowedCidrs", hint: /whole internet/ },
+    "0::0/0": { over: { sshAllowedCidrs: CIDRS("0::0/0") }, key: "sshAllowedCidrs", hint: /whole internet/ },
+    "0.0.0.0/00": { over: { sshAllowedCidrs: CIDRS("0.0.0.0/00") }, key: "sshAllowedCidrs", hint: /whole internet/ },
+    "a /0 with host bits": {
+      over: { sshAllowedCidrs: CIDRS("10.1.2.3/0") },
+      key: "sshAllowedCidrs",
+      hint: /whole internet/,
+    },
+    "0/0 even when allowed": {
+      over: { sshAllowedCidrs: CIDRS("0/0"), allowSshFromAnywhere: "true" },
+      key: "sshAllowedCidrs",
+      hint: /invalid address "0"/,
+    },
+    "IPv6 host bits": {
+      over: { sshAllowedCidrs: CIDRS("2001:db8::1/64") },
+      key: "sshAllowedCidrs",
+      hint: /host bits set for \/64.*\/128/,
+    },
+    "IPv6 host bits in an embedded IPv4": {
+      over: { sshAllowedCidrs: CIDRS("::ffff:10.0.0.1/120") },
+      key: "sshAllowedCidrs",
+      hint: /host bits/,
+    },
+    "IPv6 zone id": { over: { sshAllowedCidrs: CIDRS("fe80::1%eth0/128") }, key: "sshAllowedCidrs", hint: /zone id/ },
+    "prefix with a leading zero": {
+      over: { sshAllowedCidrs: CIDRS("10.0.0.0/08") },
+      key: "sshAllowedCidrs",
+      hint: /leading zero.*\/8/,
+    },
+    "a repeated CIDR": {
+      over: { sshAllowedCidrs: CIDRS("203.0.113.7/32", "198.51.100.0/24", "203.0.113.7/32") },
+      key: "sshAllowedCidrs",
+      hint: /item 2 .* repeats item 0/,
+    },
+    "an IPv6 CIDR spelled twice": {
+      over: { sshAllowedCidrs: CIDRS("2001:db8::/64", "2001:0db8:0:0::/64") },
+      key: "sshAllowedCidrs",
+      hint: /repeats item 0/,
+    },
+    "more CIDRs than a security group holds": {
+      over: { sshAllowedCidrs: JSON.stringify(Array.from({ length: 61 }, (_, i) => `10.0.${i}.0/24`)) },
+      key: "sshAllowedCidrs",
+      hint: /61 IPv4 CIDRs.*60/,
+    },
+  },
+  "S3 names and keys": {
+    "prefix with a wildcard": {
+      over: { artifactPrefix: "images/*/" },
+      key: "artifactPrefix",
+      hint: /wildcard.*grant more/,
+    },
+    "prefix with ?": { over: { artifactPrefix: "images?/" }, key: "artifactPrefix", hint: /wildcard/ },
+    "prefix with ..": { over: { artifactPrefix: "images/../other/" }, key: "artifactPrefix", hint: /\.\. segment/ },
+    "prefix of one .": { over: { artifactPrefix: "./" }, key: "artifactPrefix", hint: /\. or \.\. segment/ },
+    "prefix with a policy variable": {
+      over: { artifactPrefix: "${aws:username}/" },
+      key: "artifactPrefix",
+      hint: /policy variable/,
+    },
+    "prefix with %": { over: { artifactPrefix: "a%2F/" }, key: "artifactPrefix", hint: /!-_\.\(\)\/ only/ },
+    "prefix with a backslash": { over: { artifactPrefix: "a\\b/" }, key: "artifactPrefix", hint: /!-_\.\(\)\/ only/ },
+    "prefix too long for S3 keys": {
+      over: { artifactPrefix: `${"a".repeat(950)}/` },
+      key: "artifactPrefix",
+      hint: /S3's 1024.*at most 947/,
+    },
+    "image key with a wildcard": {
+      over: { windowsImageUrl: "s3://media/win*.vhdx" },
+      key: "windowsImageUrl",
+      hint: /object key "win\*\.vhdx".*wildcard.*exact object ARN/,
+    },
+    "image key climbing with ..": {
+      over: { windowsImageUrl: "s3://media/images/../secret/win.vhdx" },
+      key: "windowsImageUrl",
+      hint: /\.\. segment/,
+    },
+    "image key with a policy variable": {
+      over: { windowsImageUrl: "s3://media/${aws:userid}/win.vhdx" },
+      key: "windowsImageUrl",
+      hint: /policy variable/,
+    },
+    "image key with a percent-escape": {
+      over: { windowsImageUrl: "s3://media/win%20arm.vhdx" },
+      key: "windowsImageUrl",
+      hint: /holds "%", which S3 or IAM treat specially/,
+    },
+    "image key with #": { over: { windowsImageUrl: "s3://media/win#1.vhdx" }, key: "windowsImageUrl", hint: /"#"/ },
+    "image key with a leading /": {
+      over: { windowsImageUrl: "s3://media//win.vhdx" },
+      key: "windowsImageUrl",
+      hint: /starts with \//,
+    },
+    "image key with a brace": {
+      over: { windowsImageUrl: "s3://media/win}.vhdx" },
+      key: "windowsImageUrl",
+      hint: /policy variable/,
+    },
+    "virtio key with ?": { over: { virtioIsoUrl: "s3://media/virtio?.iso" }, key: "virtioIsoUrl", hint: /wildcard/ },
+    "OpenSSH key with *": {
+      over: { openSshZipUrl: "s3://media/ssh/*.zip", openSshZipSha256: "a".repeat(64) },
+      key: "openSshZipUrl",
+      hint: /wildcard/,
+    },
+    "source bucket in capitals": {
+      over: { windowsImageUrl: "s3://Media/win.vhdx" },
+      key: "windowsImageUrl",
+      hint: /bucket "Media".*S3 bucket names never have/,
+    },
+    "source bucket that is an IP": {
+      over: { virtioIsoUrl: "s3://192.168.1.1/virtio.iso" },
+      key: "virtioIsoUrl",
+      hint: /IP address/,
+    },
+    "bucket with ..": {
+      over: { artifactBucketName: "my..bucket" },
+      key: "artifactBucketName",
+      hint: /two adjacent periods/,
+    },
+    "bucket with .-": {
+      over: { artifactBucketName: "my.-bucket" },
+      key: "artifactBucketName",
+      hint: /period next to a hyphen/,
+    },
+    "bucket with xn--": {
+      over: { artifactBucketName: "xn--bucket" },
+      key: "artifactBucketName",
+      hint: /xn--, a prefix S3 reserves/,
+    },
+    "bucket with -s3alias": {
+      over: { artifactBucketName: "images-s3alias" },
+      key: "artifactBucketName",
+      hint: /-s3alias/,
+    },
+    "bucket with --ol-s3": {
+      over: { artifactBucketName: "images--ol-s3" },
+      key: "artifactBucketName",
+      hint: /--ol-s3/,
+    },
+    "bucket too short": { over: { artifactBucketName: "ab" }, key: "artifactBucketName", hint: /3 to 63/ },
+    "local s3 URI with a wildcard prefix": {
+      over: { ...LOCAL, artifactUri: "s3://images/a*/" },
+      key: "artifactUri",
+      hint: /key prefix "a\*\/".*wildcard/,
+      machine: WORKSTATION,
+    },
+    "local s3 URI of a reserved bucket": {
+      over: { ...LOCAL, artifactUri: "s3://images--ol-s3/x/" },
+      key: "artifactUri",
+      hint: /--ol-s3/,
+      machine: WORKSTATION,
+    },
+  },
+  Ports: {
+    "the VM's SSH forward": {
+      over: { vmBuildletPort: "2222" },
+      key: "vmBuildletPort",
+      hint: /2222 is the build VM's SSH forward/,
+    },
+    "the build VM's buildlet forward": {
+      over: { vmBuildletPort: "2223" },
+      key: "vmBuildletPort",
+      hint: /buildlet forward/,
+    },
+    "the VNC display": { over: { vmBuildletPort: "5903" }, key: "vmBuildletPort", hint: /VNC.*22, 2222, 2223, 5903/ },
+    "port 0": { over: { vmBuildletPort: "0" }, key: "vmBuildletPort", hint: /1-65535/ },
+    "port 65536": { over: { vmBuildletPort: "65536" }, key: "vmBuildletPort", hint: /1-65535/ },
+  },
+  "Windows values": {
+    "user Guest in lower case": {
+      over: { guestAdminUser: "guest" },
+      key: "guestAdminUser",
+      hint: /built-in Windows account/,
+    },
+    "user SYSTEM": { over: { guestAdminUser: "SYSTEM" }, key: "guestAdminUser", hint: /built-in/ },
+    "user DefaultAccount": { over: { guestAdminUser: "defaultaccount" }, key: "guestAdminUser", hint: /built-in/ },
+    "user WDAGUtilityAccount": {
+      over: { guestAdminUser: "WDAGUtilityAccount" },
+      key: "guestAdminUser",
+      hint: /built-in/,
+    },
+    "user Everyone": { over: { guestAdminUser: "Everyone" }, key: "guestAdminUser", hint: /built-in/ },
+    "user of 21 characters": {
+      over: { guestAdminUser: "abcdefghijklmnopqrstu" },
+      key: "guestAdminUser",
+      hint: /longer than 20/,
+    },
+    "user with a quote": { over: { guestAdminUser: 'go"pher' }, key: "guestAdminUser", hint: /holds ".*may not/ },
+    "user with @": { over: { guestAdminUser: "go@pher" }, key: "guestAdminUser", hint: /holds @/ },
+    "user with + and =": { over: { guestAdminUser: "a+b=c" }, key: "guestAdminUser", hint: /holds \+ =/ },
+    "user with a slash": { over: { guestAdminUser: "go/pher" }, key: "guestAdminUser", hint: /holds \// },
+    "user ending with a period": {
+      over: { guestAdminUser: "gopher." },
+      key: "guestAdminUser",
+      hint: /ends with a period/,
+    },
+    "user with a newline": {
+      over: { guestAdminUser: "go\npher" },
+      key: "guestAdminUser",
+      hint: /control character \(U\+000A at position 2\)/,
+    },
+    "time zone typo": {
+      over: { guestTimeZone: "Pacific Standard Tim" },
+      key: "guestTimeZone",
+      hint: /Did you mean "Pacific Standard Time"/,
+    },
+    "time zone in another case": { over: { guestTimeZone: "utc" }, key: "guestTimeZone", hint: /use "UTC"/ },
+    "IANA time zone": { over: { guestTimeZone: "Europe/Berlin" }, key: "guestTimeZone", hint: /IANA names/ },
+    "made-up time zone": {
+      over: { guestTimeZone: "Mars Standard Time" },
+      key: "guestTimeZone",
+      hint: /not a Windows time zone id/,
+    },
+    "time zone with XML": {
+      over: { guestTimeZone: "UTC</TimeZone><x>" },
+      key: "guestTimeZone",
+      hint: /not a Windows time zone id/,
+    },
+    "edition with NUL": { over: { windowsEdition: "Windows 11 Pro\u0000" }, key: "windowsEdition", hint: /U\+0000/ },
+    "locale with a tab": { over: { guestLocale: "en-US\t" }, key: "guestLocale", hint: /U\+0009/ },
+    "edition with a lone surrogate": {
+      over: { windowsEdition: "Windows \ud800 Pro" },
+      key: "windowsEdition",
+      hint: /U\+D800/,
+    },
+    "edition with U+FFFE": { over: { windowsEdition: "Windows\ufffe" }, key: "windowsEdition", hint: /U\+FFFE/ },
+    "tag value with a bell": { over: { tags: JSON.stringify({ team: "ci\u0007" }) }, key: "tags", hint: /U\+0007/ },
+    "product key with vowels": {
+      over: { windowsProductKey: "ABCDE-FGHIJ-KLMNO-PQRST-UVWXY" },
+      key: "windowsProductKey",
+      hint: /five groups of five/,
+      absent: "ABCDE",
+      secret: ["windowsProductKey"],
+    },
+    "product key without dashes": {
+      over: { windowsProductKey: "VK7JGNPHTMC97JM9MPGT3V66T" },
+      key: "windowsProductKey",
+      hint: /XXXXX-XXXXX/,
+      absent: "VK7JG",
+      secret: ["windowsProductKey"],
+    },
+    "product key of four groups": {
+      over: { windowsProductKey: "VK7JG-NPHTM-C97JM-9MPGT" },
+      key: "windowsProductKey",
+      hint: /five groups/,
+      absent: "NPHTM",
+      secret: ["windowsProductKey"],
+    },
+  },
+  "Paths and URIs": {
+    "work dir with a quote": {
+      over: { ...LOCAL, localWorkDir: "it's" },
+      key: "localWorkDir",
+      hint: /holds "'"/,
+      machine: WORKSTATION,
+    },
+    "work dir with a space": {
+      over: { ...LOCAL, localWorkDir: "work dir" },
+      key: "localWorkDir",
+      hint: /holds space/,
+      machine: WORKSTATION,
+    },
+    "work dir with $": {
+      over: { ...LOCAL, localWorkDir: "$HOME/vm" },
+      key: "localWorkDir",
+      hint: /holds "\$"/,
+      machine: WORKSTATION,
+    },
+    "work dir with a newline": {
+      over: { ...LOCAL, localWorkDir: ".work\nlocal" },
+      key: "localWorkDir",
+      hint: /control character/,
+      machine: WORKSTATION,
+    },
+    "work dir climbing out": {
+      over: { ...LOCAL, localWorkDir: "../elsewhere" },
+      key: "localWorkDir",
+      hint: /climbs out/,
+      machine: WORKSTATION,
+    },
+    "work dir climbing inside an absolute path": {
+      over: { ...LOCAL, localWorkDir: "/srv/vm/../../etc" },
+      key: "localWorkDir",
+      hint: /climbs out/,
+      machine: WORKSTATION,
+    },
+    "work dir at the root": {
+      over: { ...LOCAL, localWorkDir: "/" },
+      key: "localWorkDir",
+      hint: /filesystem root/,
+      machine: WORKSTATION,
+    },
+    "work dir of the project itself": {
+      over: { ...LOCAL, localWorkDir: "." },
+      key: "localWorkDir",
+      hint: /project folder itself/,
+      machine: WORKSTATION,
+    },
+    "work dir too deep for a socket": {
+      over: { ...LOCAL, localWorkDir: `deep/${"d".repeat(80)}` },
+      key: "localWorkDir",
+      hint: /107 bytes/,
+      machine: WORKSTATION,
+    },
+    "artifact folder with a quote": {
+      over: { ...LOCAL, artifactUri: "file:///srv/it's/" },
+      key: "artifactUri",
+      hint: /single quote/,
+      machine: WORKSTATION,
+    },
+    "artifact folder with an escaped newline": {
+      over: { ...LOCAL, artifactUri: "file:///srv/a%0Ab/" },
+      key: "artifactUri",
+      hint: /control character/,
+      machine: WORKSTATION,
+    },
+    "artifact folder with an escaped NUL": {
+      over: { ...LOCAL, artifactUri: "file:///srv/a%00/" },
+      key: "artifactUri",
+      hint: /control character/,
+      machine: WORKSTATION,
+    },
+    "image URL with a newline": {
+      over: { windowsImageUrl: "https://example.com/\nwin.vhdx" },
+      key: "windowsImageUrl",
+      hint: /control character/,
+    },
+    "stage0 URL with NUL": {
+      over: { buildletStage0Url: "https://example.com/s0\u0000.exe" },
+      key: "buildletStage0Url",
+      hint: /U\+0000/,
+    },
+    "endpoint URL with a carriage return": {
+      over: { ...LOCAL, artifactEndpointUrl: "http://127.0.0.1:9000/\r" },
+      key: "artifactEndpointUrl",
+      hint: /U\+000D/,
+      machine: WORKSTATION,
+    },
+    "image URL with a space": {
+      over: { windowsImageUrl: "https://example.com/my image.vhdx" },
+      key: "windowsImageUrl",
+      hint: /whitespace.*%20/,
+    },
+    "image URL longer than a tag value": {
+      over: { windowsImageUrl: `https://example.com/${"w".repeat(240)}.vhdx` },
+      key: "windowsImageUrl",
+      hint: /265 characters.*SourceImage tag.*256/,
+    },
+    "a value longer than any setting takes": {
+      over: { windowsEdition: "x".repeat(3000) },
+      key: "windowsEdition",
+      hint: /3000 characters long/,
+    },
+    "too many tags": {
+      over: { tags: TAGS(STACK_TAG_KEYS.length === 8 ? 43 : 51) },
+      key: "tags",
+      hint: /43 tags.*Project.*at most 42/,
+    },
+    "a tag the stack sets": {
+      over: { tags: JSON.stringify({ Name: "mine" }) },
+      key: "tags",
+      hint: /"Name" is one the stack sets itself/,
+    },
+    "a tag the stack sets, in another case": {
+      over: { tags: JSON.stringify({ imagesha256: "x" }) },
+      key: "tags",
+      hint: /IAM tag keys ignore case/,
+    },
+    "tag keys differing in case": {
+      over: { tags: JSON.stringify({ Team: "a", team: "b" }) },
+      key: "tags",
+      hint: /differ only in case/,
+    },
+    "tag value IAM refuses": {
+      over: { tags: JSON.stringify({ team: "<ci>" }) },
+      key: "tags",
+      hint: /value holds "<", ">"/,
+    },
+    "tag key IAM refuses": {
+      over: { tags: JSON.stringify({ "team#1": "ci" }) },
+      key: "tags",
+      hint: /key "team#1" holds "#"/,
+    },
+    "tag key too long": { over: { tags: JSON.stringify({ ["k".repeat(129)]: "v" }) }, key: "tags", hint: /1 to 128/ },
+    ...Object.fromEntries(
+      Object.values(RUNTIME).flatMap((token, i) => [
+        [
+          `the placeholder ${token} in a value`,
+          {
+            over: { windowsEdition: `Windows 11 ${token}` },
+            key: "windowsEdition",
+            hint: new RegExp(`holds ${token}`),
+          },
+        ],
+        [
+          `the placeholder ${token} in a tag`,
+          { over: { tags: JSON.stringify({ [`k${i}`]: token }) }, key: "tags", hint: /placeholder/ },
+        ],
+      ]),
+    ),
+    "a placeholder in a URL": {
+      over: { virtioIsoUrl: `https://example.com/${RUNTIME.hostId}.iso` },
+      key: "virtioIsoUrl",
+      hint: /placeholder/,
+    },
+  },
+  "Credentials in URLs": {
+    "user and password in an image URL": {
+      over: { windowsImageUrl: "https://builder:hunter2@media.example.com/win.vhdx" },
+      key: "windowsImageUrl",
+      hint: /user name or password.*s3:\/\/ URL the host role can read/,
+      absent: "hunter2",
+    },
+    "a presigned S3 URL": {
+      over: {
+        windowsImageUrl:
+          "https://media.s3.amazonaws.com/win.vhdx?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=AKIAEXAMPLE%2F20260101&X-Amz-Signature=deadbeef",
+      },
+      key: "windowsImageUrl",
+      hint: /X-Amz-Credential/,
+      absent: "deadbeef",
+    },
+    "an S3 v2 signature": {
+      over: {
+        virtioIsoUrl:
+          "https://media.s3.amazonaws.com/v.iso?AWSAccessKeyId=AKIAEXAMPLE&Expires=1&Signature=c2lnbmF0dXJl",
+      },
+      key: "virtioIsoUrl",
+      hint: /AWSAccessKeyId/,
+      absent: "c2lnbmF0dXJl",
+    },
+    "an Azure SAS": {
+      over: {
+        openSshZipUrl: "https://x.blob.core.windows.net/c/OpenSSH-ARM64.zip?sv=2024&sig=c2FzLXNpZw%3D",
+        openSshZipSha256: "a".repeat(64),
+      },
+      key: "openSshZipUrl",
+      hint: /sig/,
+      absent: "c2FzLXNpZw",
+    },
+    "a token in a stage0 URL": {
+      over: { buildletStage0Url: "https://dl.example.com/stage0.exe?token=t0ps3cret" },
+      key: "buildletStage0Url",
+      hint: /token.*guest downloads it itself/,
+      absent: "t0ps3cret",
+    },
+    "a signature in an llvm-mingw URL": {
+      over: { llvmMingwUrl: "https://cdn.example.com/l.zip?Expires=1&Signature=s3cr3tsig&Key-Pair-Id=K1" },
+      key: "llvmMingwUrl",
+      hint: /Signature/,
+      absent: "s3cr3tsig",
+    },
+    "a password in the S3 endpoint": {
+      over: { ...LOCAL, artifactEndpointUrl: "http://minio:minio123@127.0.0.1:9000" },
+      key: "artifactEndpointUrl",
+      hint: /profile or environment/,
+      absent: "minio123",
+      machine: WORKSTATION,
+    },
+    "a user in an s3:// artifact URI": {
+      over: { ...LOCAL, artifactUri: "s3://key:secret@images/x/" },
+      key: "artifactUri",
+      hint: /user name or password/,
+      absent: "secret@",
+      machine: WORKSTATION,
+    },
+  },
+  "Local target": {
+    "more vCPUs than this machine": {
+      over: { ...LOCAL, vmCpus: "8" },
+      key: "vmCpus",
+      hint: /8 vCPUs is more than the 4 CPUs of this machine.*at most 4/,
+      machine: { ...WORKSTATION, cpus: 4 },
+    },
+    "more memory than this machine": {
+      over: { ...LOCAL, vmMemoryGiB: "32" },
+      key: "vmMemoryGiB",
+      hint: /this machine's 31\.3 GiB.*at most 27/,
+      machine: WORKSTATION,
+    },
+    "memory for a machine too small for Windows": {
+      over: { ...LOCAL, vmMemoryGiB: "4" },
+      key: "vmMemoryGiB",
+      hint: /too little memory for Windows/,
+      machine: { ...WORKSTATION, memoryGiB: 7.6 },
+    },
+  },
+};
+
+describe("config validation against hostile and mistaken values", () => {
+  for (const [area, cases] of Object.entries(HOSTILE)) {
+    describe(area, () => {
+      for (const [what, h] of Object.entries(cases)) {
+        it(`refuses ${what}, naming ${h.key}`, () => {
+          const { config, problems } = validateConfig(
+            withDefaults({ ...GOOD, ...h.over }),
+            new Set(h.secret ?? []),
+            h.machine ?? WORKSTATION,
+          );
+          expect(config, "no config on error").to.equal(undefined);
+          const mine = problems.filter((p) => p.key === h.key);
+          expect(mine, JSON.stringify(problems)).to.have.length.greaterThan(0);
+          expect(mine.map((p) => p.message).join("\n")).to.match(h.hint);
+          expect(
+            mine.every((p) => /Fix: /.test(p.message)),
+            "every message names the fix",
+          ).to.equal(true);
+          if (h.absent) expect(formatProblems(problems)).to.not.contain(h.absent);
+        });
+      }
+    });
+  }
+
+  it("gives one message for a value refused for its text, not one per rule", () => {
+    const { problems } = validateConfig(withDefaults({ ...GOOD, windowsImageUrl: "https://u:p@x.example/w\n.zip" }));
+    expect(problems.filter((p) => p.key === "windowsImageUrl")).to.have.length(1);
+  });
+
+  // [what, overrides, machine]
+  const FINE: Array<[string, RawConfig, Machine?]> = [
+    [
+      "SSH from two halves of IPv4 when allowed",
+      { sshAllowedCidrs: CIDRS("0.0.0.0/1", "128.0.0.0/1"), allowSshFromAnywhere: "true" },
+    ],
+    ["0.0.0.0/0 and ::/0 when allowed", { sshAllowedCidrs: CIDRS("0.0.0.0/0", "::/0"), allowSshFromAnywhere: "true" }],
+    ["three quarters of IPv4", { sshAllowedCidrs: CIDRS("0.0.0.0/2", "64.0.0.0/2", "128.0.0.0/2") }],
+    [
+      "a wide IPv6 range and a host",
+      { sshAllowedCidrs: CIDRS("2001:db8::/32", "::ffff:203.0.113.7/128", "203.0.113.0/24") },
+    ],
+    ["60 IPv4 CIDRs", { sshAllowedCidrs: JSON.stringify(Array.from({ length: 60 }, (_, i) => `10.0.${i}.0/24`)) }],
+    ["an image key with every safe character", { windowsImageUrl: "s3://my.media-1/Win_11(ARM)!/a+b=c,d@e.vhdx" }],
+    ["an https image URL with a harmless query", { windowsImageUrl: "https://media.example.com/win.vhdx?version=3" }],
+    ["an https URL with an escaped space", { windowsImageUrl: "https://media.example.com/my%20win.vhdx" }],
+    ["buildlet port 8443", { vmBuildletPort: "8443" }],
+    ["a Windows time zone with a dot", { guestTimeZone: "W. Europe Standard Time" }],
+    ["a user name of 20 characters", { guestAdminUser: "a".repeat(20) }],
+    ["a user named like a built-in one but longer", { guestAdminUser: "guests-ci" }],
+    ["42 user tags", { tags: TAGS(42) }],
+    [
+      "tags IAM accepts",
+      { tags: JSON.stringify({ "team:name": "CI / builders @ golang.org", Zuständig: "Ärger-Team" }) },
+    ],
+    ["an image URL of exactly 256 characters", { windowsImageUrl: `https://example.com/${"w".repeat(256 - 25)}.vhdx` }],
+    [
+      "the local target at this machine's limits",
+      { ...LOCAL, vmCpus: "8", vmMemoryGiB: "27", localWorkDir: "/var/tmp/w-arm64" },
+      WORKSTATION,
+    ],
+    ["an absolute local work dir", { ...LOCAL, localWorkDir: "/srv/windows-arm64/work" }, WORKSTATION],
+  ];
+  for (const [what, over, machine] of FINE) {
+    it(`accepts ${what}`, () => {
+      const { problems } = validateConfig(withDefaults({ ...GOOD, ...over }), new Set(), machine ?? WORKSTATION);
+      expect(problems, JSON.stringify(problems)).to.deep.equal([]);
+    });
+  }
+
+  it("accepts a well-formed product key stored as a secret, and never echoes it", () => {
+    const key = "VK7JG-NPHTM-C97JM-9MPGT-3V66T";
+    const ok = validateConfig(withDefaults({ ...GOOD, windowsProductKey: key }), new Set(["windowsProductKey"]));
+    expect(ok.problems).to.deep.equal([]);
+    const plain = validateConfig(withDefaults({ ...GOOD, windowsProductKey: key }));
+    expect(formatProblems(plain.problems)).to.contain("--secret").and.not.contain("NPHTM");
+  });
+
+  it("knows the standard Windows time zone ids", () => {
+    for (const id of [
+      "UTC",
+      "Pacific Standard Time",
+      "W. Europe Standard Time",
+      "Tokyo Standard Time",
+      "UTC+12",
+      "Yukon Standard Time",
+    ])
+      expect(WINDOWS_TIME_ZONES).to.include(id);
+    expect(new Set(WINDOWS_TIME_ZONES).size).to.equal(WINDOWS_TIME_ZONES.length);
+    expect(WINDOWS_TIME_ZONES.length).to.be.greaterThan(130);
+  });
+});
+
+describe("config value checks", () => {
+  const cidrs = (...c: string[]) => c.map((x) => parseCidr(x) as Cidr);
+  it("computes whether CIDRs cover a whole address family", () => {
+    expect(coversAll(cidrs("0.0.0.0/1", "128.0.0.0/1"), 4)).to.equal(true);
+    expect(coversAll(cidrs("0.0.0.0/1", "128.0.0.0/2"), 4)).to.equal(false);
+    expect(coversAll(cidrs("0.0.0.0/1", "0.0.0.0/2", "128.0.0.0/1"), 4)).to.equal(true);
+    expect(coversAll(cidrs("::/1", "8000::/2", "c000::/2"), 6)).to.equal(true);
+    expect(coversAll(cidrs("::/1", "8000::/2"), 6)).to.equal(false);
+    expect(coversAll(cidrs("0.0.0.0/1", "128.0.0.0/1"), 6)).to.equal(false);
+  });
+  it("reads IPv6 addresses, compressed or with an embedded IPv4", () => {
+    expect(parseCidr("2001:db8::/32")?.start).to.equal(0x20010db8n << 96n);
+    expect(parseCidr("::ffff:10.0.0.0/104")?.start).to.equal((0xffffn << 32n) + (10n << 24n));
+    expect(parseCidr("1::/16")?.start).to.equal(1n << 112n);
+  });
+  it("names the credential in a URL without its value", () => {
+    expect(urlCredentials("https://a:b@h/x")).to.match(/user name or password/);
+    expect(urlCredentials("https://h/x?X-Amz-Security-Token=abc")).to.equal("the query parameter X-Amz-Security-Token");
+    expect(urlCredentials("https://h/x?version=1&mode=sig")).to.equal(undefined);
+    expect(urlCredentials("s3://bucket/key@1")).to.equal(undefined);
+  });
+  it("refuses S3 keys that are not what they say", () => {
+    for (const k of [
+      "a*",
+      "a?b",
+      "${x}",
+      "a/../b",
+      "./a",
+      "/a",
+      "a//b",
+      "a b",
+      "a\\b",
+      "a%41",
+      "a#b",
+      "a~b",
+      "x".repeat(1025),
+    ])
+      expect(s3KeyProblem(k), k).to.be.a("string");
+    for (const k of ["a", "a/b/c.vhdx", "Win_11(ARM)!/x-y.z", "a+b=c,d@e"])
+      expect(s3KeyProblem(k), k).to.equal(undefined);
   });
 });
 
