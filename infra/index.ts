@@ -3,6 +3,7 @@
  * The only place that creates top-level resources.
  */
 import * as aws from "@pulumi/aws";
+import * as command from "@pulumi/command";
 import * as pulumi from "@pulumi/pulumi";
 import * as random from "@pulumi/random";
 import * as tls from "@pulumi/tls";
@@ -18,23 +19,23 @@ import { EfiFirmware } from "./components/efiFirmware";
 import { GuestProvisioning } from "./components/guestProvisioning";
 import { HostFiles } from "./components/hostFiles";
 import { ImagePublication } from "./components/imagePublication";
-import { HOST_SCRIPTS, QemuHost } from "./components/qemuHost";
+import { QemuHost } from "./components/qemuHost";
 import { WindowsDisk } from "./components/windowsDisk";
 import { WindowsVm } from "./components/windowsVm";
 import { HOST_USER } from "./hostSetup";
 import { fileSha256, sha256Hex } from "./paths";
 import { PipelineContext } from "./pipeline/context";
-import { guestProvisionCommand, guestSettings } from "./pipeline/guest";
+import { guestSettings } from "./pipeline/guest";
 import {
   AWS_LAYOUT,
   buildPlan,
   defaultArtifactUri,
   driverFolder,
-  hostFiles,
   HostLayout,
+  planFiles,
   RuntimeName,
 } from "./pipeline/plan";
-import { LocalRunner, RemoteRunner, Runner } from "./pipeline/runner";
+import { filesDigest, IGNORED_INPUTS, LocalRunner, Runner, SshRunner } from "./pipeline/runner";
 import { renderVmEnv } from "./pipeline/vmEnv";
 
 const { config, secrets } = loadConfig();
@@ -89,13 +90,15 @@ function localLayout(c: StackConfig): HostLayout {
     sudo: "",
     imageRoot: path.join(home, "image-root"),
     buildUnit: "windows-vm-build-local",
+    stageRunDir: path.join(home, "run", "stages"),
+    stageStateDir: path.join(home, "state"),
     sshPort: 2222,
     accel: kvm ? "kvm" : "tcg",
   };
 }
 
 const layout = isAws ? AWS_LAYOUT : localLayout(config);
-const fileHashes = Object.fromEntries(hostFiles().map((f) => [f, fileSha256(f)]));
+const fileHashes = Object.fromEntries(planFiles().map((f) => [f, fileSha256(f)]));
 const plan = buildPlan({ config, layout, fileHashes });
 
 // The guest administrator's password: generated, a secret, never on a command line.
@@ -108,8 +111,11 @@ const guestPassword = new random.RandomPassword("guest-admin-password", {
   minNumeric: 1,
   minSpecial: 1,
 });
+// The guest's own key: the guest authorizes only it; its private half reaches the host on stdin.
+const guestKey = new tls.PrivateKey("guest-key", { algorithm: "ED25519" });
+const guestPublicKey = guestKey.publicKeyOpenssh.apply((k) => k.trim());
 const answerFile = pulumi.secret(
-  pulumi.all([guestPassword.result, pipelinePublicKey, secrets.windowsProductKey]).apply(([pw, key, productKey]) =>
+  pulumi.all([guestPassword.result, guestPublicKey, secrets.windowsProductKey]).apply(([pw, key, productKey]) =>
     renderAnswerFile({
       sourceKind: config.image.format,
       adminUser: config.guest.adminUser,
@@ -132,21 +138,13 @@ const runtimeValues: { [K in Exclude<RuntimeName, "hostId">]: pulumi.Input<strin
   artifactUri: bucket
     ? pulumi.interpolate`s3://${bucket.bucketName}/${config.artifacts.prefix}`
     : (config.artifacts.uri ?? defaultArtifactUri(layout)),
-  pipelineKey: pipelinePublicKey.apply((k) => k.trim()),
+  guestKey: guestPublicKey,
   answerFile: pulumi.unsecret(answerFile.apply((x) => sha256Hex(x))),
   guestSettings: pulumi.unsecret(settingsJson.apply((x) => sha256Hex(x))),
 };
 
-// What the host stages depend on, bar the host itself: when it changes, a stopped host is started.
-// (AWS-side stages such as the bake need no host; the scripts QemuHost itself runs on it do.)
-const hostScripts = Object.values(HOST_SCRIPTS).map((f) => fileSha256(f));
-const wakeKey = pulumi
-  .all([plan.stages.filter((st) => st.site !== "aws").map((st) => st.digest), runtimeValues])
-  .apply(([digests, values]) =>
-    sha256Hex(JSON.stringify({ digests, values, hostScripts, operatorKeys: config.host.sshAuthorizedKeys })),
-  );
 const region = isAws ? aws.getRegionOutput().region : undefined;
-// The AWS CLI (host-power.sh) uses the stack's region and profile.
+// The AWS CLI where Pulumi runs (host-power.sh, bake-instance.sh) uses the stack's region and profile.
 const awsProfile = new pulumi.Config("aws").get("profile");
 const awsCliEnv = region?.apply((r) => {
   const env: Record<string, string> = { AWS_REGION: r, AWS_DEFAULT_REGION: r };
@@ -155,7 +153,7 @@ const awsCliEnv = region?.apply((r) => {
 });
 
 const host =
-  bucket && awsCliEnv
+  bucket && region
     ? new QemuHost("qemu-host", {
         instanceType: config.host.instanceType,
         amiId: config.host.amiId,
@@ -165,8 +163,6 @@ const host =
         subnetId: config.host.subnetId,
         sshAllowedCidrs: config.host.sshAllowedCidrs,
         publicKeyOpenssh: pipelinePublicKey,
-        privateKeyPem: pipelinePrivateKey,
-        authorizedKeys: config.host.sshAuthorizedKeys,
         bucketArn: bucket.bucketArn,
         artifactPrefix: config.artifacts.prefix,
         sourceObjectUrls: [
@@ -174,9 +170,6 @@ const host =
           config.image.virtioUrl,
           ...(config.image.openSshZip ? [config.image.openSshZip.url] : []),
         ],
-        wakeKey,
-        awsCliEnv,
-        requireAwsCli: !config.host.keepRunning,
         tags,
       })
     : undefined;
@@ -185,37 +178,97 @@ const runtime: { [K in RuntimeName]: pulumi.Input<string> } = {
   ...runtimeValues,
   hostId: host ? host.instanceId : "local",
 };
-const runner: Runner = host ? new RemoteRunner(layout, host.connection, runtime) : new LocalRunner(layout, runtime);
+const runner: Runner =
+  host && region
+    ? new SshRunner(
+        layout,
+        {
+          address: host.publicIp,
+          user: HOST_USER,
+          instanceId: host.instanceId,
+          privateKey: pipelinePrivateKey,
+          region,
+          profile: awsProfile,
+        },
+        runtime,
+      )
+    : new LocalRunner(layout, runtime);
 const ctx = new PipelineContext(runner, plan, host?.ready);
 
-new HostFiles("host-files", { ctx, fileHashes });
+const hostSetup = new HostFiles("host-files", {
+  ctx,
+  fileHashes,
+  operatorKeys: host ? config.host.sshAuthorizedKeys : undefined,
+});
 new EfiFirmware("firmware", { ctx });
 new WindowsDisk("windows-disk", { ctx });
 new WindowsVm("build-vm", { ctx, answerFile, buildEnv: renderVmEnv(config, layout, "build") });
 new GuestProvisioning("guest", {
   ctx,
-  user: config.guest.adminUser,
-  privateKey: pipelinePrivateKey,
-  script: guestProvisionCommand(),
+  guestPrivateKey: pulumi.secret(guestKey.privateKeyOpenssh),
   parameters: settingsJson,
 });
 const publication = new ImagePublication("image", { ctx });
+
+// After a run with work for the host, it is stopped at once (a failed run leaves that to the
+// host's idle guard). The trigger moves with any input of any host stage, so a no-change run
+// stops nothing, and a run that failed before this point stops the host when it is retried.
+if (host && awsCliEnv && !config.host.keepRunning) {
+  const stop = plan.stage("stopHost");
+  const hostStages = plan.stages.filter((st) => st.site === "host");
+  const wakeKey = pulumi
+    .all([hostStages.map((st) => st.digest), runtimeValues])
+    .apply(([digests, values]) =>
+      sha256Hex(
+        JSON.stringify({
+          digests,
+          values,
+          files: filesDigest(plan.stage("uploadFiles").files, fileHashes),
+          operatorKeys: config.host.sshAuthorizedKeys,
+        }),
+      ),
+    );
+  ctx.record(
+    "stopHost",
+    new command.local.Command(
+      "stop-host",
+      {
+        create: pulumi.interpolate`bash provisioning/host-power.sh stop ${host.instanceId}`,
+        environment: awsCliEnv.apply((env) => ({ AWS_PROFILE: "", ...env })),
+        triggers: [host.instanceId, wakeKey],
+        logging: "stdoutAndStderr",
+        interpreter: ["/bin/bash", "-c"],
+        addPreviousOutputInEnv: false,
+      },
+      {
+        dependsOn: [...ctx.all(), ...hostSetup.extra],
+        customTimeouts: { create: `${stop.timeoutMinutes}m`, update: `${stop.timeoutMinutes}m` },
+        ignoreChanges: IGNORED_INPUTS,
+      },
+    ),
+  );
+}
+
 const bake =
-  host && awsCliEnv
+  host && bucket && awsCliEnv
     ? new AmiBake("bake", {
         ctx,
-        instanceId: host.instanceId,
         manifest: publication.manifest,
+        manifestJson: publication.manifestJson,
         imageEnv: renderVmEnv(config, layout, "image"),
+        bucketArn: bucket.bucketArn,
+        artifactPrefix: config.artifacts.prefix,
+        artifactUri: runtimeValues.artifactUri,
+        amiId: host.amiId,
+        subnetId: config.host.subnetId,
+        vpcId: host.vpcId,
+        instanceType: config.bake.instanceType,
+        volumeGiB: config.bake.volumeGiB,
         windowsVersion: config.image.windowsVersion,
         sourceImageUrl: config.image.url,
         stack,
-        keepHostRunning: config.host.keepRunning,
         retainOnDelete: config.retainAmiOnDelete,
-        wakeKey,
-        awsCliEnv,
-        hostWork: [host.operatorKeys],
-        instanceType: config.host.instanceType,
+        awsEnv: awsCliEnv,
         tags,
       })
     : undefined;
@@ -240,6 +293,7 @@ export const hostPublicIp = host?.publicIp;
 export const hostPublicDns = host?.publicDns;
 export const hostSshCommand = host ? pulumi.interpolate`ssh ${HOST_USER}@${host.publicIp}` : undefined;
 /** VNC is bound to the host's loopback; this tunnels it to localhost:5903. */
+export const bakeInstanceType = isAws ? config.bake.instanceType : undefined;
 export const vncTunnelCommand = host
   ? pulumi.interpolate`ssh -N -L 5903:127.0.0.1:5903 ${HOST_USER}@${host.publicIp}   # then open vnc://localhost:5903`
   : undefined;

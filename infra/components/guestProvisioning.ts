@@ -1,20 +1,20 @@
-import * as command from "@pulumi/command";
 import * as pulumi from "@pulumi/pulumi";
 import { PipelineContext } from "../pipeline/context";
-import { stageTriggers } from "../pipeline/runner";
+import { runHostStage } from "../pipeline/runner";
 
 export interface GuestProvisioningArgs {
   ctx: PipelineContext;
-  /** Guest user the pipeline logs in as (an administrator). */
-  user: string;
-  privateKey: pulumi.Input<string>;
-  /** The command run in the guest (cmd.exe on Windows: powershell -EncodedCommand ...). */
-  script: string;
-  /** Its parameters, sent on stdin (a secret: never in the command string or log). */
+  /** The guest-only private key (a secret): it reaches the host on stdin and never its disk. */
+  guestPrivateKey: pulumi.Input<string>;
+  /** The settings JSON (a secret: it holds the builder password), sent after the key. */
   parameters: pulumi.Input<string>;
 }
 
-/** Runs the provisioning script in the guest over SSH, through the host as a jump host. */
+/**
+ * Runs the provisioning in the guest over SSH from the host (guest-run.sh):
+ * bounded on the host, retried when the guest's sshd drops, and the VM booted
+ * again first when a stopped host lost it.
+ */
 export class GuestProvisioning extends pulumi.ComponentResource {
   readonly stdout: pulumi.Output<string>;
 
@@ -22,21 +22,14 @@ export class GuestProvisioning extends pulumi.ComponentResource {
     super("windows-arm64-image:pipeline:GuestProvisioning", name, {}, opts);
     const { ctx } = args;
     const stage = ctx.plan.stage("provisionGuest");
-    const cmd = new command.remote.Command(
-      `${name}-run`,
-      {
-        connection: ctx.runner.guestConnection(args.user, args.privateKey),
-        create: args.script,
-        stdin: pulumi.secret(args.parameters),
-        triggers: stageTriggers(ctx.runner, stage),
-        logging: "stdoutAndStderr",
-        addPreviousOutputInEnv: false,
-      },
-      {
-        parent: this,
-        dependsOn: ctx.dependencies(stage),
-        customTimeouts: { create: `${stage.timeoutMinutes}m`, update: `${stage.timeoutMinutes}m` },
-      },
+    const stdin = pulumi
+      .all([args.guestPrivateKey, args.parameters])
+      .apply(([key, settings]) => `${key.trim()}\n${settings}`);
+    const cmd = runHostStage(
+      ctx.runner,
+      stage,
+      { name: `${name}-run`, stdin: pulumi.secret(stdin) },
+      { parent: this, dependsOn: ctx.dependencies(stage) },
     );
     ctx.record("provisionGuest", cmd);
     this.stdout = cmd.stdout;

@@ -1,17 +1,13 @@
 import * as aws from "@pulumi/aws";
-import * as command from "@pulumi/command";
 import * as pulumi from "@pulumi/pulumi";
-import * as fs from "fs";
 import {
   CANONICAL_OWNER,
   EC2_ASSUME_ROLE_POLICY,
-  HOST_USER,
   hostPolicyDocument,
   renderCloudInit,
   s3ObjectArn,
   UBUNTU_AMI_NAME,
 } from "../hostSetup";
-import { repoPath, sha256Hex } from "../paths";
 
 export interface QemuHostArgs {
   instanceType: string;
@@ -22,56 +18,32 @@ export interface QemuHostArgs {
   volumeThroughputMiBps: number;
   subnetId?: string;
   sshAllowedCidrs: readonly string[];
-  /** The pipeline's key: public half for the key pair, private half (secret) to connect. */
+  /** The pipeline's public key, for the key pair (the private half stays with the runner). */
   publicKeyOpenssh: pulumi.Input<string>;
-  privateKeyPem: pulumi.Input<string>;
-  /** Operators' extra public keys. */
-  authorizedKeys: readonly string[];
   bucketArn: pulumi.Input<string>;
   artifactPrefix: string;
   /** s3:// source objects the host must read (image, drivers ISO). */
   sourceObjectUrls: readonly string[];
-  /** Seconds to wait for SSH and then for cloud-init (each). */
-  bootTimeoutSeconds?: number;
-  /**
-   * A hash of everything the host stages depend on. When it changes there is
-   * work to do, so the host (stopped after the last build) is started again.
-   */
-  wakeKey: pulumi.Input<string>;
-  /** Environment for the AWS CLI run where Pulumi runs (AWS_REGION, AWS_PROFILE). */
-  awsCliEnv: pulumi.Input<Record<string, string>>;
-  /** The stack stops the host after the build: check up front that the AWS CLI can. */
-  requireAwsCli: boolean;
   tags: Record<string, string>;
 }
-
-/** Scripts QemuHost sends to the host itself (outside the pipeline plan). */
-export const HOST_SCRIPTS = {
-  ready: "provisioning/host-ready.sh",
-  operatorKeys: "provisioning/operator-keys.sh",
-} as const;
-
-/** How long a metal instance may take to boot and answer SSH. */
-export const DEFAULT_BOOT_TIMEOUT_S = 1800;
 
 /**
  * The KVM-capable Graviton bare-metal host: EC2 instance (IMDSv2, encrypted
  * gp3) with an Elastic IP (the address, and so every command's connection,
  * survives the stop after each build), key pair, SSH-only security group,
- * least-privilege instance profile, and the `ready` command every later
- * remote step depends on. `ready` re-runs when the wake key changes, after
- * host-power.sh has started the host again.
+ * least-privilege instance profile. The stages reach it through the runner
+ * (host-exec.sh), which also starts it when it is stopped.
  */
 export class QemuHost extends pulumi.ComponentResource {
   readonly instance: aws.ec2.Instance;
   readonly instanceId: pulumi.Output<string>;
   readonly publicIp: pulumi.Output<string>;
   readonly publicDns: pulumi.Output<string>;
-  readonly connection: command.types.input.remote.ConnectionArgs;
-  /** Completes when SSH answers and cloud-init has finished with the tools in place. */
-  readonly ready: command.remote.Command;
-  /** Sets the operators' SSH keys on the host (after `ready`). */
-  readonly operatorKeys: command.remote.Command;
+  /** The host AMI (the bake instance starts from the same one). */
+  readonly amiId: pulumi.Output<string>;
+  readonly vpcId: pulumi.Output<string>;
+  /** What every stage waits for: the Elastic IP attached, the role's policy in place. */
+  readonly ready: pulumi.Resource[];
 
   constructor(name: string, args: QemuHostArgs, opts?: pulumi.ComponentResourceOptions) {
     super("windows-arm64-image:host:QemuHost", name, {}, opts);
@@ -95,6 +67,7 @@ export class QemuHost extends pulumi.ComponentResource {
         )
         .apply((a) => a.id);
 
+    this.amiId = pulumi.output(amiId);
     const vpcId = args.subnetId
       ? aws.ec2.getSubnetOutput({ id: args.subnetId }, child).vpcId
       : aws.ec2.getVpcOutput({ default: true }, child).id;
@@ -197,60 +170,9 @@ export class QemuHost extends pulumi.ComponentResource {
     this.publicIp = eip.publicIp;
     this.publicDns = eip.publicDns;
 
-    this.connection = {
-      host: this.publicIp,
-      user: HOST_USER,
-      privateKey: args.privateKeyPem,
-      dialErrorLimit: 30,
-      perDialTimeout: 30,
-    };
-
-    const timeout = args.bootTimeoutSeconds ?? DEFAULT_BOOT_TIMEOUT_S;
-    // Metal instances take many minutes to boot; dial retries have no delay between them,
-    // so wait for the SSH banner locally in one bounded loop first. When the wake key
-    // changed (work to do), start the host first: the last build stopped it.
-    const sshUp = new command.local.Command(
-      `${name}-ssh-up`,
-      {
-        create: pulumi.interpolate`bash provisioning/host-power.sh start ${this.instance.id} ${this.publicIp} ${timeout}`,
-        environment: pulumi
-          .output(args.awsCliEnv)
-          .apply((env) => ({ ...env, HOST_POWER_REQUIRE_CLI: args.requireAwsCli ? "1" : "0" })),
-        triggers: [this.instance.id, args.wakeKey],
-        logging: "stdoutAndStderr",
-      },
-      { parent: this, dependsOn: [eipAssoc], customTimeouts: { create: `${Math.ceil(timeout / 60) + 5}m` } },
-    );
-    const readyScript = fs.readFileSync(repoPath(HOST_SCRIPTS.ready), "utf8");
-    this.ready = new command.remote.Command(
-      `${name}-ready`,
-      {
-        connection: this.connection,
-        create: `HOST_READY_TIMEOUT_S=${timeout} bash -s`,
-        stdin: readyScript,
-        triggers: [this.instance.id, sha256Hex(readyScript), args.wakeKey],
-        logging: "stdoutAndStderr",
-        addPreviousOutputInEnv: false,
-      },
-      // The role's policy is in place before any stage reads or writes S3.
-      { parent: this, dependsOn: [sshUp, policy], customTimeouts: { create: `${Math.ceil(timeout / 60) + 5}m` } },
-    );
-
-    // Operators' keys: set in place, so changing them neither replaces the host nor re-runs a stage.
-    const keysScript = fs.readFileSync(repoPath(HOST_SCRIPTS.operatorKeys), "utf8");
-    const keysB64 = Buffer.from(args.authorizedKeys.join("\n")).toString("base64");
-    this.operatorKeys = new command.remote.Command(
-      `${name}-operator-keys`,
-      {
-        connection: this.connection,
-        create: `bash -s -- '${keysB64}'`,
-        stdin: keysScript,
-        triggers: [this.instance.id, sha256Hex(keysScript), sha256Hex(keysB64)],
-        logging: "stderr",
-        addPreviousOutputInEnv: false,
-      },
-      { parent: this, dependsOn: [this.ready] },
-    );
+    // Stages run once the address is attached and the role's policy is in place.
+    this.ready = [eipAssoc, policy];
+    this.vpcId = pulumi.output(vpcId);
 
     this.registerOutputs({
       instanceId: this.instanceId,

@@ -14,8 +14,8 @@ export class PipelineContext {
   constructor(
     readonly runner: Runner,
     readonly plan: Plan,
-    /** The resource proving the host is ready (AWS), if any. */
-    readonly hostReady?: pulumi.Resource,
+    /** What every stage waits for besides its upstream stages (AWS: the address and the role policy). */
+    readonly base: pulumi.Resource[] = [],
   ) {}
 
   record(id: StageId, r: pulumi.Resource): void {
@@ -36,15 +36,19 @@ export class PipelineContext {
     return this.done.has(id);
   }
 
-  /** The resources a stage must wait for: host ready, its files' copies, its upstream stages. */
+  /** Every stage resource created so far. */
+  all(): pulumi.Resource[] {
+    return [...this.done.values()];
+  }
+
+  /** The resources a stage must wait for: the base, the file copy, its upstream and `after` stages. */
   dependencies(stage: Stage): pulumi.Resource[] {
-    const deps: pulumi.Resource[] = [];
-    if (this.hostReady) deps.push(this.hostReady);
+    const deps: pulumi.Resource[] = [...this.base];
     for (const f of stage.files) {
       const c = this.copies.get(f);
-      if (c) deps.push(c);
+      if (c && !deps.includes(c)) deps.push(c);
     }
-    for (const id of stage.dependsOn) if (this.done.has(id)) deps.push(this.resource(id));
+    for (const id of [...stage.dependsOn, ...stage.after]) if (this.done.has(id)) deps.push(this.resource(id));
     return deps;
   }
 }

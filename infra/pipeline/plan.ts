@@ -6,14 +6,17 @@
  */
 import * as path from "path";
 import * as url from "url";
+import { BAKE_FILES } from "../bake";
 import { ANSWER_FILE_NAME, AUTHORIZED_KEYS_FILE, FIRSTLOGON_SCRIPT, OPENSSH_ZIP_FILE } from "../answerFile";
 import { StackConfig } from "../config";
 import { sha256Hex } from "../paths";
+import { guestProvisionCommand } from "./guest";
 import { renderVmEnv, VmLayout } from "./vmEnv";
 
 export const STAGE_IDS = [
   "waitHost",
   "uploadFiles",
+  "idleGuard",
   "firmware",
   "fetchImage",
   "fetchDrivers",
@@ -25,8 +28,8 @@ export const STAGE_IDS = [
   "provisionGuest",
   "stopVm",
   "publish",
-  "prepareAmi",
   "stopHost",
+  "bakeImage",
   "bakeAmi",
 ] as const;
 export type StageId = (typeof STAGE_IDS)[number];
@@ -40,6 +43,8 @@ export interface Stage {
   site: StageSite;
   /** Stages whose completion (and trigger digest) this one depends on. */
   dependsOn: StageId[];
+  /** Stages that must finish first but whose digests do not feed this one's. */
+  after: StageId[];
   /** Repo-relative files the stage runs (copied to the host first). */
   files: string[];
   /** Exactly what the trigger hashes besides upstream digests: name -> value. */
@@ -48,11 +53,20 @@ export interface Stage {
   digest: string;
   /** Host stages: the shell command, run by bash on the host. */
   command?: string;
+  /**
+   * Host stages: `command` run through provisioning/stage.sh, bounded on the
+   * host by timeoutMinutes (what the runner actually runs).
+   */
+  hostCommand?: string;
+  /** What a hung stage was waiting for (stage.sh names it on a timeout). */
+  waitsFor: string;
   /** What the command reads on stdin (content supplied by the component). */
-  stdin?: "vmBuildEnv" | "vmImageEnv" | "answerFile" | "guestSettings";
+  stdin?: "vmBuildEnv" | "answerFile" | "guestKeyAndSettings" | "hostReadyScript";
+  /** The stdin holds a secret: stdout and stderr are stored as secrets too. */
+  secretStdin: boolean;
   /** Runtime values this stage or one upstream depends on (added to its triggers). */
   runtime: RuntimeName[];
-  /** Upper bound for the stage; also its Pulumi customTimeouts. */
+  /** Host-side bound of the stage (stage.sh); Pulumi's customTimeouts add a margin. */
   timeoutMinutes: number;
   /** Config keys that drive the stage (README). */
   configKeys: string[];
@@ -74,6 +88,10 @@ export interface HostLayout extends VmLayout {
   imageRoot: string;
   /** Transient unit / process name of the build VM. */
   buildUnit: string;
+  /** Where stage.sh keeps a marker per running stage (the idle guard reads it). */
+  stageRunDir: string;
+  /** Where stage.sh records the last activity. */
+  stageStateDir: string;
 }
 
 export const AWS_LAYOUT: HostLayout = {
@@ -82,6 +100,8 @@ export const AWS_LAYOUT: HostLayout = {
   sudo: "sudo -n ",
   imageRoot: "/",
   buildUnit: "windows-vm-build",
+  stageRunDir: "/run/windows-arm64-image/stages",
+  stageStateDir: "/var/lib/windows-arm64-image",
   sshPort: 2222,
   accel: "kvm",
 };
@@ -97,8 +117,8 @@ export const RUNTIME = {
   hostId: "@HOST_ID@",
   /** Publish destination, s3://bucket/prefix/ or file:///dir/. */
   artifactUri: "@ARTIFACT_URI@",
-  /** The pipeline's OpenSSH public key. */
-  pipelineKey: "@PIPELINE_PUBLIC_KEY@",
+  /** The guest-only OpenSSH public key (the guest authorizes it; the host never stores its private half). */
+  guestKey: "@GUEST_PUBLIC_KEY@",
   /** sha256 of the rendered answer file (the file is a secret). */
   answerFile: "@ANSWER_FILE_SHA256@",
   /** sha256 of the guest settings JSON (a secret). */
@@ -133,8 +153,14 @@ export interface PlanInputs {
 
 /** Repo files each stage runs. */
 export const STAGE_FILES: Partial<Record<StageId, string[]>> = {
-  // waitHost: QemuHost sends host-ready.sh on stdin and waits with wait-for-guest.sh locally;
-  // its own triggers hold those scripts' hashes, so editing them re-runs only the wait.
+  // waitHost: host-ready.sh goes on stdin (the host has no files yet); its hash is in the stage's inputs.
+  idleGuard: [
+    "provisioning/idle-guard-install.sh",
+    "provisioning/idle-guard.sh",
+    "assets/windows-arm64-image-idle.service",
+    "assets/windows-arm64-image-idle.timer",
+    "provisioning/lib.sh",
+  ],
   firmware: ["provisioning/build-efi.sh"],
   fetchImage: ["provisioning/fetch-image.sh", "provisioning/lib.sh"],
   fetchDrivers: ["provisioning/fetch-image.sh", "provisioning/lib.sh"],
@@ -148,14 +174,40 @@ export const STAGE_FILES: Partial<Record<StageId, string[]>> = {
   ],
   startVm: ["provisioning/start-vm.sh", "provisioning/run-vm.sh", "provisioning/lib.sh"],
   waitGuest: ["provisioning/wait-for-guest.sh", "provisioning/lib.sh"],
+  // guest-run.sh boots the VM again when it is not running (a host stopped after a failed run).
+  provisionGuest: [
+    "provisioning/guest-run.sh",
+    "provisioning/start-vm.sh",
+    "provisioning/run-vm.sh",
+    "provisioning/wait-for-guest.sh",
+    "provisioning/lib.sh",
+  ],
   stopVm: ["provisioning/stop-vm.sh", "provisioning/lib.sh"],
   publish: ["provisioning/publish-image.sh", "provisioning/lib.sh"],
-  prepareAmi: ["provisioning/prepare-ami.sh", "provisioning/run-vm.sh", "assets/windows-vm.service"],
 };
+
+/**
+ * The transport: every host stage runs through stage.sh (the host-side bound,
+ * the idle-guard marker, long lines cut). It is copied to the host but is in
+ * no stage's digest: editing it changes how stages run, not what they make,
+ * so it re-runs nothing. (host-exec.sh, which reaches the host, runs where
+ * Pulumi runs and is not copied.)
+ */
+export const TRANSPORT_FILES = ["provisioning/stage.sh"] as const;
+
+/** The script the waitHost stage sends on stdin. */
+export const HOST_READY_SCRIPT = "provisioning/host-ready.sh";
+/** How long cloud-init may take on a new metal host. */
+export const HOST_READY_TIMEOUT_S = 1800;
 
 /** Every repo file the host needs. */
 export function hostFiles(): string[] {
-  return [...new Set(Object.values(STAGE_FILES).flat())].sort();
+  return [...new Set([...Object.values(STAGE_FILES).flat(), ...TRANSPORT_FILES])].sort();
+}
+
+/** Every repo file whose hash a plan reads (host files, the bake's, host-ready.sh). */
+export function planFiles(): string[] {
+  return [...new Set([...hostFiles(), ...BAKE_FILES, HOST_READY_SCRIPT])].sort();
 }
 
 /** Single-quotes a word for bash. */
@@ -192,27 +244,58 @@ export function buildPlan(p: PlanInputs): Plan {
   const buildEnv = renderVmEnv(c, L, "build");
   const imageEnv = renderVmEnv(c, L, "image");
 
-  type Draft = Omit<Stage, "digest" | "files" | "runtime"> & { files?: string[]; uses?: RuntimeName[] };
-  const drafts: Draft[] = [
-    {
-      id: "waitHost",
-      title: "Wait for the host: SSH answers, cloud-init done, KVM and tools present",
-      site: "host",
-      dependsOn: [],
-      // A new host is a new runtime hostId (every stage re-runs); in-place changes (instance
-      // type, volume IOPS) keep the host's work, so they re-run nothing here.
-      inputs: { target: c.target },
-      timeoutMinutes: 35,
-      configKeys: ["hostInstanceType", "hostAmiId", "hostVolumeGiB", "sshAllowedCidrs"],
-    },
+  type Draft = Omit<Stage, "digest" | "files" | "runtime" | "after" | "secretStdin" | "hostCommand"> & {
+    files?: string[];
+    uses?: RuntimeName[];
+    after?: StageId[];
+    secretStdin?: boolean;
+  };
+  const buildEnvFile = `${vm}/vm-build.env`;
+  const drafts: Draft[] = [];
+  if (isAws) {
+    drafts.push(
+      {
+        id: "waitHost",
+        title: "Wait for the host: SSH answers, cloud-init done, KVM and tools present",
+        site: "host",
+        dependsOn: [],
+        // A new host is a new runtime hostId (every stage re-runs); in-place changes (instance
+        // type, volume IOPS) keep the host's work, so they re-run nothing here.
+        inputs: { target: c.target },
+        // host-ready.sh arrives on stdin: the host has no scripts yet (uploadFiles comes next).
+        command: `HOST_READY_TIMEOUT_S=${HOST_READY_TIMEOUT_S} bash -s`,
+        stdin: "hostReadyScript",
+        waitsFor: "cloud-init, KVM and the host tools",
+        timeoutMinutes: Math.ceil(HOST_READY_TIMEOUT_S / 60) + 5,
+        configKeys: ["hostInstanceType", "hostAmiId", "hostVolumeGiB", "sshAllowedCidrs"],
+      },
+      {
+        id: "idleGuard",
+        title: c.host.keepRunning
+          ? "Turn the host's idle guard off (keepHostRunning)"
+          : `Install the host's idle guard: power off after ${c.host.idleMinutes} min with no stage running`,
+        site: "host",
+        // Nothing depends on it: changing hostIdleMinutes re-runs this stage only.
+        dependsOn: ["waitHost"],
+        inputs: { idle: c.host.keepRunning ? "off" : String(c.host.idleMinutes) },
+        command: run("idle-guard-install.sh", c.host.keepRunning ? "off" : String(c.host.idleMinutes)),
+        waitsFor: "systemd to install the idle timer",
+        timeoutMinutes: 5,
+        configKeys: ["hostIdleMinutes", "keepHostRunning"],
+      },
+    );
+  }
+  drafts.push(
     {
       id: "uploadFiles",
-      title: "Copy the scripts and assets to the host (each file re-copied only when it changes)",
+      title: "Copy the scripts and assets to the host (again whenever one changes)",
       site: "host",
       // Runs once the host is ready (the component orders it); its digest is the files' hashes.
       dependsOn: [],
+      after: isAws ? ["waitHost"] : [],
       files: hostFiles(),
       inputs: {},
+      waitsFor: "the copy of the scripts",
       timeoutMinutes: 10,
       configKeys: [],
     },
@@ -220,9 +303,10 @@ export function buildPlan(p: PlanInputs): Plan {
       id: "firmware",
       title: "UEFI firmware pair (QEMU_EFI.fd, QEMU_VARS.fd)",
       site: "host",
-      dependsOn: ["waitHost"],
+      dependsOn: isAws ? ["waitHost"] : [],
       inputs: {},
       command: run("build-efi.sh", vm),
+      waitsFor: "the firmware files",
       timeoutMinutes: 5,
       configKeys: [],
     },
@@ -230,9 +314,10 @@ export function buildPlan(p: PlanInputs): Plan {
       id: "fetchImage",
       title: "Fetch the Windows image and verify its SHA-256",
       site: "host",
-      dependsOn: ["waitHost"],
+      dependsOn: isAws ? ["waitHost"] : [],
       inputs: { url: c.image.url, sha256: c.image.sha256 },
       command: withEnv({ S3_ENDPOINT_URL: s3Endpoint }, run("fetch-image.sh", c.image.url, c.image.sha256, source)),
+      waitsFor: "the Windows image download",
       timeoutMinutes: 120,
       configKeys: ["windowsImageUrl", "windowsImageSha256"],
     },
@@ -240,7 +325,7 @@ export function buildPlan(p: PlanInputs): Plan {
       id: "fetchDrivers",
       title: "Fetch the virtio-win drivers ISO (and the OpenSSH zip, if given) and verify their SHA-256",
       site: "host",
-      dependsOn: ["waitHost"],
+      dependsOn: isAws ? ["waitHost"] : [],
       inputs: {
         url: c.image.virtioUrl,
         sha256: c.image.virtioSha256,
@@ -252,6 +337,7 @@ export function buildPlan(p: PlanInputs): Plan {
           ? [run("fetch-image.sh", c.image.openSshZip.url, c.image.openSshZip.sha256, `${vm}/${OPENSSH_ZIP_FILE}`)]
           : []),
       ].join(" && "),
+      waitsFor: "the drivers download",
       timeoutMinutes: 30,
       configKeys: ["virtioIsoUrl", "virtioIsoSha256", "openSshZipUrl", "openSshZipSha256"],
     },
@@ -262,18 +348,21 @@ export function buildPlan(p: PlanInputs): Plan {
       dependsOn: ["fetchImage"],
       inputs: { format: c.image.format, ...(c.image.format === "iso" ? { diskGiB: String(c.vm.diskGiB) } : {}) },
       command: run("prepare-disk.sh", source, `${vm}/disk.qcow2`, String(c.vm.diskGiB)),
+      waitsFor: "the conversion to qcow2",
       timeoutMinutes: 60,
       configKeys: ["windowsImageUrl", "vmDiskGiB"],
     },
     {
       id: "configMedia",
-      title: "Answer file, guest scripts and the pipeline key on the config ISO",
+      title: "Answer file, guest scripts and the guest key on the config ISO",
       site: "host",
       dependsOn: ["fetchDrivers"],
       inputs: c.image.format === "iso" ? { winpeDrivers: driverFolder(c) } : {},
-      uses: ["answerFile", "pipelineKey"],
+      uses: ["answerFile", "guestKey"],
       command: configMediaCommand(c, L),
       stdin: "answerFile",
+      secretStdin: true,
+      waitsFor: "the config ISO",
       timeoutMinutes: 10,
       configKeys: ["guestAdminUser", "guestLocale", "guestTimeZone", "windowsEdition", "windowsProductKey"],
     },
@@ -281,10 +370,11 @@ export function buildPlan(p: PlanInputs): Plan {
       id: "renderEnv",
       title: "Write the build VM's env file",
       site: "host",
-      dependsOn: ["waitHost"],
+      dependsOn: isAws ? ["waitHost"] : [],
       inputs: { env: sha256Hex(buildEnv) },
-      command: `${L.sudo}install -D -m 0644 /dev/stdin ${shq(`${vm}/vm-build.env`)}`,
+      command: `${L.sudo}install -D -m 0644 /dev/stdin ${shq(buildEnvFile)}`,
       stdin: "vmBuildEnv",
+      waitsFor: "the env file",
       timeoutMinutes: 2,
       configKeys: ["vmCpus", "vmMemoryGiB", "vmMachineOptions"],
     },
@@ -296,11 +386,8 @@ export function buildPlan(p: PlanInputs): Plan {
       inputs: {},
       // New guest settings re-provision a VM the last run shut down: boot it again first.
       uses: ["guestSettings"],
-      command: [
-        // A host that booted the baked unit runs the image VM: stop it before building.
-        `${L.sudo}systemctl stop windows-vm.service 2>/dev/null || true`,
-        run("start-vm.sh", `${vm}/vm-build.env`, L.buildUnit),
-      ].join("; "),
+      command: run("start-vm.sh", buildEnvFile, L.buildUnit),
+      waitsFor: "QEMU to start",
       timeoutMinutes: 5,
       configKeys: ["vmCpus", "vmMemoryGiB"],
     },
@@ -314,18 +401,25 @@ export function buildPlan(p: PlanInputs): Plan {
         { SERIAL_LOG: `${vm}/serial.log`, VM_PID_FILE: `${vm}/qemu.pid` },
         run("wait-for-guest.sh", "127.0.0.1", String(L.sshPort), String(GUEST_BOOT_TIMEOUT_S)),
       ),
+      waitsFor: "Windows to answer SSH (first boot runs Setup and OOBE)",
       timeoutMinutes: Math.ceil(GUEST_BOOT_TIMEOUT_S / 60) + 5,
       configKeys: [],
     },
     {
       id: "provisionGuest",
-      title: "Provision Windows over SSH (drivers, OpenSSH, builder setup) and check it",
-      site: "guest",
+      title: "Provision Windows over SSH from the host (retried over a dropped connection) and check it",
+      site: "host",
       dependsOn: ["waitGuest"],
-      files: [],
-      inputs: {},
+      inputs: { user: c.guest.adminUser },
       uses: ["guestSettings"],
-      stdin: "guestSettings",
+      // The guest-only key and the settings (a password) arrive on stdin, never on a disk.
+      command: withEnv(
+        { GUEST_RUN_BOOT_TIMEOUT_S: String(GUEST_BOOT_TIMEOUT_S) },
+        run("guest-run.sh", buildEnvFile, L.buildUnit, String(L.sshPort), c.guest.adminUser, guestProvisionCommand()),
+      ),
+      stdin: "guestKeyAndSettings",
+      secretStdin: true,
+      waitsFor: "the guest provisioning (provision.ps1 and check.ps1)",
       timeoutMinutes: 180,
       configKeys: [
         "guestDisableWindowsUpdate",
@@ -342,12 +436,13 @@ export function buildPlan(p: PlanInputs): Plan {
       dependsOn: ["provisionGuest"],
       inputs: {},
       command: run("stop-vm.sh", `${vm}/qmp.sock`, String(GUEST_SHUTDOWN_TIMEOUT_S)),
+      waitsFor: "Windows to shut down",
       timeoutMinutes: Math.ceil(GUEST_SHUTDOWN_TIMEOUT_S / 60) + 5,
       configKeys: [],
     },
     {
       id: "publish",
-      title: "Publish disk, EFI vars and manifest (content-addressed), then latest.json",
+      title: "Publish disk, EFI vars, firmware and manifest (content-addressed), then latest.json",
       site: "host",
       dependsOn: ["stopVm"],
       inputs: {},
@@ -357,74 +452,76 @@ export function buildPlan(p: PlanInputs): Plan {
           IMAGE_SOURCE_URL: c.image.url,
           IMAGE_SOURCE_SHA256: c.image.sha256,
           WINDOWS_VERSION: c.image.windowsVersion,
+          PUBLISH_VM_ENV: buildEnvFile,
           S3_ENDPOINT_URL: s3Endpoint,
         },
         run("publish-image.sh", vm, RUNTIME.artifactUri),
       ),
+      waitsFor: "the upload of the image",
       timeoutMinutes: 120,
       configKeys: ["artifactBucketName", "artifactPrefix", "artifactUri"],
     },
-  ];
+  );
   if (isAws) {
-    drafts.push(
-      {
-        id: "prepareAmi",
-        title: "Install the launcher, env file and windows-vm.service; generalize the host",
-        site: "host",
-        dependsOn: ["publish"],
-        inputs: { env: sha256Hex(imageEnv) },
-        uses: ["pipelineKey"],
-        command: [
-          `${L.sudo}install -D -m 0644 /dev/stdin ${shq(`${vm}/vm.env`)}`,
-          withEnv(
-            // The unit's ExecCondition keeps the image VM off this build host when it is started again.
-            { PIPELINE_PUBLIC_KEY: RUNTIME.pipelineKey, BUILD_INSTANCE_ID: RUNTIME.hostId },
-            run("prepare-ami.sh", "--generalize", L.imageRoot, `${vm}/vm.env`),
-          ),
-        ].join(" && "),
-        stdin: "vmImageEnv",
-        timeoutMinutes: 10,
-        configKeys: ["vmCpus", "vmMemoryGiB", "vmBuildletPort"],
-      },
-      {
+    if (!c.host.keepRunning) {
+      drafts.push({
         id: "stopHost",
-        title: c.host.keepRunning
-          ? "Keep the host running (keepHostRunning): the AMI is taken with a reboot"
-          : "Stop the host, so the AMI is taken from a stopped, consistent disk",
+        title: "Stop the build host (it is not needed for the bake)",
         site: "aws",
-        dependsOn: ["prepareAmi"],
-        inputs: { state: c.host.keepRunning ? "running" : "stopped" },
+        dependsOn: [],
+        after: ["publish", "idleGuard"],
+        inputs: {},
+        waitsFor: "EC2 to stop the host",
         timeoutMinutes: 20,
         configKeys: ["keepHostRunning"],
+      });
+    }
+    drafts.push(
+      {
+        id: "bakeImage",
+        // Depends on the published image (its SHA-256 is a runtime trigger), not on how it was made.
+        title:
+          "Bake: a small image instance fetches the published files, verifies them, installs the VM unit, powers off",
+        site: "aws",
+        dependsOn: [],
+        after: ["publish"],
+        files: [...BAKE_FILES],
+        inputs: {
+          env: sha256Hex(imageEnv),
+          instanceType: c.bake.instanceType,
+          volumeGiB: c.bake.volumeGiB === undefined ? "auto" : String(c.bake.volumeGiB),
+        },
+        waitsFor: "the bake instance to power off",
+        timeoutMinutes: 90,
+        configKeys: ["bakeInstanceType", "amiVolumeGiB", "vmCpus", "vmMemoryGiB", "vmBuildletPort"],
       },
       {
         id: "bakeAmi",
-        // Named with the image SHA-256 and the prepareAmi digest: a change to what is installed
-        // for the image bakes a new AMI. Created after stopHost (a stopped host), which does not
-        // feed its digest: keeping the host running or not does not re-bake.
-        title: "Bake the AMI from the host (named with the image SHA-256 and the prepareAmi digest)",
+        title: "Take the AMI from the stopped bake instance (named with the image SHA-256 and the bake digest)",
         site: "aws",
-        dependsOn: ["prepareAmi"],
+        dependsOn: ["bakeImage"],
         inputs: { retain: String(c.retainAmiOnDelete) },
+        waitsFor: "EC2 to create the AMI",
         timeoutMinutes: 90,
         configKeys: ["retainAmiOnDelete"],
       },
     );
   }
 
+  const fileHash = (f: string) => {
+    const h = p.fileHashes[f];
+    if (h === undefined) throw new Error(`buildPlan: no hash for ${f}`);
+    return h;
+  };
+  const order = new Map(STAGE_IDS.map((id, i) => [id, i]));
+  drafts.sort((a, b) => (order.get(a.id) ?? 0) - (order.get(b.id) ?? 0));
   const digests: Partial<Record<StageId, string>> = {};
   const runtimes: Partial<Record<StageId, RuntimeName[]>> = {};
   const stages: Stage[] = [];
   for (const { uses, ...d } of drafts) {
     const files = d.files ?? STAGE_FILES[d.id] ?? [];
     const inputs: Record<string, string> = { ...d.inputs };
-    {
-      for (const f of files) {
-        const h = p.fileHashes[f];
-        if (h === undefined) throw new Error(`buildPlan: no hash for ${f}`);
-        inputs[`file:${f}`] = h;
-      }
-    }
+    for (const f of files) inputs[`file:${f}`] = fileHash(f);
     if (d.command !== undefined) inputs.command = sha256Hex(d.command);
     const upstream = d.dependsOn.map((u) => {
       const dg = digests[u];
@@ -437,7 +534,23 @@ export function buildPlan(p: PlanInputs): Plan {
     for (const u of uses ?? []) runtime.add(u);
     for (const u of d.dependsOn) for (const r of runtimes[u] ?? []) runtime.add(r);
     runtimes[d.id] = [...runtime].sort();
-    stages.push({ ...d, files, inputs, digest, runtime: runtimes[d.id] as RuntimeName[] });
+    if (d.id === "waitHost") inputs[`file:${HOST_READY_SCRIPT}`] = fileHash(HOST_READY_SCRIPT);
+    const hostCommand =
+      d.command === undefined
+        ? undefined
+        : d.id === "waitHost"
+          ? d.command
+          : bounded(L, d.id, d.timeoutMinutes, d.waitsFor, d.command);
+    stages.push({
+      ...d,
+      after: d.after ?? [],
+      secretStdin: d.secretStdin ?? false,
+      hostCommand,
+      files,
+      inputs,
+      digest,
+      runtime: runtimes[d.id] as RuntimeName[],
+    });
   }
   return {
     stages,
@@ -448,6 +561,18 @@ export function buildPlan(p: PlanInputs): Plan {
       return s;
     },
   };
+}
+
+/**
+ * A stage's command run through stage.sh: bounded on the host by its timeout
+ * (then killed with its whole process tree, the message naming the stage and
+ * what it waited for), its long lines cut, a marker kept for the idle guard.
+ * As root on AWS, so the bound reaches every process the stage started.
+ */
+export function bounded(L: HostLayout, id: StageId, minutes: number, waitsFor: string, command: string): string {
+  const env = `STAGE_RUN_DIR=${shq(L.stageRunDir)} STAGE_STATE_DIR=${shq(L.stageStateDir)}`;
+  const stageSh = shq(`${L.home}/provisioning/stage.sh`);
+  return `${L.sudo}env ${env} bash ${stageSh} ${id} ${minutes * 60} ${shq(waitsFor)} ${shq(command)}`;
 }
 
 /** How long Windows may take from power-on to answering SSH (first boot runs OOBE). */
@@ -486,7 +611,7 @@ function configMediaCommand(c: StackConfig, L: HostLayout): string {
   return [
     `${L.sudo}install -d -m 0700 ${shq(stage)}`,
     `${L.sudo}bash -c ${shq(`umask 077 && cat > ${shq(answer)}`)}`,
-    `${L.sudo}bash -c ${shq(`umask 077 && printf '%s\\n' ${word(RUNTIME.pipelineKey)} > ${shq(keys)}`)}`,
+    `${L.sudo}bash -c ${shq(`umask 077 && printf '%s\\n' ${word(RUNTIME.guestKey)} > ${shq(keys)}`)}`,
     `${L.sudo}env ${env.join(" ")} bash ${shq(`${S}/build-config-iso.sh`)} ${shq(`${L.vmDir}/config.iso`)} ${files.map(shq).join(" ")}`,
     // The ISO holds them now; the plain copies do not stay on the host.
     `${L.sudo}rm -rf -- ${shq(stage)}`,
