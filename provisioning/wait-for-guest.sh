@@ -16,8 +16,19 @@
 #   SERIAL_LOG               the VM's serial log: its last 40 lines are shown on failure
 #   VM_PID_FILE              QEMU's pid file: when that process exits, fail at once
 #   WAIT_FOR_GUEST_PROGRESS_S seconds between progress lines (default 20)
+#   WAIT_GUEST_QMP_SOCKET    the VM's QMP socket: on a timeout, a screenshot of
+#                            the VM's screen is saved (vm-screenshot.sh, beside
+#                            this script) and its path printed
+#   WAIT_GUEST_SCREEN_DIR    where that screenshot goes (default: screens/ beside
+#                            the socket), as failure-<UTC time>-wait-for-guest.png
+#   WAIT_GUEST_FETCH_HINT    how to fetch it, <path> standing for its path, e.g.
+#                            "scp ubuntu@1.2.3.4:<path> ." (printed filled in)
 #
-# Output: the banner line on stdout on success; progress and errors on stderr.
+# Output: the banner line on stdout on success; progress and errors on stderr,
+# and on a timeout with WAIT_GUEST_QMP_SOCKET set:
+#   wait-for-guest: screenshot: <path>
+#   wait-for-guest: fetch it: <hint with the path>   (with WAIT_GUEST_FETCH_HINT)
+# or "wait-for-guest: no screenshot: <why>" (never changes the exit code).
 # Exit: 0 banner read; 1 timeout; 3 the VM (QEMU) exited or is not running;
 #   2 bad arguments.
 set -euo pipefail
@@ -45,6 +56,29 @@ progress_s=${WAIT_FOR_GUEST_PROGRESS_S:-20}
 [[ $progress_s =~ ^[1-9][0-9]*$ ]] || usage "WAIT_FOR_GUEST_PROGRESS_S='$progress_s' is not a positive number"
 serial_log=${SERIAL_LOG:-}
 pid_file=${VM_PID_FILE:-}
+qmp_socket=${WAIT_GUEST_QMP_SOCKET:-}
+screen_dir=${WAIT_GUEST_SCREEN_DIR:-}
+[[ -z $qmp_socket || -n $screen_dir ]] || screen_dir="${qmp_socket%/*}/screens"
+[[ $screen_dir == */* || -z $screen_dir ]] || screen_dir="./$screen_dir"
+
+# screenshot: a PNG of the VM's screen when the QMP socket is known; prints
+# where it is (and how to fetch it) on stderr. Never fails the script.
+screenshot() {
+  [[ -n $qmp_socket ]] || return 0
+  local shooter="$lib_dir/vm-screenshot.sh" out rc=0 stamp
+  if [[ ! -f $shooter ]]; then
+    log "no screenshot: vm-screenshot.sh is missing beside this script"
+    return 0
+  fi
+  stamp=$(date -u +%Y%m%dT%H%M%SZ)
+  out=$(SCREENSHOT_FETCH_HINT=${WAIT_GUEST_FETCH_HINT:-} \
+    bash "$shooter" "$qmp_socket" "$screen_dir/failure-$stamp-wait-for-guest.png" 2>&1) || rc=$?
+  if ((rc == 0)); then
+    printf '%s\n' "$out" | grep -E '^(screenshot|fetch it): ' | while IFS= read -r line; do log "$line"; done
+  else
+    log "no screenshot: $(printf '%s' "$out" | tail -n 1 | sed 's/^vm-screenshot: error: //')"
+  fi
+}
 
 serial_tail() {
   [[ -n $serial_log ]] || return 0
@@ -69,6 +103,7 @@ if [[ -n $pid_file ]]; then
   if [[ -z $qemu_pid ]] || ! alive "$qemu_pid"; then
     log "the VM is not running: no live QEMU process in VM_PID_FILE=$pid_file"
     serial_tail
+    [[ -z $qmp_socket ]] || log "no screenshot: the VM (QEMU) is not running"
     exit 3
   fi
 fi
@@ -140,12 +175,14 @@ while :; do
   if [[ -n $qemu_pid ]] && ! alive "$qemu_pid"; then
     log "the VM exited (QEMU pid $qemu_pid is gone) after $((SECONDS - start))s, before SSH answered on $host:$port"
     serial_tail
+    [[ -z $qmp_socket ]] || log "no screenshot: the VM (QEMU) is not running"
     exit 3
   fi
   elapsed=$((SECONDS - start))
   if ((elapsed >= timeout_s)); then
     log "timed out after ${timeout_s}s waiting for an SSH banner on $host:$port ($attempts attempts, last: ${last:-none})"
     serial_tail
+    screenshot
     exit 1
   fi
   if ((elapsed >= next_progress)); then
