@@ -2,7 +2,7 @@ import { expect } from "chai";
 import * as fs from "fs";
 import * as yaml from "js-yaml";
 import * as path from "path";
-import { Machine, parseConfig, RawConfig } from "../../infra/config";
+import { Machine, parseConfig, RawConfig, validateConfig } from "../../infra/config";
 import { CONFIG_KEYS, projectConfigBlock } from "../../infra/configSchema";
 
 const root = path.resolve(__dirname, "..", "..");
@@ -45,12 +45,32 @@ describe("project files", () => {
     expect(JSON.parse(fs.readFileSync(path.join(root, "package.json"), "utf8")).main).to.equal("infra/index.ts");
   });
 
-  for (const f of ["Pulumi.dev.yaml", "Pulumi.local.yaml"]) {
-    it(`${f} is a valid stack`, () => {
-      const c = parseConfig(stackRaw(f), new Set(), WORKSTATION);
-      expect(c.image.windowsVersion).to.equal("11-23h2");
+  const stacks = fs.readdirSync(root).filter((f) => /^Pulumi\.[^.]+\.yaml$/.test(f));
+  it("has the example stacks", () => {
+    expect(stacks).to.include.members(["Pulumi.dev.yaml", "Pulumi.local.yaml", "Pulumi.win11-c7g.yaml"]);
+  });
+  for (const f of stacks) {
+    it(`${f} is a valid stack, without warnings`, () => {
+      const { problems, warnings } = validateConfig(stackRaw(f), new Set(), WORKSTATION);
+      expect(problems, JSON.stringify(problems)).to.deep.equal([]);
+      expect(warnings, JSON.stringify(warnings)).to.deep.equal([]);
     });
   }
+
+  for (const f of ["Pulumi.dev.yaml", "Pulumi.local.yaml"]) {
+    it(`${f} builds Windows 11 23H2`, () => {
+      expect(parseConfig(stackRaw(f), new Set(), WORKSTATION).image.windowsVersion).to.equal("11-23h2");
+    });
+  }
+
+  it("Pulumi.win11-c7g.yaml installs Microsoft's public 24H2 ISO on a Graviton3 host", () => {
+    const c = parseConfig(stackRaw("Pulumi.win11-c7g.yaml"));
+    expect(c.image).to.include({ format: "iso", windowsVersion: "11-24h2" });
+    expect(c.host.instanceType).to.equal("c7g.metal");
+    expect(c.host.type).to.include({ generation: 3, lseAtomics: true });
+    expect(c.vm.cpus).to.be.greaterThan(4);
+    expect(c.bake.instanceType).to.equal("c7g.large");
+  });
 
   it("Pulumi.dev.yaml targets us-east-2 on a1.metal", () => {
     expect(load("Pulumi.dev.yaml").config["aws:region"]).to.equal("us-east-2");
