@@ -1,59 +1,111 @@
 #!/usr/bin/env bash
-# publish-image.sh - publish the provisioned VM disk and EFI variables to S3
-# or to a folder.
+# publish-image.sh - publish the provisioned VM (disk, EFI variable store and
+# the firmware it boots from) to S3 or to a folder, content-addressed, with a
+# manifest.
 #
 # Usage: publish-image.sh VM_DIR DEST_URI
 #
-#   VM_DIR    directory holding disk.qcow2 and QEMU_VARS.fd (the VM must be off)
+#   VM_DIR    directory holding disk.qcow2, QEMU_VARS.fd and QEMU_EFI.fd (the
+#             VM must be off)
 #   DEST_URI  s3://bucket/prefix/ (trailing slash optional; the prefix may be
 #             empty), or file:///absolute/dir/ (percent-encoding allowed; the
 #             folder is created when missing)
 #
 # Env:
+#   PUBLISH_VM_ENV       the VM env file the image ran with (KEY=value lines,
+#                        as run-vm.sh reads them). Its VM_MACHINE_OPTS, VM_CPUS,
+#                        VM_MEMORY_GIB, VM_ACCEL (and VM_MACHINE_TYPE,
+#                        VM_GIC_VERSION when set) are recorded as "machine";
+#                        its VM_DISK, VM_EFI_CODE and VM_EFI_VARS, when set, must
+#                        be the files in VM_DIR. Unset: "machine" is null.
 #   S3_ENDPOINT_URL      passed to aws as --endpoint-url (S3-compatible servers)
 #   IMAGE_SOURCE_URL     recorded in the manifest as sourceUrl (null when unset)
 #   IMAGE_SOURCE_SHA256  recorded as sourceSha256 (64 hex digits, null when unset)
 #   WINDOWS_VERSION      recorded as windowsVersion (null when unset)
 #   PUBLISH_PROGRESS_INTERVAL_S  seconds between progress lines, default 10
+#   PUBLISH_LOCK_TIMEOUT_S       folder: seconds to wait while another publish
+#                                holds the folder's lock, default 300
+#   TMPDIR               parent of this run's private work folder, default /tmp
 #   AWS credentials/region       the usual aws CLI variables or instance profile
 #
+# Refused before anything is written, each with a message naming the cause: a
+# disk or variable store held by a running QEMU (qemu-img cannot take the
+# shared lock); a disk that `qemu-img check` finds corrupt or cannot check
+# (leaked clusters only warn: they waste space, they lose nothing); a disk with
+# a backing file or an external data file (a published image is
+# self-contained); a QEMU_EFI.fd that is not 64 MiB; a manifest that would not
+# fit its stdout line (under 4 KiB: a very long DEST_URI, which appears in
+# seven URIs, or IMAGE_SOURCE_URL). Fails if the disk changes during the upload.
+#
 # Layout (<p> = the prefix or folder, <sha> = SHA-256 of disk.qcow2):
-#   <p>/staging/<id>/disk.qcow2  upload in progress; removed once copied. An
-#                                interrupted S3 run may leave it behind: expire
-#                                <p>/staging/ (and incomplete multipart uploads)
-#                                with a bucket lifecycle rule. In a folder it is
-#                                removed on failure, and leftovers of killed
-#                                runs older than a day are swept at the start.
-#   <p>/<sha>/disk.qcow2         the image, content-addressed
-#   <p>/<sha>/QEMU_VARS.fd       the EFI variable store that goes with it
-#   <p>/<sha>/manifest.json      written last in <p>/<sha>/: present = complete
-#   <p>/latest.json              a copy of the newest manifest, written only after
-#                                everything above is verified, so an interrupted
-#                                publish leaves the previous latest.json pointing
-#                                at a complete image.
+#   <p>/<sha>/disk.qcow2     the image, content-addressed
+#   <p>/<sha>/QEMU_VARS.fd   the EFI variable store that goes with it
+#   <p>/<sha>/QEMU_EFI.fd    the 64 MiB firmware it was booted from
+#   <p>/<sha>/manifest.json  written last in <p>/<sha>/: present = complete
+#   <p>/latest.json          the newest manifest; written only after everything
+#                            above is verified, and never replaced by an older
+#                            manifest (below)
+#   <p>/staging/<id>/        work in progress, removed when the run ends. S3:
+#                            the streamed disk; the bucket's lifecycle rule
+#                            expires <p>/staging/ and incomplete multipart
+#                            uploads, for runs killed before they could delete
+#                            it. Folder: the streamed disk and every temporary
+#                            file, owned by a run through a lock on <id>/lock;
+#                            the next run removes those whose lock nobody holds
+#                            (and unlocked ones older than a day).
+#   <p>/.publish.lock        folder only: the flock(1) lock held while <sha>/ is
+#                            installed and latest.json read and written
+# In a folder, <p>/<sha>/ appears complete in one rename (it is built in
+# staging). On S3 a run killed after the server-side copy can leave <sha>/
+# objects without manifest.json: incomplete by the rule above, never named by
+# latest.json, completed by the next publish of the same disk.
+# Local temporary files live in a private mktemp folder under TMPDIR, removed
+# on exit; one left by a killed run is removed by the next run (same lock).
 #
-# How: the disk is read once. It is hashed while it streams to the staging key
-# (tee to openssl/sha256sum and `aws s3 cp -`, or to the staging file), then
-# copied server-side to its content-addressed key (in a folder: renamed), its
-# size checked, the manifest written and read back, staging deleted, and
-# latest.json written last. In a folder every file is written under a temporary
-# name, flushed to disk and renamed, so a reader never sees a partial file, and
-# the free space is checked before the copy.
-# $VM_DIR/disk.qcow2.sha256 ("<sha256> <size> <mtime>") records the hash; while
-# it matches the disk and <p>/<sha>/manifest.json exists (with the same
-# QEMU_VARS.fd), a rerun uploads nothing and only makes latest.json point at it.
-#
-# Refuses to run while a QEMU process holds the disk or the variable store
-# (qemu-img cannot take the shared lock), and fails if the disk changes during
-# the upload.
-#
-# Output: stdout is exactly one line, the manifest as compact JSON:
-#   {"manifestVersion":1,"sha256":...,"size":...,"format":"qcow2","virtualSize":...,
-#    "imageUri":...,"varsUri":...,"varsSha256":...,"varsSize":...,"manifestUri":...,
+# Manifest (manifestVersion 2): stdout is exactly one line, the manifest as
+# compact JSON, under 4 KiB:
+#   {"manifestVersion":2,"sha256":...,"size":...,"format":"qcow2","virtualSize":...,
+#    "imageUri":...,"varsUri":...,"varsSha256":...,"varsSize":...,
+#    "efiUri":...,"efiSha256":...,"efiSize":...,"manifestUri":...,
+#    "files":[{"name":"disk.qcow2","uri":...,"sha256":...,"size":...},
+#             {"name":"QEMU_VARS.fd",...},{"name":"QEMU_EFI.fd",...}],
+#    "host":{"qemuVersion":...,"qemuPackage":...,"firmwarePackage":...},
+#    "machine":{"machineOptions":...,"cpus":...,"memoryGiB":...,"accel":...}|null,
 #    "sourceUrl":...,"sourceSha256":...,"windowsVersion":...,"createdAt":"...Z"}
+# host: first line of `qemu-system-aarch64 --version`, and the dpkg versions of
+# qemu-system-arm and qemu-efi-aarch64 (each null when not known here).
+#
+# How: the disk is read once. It is hashed while it streams to staging (tee to
+# openssl/sha256sum and `aws s3 cp -`, or to the staging file), then copied
+# server-side to its content-addressed key (in a folder: renamed), sizes
+# checked, the manifest written and read back, and latest.json written last.
+# In a folder every file is flushed to disk before it is renamed into place,
+# and the free space is checked before the copy.
+# $VM_DIR/disk.qcow2.sha256 ("<sha256> <size> <mtime>") records the hash;
+# while it matches the disk and <p>/<sha>/ holds it, a rerun uploads no disk:
+# a complete manifestVersion 2 set is kept as it is; an older manifest (or
+# other variables or firmware) gets the small files and a new manifest.
+#
+# latest.json never moves backwards: of two manifests the newer is the one
+# with the larger (createdAt, sha256). latest.json is written only when it is
+# missing, unreadable or older; a publish that finds a newer one leaves it and
+# still succeeds (its own image is published). In a folder the read, compare
+# and write hold <p>/.publish.lock. On S3 the write is conditional
+# (put-object --if-match <ETag>, or --if-none-match '*' when there is none):
+# when another publish wrote in between, S3 answers 412 and this one reads and
+# compares again (5 rounds at most). Every write is read back; if an older
+# manifest replaced it, it is written again. Remaining race: an AWS CLI
+# without those options (they came with S3's conditional writes in 2024; the
+# CLI 2.9 of 2022 has none), or an S3-compatible server that ignores them:
+# then a publish that read latest.json before a newer one was written can
+# still overwrite it after the newer publish read its own write back (the
+# window is one publish's time between its read and its write, about a
+# second). A warning says when the CLI cannot write conditionally.
+#
 # Everything else (progress, aws output) goes to stderr, prefixed
-# "publish-image:". Exit 0 when latest.json points at the image; 1 with a message
-# naming the cause otherwise; 2 on bad usage.
+# "publish-image:". Exit 0 when the image is published and latest.json points
+# at it or at a newer image; 1 with a message naming the cause otherwise; 2 on
+# bad usage.
 set -euo pipefail
 # shellcheck source=SCRIPTDIR/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -62,6 +114,11 @@ readonly PROG=publish-image
 # CopyObject copies at most 5 GiB in one request; larger objects are copied in
 # parts by `aws s3 cp s3://... s3://...`.
 readonly SINGLE_COPY_MAX=$((4 * 1024 * 1024 * 1024))
+readonly EFI_SIZE=$((64 * 1024 * 1024))
+# The stdout line (manifest and newline) must stay under this many bytes.
+readonly MAX_LINE=4096
+readonly LATEST_ROUNDS=5
+readonly ISO_TIME='^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z$'
 
 # Keep stdout for the single result line; everything else goes to stderr.
 exec 3>&1 1>&2
@@ -76,6 +133,8 @@ vm_dir=$1
 dest_uri=$2
 interval=${PUBLISH_PROGRESS_INTERVAL_S:-10}
 [[ $interval =~ ^[1-9][0-9]*$ ]] || die "PUBLISH_PROGRESS_INTERVAL_S must be a positive integer, got '$interval'"
+lock_timeout=${PUBLISH_LOCK_TIMEOUT_S:-300}
+[[ $lock_timeout =~ ^[1-9][0-9]*$ ]] || die "PUBLISH_LOCK_TIMEOUT_S must be a positive integer, got '$lock_timeout'"
 
 # backend "s3": objects s3://$bucket/<key>; backend "file": files $root/<key>.
 # base: the URI that keys are appended to in messages and in the manifest.
@@ -118,12 +177,68 @@ windows_version=${WINDOWS_VERSION:-}
 
 disk=$vm_dir/disk.qcow2
 vars=$vm_dir/QEMU_VARS.fd
+efi=$vm_dir/QEMU_EFI.fd
 stamp=$disk.sha256
 [[ -f $disk ]] || die "$disk not found"
 [[ -f $vars ]] || die "$vars not found"
+[[ -f $efi ]] || die "$efi not found (the firmware the image boots from is published with it; build-efi.sh writes it)"
 command -v qemu-img >/dev/null || die "qemu-img not found (install the qemu-utils package)"
 command -v jq >/dev/null || die "jq not found (install the jq package)"
+command -v flock >/dev/null || die "flock not found (install the util-linux package)"
 [[ $backend != s3 ]] || command -v aws >/dev/null || die "aws not found (install the AWS CLI)"
+efi_size=$(stat -c %s -- "$efi")
+((efi_size == EFI_SIZE)) ||
+  die "$efi is $efi_size bytes, not the 64 MiB ($EFI_SIZE bytes) firmware image QEMU boots (run build-efi.sh)"
+
+# --- the machine the image ran with (PUBLISH_VM_ENV) ------------------------------
+machine_json=null
+if [[ -n ${PUBLISH_VM_ENV:-} ]]; then
+  vm_env=$PUBLISH_VM_ENV
+  [[ -f $vm_env && -r $vm_env ]] || die "PUBLISH_VM_ENV '$vm_env' does not exist or is not readable"
+  declare -A venv=()
+  n=0
+  while IFS= read -r line || [[ -n $line ]]; do
+    n=$((n + 1))
+    line=${line%$'\r'}
+    if [[ $line =~ ^[[:space:]]*(#.*)?$ ]]; then continue; fi
+    [[ $line =~ ^([A-Z_][A-Z0-9_]*)=(.*)$ ]] ||
+      die "PUBLISH_VM_ENV $vm_env:$n is not a KEY=value line: '${line:0:80}'"
+    venv[${BASH_REMATCH[1]}]=${BASH_REMATCH[2]}
+  done <"$vm_env"
+  for k in VM_CPUS VM_MEMORY_GIB; do
+    [[ -z ${venv[$k]:-} || ${venv[$k]} =~ ^[0-9]+$ ]] ||
+      die "PUBLISH_VM_ENV $vm_env: $k '${venv[$k]}' is not a whole number"
+  done
+  for pair in "VM_DISK:$disk" "VM_EFI_CODE:$efi" "VM_EFI_VARS:$vars"; do
+    k=${pair%%:*}
+    file=${pair#*:}
+    [[ -z ${venv[$k]:-} || ${venv[$k]} -ef $file ]] ||
+      die "PUBLISH_VM_ENV $vm_env sets $k=${venv[$k]}, but the file published is $file: the manifest would not describe what the image ran with"
+  done
+  machine_json=$(jq -cn \
+    --arg opts "${venv[VM_MACHINE_OPTS]:-}" --arg cpus "${venv[VM_CPUS]:-}" --arg mem "${venv[VM_MEMORY_GIB]:-}" \
+    --arg accel "${venv[VM_ACCEL]:-}" --arg type "${venv[VM_MACHINE_TYPE]:-}" --arg gic "${venv[VM_GIC_VERSION]:-}" \
+    'def num: if . == "" then null else tonumber end;
+     {machineOptions: $opts, cpus: ($cpus | num), memoryGiB: ($mem | num),
+      accel: (if $accel == "" then null else $accel end)}
+     + (if $type == "" then {} else {machineType: $type} end)
+     + (if $gic == "" then {} else {gicVersion: $gic} end)')
+fi
+
+# --- the QEMU and firmware packages on this host ------------------------------
+qemu_version=
+if command -v qemu-system-aarch64 >/dev/null; then
+  qemu_version=$(timeout 20 qemu-system-aarch64 --version 2>/dev/null | sed -n 1p) || qemu_version=
+fi
+pkg_version() { # PACKAGE: its dpkg version, "" when unknown
+  command -v dpkg-query >/dev/null || return 0
+  # shellcheck disable=SC2016 # ${Version} is dpkg-query's field, not a shell variable
+  dpkg-query -W -f '${Version}' "$1" 2>/dev/null || true
+}
+host_json=$(jq -cn --arg q "$qemu_version" --arg qp "$(pkg_version qemu-system-arm)" \
+  --arg fp "$(pkg_version qemu-efi-aarch64)" \
+  'def orNull: if . == "" then null else . end;
+   {qemuVersion: ($q | orNull), qemuPackage: ($qp | orNull), firmwarePackage: ($fp | orNull)}')
 
 aws_args=()
 [[ -z ${S3_ENDPOINT_URL:-} ]] || aws_args+=(--endpoint-url "$S3_ENDPOINT_URL")
@@ -132,8 +247,42 @@ key() { if [[ -n $prefix ]]; then printf '%s/%s' "$prefix" "$1"; else printf '%s
 at() { printf '%s/%s' "$base" "$1"; }
 uri() { at "$(key "$1")"; }
 
-work=$(mktemp -d "${TMPDIR:-/tmp}/publish-image.XXXXXX")
+# --- locked folders: a run's work and staging --------------------------------------
+# lock_dir DIR: an exclusive flock on DIR/lock for as long as this run (or a
+# child of it) lives. The lock is taken on lock.new and only then renamed to
+# lock, so a sweeper that finds DIR/lock unlocked knows its run is gone.
+lock_dir() { # DIR
+  local fd
+  exec {fd}>"$1/lock.new" || return 1
+  flock -n "$fd" || return 1
+  mv -f -- "$1/lock.new" "$1/lock"
+}
+
+# sweep_dead PARENT GLOB WHAT [own]: removes the folders PARENT/GLOB whose lock
+# nobody holds (their run is gone), and unlocked ones older than a day (a run
+# that died before it took its lock). "own": only folders owned by this user.
+sweep_dead() { # PARENT GLOB WHAT [own]
+  local d
+  for d in "$1"/$2; do
+    [[ -d $d && ! -L $d ]] || continue
+    [[ ${4:-} != own || -O $d ]] || continue
+    if [[ -f $d/lock ]]; then
+      flock -n "$d/lock" true 2>/dev/null || continue
+    elif [[ -z $(find "$d" -maxdepth 0 -mmin +1440 2>/dev/null) ]]; then
+      continue
+    fi
+    log "removing $3 $d"
+    rm -rf -- "$d" 2>/dev/null || log "warning: could not remove $d"
+  done
+}
+
+tmp_base=${TMPDIR:-/tmp}
+sweep_dead "$tmp_base" 'publish-image.*' "stale work folder" own
+work=$(mktemp -d "$tmp_base/publish-image.XXXXXX") || die "cannot create a work folder in $tmp_base"
 pids=()
+staging_key=
+stage_dir=
+lock_fd=
 # Stops PID and everything it started (a background function's own children
 # would otherwise live on, holding the output open).
 kill_tree() { # PID
@@ -148,11 +297,15 @@ kill_children() {
   for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
   pids=()
 }
-staging_key=
 cleanup() {
   kill_children
-  # A failed run removes its staging file from a folder (S3: lifecycle rule).
-  [[ $backend != file || -z $staging_key ]] || remove_staging "$staging_key"
+  # A failing S3 run deletes its staging object (a killed one leaves it to the
+  # lifecycle rule); a folder's staging goes with the run's staging folder.
+  [[ $backend != s3 || -z $staging_key ]] || remove_staging "$staging_key"
+  if [[ -n $stage_dir ]]; then
+    rm -rf -- "$stage_dir"
+    rmdir -- "$root/$(key staging)" 2>/dev/null || true
+  fi
   rm -rf -- "$work"
 }
 trap cleanup EXIT
@@ -160,12 +313,13 @@ trap 'log "interrupted"; exit 130' INT
 trap 'log "terminated"; exit 143' TERM
 trap 'log "hung up"; exit 129' HUP
 trap 'exit 141' PIPE
+lock_dir "$work" || die "cannot lock the work folder $work"
 
 # Storage operations. Each sends its error output to $work/op.err (see
 # op_error) and dies naming the object and the cause, except where noted.
 # Runs aws with the endpoint.
 s3() { aws "${aws_args[@]}" "$@" 2>"$work/op.err"; }
-op_error() { grep -v '^[[:space:]]*$' "$work/op.err" | tail -n 1; }
+op_error() { grep -v '^[[:space:]]*$' "$work/op.err" | tail -n 1 | cut -c1-400; }
 
 # After a failed read of KEY (its error in $work/op.err): status 0 when KEY does
 # not exist. S3 answers a missing key with 403, not 404, when the caller may
@@ -180,78 +334,84 @@ s3_absent() { # KEY
   [[ $found != "$1" ]]
 }
 
-# Sets OBJ_SIZE to the size of KEY, or to "" when it does not exist.
-object_size() { # KEY
-  OBJ_SIZE=
+# Sets SZ_DISK, SZ_VARS and SZ_EFI to the sizes of <SHA>/disk.qcow2,
+# QEMU_VARS.fd and QEMU_EFI.fd ("" for a missing one): on S3 one listing.
+sizes_of() { # SHA
+  local k s
+  SZ_DISK='' SZ_VARS='' SZ_EFI=''
   if [[ $backend == file ]]; then
-    [[ ! -f $root/$1 ]] || OBJ_SIZE=$(stat -c %s -- "$root/$1")
+    [[ ! -f $root/$1/disk.qcow2 ]] || SZ_DISK=$(stat -c %s -- "$root/$1/disk.qcow2")
+    [[ ! -f $root/$1/QEMU_VARS.fd ]] || SZ_VARS=$(stat -c %s -- "$root/$1/QEMU_VARS.fd")
+    [[ ! -f $root/$1/QEMU_EFI.fd ]] || SZ_EFI=$(stat -c %s -- "$root/$1/QEMU_EFI.fd")
     return 0
   fi
-  if OBJ_SIZE=$(s3 s3api head-object --bucket "$bucket" --key "$1" --query ContentLength --output text); then
-    return 0
-  fi
-  OBJ_SIZE=
-  s3_absent "$1" || die "cannot read $(at "$1"): $(op_error)"
+  s3 s3api list-objects-v2 --bucket "$bucket" --prefix "$(key "$1/")" \
+    --query 'Contents[].[Key, Size]' --output text >"$work/sizes" ||
+    die "cannot list $(uri "$1/"): $(op_error)"
+  while IFS=$'\t' read -r k s; do
+    case $k in
+      "$(key "$1/disk.qcow2")") SZ_DISK=$s ;;
+      "$(key "$1/QEMU_VARS.fd")") SZ_VARS=$s ;;
+      "$(key "$1/QEMU_EFI.fd")") SZ_EFI=$s ;;
+    esac
+  done <"$work/sizes"
 }
 
-# Copies KEY to FILE; status 1 when it does not exist.
+# Dies unless <SHA>/ holds the three files with this run's sizes.
+verify_sizes() { # SHA
+  sizes_of "$1"
+  [[ $SZ_DISK == "$size" ]] || die "$(uri "$1/disk.qcow2") is ${SZ_DISK:-missing}, expected $size bytes"
+  [[ $SZ_VARS == "$vars_size" ]] || die "$(uri "$1/QEMU_VARS.fd") is ${SZ_VARS:-missing}, expected $vars_size bytes"
+  [[ $SZ_EFI == "$efi_size" ]] || die "$(uri "$1/QEMU_EFI.fd") is ${SZ_EFI:-missing}, expected $efi_size bytes"
+}
+
+# Copies KEY to FILE; status 1 when it does not exist. S3: sets ETAG to its ETag.
 get_object() { # KEY FILE
   rm -f -- "$2"
+  ETAG=
   if [[ $backend == file ]]; then
     [[ -e $root/$1 ]] || return 1
     cp -- "$root/$1" "$2" 2>"$work/op.err" || die "cannot read $(at "$1"): $(op_error)"
     return 0
   fi
-  s3 s3 cp --only-show-errors "s3://$bucket/$1" "$2" && return 0
+  if ETAG=$(s3 s3api get-object --bucket "$bucket" --key "$1" --query ETag --output text -- "$2"); then
+    return 0
+  fi
+  ETAG=
   s3_absent "$1" || die "cannot read $(at "$1"): $(op_error)"
   return 1
 }
 
-# Folder backend: makes DEST (a path under $root) from FILE by copying it under
-# a temporary name, flushing it to disk and renaming it (readers never see a
-# partial file). With "move", FILE is renamed instead (same file system).
-fs_install() { # FILE DEST [move]
-  local tmp
-  mkdir -p -- "$(dirname -- "$2")" 2>"$work/op.err" || return 1
-  if [[ ${3:-} == move ]]; then
-    mv -f -- "$1" "$2" 2>"$work/op.err"
-    return
-  fi
-  tmp=$(mktemp -- "$2.tmp.XXXXXX" 2>"$work/op.err") || return 1
-  if cp -- "$1" "$tmp" 2>"$work/op.err" && chmod 0644 -- "$tmp" && sync -- "$tmp" 2>"$work/op.err" &&
-    mv -f -- "$tmp" "$2" 2>"$work/op.err"; then
-    return 0
-  fi
-  rm -f -- "$tmp"
-  return 1
-}
-
+# S3: uploads FILE to KEY.
 put_file() { # FILE KEY [CONTENT_TYPE]
-  if [[ $backend == file ]]; then
-    fs_install "$1" "$root/$2" || die "writing $1 to $(at "$2") failed: $(op_error)"
-    return 0
-  fi
   s3 s3 cp --only-show-errors --content-type "${3:-application/octet-stream}" -- "$1" "s3://$bucket/$2" ||
     die "upload of $1 to $(at "$2") failed: $(op_error)"
 }
 
-# Writes stdin to KEY (the staging upload; runs in the background, so it
-# reports through its exit status and $work/upload.err, never dies).
-put_stream() { # KEY SIZE
-  if [[ $backend == file ]]; then
-    mkdir -p -- "$(dirname -- "$root/$1")" && cat >"$root/$1" && sync -- "$root/$1"
-    return
+# Folder: copies FILE to DEST (in the staging folder), readable, flushed to disk.
+stage_copy() { # FILE DEST
+  if ! { cp -- "$1" "$2" 2>"$work/op.err" && chmod 0644 -- "$2" && sync -- "$2" 2>"$work/op.err"; }; then
+    die "copying $1 to $2 failed: $(op_error)"
   fi
-  aws "${aws_args[@]}" s3 cp --only-show-errors --expected-size "$2" - "s3://$bucket/$1"
+}
+# Folder: renames SRC to DEST (both under $root: one file system).
+fs_rename() { # SRC DEST
+  mv -f -T -- "$1" "$2" 2>"$work/op.err" || die "moving $1 to $2 failed: $(op_error)"
 }
 
-# Copies SRC_KEY to DST_KEY (S3: server side) or, in a folder, renames it.
-promote() { # SRC_KEY DST_KEY SIZE
+# Writes stdin to the staging disk (runs in the background, so it reports
+# through its exit status and $work/upload.err, never dies).
+put_stream() { # SIZE
   if [[ $backend == file ]]; then
-    if ! { chmod 0644 -- "$root/$1" 2>"$work/op.err" && fs_install "$root/$1" "$root/$2" move; }; then
-      die "moving $(at "$1") to $(at "$2") failed: $(op_error)"
-    fi
-  elif (($3 <= SINGLE_COPY_MAX)); then
+    cat >"$stage_dir/disk.qcow2" && sync -- "$stage_dir/disk.qcow2"
+    return
+  fi
+  aws "${aws_args[@]}" s3 cp --only-show-errors --expected-size "$1" - "s3://$bucket/$staging_key"
+}
+
+# S3: copies SRC_KEY to DST_KEY server side.
+promote() { # SRC_KEY DST_KEY SIZE
+  if (($3 <= SINGLE_COPY_MAX)); then
     s3 s3api copy-object --bucket "$bucket" --key "$2" --copy-source "$bucket/$1" >/dev/null ||
       die "server-side copy to $(at "$2") failed: $(op_error)"
   else
@@ -261,14 +421,23 @@ promote() { # SRC_KEY DST_KEY SIZE
   fi
 }
 
-# Deletes the staging KEY (and, in a folder, its directory); only warns.
+# S3: deletes the staging KEY; only warns (bounded: it runs on the way out).
 remove_staging() { # KEY
-  if [[ $backend == file ]]; then
-    rm -f -- "${root:?}/$1" && rmdir -- "$(dirname -- "$root/$1")" 2>/dev/null
-    rmdir -- "$root/$(key staging)" 2>/dev/null || true
-    return 0
-  fi
-  s3 s3 rm --only-show-errors "s3://$bucket/$1" || log "warning: could not delete $(at "$1"): $(op_error)"
+  timeout 60 aws "${aws_args[@]}" s3 rm --only-show-errors "s3://$bucket/$1" 2>"$work/op.err" ||
+    log "warning: could not delete $(at "$1") (the bucket's lifecycle rule expires staging/): $(op_error)"
+}
+
+# Folder: the lock that serialises installing <sha>/ and latest.json.
+folder_lock() {
+  # (bash itself names the cause when the open fails)
+  exec {lock_fd}>>"$root/.publish.lock" || die "cannot open the lock file $root/.publish.lock"
+  flock -w "$lock_timeout" "$lock_fd" ||
+    die "another publish has held $root/.publish.lock for more than $lock_timeout s (PUBLISH_LOCK_TIMEOUT_S); run again once it has finished"
+}
+folder_unlock() {
+  flock -u "$lock_fd"
+  exec {lock_fd}>&-
+  lock_fd=
 }
 
 # Refuses when a running QEMU holds FILE (qemu-img cannot take its shared lock).
@@ -282,31 +451,105 @@ ensure_not_in_use() { # FILE FORMAT
   fi
 }
 
+# --- the disk: not in use, self-contained, consistent -----------------------------
 ensure_not_in_use "$disk" qcow2
 ensure_not_in_use "$vars" raw
 
 disk_stat=$(stat -c '%s %.9Y' -- "$disk")
 size=${disk_stat%% *}
-vsize=$(qemu-img info -U --output=json -f qcow2 -- "$disk" | jq -r '."virtual-size"')
+qemu-img info -U --output=json -f qcow2 -- "$disk" >"$work/info.json" 2>"$work/op.err" ||
+  die "qemu-img cannot read $disk: $(op_error)"
+vsize=$(jq -r '."virtual-size"' "$work/info.json")
+backing=$(jq -r '."backing-filename" // empty' "$work/info.json")
+[[ -z $backing ]] ||
+  die "$disk has a backing file ($backing): publish writes a self-contained image; flatten it first (qemu-img convert -O qcow2)"
+data_file=$(jq -r '."format-specific".data."data-file" // empty' "$work/info.json")
+[[ -z $data_file ]] ||
+  die "$disk keeps its data in an external file ($data_file): publish writes a self-contained image; convert it first (qemu-img convert -O qcow2)"
+log "checking $disk (qemu-img check)"
+check_rc=0
+timeout 1800 qemu-img check -f qcow2 --output=json -- "$disk" >"$work/check.json" 2>"$work/check.err" || check_rc=$?
+check_counts() { jq -r '"\(.corruptions // 0) corruptions, \(.leaks // 0) leaked clusters, \(."check-errors" // 0) check errors"' "$work/check.json" 2>/dev/null || echo "no result"; }
+case $check_rc in
+  0) ;;
+  3) log "warning: qemu-img check: $disk has $(jq -r '.leaks // 0' "$work/check.json") leaked clusters (space only, nothing lost; 'qemu-img check -r leaks' reclaims it)" ;;
+  2) die "qemu-img check found $disk corrupt ($(check_counts)): refusing to publish it; repair it (qemu-img check -r all) or build the disk again" ;;
+  124) die "qemu-img check of $disk did not finish within 1800 s" ;;
+  *) die "qemu-img check could not check $disk (exit $check_rc: $(check_counts); $(grep -v '^[[:space:]]*$' "$work/check.err" | tail -n 1 | cut -c1-300))" ;;
+esac
+
 vars_size=$(stat -c %s -- "$vars")
 vars_sha=$(sha256_of "$vars") || die "could not read $vars"
+efi_sha=$(sha256_of "$efi") || die "could not read $efi"
 
-# Sets MANIFEST to the published manifest for SHA if it is complete and matches
-# this disk and QEMU_VARS.fd; to "" otherwise.
-published_manifest() { # SHA
-  MANIFEST=
-  get_object "$(key "$1/manifest.json")" "$work/published.json" || return 0
-  jq -e --arg sha "$1" --argjson size "$size" --arg vsha "$vars_sha" \
-    '.sha256 == $sha and .size == $size and .varsSha256 == $vsha' >/dev/null 2>&1 <"$work/published.json" ||
-    return 0
-  object_size "$(key "$1/disk.qcow2")"
-  [[ $OBJ_SIZE == "$size" ]] || return 0
-  object_size "$(key "$1/QEMU_VARS.fd")"
-  [[ $OBJ_SIZE == "$vars_size" ]] || return 0
-  MANIFEST=$(jq -c . <"$work/published.json")
+# Sets MANIFEST to the manifest for SHA, created at CREATED_AT.
+build_manifest() { # SHA CREATED_AT
+  MANIFEST=$(jq -cn \
+    --arg sha "$1" --argjson size "$size" --argjson vsize "$vsize" \
+    --arg image "$(uri "$1/disk.qcow2")" --arg varsUri "$(uri "$1/QEMU_VARS.fd")" --arg efiUri "$(uri "$1/QEMU_EFI.fd")" \
+    --arg varsSha "$vars_sha" --argjson varsSize "$vars_size" --arg efiSha "$efi_sha" --argjson efiSize "$efi_size" \
+    --arg manifestUri "$(uri "$1/manifest.json")" --argjson host "$host_json" --argjson machine "$machine_json" \
+    --arg sourceUrl "$source_url" --arg sourceSha "$source_sha" --arg winver "$windows_version" \
+    --arg createdAt "$2" \
+    'def orNull: if . == "" then null else . end;
+     {manifestVersion: 2, sha256: $sha, size: $size, format: "qcow2", virtualSize: $vsize,
+      imageUri: $image, varsUri: $varsUri, varsSha256: $varsSha, varsSize: $varsSize,
+      efiUri: $efiUri, efiSha256: $efiSha, efiSize: $efiSize, manifestUri: $manifestUri,
+      files: [{name: "disk.qcow2", uri: $image, sha256: $sha, size: $size},
+              {name: "QEMU_VARS.fd", uri: $varsUri, sha256: $varsSha, size: $varsSize},
+              {name: "QEMU_EFI.fd", uri: $efiUri, sha256: $efiSha, size: $efiSize}],
+      host: $host, machine: $machine,
+      sourceUrl: ($sourceUrl | orNull), sourceSha256: ($sourceSha | orNull),
+      windowsVersion: ($winver | orNull), createdAt: $createdAt}')
 }
 
-# Uploads the compact JSON in VALUE to KEY and checks it reads back equal.
+# Dies unless the manifest JSON fits the stdout line.
+ensure_fits() { # JSON
+  local n
+  n=$(printf '%s\n' "$1" | wc -c)
+  ((n < MAX_LINE)) ||
+    die "the manifest would be a $n-byte line, and it must stay under $MAX_LINE bytes: DEST_URI is ${#dest_uri} characters (it appears in 7 URIs), IMAGE_SOURCE_URL ${#source_url}; use a shorter prefix or folder"
+}
+build_manifest "$(printf '%064d' 0)" "1970-01-01T00:00:00Z"
+ensure_fits "$MANIFEST"
+
+# Sets PUB_* from what is published for SHA:
+#   PUB_DISK_OK  <sha>/manifest.json names this disk (sha256, size) and
+#                <sha>/disk.qcow2 has its size; PUB_JSON is that manifest
+#   PUB_VARS_OK, PUB_EFI_OK  the manifest records this QEMU_VARS.fd /
+#                QEMU_EFI.fd (sha256) and the object has its size
+#   PUB_COMPLETE all three, in a manifestVersion 2 that names this location
+#   PUB_CREATED  its createdAt when every file it records is this run's (a
+#                manifestVersion 1 records no firmware), else ""
+published_state() { # SHA
+  local m=$work/published.json
+  PUB_JSON='' PUB_DISK_OK=0 PUB_VARS_OK=0 PUB_EFI_OK=0 PUB_COMPLETE=0 PUB_CREATED=''
+  get_object "$(key "$1/manifest.json")" "$m" || return 0
+  jq -e --arg sha "$1" --argjson size "$size" 'type == "object" and .sha256 == $sha and .size == $size' \
+    >/dev/null 2>&1 <"$m" || return 0
+  sizes_of "$1"
+  [[ $SZ_DISK == "$size" ]] || return 0
+  PUB_DISK_OK=1
+  PUB_JSON=$(jq -c . <"$m")
+  if [[ $SZ_VARS == "$vars_size" ]] && jq -e --arg s "$vars_sha" '.varsSha256 == $s' >/dev/null <"$m"; then
+    PUB_VARS_OK=1
+  fi
+  if [[ $SZ_EFI == "$efi_size" ]] && jq -e --arg s "$efi_sha" '.efiSha256 == $s' >/dev/null <"$m"; then
+    PUB_EFI_OK=1
+  fi
+  if ((PUB_VARS_OK)) && { ((PUB_EFI_OK)) || jq -e '.efiSha256 == null' >/dev/null <"$m"; }; then
+    PUB_CREATED=$(jq -r '.createdAt // empty' <"$m")
+    [[ $PUB_CREATED =~ $ISO_TIME ]] || PUB_CREATED=
+  fi
+  if ((PUB_VARS_OK && PUB_EFI_OK)) &&
+    jq -e --arg u "$(uri "$1/manifest.json")" --arg i "$(uri "$1/disk.qcow2")" \
+      '.manifestVersion == 2 and .manifestUri == $u and .imageUri == $i and (.files | length) == 3' \
+      >/dev/null <"$m"; then
+    PUB_COMPLETE=1
+  fi
+}
+
+# S3: uploads the compact JSON in VALUE to KEY and checks it reads back equal.
 put_json() { # VALUE KEY
   printf '%s\n' "$1" >"$work/put.json"
   put_file "$work/put.json" "$2" application/json
@@ -315,47 +558,133 @@ put_json() { # VALUE KEY
     die "$(at "$2") does not read back as written"
 }
 
+# Prints how the manifest in FILE compares to $manifest: same, newer, older,
+# or unknown (not a manifest with sha256 and createdAt).
+latest_order() { # FILE
+  jq -rs --argjson ours "$manifest" --arg iso "$ISO_TIME" '
+    if length != 1 then "unknown" else .[0] |
+      if . == $ours then "same"
+      elif (type != "object" or (.sha256 | type) != "string" or (.createdAt | type) != "string")
+        then "unknown"
+      elif (.createdAt | test($iso) | not) then "unknown"
+      elif [.createdAt, .sha256] > [$ours.createdAt, $ours.sha256] then "newer"
+      else "older" end
+    end' <"$1" 2>/dev/null || echo unknown
+}
+describe() { jq -r '"sha256 \(.sha256), created \(.createdAt)"' <"$1" 2>/dev/null || echo "?"; }
+
+s3_conditional=1
+# S3: writes $work/put.json to latest.json, on condition that it still has
+# ETag (or, with none, that it does not exist). Status 1 when another writer
+# came first (412/409); dies on other failures.
+put_latest_s3() { # ETAG
+  local cond=()
+  if ((s3_conditional)); then
+    if [[ -n $1 ]]; then cond=(--if-match "$1"); else cond=(--if-none-match '*'); fi
+  fi
+  if s3 s3api put-object --bucket "$bucket" --key "$latest_key" --body "$work/put.json" \
+    --content-type application/json "${cond[@]}" >/dev/null; then
+    return 0
+  fi
+  if ((${#cond[@]})) && grep -q 'Unknown options' "$work/op.err"; then
+    s3_conditional=0
+    log "warning: this AWS CLI cannot write conditionally (no put-object --if-match); latest.json is compared, written and read back instead, which leaves a narrow race between concurrent publishes"
+    put_latest_s3 "$1"
+    return
+  fi
+  grep -qE 'PreconditionFailed|\(412\)|ConditionalRequestConflict|\(409\)' "$work/op.err" && return 1
+  die "upload of $(at "$latest_key") failed: $(op_error)"
+}
+
+# Points latest.json at $manifest unless it already points at a newer image.
+update_latest() {
+  local round order etag
+  for ((round = 1; round <= LATEST_ROUNDS; round++)); do
+    order=absent
+    if get_object "$latest_key" "$work/latest.json"; then order=$(latest_order "$work/latest.json"); fi
+    etag=$ETAG
+    case $order in
+      same)
+        log "$(uri latest.json) already points at sha256 $sha"
+        return 0
+        ;;
+      newer)
+        log "$(uri latest.json) points at a newer image ($(describe "$work/latest.json")); left as it is"
+        return 0
+        ;;
+      unknown) log "$(uri latest.json) holds no manifest this publish can compare; replacing it" ;;
+    esac
+    printf '%s\n' "$manifest" >"$work/put.json"
+    if [[ $backend == file ]]; then
+      stage_copy "$work/put.json" "$stage_dir/latest.json"
+      fs_rename "$stage_dir/latest.json" "$root/$latest_key"
+    elif ! put_latest_s3 "$etag"; then
+      log "$(uri latest.json) changed while it was written (another publish); reading it again"
+      continue
+    fi
+    order=absent
+    if get_object "$latest_key" "$work/latest.json"; then order=$(latest_order "$work/latest.json"); fi
+    case $order in
+      same)
+        log "$(uri latest.json) now points at sha256 $sha"
+        return 0
+        ;;
+      newer)
+        log "$(uri latest.json) was replaced by a newer image meanwhile ($(describe "$work/latest.json")); left as it is"
+        return 0
+        ;;
+    esac
+    [[ $backend == s3 ]] || die "$(uri latest.json) does not read back as written"
+    log "warning: $(uri latest.json) was replaced by an older or unknown manifest right after it was written; writing it again"
+  done
+  die "$(uri latest.json) kept changing under this publish ($LATEST_ROUNDS rounds); the image is published at $(uri "$sha/"), run again to point latest.json at it"
+}
+
+# --- the destination --------------------------------------------------------------
 if [[ $backend == file ]]; then
   mkdir -p -- "$root" 2>"$work/op.err" || die "cannot create the folder $root: $(op_error)"
   [[ -w $root ]] || die "the folder $root is not writable by $(id -un)"
+  staging_root=$root/$(key staging)
+  mkdir -p -- "$staging_root" 2>"$work/op.err" || die "cannot create $staging_root: $(op_error)"
   # Staging left by runs that were killed (a failing run removes its own).
-  if [[ -d $root/$(key staging) ]]; then
-    while IFS= read -r -d '' old; do
-      log "removing stale staging folder $old"
-      rm -rf -- "$old"
-    done < <(find "$root/$(key staging)" -mindepth 1 -maxdepth 1 -mmin +1440 -print0)
-  fi
+  sweep_dead "$staging_root" '*' "stale staging folder"
+  stage_dir=$(mktemp -d "$staging_root/$(date -u +%Y%m%dT%H%M%SZ)-XXXXXX" 2>"$work/op.err") ||
+    die "cannot create a staging folder in $staging_root: $(op_error)"
+  lock_dir "$stage_dir" || die "cannot lock the staging folder $stage_dir"
 fi
+latest_key=$(key latest.json)
 
+# --- is this disk published already? ------------------------------------------------
 manifest=
 sha=
+PUB_DISK_OK=0
 if [[ -f $stamp ]]; then
   read -r st_sha st_size st_mtime _ <"$stamp" || true
   if [[ ${st_sha:-} =~ ^[0-9a-f]{64}$ && "${st_size:-} ${st_mtime:-}" == "$disk_stat" ]]; then
     sha=$st_sha
-    published_manifest "$sha"
-    manifest=$MANIFEST
-    if [[ -n $manifest ]]; then
-      log "$disk (sha256 $sha) is already published at $(uri "$sha/"); no upload needed"
-    fi
+    published_state "$sha"
   fi
 fi
 
-if [[ -z $manifest ]]; then
+streamed=0
+if ((!PUB_DISK_OK)); then
   if [[ $backend == file ]]; then
     avail=$(df -B1 --output=avail -- "$root" | tail -n 1)
-    need=$((size + vars_size + 1048576))
+    need=$((size + vars_size + efi_size + 1048576))
     [[ ! $avail =~ ^[0-9]+$ ]] || ((avail >= need)) ||
       die "not enough free space in $root: publishing needs $(mib "$need") MiB, $(mib "$avail") MiB are free"
+    stage_uri="file://$stage_dir/disk.qcow2"
+  else
+    staging_key=$(key "staging/$(date -u +%Y%m%dT%H%M%SZ)-$$-$RANDOM/disk.qcow2")
+    stage_uri=$(at "$staging_key")
   fi
-  # --- stream the disk to staging, hashing it on the way ---------------------
-  staging_key=$(key "staging/$(date -u +%Y%m%dT%H%M%SZ)-$$-$RANDOM/disk.qcow2")
-  log "uploading $disk ($(mib "$size") MiB) to $(at "$staging_key"), computing its SHA-256 on the way"
+  # --- stream the disk to staging, hashing it on the way -----------------------
+  log "uploading $disk ($(mib "$size") MiB) to $stage_uri, computing its SHA-256 on the way"
   mkfifo "$work/hash.fifo" "$work/upload.fifo"
   t0=$SECONDS
   sha256_of <"$work/hash.fifo" >"$work/disk.sha" &
   hasher=$!
-  put_stream "$staging_key" "$size" <"$work/upload.fifo" 2>"$work/upload.err" &
+  put_stream "$size" <"$work/upload.fifo" 2>"$work/upload.err" &
   uploader=$!
   tee "$work/hash.fifo" <"$disk" >"$work/upload.fifo" &
   reader=$!
@@ -383,7 +712,7 @@ if [[ -z $manifest ]]; then
   pids=("${pids[@]:3}")
   kill_children
   if ((rc_uploader != 0)); then
-    die "upload of $disk to $(at "$staging_key") failed: $(grep -v '^[[:space:]]*$' "$work/upload.err" | tail -n 1)"
+    die "upload of $disk to $stage_uri failed: $(grep -v '^[[:space:]]*$' "$work/upload.err" | tail -n 1 | cut -c1-400)"
   fi
   ((rc_reader == 0)) || die "reading $disk failed (tee exit $rc_reader)"
   ((rc_hasher == 0)) || die "hashing $disk failed (exit $rc_hasher)"
@@ -396,62 +725,126 @@ if [[ -z $manifest ]]; then
   [[ "$(stat -c '%s %.9Y' -- "$disk")" == "$disk_stat" ]] ||
     die "$disk changed during the upload (was the VM started?); nothing was published"
   ensure_not_in_use "$disk" qcow2
-  object_size "$staging_key"
-  [[ $OBJ_SIZE == "$size" ]] ||
-    die "staging object $(at "$staging_key") is ${OBJ_SIZE:-missing}, expected $size bytes"
-  tmp=$(mktemp "$stamp.XXXXXX")
-  printf '%s %s\n' "$sha" "$disk_stat" >"$tmp"
-  chmod 0644 -- "$tmp"
-  mv -f -- "$tmp" "$stamp"
+  # (S3: the content-addressed copy's size is checked after the copy.)
+  if [[ $backend == file ]]; then
+    staged_size=$(stat -c %s -- "$stage_dir/disk.qcow2")
+    [[ $staged_size == "$size" ]] || die "staging copy $stage_uri is $staged_size bytes, expected $size"
+  fi
+  # A partial stamp (a run killed while writing it) does not parse and is ignored.
+  printf '%s %s\n' "$sha" "$disk_stat" >"$stamp"
+  streamed=1
+  published_state "$sha"
+fi
 
-  published_manifest "$sha"
-  manifest=$MANIFEST
-  if [[ -n $manifest ]]; then
+# Folder: installs the files prepared in $stage_dir/$sha/ under the folder
+# lock, then latest.json. FULL=1: the whole set (replacing an incomplete
+# <sha>/); 0: the small files and the manifest into a <sha>/ that holds the disk.
+install_in_folder() { # FULL
+  folder_lock
+  published_state "$sha"
+  if ((PUB_COMPLETE)); then
+    manifest=$PUB_JSON
+    log "$(uri "$sha/") was completed meanwhile by another publish; using it"
+  elif (($1)); then
+    [[ ! -e $root/$sha ]] || fs_rename "$root/$sha" "$stage_dir/replaced"
+    fs_rename "$stage_dir/$sha" "$root/$sha"
+    verify_sizes "$sha"
+    log "published $(uri "$sha/")"
+  elif ((PUB_DISK_OK)); then
+    local f
+    for f in QEMU_VARS.fd QEMU_EFI.fd manifest.json; do
+      [[ ! -e $stage_dir/$sha/$f ]] || fs_rename "$stage_dir/$sha/$f" "$root/$sha/$f"
+    done
+    log "published $(uri "$sha/") (manifestVersion 2)"
+  else
+    die "$(uri "$sha/") changed while this publish ran; run it again"
+  fi
+  sync -- "$root" 2>/dev/null || true
+  update_latest
+  folder_unlock
+}
+
+if ((PUB_COMPLETE)); then
+  manifest=$PUB_JSON
+  if ((streamed)); then
     log "this disk was already published at $(uri "$sha/")"
   else
-    # --- content-addressed copy ----------------------------------------------
+    log "$disk (sha256 $sha) is already published at $(uri "$sha/"); no upload needed"
+  fi
+  if [[ $backend == file ]]; then
+    folder_lock
+    update_latest
+    folder_unlock
+  fi
+elif ((PUB_DISK_OK)); then
+  # --- the disk is there: add or replace the small files, write a v2 manifest --
+  log "$(uri "$sha/disk.qcow2") is already published; writing its variables, firmware and a manifestVersion 2 manifest (no disk upload)"
+  build_manifest "$sha" "${PUB_CREATED:-$(date -u +%Y-%m-%dT%H:%M:%SZ)}"
+  manifest=$MANIFEST
+  ensure_fits "$manifest"
+  if [[ $backend == file ]]; then
+    avail=$(df -B1 --output=avail -- "$root" | tail -n 1)
+    need=$((vars_size + efi_size + 1048576))
+    [[ ! $avail =~ ^[0-9]+$ ]] || ((avail >= need)) ||
+      die "not enough free space in $root: publishing needs $(mib "$need") MiB, $(mib "$avail") MiB are free"
+    mkdir -- "$stage_dir/$sha"
+    ((PUB_VARS_OK)) || stage_copy "$vars" "$stage_dir/$sha/QEMU_VARS.fd"
+    ((PUB_EFI_OK)) || stage_copy "$efi" "$stage_dir/$sha/QEMU_EFI.fd"
+    printf '%s\n' "$manifest" >"$work/put.json"
+    stage_copy "$work/put.json" "$stage_dir/$sha/manifest.json"
+    install_in_folder 0
+  else
+    if ((!PUB_VARS_OK)); then
+      log "uploading $vars to $(uri "$sha/QEMU_VARS.fd")"
+      put_file "$vars" "$(key "$sha/QEMU_VARS.fd")"
+    fi
+    if ((!PUB_EFI_OK)); then
+      log "uploading $efi to $(uri "$sha/QEMU_EFI.fd")"
+      put_file "$efi" "$(key "$sha/QEMU_EFI.fd")"
+    fi
+    verify_sizes "$sha"
+    put_json "$manifest" "$(key "$sha/manifest.json")"
+    log "published $(uri "$sha/") (manifestVersion 2)"
+  fi
+else
+  # --- the whole set ---------------------------------------------------------------
+  build_manifest "$sha" "$(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  manifest=$MANIFEST
+  ensure_fits "$manifest"
+  if [[ $backend == file ]]; then
+    log "copying to $(uri "$sha/") (built in $stage_dir, then renamed)"
+    mkdir -- "$stage_dir/$sha"
+    chmod 0755 -- "$stage_dir/$sha"
+    chmod 0644 -- "$stage_dir/disk.qcow2"
+    fs_rename "$stage_dir/disk.qcow2" "$stage_dir/$sha/disk.qcow2"
+    stage_copy "$vars" "$stage_dir/$sha/QEMU_VARS.fd"
+    stage_copy "$efi" "$stage_dir/$sha/QEMU_EFI.fd"
+    printf '%s\n' "$manifest" >"$work/put.json"
+    stage_copy "$work/put.json" "$stage_dir/$sha/manifest.json"
+    sync -- "$stage_dir/$sha" 2>/dev/null || true
+    install_in_folder 1
+  else
     image_key=$(key "$sha/disk.qcow2")
-    log "copying to $(at "$image_key")$([[ $backend == file ]] || echo " (server side)")"
+    log "copying to $(at "$image_key") (server side)"
     promote "$staging_key" "$image_key" "$size"
     log "uploading $vars to $(uri "$sha/QEMU_VARS.fd")"
     put_file "$vars" "$(key "$sha/QEMU_VARS.fd")"
+    log "uploading $efi to $(uri "$sha/QEMU_EFI.fd")"
+    put_file "$efi" "$(key "$sha/QEMU_EFI.fd")"
 
-    object_size "$image_key"
-    [[ $OBJ_SIZE == "$size" ]] || die "$(uri "$sha/disk.qcow2") is ${OBJ_SIZE:-missing}, expected $size bytes"
-    object_size "$(key "$sha/QEMU_VARS.fd")"
-    [[ $OBJ_SIZE == "$vars_size" ]] ||
-      die "$(uri "$sha/QEMU_VARS.fd") is ${OBJ_SIZE:-missing}, expected $vars_size bytes"
-
-    # --- manifest --------------------------------------------------------------
-    manifest=$(jq -cn \
-      --arg sha "$sha" --argjson size "$size" --argjson vsize "$vsize" \
-      --arg image "$(uri "$sha/disk.qcow2")" --arg varsUri "$(uri "$sha/QEMU_VARS.fd")" \
-      --arg varsSha "$vars_sha" --argjson varsSize "$vars_size" \
-      --arg manifestUri "$(uri "$sha/manifest.json")" \
-      --arg sourceUrl "$source_url" --arg sourceSha "$source_sha" --arg winver "$windows_version" \
-      --arg createdAt "$(date -u +%Y-%m-%dT%H:%M:%SZ)" \
-      '{manifestVersion: 1, sha256: $sha, size: $size, format: "qcow2", virtualSize: $vsize,
-        imageUri: $image, varsUri: $varsUri, varsSha256: $varsSha, varsSize: $varsSize,
-        manifestUri: $manifestUri,
-        sourceUrl: (if $sourceUrl == "" then null else $sourceUrl end),
-        sourceSha256: (if $sourceSha == "" then null else $sourceSha end),
-        windowsVersion: (if $winver == "" then null else $winver end),
-        createdAt: $createdAt}')
+    verify_sizes "$sha"
     put_json "$manifest" "$(key "$sha/manifest.json")"
     log "published $(uri "$sha/")"
   fi
-  remove_staging "$staging_key"
-  staging_key=
+fi
+# S3: staging goes, then latest.json (a folder did both under its lock).
+if [[ $backend == s3 ]]; then
+  if [[ -n $staging_key ]]; then
+    remove_staging "$staging_key"
+    staging_key=
+  fi
+  update_latest
 fi
 
-# --- latest.json, last ---------------------------------------------------------
-latest_key=$(key latest.json)
-if get_object "$latest_key" "$work/latest.json" &&
-  jq -e --argjson want "$manifest" '. == $want' >/dev/null 2>&1 <"$work/latest.json"; then
-  log "$(uri latest.json) already points at sha256 $sha"
-else
-  put_json "$manifest" "$latest_key"
-  log "$(uri latest.json) now points at sha256 $sha"
-fi
-
+ensure_fits "$manifest"
 printf '%s\n' "$manifest" >&3

@@ -3,65 +3,208 @@ import { ChildProcess, spawn } from "child_process";
 import * as fs from "fs";
 import * as os from "os";
 import * as path from "path";
+import { Manifest, parseManifest } from "../../infra/manifest";
 import { holdDisk, sha256, sha256File, stopQemu } from "../support/disk";
-import { run, runOk, RunResult, script } from "../support/run";
+import { pathWithout, run, runOk, RunResult, script } from "../support/run";
 import { startS3, S3Server } from "../support/s3";
 
-interface Manifest {
-  manifestVersion: number;
-  sha256: string;
-  size: number;
-  format: string;
-  virtualSize: number;
-  imageUri: string;
-  varsUri: string;
-  varsSha256: string;
-  varsSize: number;
-  manifestUri: string;
-  sourceUrl: string | null;
-  sourceSha256: string | null;
-  windowsVersion: string | null;
-  createdAt: string;
-}
+const MIB64 = 64 * 1024 * 1024;
+/** A manifest from a publish that started later than any in these tests. */
+const NEWER = { manifestVersion: 2, sha256: "f".repeat(64), createdAt: "2999-01-01T00:00:00Z" };
+/** A manifest from long ago. */
+const OLDER = { manifestVersion: 2, sha256: "0".repeat(64), createdAt: "2000-01-01T00:00:00Z" };
 
-/** Parses the publish-image stdout: exactly one line of JSON. */
+/** Parses the publish-image stdout: exactly one line of JSON, under 4 KiB, that parseManifest accepts. */
 function parseStdout(r: RunResult): Manifest {
-  expect(r.stdout.endsWith("\n"), "stdout ends with a newline").to.equal(true);
+  expect(r.stdout.endsWith("\n"), `stdout ends with a newline: ${r.stderr}`).to.equal(true);
   const lines = r.stdout.slice(0, -1).split("\n");
   expect(lines, r.stdout).to.have.length(1);
-  return JSON.parse(lines[0]) as Manifest;
+  expect(Buffer.byteLength(r.stdout), "the stdout line is under 4 KiB").to.be.below(4096);
+  const m = parseManifest(r.stdout);
+  expect(m).to.deep.equal(JSON.parse(lines[0]));
+  return m;
+}
+
+/** Pids of the processes whose command line contains TEXT. */
+function processesWith(text: string): number[] {
+  const found: number[] = [];
+  for (const p of fs.readdirSync("/proc")) {
+    if (!/^\d+$/.test(p)) continue;
+    try {
+      if (fs.readFileSync(`/proc/${p}/cmdline`, "utf8").replace(/\0/g, " ").includes(text)) found.push(Number(p));
+    } catch {
+      // gone meanwhile
+    }
+  }
+  return found;
+}
+
+/** Files under ROOT (recursive, dot files too), relative and sorted. */
+function list(root: string): string[] {
+  if (!fs.existsSync(root)) return [];
+  return fs
+    .readdirSync(root, { recursive: true, encoding: "utf8" })
+    .filter((p) => fs.statSync(path.join(root, p)).isFile())
+    .sort();
+}
+
+/** The published layout of the images SHAS under a folder. */
+function folderLayout(...shas: string[]): string[] {
+  const files = shas.flatMap((s) =>
+    ["QEMU_EFI.fd", "QEMU_VARS.fd", "disk.qcow2", "manifest.json"].map((f) => `${s}/${f}`),
+  );
+  return [".publish.lock", ...files, "latest.json"].sort();
+}
+
+/** A manifestVersion 1 manifest: the v2 one without what v1 did not have. */
+function toV1(m: Manifest, createdAt = m.createdAt): Record<string, unknown> {
+  const v1: Record<string, unknown> = { ...m, manifestVersion: 1, createdAt };
+  for (const k of ["efiUri", "efiSha256", "efiSize", "files", "host", "machine"]) delete v1[k];
+  return v1;
+}
+
+/** Zeroes the first refcount block of a qcow2: every allocated cluster then has refcount 0 (corruption). */
+function corruptRefcounts(file: string): void {
+  const fd = fs.openSync(file, "r+");
+  try {
+    const header = Buffer.alloc(104);
+    fs.readSync(fd, header, 0, header.length, 0);
+    const entry = Buffer.alloc(8);
+    fs.readSync(fd, entry, 0, 8, Number(header.readBigUInt64BE(48)));
+    fs.writeSync(fd, Buffer.alloc(65536), 0, 65536, Number(entry.readBigUInt64BE(0)));
+  } finally {
+    fs.closeSync(fd);
+  }
+}
+
+/** Drops the first L2 entry of a qcow2: its data cluster stays allocated but unreferenced (a leak). */
+function leakCluster(file: string): void {
+  const fd = fs.openSync(file, "r+");
+  try {
+    const header = Buffer.alloc(104);
+    fs.readSync(fd, header, 0, header.length, 0);
+    const l1 = Buffer.alloc(8);
+    fs.readSync(fd, l1, 0, 8, Number(header.readBigUInt64BE(40)));
+    const l2 = l1.readBigUInt64BE(0) & 0x00fffffffffffe00n;
+    fs.writeSync(fd, Buffer.alloc(8), 0, 8, Number(l2));
+  } finally {
+    fs.closeSync(fd);
+  }
 }
 
 describe("publish-image.sh", function () {
-  this.timeout(180000);
+  // The AWS CLI takes a second or more per call on a busy 2-core machine.
+  this.timeout(900000);
   let s3: S3Server;
+  let realAws: string;
+  let host: Manifest["host"];
   let dir: string;
   let vmDir: string;
   let disk: string;
+  let tmp: string;
 
   before(async () => {
     s3 = await startS3("images");
+    realAws = (await run("bash", ["-c", "command -v aws"])).stdout.trim();
+    const version = await run("qemu-system-aarch64", ["--version"]);
+    const pkg = async (p: string) => {
+      const r = await run("bash", ["-c", `command -v dpkg-query >/dev/null && dpkg-query -W -f '\${Version}' ${p}`]);
+      return r.code === 0 && r.stdout !== "" ? r.stdout : null;
+    };
+    host = {
+      qemuVersion: version.stdout.split("\n")[0],
+      qemuPackage: await pkg("qemu-system-arm"),
+      firmwarePackage: await pkg("qemu-efi-aarch64"),
+    };
   });
   after(async () => {
     await s3.stop();
   });
 
+  /** A VM folder: a 1 GiB qcow2 holding PATTERN, a 64 MiB variable store and a 64 MiB firmware file. */
+  async function makeVm(d: string, pattern = 0x5a): Promise<void> {
+    fs.mkdirSync(d, { recursive: true });
+    const img = path.join(d, "disk.qcow2");
+    await runOk("qemu-img", ["create", "-q", "-f", "qcow2", img, "1G"]);
+    await runOk("qemu-io", ["-f", "qcow2", "-c", `write -P ${pattern} 0 8M`, "-c", "write -P 0x17 300M 2M", img]);
+    const vars = Buffer.alloc(MIB64);
+    vars.write("BOOT0001", 8192);
+    fs.writeFileSync(path.join(d, "QEMU_VARS.fd"), vars);
+    const efi = Buffer.alloc(MIB64);
+    efi.write("UEFI firmware (test build)", 0);
+    fs.writeFileSync(path.join(d, "QEMU_EFI.fd"), efi);
+  }
+
   beforeEach(async () => {
     dir = fs.mkdtempSync(path.join(os.tmpdir(), "publish-"));
     vmDir = path.join(dir, "vm");
-    fs.mkdirSync(vmDir);
     disk = path.join(vmDir, "disk.qcow2");
-    await runOk("qemu-img", ["create", "-q", "-f", "qcow2", disk, "1G"]);
-    await runOk("qemu-io", ["-f", "qcow2", "-c", "write -P 0x5a 0 8M", "-c", "write -P 0x17 300M 2M", disk]);
-    const vars = Buffer.alloc(64 * 1024 * 1024);
-    vars.write("BOOT0001", 8192);
-    fs.writeFileSync(path.join(vmDir, "QEMU_VARS.fd"), vars);
+    tmp = path.join(dir, "tmp");
+    fs.mkdirSync(tmp);
+    await makeVm(vmDir);
   });
   afterEach(() => fs.rmSync(dir, { recursive: true, force: true }));
 
-  function publish(uri: string, env: NodeJS.ProcessEnv = {}): Promise<RunResult> {
-    return run("bash", [script("publish-image.sh"), vmDir, uri], { env: { ...s3.env, ...env } });
+  function publish(uri: string, env: NodeJS.ProcessEnv = {}, vm = vmDir): Promise<RunResult> {
+    return run("bash", [script("publish-image.sh"), vm, uri], { env: { ...s3.env, TMPDIR: tmp, ...env } });
   }
+
+  /** A publish in the background, in its own process group (so that all of it can be killed). */
+  function start(uri: string, env: NodeJS.ProcessEnv = {}) {
+    const child: ChildProcess = spawn("bash", [script("publish-image.sh"), vmDir, uri], {
+      env: { ...process.env, ...s3.env, TMPDIR: tmp, PUBLISH_PROGRESS_INTERVAL_S: "1", ...env },
+      stdio: ["ignore", "pipe", "pipe"],
+      detached: true,
+    });
+    const out = { stdout: "", stderr: "" };
+    child.stdout!.on("data", (d: Buffer) => (out.stdout += d.toString()));
+    child.stderr!.on("data", (d: Buffer) => (out.stderr += d.toString()));
+    const closed = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((resolve) =>
+      child.on("close", (code, signal) => resolve({ code, signal })),
+    );
+    /** Resolves once stderr matches RE (true), or the run ended first (false). */
+    const reached = (re: RegExp) =>
+      new Promise<boolean>((resolve) => {
+        const check = () => {
+          if (re.test(out.stderr)) {
+            clearInterval(timer);
+            resolve(true);
+          } else if (child.exitCode !== null || child.signalCode !== null) {
+            clearInterval(timer);
+            resolve(re.test(out.stderr));
+          }
+        };
+        const timer = setInterval(check, 20);
+      });
+    const killGroup = (signal: NodeJS.Signals) => {
+      try {
+        process.kill(-child.pid!, signal);
+      } catch {
+        // already gone
+      }
+    };
+    return { child, out, closed, reached, killGroup };
+  }
+
+  /** Content of a published file:// or s3://images/ URI, or undefined when it does not exist. */
+  async function readUri(uri: string): Promise<Buffer | undefined> {
+    if (uri.startsWith("s3://images/")) return s3.getObject(uri.slice("s3://images/".length));
+    const file = decodeURIComponent(uri.replace(/^file:\/\//, ""));
+    return fs.existsSync(file) ? fs.readFileSync(file) : undefined;
+  }
+
+  /** Every file the manifest lists is there with its SHA-256 and size; the manifest too. */
+  async function expectComplete(m: Manifest): Promise<void> {
+    for (const f of m.files) {
+      const body = await readUri(f.uri);
+      expect(body, `${f.uri} exists`).to.not.equal(undefined);
+      expect(body!.length, `${f.uri} size`).to.equal(f.size);
+      expect(sha256(body!), `${f.uri} sha256`).to.equal(f.sha256);
+    }
+    expect(JSON.parse(String(await readUri(m.manifestUri)))).to.deep.equal(m);
+  }
+
+  const expectTmpClean = () => expect(fs.readdirSync(tmp), "work folders left in TMPDIR").to.deep.equal([]);
 
   async function lastModified(key: string): Promise<string> {
     const r = await s3.aws(["s3api", "head-object", "--bucket", s3.bucket, "--key", key]);
@@ -69,208 +212,415 @@ describe("publish-image.sh", function () {
     return (JSON.parse(r.stdout) as { LastModified: string }).LastModified;
   }
 
-  it("publishes disk, variables, manifest and latest.json; prints the manifest as one line", async () => {
-    const sha = sha256File(disk);
-    const varsSha = sha256File(path.join(vmDir, "QEMU_VARS.fd"));
-    const r = await publish("s3://images/win11/", {
-      IMAGE_SOURCE_URL: "s3://source/Win11_ARM64.vhdx",
-      IMAGE_SOURCE_SHA256: "AB".repeat(32),
-      WINDOWS_VERSION: "11-23H2",
-    });
+  async function putS3Json(key: string, value: unknown): Promise<void> {
+    const f = path.join(dir, `put-${Math.random().toString(36).slice(2)}.json`);
+    fs.writeFileSync(f, `${JSON.stringify(value)}\n`);
+    const r = await s3.aws(["s3", "cp", "--only-show-errors", f, `s3://images/${key}`]);
     expect(r.code, r.stderr).to.equal(0);
-    const m = parseStdout(r);
-    expect(m.sha256).to.equal(sha);
-    expect(m.size).to.equal(fs.statSync(disk).size);
-    expect(m.format).to.equal("qcow2");
-    expect(m.virtualSize).to.equal(1024 * 1024 * 1024);
-    expect(m.imageUri).to.equal(`s3://images/win11/${sha}/disk.qcow2`);
-    expect(m.varsUri).to.equal(`s3://images/win11/${sha}/QEMU_VARS.fd`);
-    expect(m.varsSha256).to.equal(varsSha);
-    expect(m.varsSize).to.equal(64 * 1024 * 1024);
-    expect(m.manifestUri).to.equal(`s3://images/win11/${sha}/manifest.json`);
-    expect(m.sourceUrl).to.equal("s3://source/Win11_ARM64.vhdx");
-    expect(m.sourceSha256).to.equal("ab".repeat(32));
-    expect(m.windowsVersion).to.equal("11-23H2");
-    expect(m.createdAt).to.match(/^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$/);
-    expect(Math.abs(Date.parse(m.createdAt) - Date.now())).to.be.below(600000);
+  }
 
-    expect(await s3.listKeys("win11/")).to.deep.equal([
-      `win11/${sha}/QEMU_VARS.fd`,
-      `win11/${sha}/disk.qcow2`,
-      `win11/${sha}/manifest.json`,
-      "win11/latest.json",
-    ]);
-    const image = await s3.getObject(`win11/${sha}/disk.qcow2`);
-    expect(image && image.equals(fs.readFileSync(disk))).to.equal(true);
-    const vars = await s3.getObject(`win11/${sha}/QEMU_VARS.fd`);
-    expect(vars && sha256(vars)).to.equal(varsSha);
-    expect(JSON.parse(String(await s3.getObject(`win11/${sha}/manifest.json`)))).to.deep.equal(m);
-    expect(JSON.parse(String(await s3.getObject("win11/latest.json")))).to.deep.equal(m);
-    // Progress and results went to stderr.
-    expect(r.stderr).to.contain("publish-image: uploading");
-    expect(fs.readFileSync(`${disk}.sha256`, "utf8")).to.match(new RegExp(`^${sha} ${m.size} `));
-  });
+  const s3Json = async (key: string): Promise<unknown> => JSON.parse(String(await s3.getObject(key)));
 
-  it("records null for unset source metadata, and works without a prefix", async () => {
-    const r = await publish("s3://images");
-    expect(r.code, r.stderr).to.equal(0);
-    const m = parseStdout(r);
-    expect(m.sourceUrl).to.equal(null);
-    expect(m.sourceSha256).to.equal(null);
-    expect(m.windowsVersion).to.equal(null);
-    expect(m.imageUri).to.equal(`s3://images/${m.sha256}/disk.qcow2`);
-    expect(JSON.parse(String(await s3.getObject("latest.json")))).to.deep.equal(m);
-  });
-
-  it("uploads nothing on a rerun with the same disk, and repairs latest.json", async () => {
-    const r1 = await publish("s3://images/rerun");
-    expect(r1.code, r1.stderr).to.equal(0);
-    const m1 = parseStdout(r1);
-    const imageModified = await lastModified(`rerun/${m1.sha256}/disk.qcow2`);
-    // Someone pointed latest.json elsewhere meanwhile.
-    fs.writeFileSync(path.join(dir, "other.json"), '{"sha256":"other"}\n');
-    await s3.aws(["s3", "cp", "--only-show-errors", path.join(dir, "other.json"), "s3://images/rerun/latest.json"]);
-    await new Promise((res) => setTimeout(res, 1100));
-
-    const r2 = await publish("s3://images/rerun/");
-    expect(r2.code, r2.stderr).to.equal(0);
-    expect(r2.stderr).to.contain("no upload needed");
-    expect(r2.stderr).to.not.contain("uploading");
-    expect(parseStdout(r2)).to.deep.equal(m1);
-    expect(await lastModified(`rerun/${m1.sha256}/disk.qcow2`)).to.equal(imageModified);
-    expect(JSON.parse(String(await s3.getObject("rerun/latest.json")))).to.deep.equal(m1);
-
-    // Without the local hash stamp the disk is streamed again (that is the hash),
-    // but the published copy is found and kept as it is.
-    fs.rmSync(`${disk}.sha256`);
-    const r3 = await publish("s3://images/rerun");
-    expect(r3.code, r3.stderr).to.equal(0);
-    expect(r3.stderr).to.contain("already published");
-    expect(parseStdout(r3)).to.deep.equal(m1);
-    expect(await s3.listKeys("rerun/")).to.not.satisfy((keys: string[]) => keys.some((k) => k.includes("staging")));
-  });
-
-  it("refuses while a running QEMU holds the disk, and publishes nothing", async () => {
-    const qemu = await holdDisk(disk);
-    try {
-      const r = await publish("s3://images/busy/");
-      expect(r.code).to.not.equal(0);
-      expect(r.stdout).to.equal("");
-      expect(r.stderr).to.match(/disk\.qcow2 is in use by a running QEMU; shut the VM down before publishing/);
-      expect(await s3.listKeys("busy/")).to.deep.equal([]);
-    } finally {
-      await stopQemu(qemu);
-    }
-  });
-
-  it("an interrupted publish leaves the previous latest.json pointing at a complete image", async () => {
-    const r1 = await publish("s3://images/crash/");
-    expect(r1.code, r1.stderr).to.equal(0);
-    const old = parseStdout(r1);
-    const oldImage = fs.readFileSync(disk);
-
-    // The VM ran again: a bigger, different disk.
-    await runOk("qemu-io", ["-f", "qcow2", "-c", "write -P 0x66 16M 200M", disk]);
-    const newSha = sha256File(disk);
-    const child: ChildProcess = spawn("bash", [script("publish-image.sh"), vmDir, "s3://images/crash/"], {
-      env: { ...process.env, ...s3.env, PUBLISH_PROGRESS_INTERVAL_S: "1" },
-      stdio: ["ignore", "pipe", "pipe"],
-    });
-    let stdout = "";
-    let stderr = "";
-    child.stdout!.on("data", (d: Buffer) => (stdout += d.toString()));
-    const closed = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((resolve) =>
-      child.on("close", (code, signal) => resolve({ code, signal })),
-    );
-    await new Promise<void>((resolve, reject) => {
-      const timer = setTimeout(() => reject(new Error(`upload never started: ${stderr}`)), 60000);
-      child.stderr!.on("data", (d: Buffer) => {
-        stderr += d.toString();
-        if (/uploading .*disk\.qcow2/.test(stderr)) {
-          clearTimeout(timer);
-          resolve();
-        }
-      });
-    });
-    await new Promise((res) => setTimeout(res, 700));
-    const killedAt = Date.now();
-    child.kill("SIGTERM");
-    const end = await closed;
-    // The script stopped (by the signal, through its trap), its uploader with it.
-    expect(end.code, stderr).to.equal(143);
-    expect(stderr).to.contain("terminated");
-    expect(Date.now() - killedAt).to.be.below(15000);
-    expect(stdout).to.equal("");
-
-    const latest = JSON.parse(String(await s3.getObject("crash/latest.json"))) as Manifest;
-    expect(latest).to.deep.equal(old);
-    const image = await s3.getObject(`crash/${latest.sha256}/disk.qcow2`);
-    expect(image && image.equals(oldImage)).to.equal(true);
-    expect(await s3.getObject(`crash/${newSha}/manifest.json`)).to.equal(undefined);
-
-    // A rerun finishes the job and only then moves latest.json.
-    const r2 = await publish("s3://images/crash/");
-    expect(r2.code, r2.stderr).to.equal(0);
-    const m2 = parseStdout(r2);
-    expect(m2.sha256).to.equal(newSha);
-    expect(JSON.parse(String(await s3.getObject("crash/latest.json")))).to.deep.equal(m2);
-    const keys = await s3.listKeys("crash/");
-    expect(keys).to.include.members([`crash/${old.sha256}/disk.qcow2`, `crash/${newSha}/disk.qcow2`]);
-  });
-
-  it("fails clearly on bad arguments and missing files", async () => {
-    const r1 = await publish("https://images/x");
-    expect(r1.code).to.not.equal(0);
-    expect(r1.stderr).to.contain("must look like s3://bucket/prefix/ or file:///absolute/dir/");
-    fs.rmSync(path.join(vmDir, "QEMU_VARS.fd"));
-    const r2 = await publish("s3://images/x/");
-    expect(r2.code).to.not.equal(0);
-    expect(r2.stderr).to.match(/QEMU_VARS\.fd not found/);
-    const r3 = await publish("s3://images/x/", { IMAGE_SOURCE_SHA256: "xyz" });
-    expect(r3.code).to.not.equal(0);
-    expect(r3.stderr).to.contain("IMAGE_SOURCE_SHA256");
-    const r4 = await run("bash", [script("publish-image.sh"), vmDir]);
-    expect(r4.code).to.equal(2);
-    expect(r4.stdout).to.equal("");
-  });
-
-  it("publishes when S3 answers 403 for missing keys (the role may list only its prefix)", async () => {
-    // Real S3 gives 403, not 404, for a missing key to a caller without s3:ListBucket on the whole
-    // bucket. This aws wrapper turns every 404 into that 403; listing still works.
+  /**
+   * A PATH whose first entry holds an `aws` that stands in front of the real CLI
+   * for put-object of latest.json: it honours --if-match/--if-none-match as S3
+   * does (412 when the object's ETag differs), can refuse them as a CLI without
+   * conditional writes does, and writes $INJECT to latest.json once, just before
+   * (INJECT_WHEN=before) or just after (after) this publish's own write: the
+   * concurrent publish. Each put-object call is logged to $SHIM_LOG.
+   */
+  function conditionalAws(): string {
     const bin = fs.mkdtempSync(path.join(dir, "bin-"));
-    const realAws = (await run("bash", ["-c", "command -v aws"])).stdout.trim();
     fs.writeFileSync(
       path.join(bin, "aws"),
-      [
-        "#!/usr/bin/env bash",
-        '[[ -z ${DENY_LIST:-} || " $* " != *" list-objects-v2 "* ]] ||',
-        '  { echo "An error occurred (AccessDenied) when calling the ListObjectsV2 operation: Access Denied" >&2; exit 255; }',
-        'err=$(mktemp); rc=0; "$REAL_AWS" "$@" 2>"$err" || rc=$?',
-        "if ((rc != 0)) && grep -qE '\\(404\\)|Not Found|NoSuchKey|does not exist' \"$err\"; then",
-        '  echo "An error occurred (403) when calling the HeadObject operation: Forbidden" >&2',
-        'else cat "$err" >&2; fi',
-        'rm -f "$err"; exit "$rc"',
-      ].join("\n") + "\n",
+      `#!/usr/bin/env bash
+set -u
+args=("$@") key= ifmatch= ifnone= cond=0 put=0
+for ((i = 0; i < \${#args[@]}; i++)); do
+  case \${args[i]} in
+    put-object) put=1 ;;
+    --key) key=\${args[i + 1]} ;;
+    --if-match) ifmatch=\${args[i + 1]}; cond=1 ;;
+    --if-none-match) ifnone=\${args[i + 1]}; cond=1 ;;
+  esac
+done
+if ((put)) && [[ $key == latest.json || $key == */latest.json ]]; then
+  echo "$*" >>"$SHIM_LOG"
+  if [[ -n \${NO_CONDITIONAL:-} ]] && ((cond)); then
+    echo 'aws: error: Unknown options: --if-match, "etag"' >&2
+    exit 252
+  fi
+  inject() { "$REAL_AWS" --endpoint-url "$S3_ENDPOINT_URL" s3 cp --only-show-errors "$INJECT" "s3://images/$key" >&2; }
+  if [[ \${INJECT_WHEN:-} == before && ! -e $INJECT.done ]]; then touch "$INJECT.done"; inject || exit 1; fi
+  if ((cond)); then
+    cur=$("$REAL_AWS" --endpoint-url "$S3_ENDPOINT_URL" s3api head-object --bucket images --key "$key" \\
+      --query ETag --output text 2>/dev/null) || cur=
+    if [[ -n $ifmatch && $cur != "$ifmatch" ]] || [[ -n $ifnone && -n $cur ]]; then
+      echo "An error occurred (PreconditionFailed) when calling the PutObject operation: At least one of the pre-conditions you specified did not hold" >&2
+      exit 254
+    fi
+  fi
+  "$REAL_AWS" "$@" || exit
+  if [[ \${INJECT_WHEN:-} == after && ! -e $INJECT.done ]]; then touch "$INJECT.done"; inject || exit 1; fi
+  exit 0
+fi
+exec "$REAL_AWS" "$@"
+`,
       { mode: 0o755 },
     );
-    const env = { PATH: `${bin}:${process.env.PATH}`, REAL_AWS: realAws };
-    const r = await publish("s3://images/forbidden/", env);
-    expect(r.code, r.stderr).to.equal(0);
-    const m = parseStdout(r);
-    expect(JSON.parse(String(await s3.getObject("forbidden/latest.json")))).to.deep.equal(m);
-    // When the listing is refused too, a 403 cannot be told from a refusal: named, never taken for "missing".
-    const r2 = await publish("s3://images/denied/", { ...env, DENY_LIST: "1" });
-    expect(r2.code).to.equal(1);
-    expect(r2.stderr).to.match(/error: cannot read s3:\/\/images\/denied\/[0-9a-f]{64}\/manifest\.json: .*\(403\)/);
-    expect(await s3.listKeys("denied/")).to.deep.equal([]);
-  });
+    return `${bin}:${process.env.PATH}`;
+  }
 
-  it("names the endpoint when S3 cannot be reached", async () => {
-    const r = await publish("s3://images/down/", { S3_ENDPOINT_URL: "http://127.0.0.1:9" });
-    expect(r.code).to.not.equal(0);
-    expect(r.stdout).to.equal("");
-    expect(r.stderr).to.contain("http://127.0.0.1:9");
-    expect(r.stderr).to.contain("publish-image: error:");
+  describe("to S3", () => {
+    it("publishes disk, variables, firmware, manifest (v2) and latest.json; prints the manifest as one line", async () => {
+      const sha = sha256File(disk);
+      const varsSha = sha256File(path.join(vmDir, "QEMU_VARS.fd"));
+      const efiSha = sha256File(path.join(vmDir, "QEMU_EFI.fd"));
+      const envFile = path.join(dir, "vm-build.env");
+      fs.writeFileSync(
+        envFile,
+        [
+          "# windows-arm64-image: build VM (provisioning)",
+          `VM_DIR=${vmDir}`,
+          "VM_CPUS=4",
+          "VM_MEMORY_GIB=24",
+          "VM_ACCEL=tcg",
+          "VM_MACHINE_OPTS=gic-version=max,its=off",
+          "VM_GIC_VERSION=3",
+          `VM_DISK=${disk}`,
+          `VM_EFI_CODE=${vmDir}/QEMU_EFI.fd`,
+          `VM_EFI_VARS=${vmDir}/QEMU_VARS.fd`,
+          "VM_SSH_PORT=2222",
+          "",
+        ].join("\n"),
+      );
+      const r = await publish("s3://images/win11/", {
+        IMAGE_SOURCE_URL: "s3://source/Win11_ARM64.vhdx",
+        IMAGE_SOURCE_SHA256: "AB".repeat(32),
+        WINDOWS_VERSION: "11-23H2",
+        PUBLISH_VM_ENV: envFile,
+      });
+      expect(r.code, r.stderr).to.equal(0);
+      const m = parseStdout(r);
+      const base = `s3://images/win11/${sha}`;
+      const size = fs.statSync(disk).size;
+      expect(m).to.deep.equal({
+        manifestVersion: 2,
+        sha256: sha,
+        size,
+        format: "qcow2",
+        virtualSize: 1024 * 1024 * 1024,
+        imageUri: `${base}/disk.qcow2`,
+        varsUri: `${base}/QEMU_VARS.fd`,
+        varsSha256: varsSha,
+        varsSize: MIB64,
+        efiUri: `${base}/QEMU_EFI.fd`,
+        efiSha256: efiSha,
+        efiSize: MIB64,
+        manifestUri: `${base}/manifest.json`,
+        files: [
+          { name: "disk.qcow2", uri: `${base}/disk.qcow2`, sha256: sha, size },
+          { name: "QEMU_VARS.fd", uri: `${base}/QEMU_VARS.fd`, sha256: varsSha, size: MIB64 },
+          { name: "QEMU_EFI.fd", uri: `${base}/QEMU_EFI.fd`, sha256: efiSha, size: MIB64 },
+        ],
+        host,
+        machine: { machineOptions: "gic-version=max,its=off", cpus: 4, memoryGiB: 24, accel: "tcg", gicVersion: "3" },
+        sourceUrl: "s3://source/Win11_ARM64.vhdx",
+        sourceSha256: "ab".repeat(32),
+        windowsVersion: "11-23H2",
+        createdAt: m.createdAt,
+      });
+      expect(m.host.qemuVersion).to.match(/^QEMU emulator version \d+\.\d+/);
+      expect(m.createdAt).to.match(/^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$/);
+      expect(Math.abs(Date.parse(m.createdAt) - Date.now())).to.be.below(3600000);
+
+      expect(await s3.listKeys("win11/")).to.deep.equal([
+        `win11/${sha}/QEMU_EFI.fd`,
+        `win11/${sha}/QEMU_VARS.fd`,
+        `win11/${sha}/disk.qcow2`,
+        `win11/${sha}/manifest.json`,
+        "win11/latest.json",
+      ]);
+      const image = await s3.getObject(`win11/${sha}/disk.qcow2`);
+      expect(image && image.equals(fs.readFileSync(disk))).to.equal(true);
+      await expectComplete(m);
+      expect(await s3Json("win11/latest.json")).to.deep.equal(m);
+      // Progress and results went to stderr; the work folder is gone.
+      expect(r.stderr).to.contain("publish-image: uploading");
+      expect(r.stderr).to.contain(`publish-image: checking ${disk} (qemu-img check)`);
+      expect(fs.readFileSync(`${disk}.sha256`, "utf8")).to.match(new RegExp(`^${sha} ${m.size} `));
+      expectTmpClean();
+    });
+
+    it("uploads nothing on a rerun with the same disk, and repairs latest.json", async () => {
+      const r1 = await publish("s3://images/rerun");
+      expect(r1.code, r1.stderr).to.equal(0);
+      const m1 = parseStdout(r1);
+      expect(m1.machine, "no PUBLISH_VM_ENV").to.equal(null);
+      const imageModified = await lastModified(`rerun/${m1.sha256}/disk.qcow2`);
+      // Someone pointed latest.json elsewhere meanwhile.
+      await putS3Json("rerun/latest.json", { sha256: "other" });
+      await new Promise((res) => setTimeout(res, 1100));
+
+      const r2 = await publish("s3://images/rerun/");
+      expect(r2.code, r2.stderr).to.equal(0);
+      expect(r2.stderr).to.contain("no upload needed");
+      expect(r2.stderr).to.not.contain("uploading");
+      expect(r2.stderr).to.contain("holds no manifest this publish can compare; replacing it");
+      expect(parseStdout(r2)).to.deep.equal(m1);
+      expect(await lastModified(`rerun/${m1.sha256}/disk.qcow2`)).to.equal(imageModified);
+      expect(await s3Json("rerun/latest.json")).to.deep.equal(m1);
+
+      // Without the local hash stamp the disk is streamed again (that is the hash),
+      // but the published copy is found and kept as it is.
+      fs.rmSync(`${disk}.sha256`);
+      const r3 = await publish("s3://images/rerun");
+      expect(r3.code, r3.stderr).to.equal(0);
+      expect(r3.stderr).to.contain("already published");
+      expect(parseStdout(r3)).to.deep.equal(m1);
+      expect(await s3.listKeys("rerun/")).to.not.satisfy((keys: string[]) => keys.some((k) => k.includes("staging")));
+      expectTmpClean();
+    });
+
+    it("turns a published manifestVersion 1 into version 2 without uploading the disk again", async () => {
+      const r1 = await publish("s3://images/v1/");
+      expect(r1.code, r1.stderr).to.equal(0);
+      const m1 = parseStdout(r1);
+      const sha = m1.sha256;
+      // What an earlier release published: no firmware, a v1 manifest.
+      await putS3Json(`v1/${sha}/manifest.json`, toV1(m1));
+      await putS3Json("v1/latest.json", toV1(m1));
+      expect((await s3.aws(["s3", "rm", "--only-show-errors", `s3://images/v1/${sha}/QEMU_EFI.fd`])).code).to.equal(0);
+      const imageModified = await lastModified(`v1/${sha}/disk.qcow2`);
+
+      const r2 = await publish("s3://images/v1/");
+      expect(r2.code, r2.stderr).to.equal(0);
+      expect(r2.stderr).to.contain("is already published; writing its variables, firmware and a manifestVersion 2");
+      expect(r2.stderr).to.not.match(/uploading \S+disk\.qcow2/);
+      expect(r2.stderr).to.not.match(/uploading \S+QEMU_VARS\.fd/);
+      expect(r2.stderr).to.match(/uploading \S+\/QEMU_EFI\.fd to s3:\/\/images\/v1\/[0-9a-f]{64}\/QEMU_EFI\.fd/);
+      // The same image, so the same manifest as a fresh v2 publish would have written then.
+      expect(parseStdout(r2)).to.deep.equal(m1);
+      expect(await lastModified(`v1/${sha}/disk.qcow2`)).to.equal(imageModified);
+      expect(await s3Json("v1/latest.json")).to.deep.equal(m1);
+      await expectComplete(m1);
+      expectTmpClean();
+    });
+
+    it("an interrupted publish leaves the previous latest.json pointing at a complete image, and no staging", async () => {
+      const r1 = await publish("s3://images/crash/");
+      expect(r1.code, r1.stderr).to.equal(0);
+      const old = parseStdout(r1);
+
+      // The VM ran again: a bigger, different disk.
+      await runOk("qemu-io", ["-f", "qcow2", "-c", "write -P 0x66 16M 200M", disk]);
+      const newSha = sha256File(disk);
+      const p = start("s3://images/crash/");
+      expect(await p.reached(/uploading .*disk\.qcow2/), p.out.stderr).to.equal(true);
+      await new Promise((res) => setTimeout(res, 700));
+      p.child.kill("SIGTERM");
+      const end = await p.closed;
+      // The script stopped (by the signal, through its trap), its uploader with it.
+      expect(end.code, p.out.stderr).to.equal(143);
+      expect(p.out.stderr).to.contain("terminated");
+      expect(p.out.stdout).to.equal("");
+      expect(processesWith("s3://images/crash/staging/"), "uploader still running").to.deep.equal([]);
+
+      expect(await s3Json("crash/latest.json")).to.deep.equal(old);
+      await expectComplete(old);
+      expect(await s3.getObject(`crash/${newSha}/manifest.json`)).to.equal(undefined);
+      const keys = await s3.listKeys("crash/");
+      expect(
+        keys.filter((k) => k.includes("staging")),
+        "the failing run deleted its staging object",
+      ).to.deep.equal([]);
+      expectTmpClean();
+
+      // A rerun finishes the job and only then moves latest.json.
+      const r2 = await publish("s3://images/crash/");
+      expect(r2.code, r2.stderr).to.equal(0);
+      const m2 = parseStdout(r2);
+      expect(m2.sha256).to.equal(newSha);
+      expect(await s3Json("crash/latest.json")).to.deep.equal(m2);
+      await expectComplete(m2);
+      await expectComplete(old);
+    });
+
+    it("a publish killed (SIGKILL, whole process group) after the server-side copy loses nothing; a rerun completes", async () => {
+      const r1 = await publish("s3://images/kill/");
+      expect(r1.code, r1.stderr).to.equal(0);
+      const old = parseStdout(r1);
+      await runOk("qemu-io", ["-f", "qcow2", "-c", "write -P 0x67 16M 20M", disk]);
+      const newSha = sha256File(disk);
+
+      const p = start("s3://images/kill/");
+      expect(await p.reached(/uploading \S+\/QEMU_VARS\.fd to /), p.out.stderr).to.equal(true);
+      const delay = Math.floor(Math.random() * 300);
+      await new Promise((res) => setTimeout(res, delay));
+      p.killGroup("SIGKILL");
+      const end = await p.closed;
+      const at = `killed ${delay} ms after the variables upload began; ${p.out.stderr}`;
+      expect(end.signal, at).to.equal("SIGKILL");
+
+      expect(await s3Json("kill/latest.json"), at).to.deep.equal(old);
+      await expectComplete(old);
+      const oldKeys = folderLayout(old.sha256)
+        .filter((k) => k !== ".publish.lock")
+        .map((k) => `kill/${k}`);
+      const left = (await s3.listKeys("kill/")).filter((k) => !oldKeys.includes(k));
+      // Only staging (expired by the bucket's lifecycle rule) and the new image's objects
+      // without a manifest (incomplete, named by no latest.json) can remain.
+      for (const k of left)
+        expect(k, at).to.match(new RegExp(`^kill/(staging/|${newSha}/(disk\\.qcow2|QEMU_VARS\\.fd)$)`));
+
+      const r2 = await publish("s3://images/kill/");
+      expect(r2.code, r2.stderr).to.equal(0);
+      const m2 = parseStdout(r2);
+      expect(m2.sha256).to.equal(newSha);
+      expect(await s3Json("kill/latest.json")).to.deep.equal(m2);
+      await expectComplete(m2);
+      const keys = await s3.listKeys("kill/");
+      expect(keys.filter((k) => !k.startsWith("kill/staging/"))).to.deep.equal(
+        [
+          ...oldKeys,
+          ...[`${newSha}/QEMU_EFI.fd`, `${newSha}/QEMU_VARS.fd`, `${newSha}/disk.qcow2`, `${newSha}/manifest.json`].map(
+            (k) => `kill/${k}`,
+          ),
+        ].sort(),
+      );
+      expect(
+        keys.filter((k) => k.startsWith("kill/staging/")).length,
+        "at most the killed run's staging object",
+      ).to.be.at.most(1);
+      // The killed run's work folder went with the rerun.
+      expectTmpClean();
+    });
+
+    it("fails clearly on bad arguments and missing files", async () => {
+      const r1 = await publish("https://images/x");
+      expect(r1.code).to.equal(1);
+      expect(r1.stderr).to.contain("must look like s3://bucket/prefix/ or file:///absolute/dir/");
+      const r3 = await publish("s3://images/x/", { IMAGE_SOURCE_SHA256: "xyz" });
+      expect(r3.code).to.equal(1);
+      expect(r3.stderr).to.contain("IMAGE_SOURCE_SHA256");
+      const r4 = await run("bash", [script("publish-image.sh"), vmDir]);
+      expect(r4.code).to.equal(2);
+      expect(r4.stdout).to.equal("");
+      const r5 = await publish("s3://images/x/", { PUBLISH_VM_ENV: path.join(dir, "missing.env") });
+      expect(r5.code).to.equal(1);
+      expect(r5.stderr).to.match(/PUBLISH_VM_ENV '.*missing\.env' does not exist or is not readable/);
+      const r6 = await publish("s3://images/x/", { PUBLISH_LOCK_TIMEOUT_S: "soon" });
+      expect(r6.code).to.equal(1);
+      expect(r6.stderr).to.contain("PUBLISH_LOCK_TIMEOUT_S must be a positive integer, got 'soon'");
+      fs.rmSync(path.join(vmDir, "QEMU_VARS.fd"));
+      const r2 = await publish("s3://images/x/");
+      expect(r2.code).to.equal(1);
+      expect(r2.stderr).to.match(/QEMU_VARS\.fd not found/);
+      expect(await s3.listKeys("x/")).to.deep.equal([]);
+      expectTmpClean();
+    });
+
+    it("refuses, before uploading anything, a DEST_URI so long that the manifest line would reach 4 KiB", async () => {
+      const prefix = `long-${"p".repeat(600)}`;
+      const r = await publish(`s3://images/${prefix}/`);
+      expect(r.code).to.equal(1);
+      expect(r.stdout).to.equal("");
+      expect(r.stderr).to.match(
+        /error: the manifest would be a \d+-byte line, and it must stay under 4096 bytes: DEST_URI is 619 characters \(it appears in 7 URIs\), IMAGE_SOURCE_URL 0; use a shorter prefix or folder/,
+      );
+      expect(r.stderr).to.not.contain("uploading");
+      expect(await s3.listKeys("long-")).to.deep.equal([]);
+      expectTmpClean();
+    });
+
+    it("publishes when S3 answers 403 for missing keys (the role may list only its prefix)", async () => {
+      // Real S3 gives 403, not 404, for a missing key to a caller without s3:ListBucket on the whole
+      // bucket. This aws wrapper turns every 404 into that 403; listing still works.
+      const bin = fs.mkdtempSync(path.join(dir, "bin-"));
+      fs.writeFileSync(
+        path.join(bin, "aws"),
+        [
+          "#!/usr/bin/env bash",
+          '[[ -z ${DENY_LIST:-} || " $* " != *" list-objects-v2 "* ]] ||',
+          '  { echo "An error occurred (AccessDenied) when calling the ListObjectsV2 operation: Access Denied" >&2; exit 255; }',
+          'err=$(mktemp); rc=0; "$REAL_AWS" "$@" 2>"$err" || rc=$?',
+          "if ((rc != 0)) && grep -qE '\\(404\\)|Not Found|NoSuchKey|does not exist' \"$err\"; then",
+          '  echo "An error occurred (403) when calling the HeadObject operation: Forbidden" >&2',
+          'else cat "$err" >&2; fi',
+          'rm -f "$err"; exit "$rc"',
+        ].join("\n") + "\n",
+        { mode: 0o755 },
+      );
+      const env = { PATH: `${bin}:${process.env.PATH}`, REAL_AWS: realAws };
+      const r = await publish("s3://images/forbidden/", env);
+      expect(r.code, r.stderr).to.equal(0);
+      const m = parseStdout(r);
+      expect(await s3Json("forbidden/latest.json")).to.deep.equal(m);
+      // When the listing is refused too, a 403 cannot be told from a refusal: named, never taken for "missing".
+      const r2 = await publish("s3://images/denied/", { ...env, DENY_LIST: "1" });
+      expect(r2.code).to.equal(1);
+      expect(r2.stderr).to.match(/error: cannot read s3:\/\/images\/denied\/[0-9a-f]{64}\/manifest\.json: .*\(403\)/);
+      expect(await s3.listKeys("denied/")).to.deep.equal([]);
+    });
+
+    describe("latest.json never moves backwards", () => {
+      it("a newer manifest written between this publish's read and its write (412) is left in place", async () => {
+        await putS3Json("cond/latest.json", OLDER);
+        const inject = path.join(dir, "newer.json");
+        fs.writeFileSync(inject, `${JSON.stringify(NEWER)}\n`);
+        const log = path.join(dir, "put-object.log");
+        const r = await publish("s3://images/cond/", {
+          PATH: conditionalAws(),
+          REAL_AWS: realAws,
+          INJECT: inject,
+          INJECT_WHEN: "before",
+          SHIM_LOG: log,
+        });
+        expect(r.code, r.stderr).to.equal(0);
+        const m = parseStdout(r);
+        // The write was conditional on the ETag it had read; S3 refused it; the publish read again.
+        expect(fs.readFileSync(log, "utf8")).to.match(/ --if-match "[0-9a-f]+"/);
+        expect(r.stderr).to.contain(
+          "s3://images/cond/latest.json changed while it was written (another publish); reading it again",
+        );
+        expect(r.stderr).to.contain(
+          `s3://images/cond/latest.json points at a newer image (sha256 ${NEWER.sha256}, created ${NEWER.createdAt}); left as it is`,
+        );
+        expect(await s3Json("cond/latest.json")).to.deep.equal(NEWER);
+        // Its own image is complete all the same.
+        await expectComplete(m);
+        expectTmpClean();
+      });
+
+      it("with an AWS CLI that cannot write conditionally: warns, and writes again when an older manifest replaced its own", async () => {
+        const inject = path.join(dir, "older.json");
+        fs.writeFileSync(inject, `${JSON.stringify(OLDER)}\n`);
+        const log = path.join(dir, "put-object.log");
+        // Also: no prefix, and no source metadata.
+        const r = await publish("s3://images", {
+          PATH: conditionalAws(),
+          REAL_AWS: realAws,
+          INJECT: inject,
+          INJECT_WHEN: "after",
+          NO_CONDITIONAL: "1",
+          SHIM_LOG: log,
+        });
+        expect(r.code, r.stderr).to.equal(0);
+        const m = parseStdout(r);
+        expect(m.imageUri).to.equal(`s3://images/${m.sha256}/disk.qcow2`);
+        expect([m.sourceUrl, m.sourceSha256, m.windowsVersion]).to.deep.equal([null, null, null]);
+        expect(r.stderr).to.contain("warning: this AWS CLI cannot write conditionally (no put-object --if-match)");
+        expect(r.stderr).to.contain(
+          "warning: s3://images/latest.json was replaced by an older or unknown manifest right after it was written; writing it again",
+        );
+        // The first call carried the condition, the retries did not.
+        const calls = fs.readFileSync(log, "utf8").trim().split("\n");
+        expect(calls[0]).to.contain("--if-none-match *");
+        expect(calls.slice(1).join("\n")).to.not.contain("--if-");
+        expect(await s3Json("latest.json")).to.deep.equal(m);
+        await expectComplete(m);
+      });
+    });
   });
 
   describe("to a folder (file://)", () => {
@@ -283,12 +633,8 @@ describe("publish-image.sh", function () {
       }
       return `${bin}:${process.env.PATH}`;
     }
-    const publishTo = (uri: string, env: NodeJS.ProcessEnv = {}) => publish(uri, { PATH: shimPath(), ...env });
-    const list = (root: string) =>
-      fs
-        .readdirSync(root, { recursive: true, encoding: "utf8" })
-        .filter((p) => fs.statSync(path.join(root, p)).isFile())
-        .sort();
+    const publishTo = (uri: string, env: NodeJS.ProcessEnv = {}, vm = vmDir) =>
+      publish(uri, { PATH: shimPath(), ...env }, vm);
 
     it("publishes into the folder (percent-decoded, created when missing) without the AWS CLI", async () => {
       const root = path.join(dir, "out dir", "images");
@@ -302,28 +648,188 @@ describe("publish-image.sh", function () {
       expect(m.sha256).to.equal(sha);
       expect(m.imageUri).to.equal(`${base}/${sha}/disk.qcow2`);
       expect(m.varsUri).to.equal(`${base}/${sha}/QEMU_VARS.fd`);
+      expect(m.efiUri).to.equal(`${base}/${sha}/QEMU_EFI.fd`);
       expect(m.manifestUri).to.equal(`${base}/${sha}/manifest.json`);
       expect(m.windowsVersion).to.equal("11-24H2");
-      // Exactly the layout S3 gets; staging is gone.
-      expect(list(root)).to.deep.equal([
-        `${sha}/QEMU_VARS.fd`,
-        `${sha}/disk.qcow2`,
-        `${sha}/manifest.json`,
-        "latest.json",
-      ]);
+      expect(m.host).to.deep.equal(host);
+      // Exactly the layout S3 gets, and the folder's lock file; staging is gone.
+      expect(list(root)).to.deep.equal(folderLayout(sha));
       expect(fs.readFileSync(path.join(root, sha, "disk.qcow2")).equals(fs.readFileSync(disk))).to.equal(true);
-      expect(sha256File(path.join(root, sha, "QEMU_VARS.fd"))).to.equal(m.varsSha256);
-      expect(JSON.parse(fs.readFileSync(path.join(root, sha, "manifest.json"), "utf8"))).to.deep.equal(m);
+      await expectComplete(m);
       expect(JSON.parse(fs.readFileSync(path.join(root, "latest.json"), "utf8"))).to.deep.equal(m);
-      for (const f of list(root)) expect(fs.statSync(path.join(root, f)).mode & 0o777, f).to.equal(0o644);
+      for (const f of list(root).filter((f) => f !== ".publish.lock")) {
+        expect(fs.statSync(path.join(root, f)).mode & 0o777, f).to.equal(0o644);
+      }
+      expectTmpClean();
 
       // A rerun copies nothing and leaves the files as they are.
       const before = fs.statSync(path.join(root, sha, "disk.qcow2")).mtimeMs;
       const r2 = await publishTo(uri);
       expect(r2.code, r2.stderr).to.equal(0);
       expect(r2.stderr).to.contain("no upload needed");
-      expect(parseStdout(r2).createdAt).to.equal(m.createdAt);
+      expect(parseStdout(r2)).to.deep.equal(m);
       expect(fs.statSync(path.join(root, sha, "disk.qcow2")).mtimeMs).to.equal(before);
+      expect(list(root)).to.deep.equal(folderLayout(sha));
+    });
+
+    it("records null for what this host cannot tell (no dpkg, no qemu-system-aarch64, no PUBLISH_VM_ENV)", async () => {
+      const bin = pathWithout(["dpkg-query", "qemu-system-aarch64", "aws"], path.join(dir, "bin-bare"));
+      const r = await publish(`file://${dir}/bare`, { PATH: bin });
+      expect(r.code, r.stderr).to.equal(0);
+      const m = parseStdout(r);
+      expect(m.host).to.deep.equal({ qemuVersion: null, qemuPackage: null, firmwarePackage: null });
+      expect(m.machine).to.equal(null);
+    });
+
+    it("records the machine from PUBLISH_VM_ENV, with the optional keys only when set", async () => {
+      const envFile = path.join(dir, "vm.env");
+      fs.writeFileSync(envFile, "VM_MACHINE_TYPE=virt-7.2\r\n\n  # comment\nVM_ACCEL=kvm\nVM_MEMORY_GIB=8\n");
+      const r = await publishTo(`file://${dir}/machine`, { PUBLISH_VM_ENV: envFile });
+      expect(r.code, r.stderr).to.equal(0);
+      expect(parseStdout(r).machine).to.deep.equal({
+        machineOptions: "",
+        cpus: null,
+        memoryGiB: 8,
+        accel: "kvm",
+        machineType: "virt-7.2",
+      });
+      fs.writeFileSync(envFile, "VM_CPUS=four\n");
+      const r2 = await publishTo(`file://${dir}/machine`, { PUBLISH_VM_ENV: envFile });
+      expect(r2.code).to.equal(1);
+      expect(r2.stderr).to.match(/PUBLISH_VM_ENV .*vm\.env: VM_CPUS 'four' is not a whole number/);
+    });
+
+    it("keeps the manifest line under 4 KiB with long URIs", async () => {
+      const root = path.join(dir, "a".repeat(100), "b".repeat(80));
+      const r = await publishTo(`file://${root}/`, {
+        IMAGE_SOURCE_URL: `https://media.example.com/${"w".repeat(300)}/Windows11_ARM64.vhdx`,
+        PUBLISH_VM_ENV: "",
+      });
+      expect(r.code, r.stderr).to.equal(0);
+      const m = parseStdout(r);
+      expect(Buffer.byteLength(r.stdout)).to.be.above(3000);
+      expect(m.imageUri.length).to.be.above(250);
+      // One more long segment and it would not fit: refused before anything is copied.
+      const longer = path.join(root, "c".repeat(120));
+      const r2 = await publishTo(`file://${longer}/`, { IMAGE_SOURCE_URL: m.sourceUrl! });
+      expect(r2.code).to.equal(1);
+      expect(r2.stderr).to.match(/the manifest would be a (\d+)-byte line, and it must stay under 4096 bytes/);
+      expect(r2.stderr).to.contain(`IMAGE_SOURCE_URL ${m.sourceUrl!.length}`);
+      expect(fs.existsSync(longer)).to.equal(false);
+    });
+
+    it("completes a manifestVersion 1 image in place, and replaces changed variables without copying the disk", async () => {
+      const root = path.join(dir, "v1");
+      const r1 = await publishTo(`file://${root}`);
+      expect(r1.code, r1.stderr).to.equal(0);
+      const m1 = parseStdout(r1);
+      const sha = m1.sha256;
+      const then = "2020-01-01T00:00:00Z";
+      fs.writeFileSync(path.join(root, sha, "manifest.json"), `${JSON.stringify(toV1(m1, then))}\n`);
+      fs.writeFileSync(path.join(root, "latest.json"), `${JSON.stringify(toV1(m1, then))}\n`);
+      fs.rmSync(path.join(root, sha, "QEMU_EFI.fd"));
+      const diskMtime = fs.statSync(path.join(root, sha, "disk.qcow2")).mtimeMs;
+
+      const r2 = await publishTo(`file://${root}`);
+      expect(r2.code, r2.stderr).to.equal(0);
+      const m2 = parseStdout(r2);
+      // The same image: its date is kept, and latest.json (v1, same date) moves to v2.
+      expect(m2).to.deep.equal({ ...m1, createdAt: then });
+      expect(JSON.parse(fs.readFileSync(path.join(root, "latest.json"), "utf8"))).to.deep.equal(m2);
+      await expectComplete(m2);
+      expect(fs.statSync(path.join(root, sha, "disk.qcow2")).mtimeMs).to.equal(diskMtime);
+      expect(list(root)).to.deep.equal(folderLayout(sha));
+
+      // The VM changed its boot entries but not its disk: new variables, a new manifest, newer than the last.
+      const vars = fs.readFileSync(path.join(vmDir, "QEMU_VARS.fd"));
+      vars.write("BOOT0002", 16384);
+      fs.writeFileSync(path.join(vmDir, "QEMU_VARS.fd"), vars);
+      const r3 = await publishTo(`file://${root}`);
+      expect(r3.code, r3.stderr).to.equal(0);
+      const m3 = parseStdout(r3);
+      expect(m3.varsSha256).to.equal(sha256(vars));
+      expect(m3.createdAt).to.not.equal(then);
+      expect(m3.efiSha256).to.equal(m1.efiSha256);
+      expect(sha256File(path.join(root, sha, "QEMU_VARS.fd"))).to.equal(m3.varsSha256);
+      expect(JSON.parse(fs.readFileSync(path.join(root, "latest.json"), "utf8"))).to.deep.equal(m3);
+      expect(fs.statSync(path.join(root, sha, "disk.qcow2")).mtimeMs).to.equal(diskMtime);
+      expect(list(root)).to.deep.equal(folderLayout(sha));
+      expectTmpClean();
+    });
+
+    it("leaves a newer latest.json in place, and still publishes its own image", async () => {
+      const root = path.join(dir, "newer");
+      fs.mkdirSync(root);
+      fs.writeFileSync(path.join(root, "latest.json"), `${JSON.stringify(NEWER)}\n`);
+      const r = await publishTo(`file://${root}`);
+      expect(r.code, r.stderr).to.equal(0);
+      const m = parseStdout(r);
+      expect(r.stderr).to.contain(
+        `points at a newer image (sha256 ${NEWER.sha256}, created ${NEWER.createdAt}); left as it is`,
+      );
+      expect(JSON.parse(fs.readFileSync(path.join(root, "latest.json"), "utf8"))).to.deep.equal(NEWER);
+      await expectComplete(m);
+    });
+
+    it("two publishes at once: both complete, and latest.json ends at the newer", async () => {
+      const root = path.join(dir, "both");
+      const vm2 = path.join(dir, "vm2");
+      await makeVm(vm2, 0x42);
+      const [a, b] = await Promise.all([publishTo(`file://${root}`), publishTo(`file://${root}`, {}, vm2)]);
+      expect(a.code, a.stderr).to.equal(0);
+      expect(b.code, b.stderr).to.equal(0);
+      const ms = [parseStdout(a), parseStdout(b)];
+      expect(ms[0].sha256).to.not.equal(ms[1].sha256);
+      const newer = ms.reduce((x, y) => ([x.createdAt, x.sha256] > [y.createdAt, y.sha256] ? x : y));
+      expect(JSON.parse(fs.readFileSync(path.join(root, "latest.json"), "utf8"))).to.deep.equal(newer);
+      for (const m of ms) await expectComplete(m);
+      expect(list(root)).to.deep.equal(folderLayout(ms[0].sha256, ms[1].sha256));
+      expectTmpClean();
+    });
+
+    it("a publish killed (SIGKILL, whole process group) at random points loses nothing; the next run sweeps up", async () => {
+      const root = path.join(dir, "killed");
+      const r0 = await publishTo(`file://${root}`);
+      expect(r0.code, r0.stderr).to.equal(0);
+      let old = parseStdout(r0);
+      const points = [/uploading .*disk\.qcow2 \(/, /copying to file:/, /published file:/, /latest\.json now points/];
+      for (const [i, point] of points.entries()) {
+        await runOk("qemu-io", ["-f", "qcow2", "-c", `write -P ${0x30 + i} 16M 8M`, disk]);
+        const newSha = sha256File(disk);
+        const p = start(`file://${root}`, { PATH: shimPath() });
+        const reached = await p.reached(point);
+        const delay = Math.floor(Math.random() * 200);
+        await new Promise((res) => setTimeout(res, delay));
+        p.killGroup("SIGKILL");
+        await p.closed;
+        const at = `killed ${delay} ms after ${point} (reached: ${reached}); ${p.out.stderr}`;
+
+        // latest.json is the old manifest, or (killed after writing it) the new, complete one.
+        const latest = JSON.parse(fs.readFileSync(path.join(root, "latest.json"), "utf8")) as Manifest;
+        if (latest.sha256 === newSha) await expectComplete(latest);
+        else expect(latest, at).to.deep.equal(old);
+        await expectComplete(old);
+        for (const f of list(root).filter((f) => f.startsWith(`${newSha}/`))) {
+          expect(fs.existsSync(path.join(root, newSha, "manifest.json")), `${f} without its manifest; ${at}`).to.equal(
+            true,
+          );
+        }
+
+        const r = await publishTo(`file://${root}`);
+        expect(r.code, `${at}\nrerun: ${r.stderr}`).to.equal(0);
+        const m = parseStdout(r);
+        expect(m.sha256).to.equal(newSha);
+        expect(JSON.parse(fs.readFileSync(path.join(root, "latest.json"), "utf8"))).to.deep.equal(m);
+        await expectComplete(m);
+        // No staging, no temporary file, no work folder of the killed run is left.
+        expect(
+          list(root).filter((f) => !/^([0-9a-f]{64}\/|latest\.json$|\.publish\.lock$)/.test(f)),
+          at,
+        ).to.deep.equal([]);
+        expect(fs.existsSync(path.join(root, "staging")), at).to.equal(false);
+        expectTmpClean();
+        old = m;
+      }
     });
 
     it("a publish stopped halfway leaves the old latest.json and no staging file; a rerun finishes", async () => {
@@ -336,62 +842,104 @@ describe("publish-image.sh", function () {
 
       // `sync` (run once the staging file is written) hangs: the publish is stopped there.
       const mark = path.join(dir, "syncing");
-      const child = spawn("bash", [script("publish-image.sh"), vmDir, `file://${root}`], {
-        env: { ...process.env, PATH: shimPath({ sync: `touch ${mark}; exec sleep 60` }) },
-        stdio: ["ignore", "pipe", "pipe"],
-      });
-      let stderr = "";
-      let stdout = "";
-      child.stdout!.on("data", (d: Buffer) => (stdout += d.toString()));
-      child.stderr!.on("data", (d: Buffer) => (stderr += d.toString()));
-      const closed = new Promise<number | null>((resolve) => child.on("close", (code) => resolve(code)));
-      for (let i = 0; i < 600 && !fs.existsSync(mark) && child.exitCode === null; i++) {
+      const name = `publish-test-hung-sync-${path.basename(dir)}`;
+      const p = start(`file://${root}`, { PATH: shimPath({ sync: `touch ${mark}; exec -a ${name} sleep 60` }) });
+      for (let i = 0; i < 600 && !fs.existsSync(mark) && p.child.exitCode === null; i++) {
         await new Promise((res) => setTimeout(res, 100));
       }
       if (!fs.existsSync(mark)) {
-        child.kill("SIGKILL");
-        throw new Error(`publish never reached sync: ${stderr}`);
+        p.killGroup("SIGKILL");
+        throw new Error(`publish never reached sync: ${p.out.stderr}`);
       }
       const staged = list(root).filter((f) => f.startsWith("staging/"));
-      expect(staged, "the staging file exists while the copy runs").to.have.length(1);
-      const killedAt = Date.now();
-      child.kill("SIGTERM");
-      expect(await closed, stderr).to.equal(143);
-      // Its children (the hung sync among them) stopped with it.
-      expect(Date.now() - killedAt).to.be.below(15000);
-      expect(stdout).to.equal("");
-      expect(JSON.parse(fs.readFileSync(path.join(root, "latest.json"), "utf8"))).to.deep.equal(old);
-      expect(list(root)).to.deep.equal([
-        `${old.sha256}/QEMU_VARS.fd`,
-        `${old.sha256}/disk.qcow2`,
-        `${old.sha256}/manifest.json`,
-        "latest.json",
+      expect(staged.map((f) => path.basename(f)).sort(), "the run's staging folder while the copy runs").to.deep.equal([
+        "disk.qcow2",
+        "lock",
       ]);
+      p.child.kill("SIGTERM");
+      expect((await p.closed).code, p.out.stderr).to.equal(143);
+      // Its children (the hung sync among them) stopped with it.
+      expect(processesWith(name)).to.deep.equal([]);
+      expect(p.out.stdout).to.equal("");
+      expect(JSON.parse(fs.readFileSync(path.join(root, "latest.json"), "utf8"))).to.deep.equal(old);
+      expect(list(root)).to.deep.equal(folderLayout(old.sha256));
+      expectTmpClean();
 
       const r2 = await publishTo(`file://${root}/`);
       expect(r2.code, r2.stderr).to.equal(0);
       const m2 = parseStdout(r2);
       expect(m2.sha256).to.equal(newSha);
       expect(JSON.parse(fs.readFileSync(path.join(root, "latest.json"), "utf8"))).to.deep.equal(m2);
-      expect(list(root)).to.include.members([`${old.sha256}/disk.qcow2`, `${newSha}/disk.qcow2`]);
-      expect(list(root).filter((f) => f.startsWith("staging/"))).to.deep.equal([]);
+      expect(list(root)).to.deep.equal(folderLayout(old.sha256, newSha));
     });
 
-    it("sweeps staging left by killed runs more than a day ago, and keeps recent ones", async () => {
+    it("warns about leaked clusters (space only) and publishes", async () => {
+      leakCluster(disk);
+      const r = await publishTo(`file://${dir}/leaky`);
+      expect(r.code, r.stderr).to.equal(0);
+      expect(r.stderr).to.match(
+        /warning: qemu-img check: .*disk\.qcow2 has 1 leaked clusters \(space only, nothing lost/,
+      );
+      await expectComplete(parseStdout(r));
+    });
+
+    it("sweeps staging whose run is gone (at once) or that has no lock (after a day), and keeps a live run's", async () => {
       const root = path.join(dir, "sweep");
-      const stale = path.join(root, "staging", "20200101T000000Z-1-1");
-      const recent = path.join(root, "staging", "recent-run");
-      for (const d of [stale, recent]) {
+      const dirs = {
+        dead: path.join(root, "staging", "20260101T000000Z-dead01"),
+        live: path.join(root, "staging", "20260101T000000Z-live01"),
+        stale: path.join(root, "staging", "20200101T000000Z-1-1"),
+        recent: path.join(root, "staging", "recent-run"),
+      };
+      for (const d of Object.values(dirs)) {
         fs.mkdirSync(d, { recursive: true });
         fs.writeFileSync(path.join(d, "disk.qcow2"), "partial");
       }
+      fs.writeFileSync(path.join(dirs.dead, "lock"), "");
+      fs.writeFileSync(path.join(dirs.live, "lock"), "");
       const twoDaysAgo = new Date(Date.now() - 2 * 86400 * 1000);
-      fs.utimesSync(stale, twoDaysAgo, twoDaysAgo);
-      const r = await publishTo(`file://${root}`);
-      expect(r.code, r.stderr).to.equal(0);
-      expect(r.stderr).to.contain(`removing stale staging folder ${stale}`);
-      expect(fs.existsSync(stale)).to.equal(false);
-      expect(fs.readFileSync(path.join(recent, "disk.qcow2"), "utf8")).to.equal("partial");
+      fs.utimesSync(dirs.stale, twoDaysAgo, twoDaysAgo);
+      // A run that is still going holds its lock.
+      const holder = spawn("flock", ["-x", path.join(dirs.live, "lock"), "sleep", "120"], { stdio: "ignore" });
+      try {
+        for (let i = 0; i < 100; i++) {
+          if ((await run("flock", ["-n", path.join(dirs.live, "lock"), "true"])).code !== 0) break;
+          await new Promise((res) => setTimeout(res, 50));
+        }
+        const r = await publishTo(`file://${root}`);
+        expect(r.code, r.stderr).to.equal(0);
+        expect(r.stderr).to.contain(`removing stale staging folder ${dirs.stale}`);
+        expect(r.stderr).to.contain(`removing stale staging folder ${dirs.dead}`);
+        expect(fs.existsSync(dirs.stale)).to.equal(false);
+        expect(fs.existsSync(dirs.dead)).to.equal(false);
+        expect(fs.readFileSync(path.join(dirs.live, "disk.qcow2"), "utf8")).to.equal("partial");
+        expect(fs.readFileSync(path.join(dirs.recent, "disk.qcow2"), "utf8")).to.equal("partial");
+      } finally {
+        holder.kill("SIGKILL");
+      }
+    });
+
+    it("removes the work folder a killed run left in TMPDIR, and keeps a live run's and other folders", async () => {
+      const dead = path.join(tmp, "publish-image.dead01");
+      const live = path.join(tmp, "publish-image.live01");
+      const other = path.join(tmp, "something-else");
+      for (const d of [dead, live, other]) {
+        fs.mkdirSync(d);
+        fs.writeFileSync(path.join(d, "lock"), "");
+      }
+      const holder = spawn("flock", ["-x", path.join(live, "lock"), "sleep", "120"], { stdio: "ignore" });
+      try {
+        for (let i = 0; i < 100; i++) {
+          if ((await run("flock", ["-n", path.join(live, "lock"), "true"])).code !== 0) break;
+          await new Promise((res) => setTimeout(res, 50));
+        }
+        const r = await publishTo(`file://${dir}/tmpsweep`);
+        expect(r.code, r.stderr).to.equal(0);
+        expect(r.stderr).to.contain(`removing stale work folder ${dead}`);
+        expect(fs.readdirSync(tmp).sort()).to.deep.equal(["publish-image.live01", "something-else"]);
+      } finally {
+        holder.kill("SIGKILL");
+      }
     });
 
     it("refuses when the folder lacks the space, before writing anything", async () => {
@@ -403,6 +951,7 @@ describe("publish-image.sh", function () {
       expect(r.stdout).to.equal("");
       expect(r.stderr).to.match(/not enough free space in .*full: publishing needs \d+ MiB, 1 MiB are free/);
       expect(list(root)).to.deep.equal([]);
+      expectTmpClean();
     });
 
     it("names what is wrong with a file:// URI", async () => {
@@ -421,5 +970,194 @@ describe("publish-image.sh", function () {
         expect(r.stderr, uri).to.match(msg);
       }
     });
+  });
+
+  describe("fault table: the cause named, the previous latest.json and image intact, nothing left behind", () => {
+    interface Backend {
+      name: string;
+      uri: string;
+      keys(): Promise<string[]>;
+      latest(): Promise<unknown>;
+    }
+    interface Fault {
+      name: string;
+      /** Breaks the VM folder (or the tools); returns extra environment and an undo. */
+      prepare(b: Backend): Promise<{ env?: NodeJS.ProcessEnv; undo?: () => Promise<void> }>;
+      error: (b: Backend) => RegExp;
+      only?: "s3" | "folder";
+      /** Keys this fault is documented to leave (S3: the new image's objects before its manifest). */
+      leaves?: (newSha: string) => string[];
+    }
+    let shared: string;
+    const olds: Record<string, Manifest> = {};
+    const backends: Backend[] = [
+      {
+        name: "s3",
+        uri: "s3://images/faults/",
+        keys: () => s3.listKeys("faults/"),
+        latest: () => s3Json("faults/latest.json"),
+      },
+      {
+        name: "folder",
+        get uri() {
+          return `file://${shared}/out/`;
+        },
+        keys: async () => list(path.join(shared, "out")),
+        latest: async () => JSON.parse(fs.readFileSync(path.join(shared, "out", "latest.json"), "utf8")),
+      },
+    ];
+    const bin = (name: string, body: string) => {
+      const d = fs.mkdtempSync(path.join(dir, "bin-"));
+      fs.writeFileSync(path.join(d, name), `#!/usr/bin/env bash\n${body}\n`, { mode: 0o755 });
+      return `${d}:${process.env.PATH}`;
+    };
+    const faults: Fault[] = [
+      {
+        name: "the disk is held by a running QEMU",
+        prepare: async () => {
+          const qemu = await holdDisk(disk);
+          return { undo: () => stopQemu(qemu) };
+        },
+        error: () => /disk\.qcow2 is in use by a running QEMU; shut the VM down before publishing/,
+      },
+      {
+        name: "qemu-img check finds the disk corrupt",
+        prepare: async () => {
+          corruptRefcounts(disk);
+          return {};
+        },
+        error: () =>
+          /qemu-img check found \S+disk\.qcow2 corrupt \(\d+ corruptions, 0 leaked clusters, 0 check errors\): refusing to publish it/,
+      },
+      {
+        name: "the disk has a backing file",
+        prepare: async () => {
+          const base = path.join(dir, "base.qcow2");
+          fs.renameSync(disk, base);
+          await runOk("qemu-img", ["create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", disk]);
+          return {};
+        },
+        error: () =>
+          /disk\.qcow2 has a backing file \(\S+base\.qcow2\): publish writes a self-contained image; flatten it first/,
+      },
+      {
+        name: "the disk keeps its data in an external file",
+        prepare: async () => {
+          fs.rmSync(disk);
+          await runOk("qemu-img", ["create", "-q", "-f", "qcow2", "-o", `data_file=${dir}/data.raw`, disk, "64M"]);
+          return {};
+        },
+        error: () =>
+          /disk\.qcow2 keeps its data in an external file \(\S+data\.raw\): publish writes a self-contained image/,
+      },
+      {
+        name: "the firmware file is not 64 MiB",
+        prepare: async () => {
+          fs.truncateSync(path.join(vmDir, "QEMU_EFI.fd"), 2 * 1024 * 1024);
+          return {};
+        },
+        error: () => /QEMU_EFI\.fd is 2097152 bytes, not the 64 MiB \(67108864 bytes\) firmware image QEMU boots/,
+      },
+      {
+        name: "the firmware file is missing",
+        prepare: async () => {
+          fs.rmSync(path.join(vmDir, "QEMU_EFI.fd"));
+          return {};
+        },
+        error: () => /QEMU_EFI\.fd not found \(the firmware the image boots from is published with it/,
+      },
+      {
+        name: "the VM env file names other firmware than the one published",
+        prepare: async () => {
+          const f = path.join(dir, "vm.env");
+          fs.writeFileSync(f, "VM_CPUS=4\nVM_EFI_CODE=/usr/share/AAVMF/AAVMF_CODE.fd\n");
+          return { env: { PUBLISH_VM_ENV: f } };
+        },
+        error: () =>
+          /sets VM_EFI_CODE=\/usr\/share\/AAVMF\/AAVMF_CODE\.fd, but the file published is \S+QEMU_EFI\.fd: the manifest would not describe what the image ran with/,
+      },
+      {
+        name: "the VM env file has a line run-vm.sh would refuse",
+        prepare: async () => {
+          const f = path.join(dir, "vm.env");
+          fs.writeFileSync(f, "VM_CPUS=4\nexport VM_MEMORY_GIB=8\n");
+          return { env: { PUBLISH_VM_ENV: f } };
+        },
+        error: () => /PUBLISH_VM_ENV \S+vm\.env:2 is not a KEY=value line: 'export VM_MEMORY_GIB=8'/,
+      },
+      {
+        name: "S3 cannot be reached",
+        only: "s3",
+        prepare: async () => ({ env: { S3_ENDPOINT_URL: "http://127.0.0.1:9" } }),
+        error: () => /publish-image: error: .*http:\/\/127\.0\.0\.1:9/,
+      },
+      {
+        name: "writing the firmware fails after the disk was copied",
+        prepare: async (b) => {
+          if (b.name === "folder") {
+            const cp = (await run("bash", ["-c", "command -v cp"])).stdout.trim();
+            return {
+              env: {
+                PATH: bin(
+                  "cp",
+                  `if [[ "$*" == *QEMU_EFI.fd* ]]; then echo "cp: error writing '$3': No space left on device" >&2; exit 1; fi; exec ${cp} "$@"`,
+                ),
+              },
+            };
+          }
+          return {
+            env: {
+              REAL_AWS: realAws,
+              PATH: bin(
+                "aws",
+                'if [[ " $* " == *"/QEMU_EFI.fd s3://"* ]]; then echo "upload failed: An error occurred (InternalError) when calling the PutObject operation" >&2; exit 1; fi; exec "$REAL_AWS" "$@"',
+              ),
+            },
+          };
+        },
+        error: (b) =>
+          b.name === "folder"
+            ? /error: copying \S+\/QEMU_EFI\.fd to \S+\/QEMU_EFI\.fd failed: cp: error writing .*No space left on device/
+            : /error: upload of \S+\/QEMU_EFI\.fd to s3:\/\/images\/faults\/[0-9a-f]{64}\/QEMU_EFI\.fd failed: .*InternalError/,
+        // S3 cannot copy a set of objects at once: the disk and the variables stay, without a manifest.
+        leaves: (sha) => [`faults/${sha}/QEMU_VARS.fd`, `faults/${sha}/disk.qcow2`],
+      },
+    ];
+
+    before(async () => {
+      shared = fs.mkdtempSync(path.join(os.tmpdir(), "publish-faults-"));
+      const vm = path.join(shared, "vm");
+      await makeVm(vm, 0x21);
+      for (const b of backends) {
+        const r = await run("bash", [script("publish-image.sh"), vm, b.uri], { env: { ...s3.env, TMPDIR: shared } });
+        expect(r.code, r.stderr).to.equal(0);
+        olds[b.name] = parseStdout(r);
+      }
+    });
+    after(() => fs.rmSync(shared, { recursive: true, force: true }));
+
+    for (const b of backends) {
+      for (const f of faults.filter((x) => !x.only || x.only === b.name)) {
+        it(`${b.name}: ${f.name}`, async () => {
+          const before = await b.keys();
+          const newSha = sha256File(disk);
+          const { env, undo } = await f.prepare(b);
+          let r: RunResult;
+          try {
+            r = await publish(b.uri, env);
+          } finally {
+            if (undo) await undo();
+          }
+          expect(r.code, r.stderr).to.equal(1);
+          expect(r.stdout).to.equal("");
+          expect(r.stderr).to.match(f.error(b));
+          expect(await b.latest(), "latest.json").to.deep.equal(olds[b.name]);
+          await expectComplete(olds[b.name]);
+          const leaves = b.name === "s3" && f.leaves ? f.leaves(newSha) : [];
+          expect(await b.keys(), "what is published").to.deep.equal([...new Set([...before, ...leaves])].sort());
+          expectTmpClean();
+        });
+      }
+    }
   });
 });
