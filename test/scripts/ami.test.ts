@@ -1,7 +1,6 @@
 import { expect } from "chai";
 import { ChildProcess, spawn } from "child_process";
 import * as fs from "fs";
-import * as http from "http";
 import * as net from "net";
 import * as os from "os";
 import * as path from "path";
@@ -9,7 +8,6 @@ import { pathWithout, repoRoot, run, runScript } from "../support/run";
 
 const UNIT = path.join(repoRoot, "assets", "windows-vm.service");
 const LAUNCHER = path.join(repoRoot, "provisioning", "run-vm.sh");
-const PIPELINE_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIPipelinePipelinePipelinePipelinePipeline0 pulumi-pipeline";
 const ADMIN_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIAdminAdminAdminAdminAdminAdminAdminAdmin00 admin@example";
 
 describe("prepare-ami.sh", function () {
@@ -32,14 +30,15 @@ describe("prepare-ami.sh", function () {
     mk("etc/ssh/ssh_host_rsa_key", "private", 0o600);
     mk("etc/ssh/sshd_config", "PermitRootLogin no\n");
     mk("etc/machine-id", "0123456789abcdef0123456789abcdef\n", 0o444);
-    mk("root/.ssh/authorized_keys", `${PIPELINE_KEY}\n`, 0o600);
-    mk("home/ubuntu/.ssh/authorized_keys", `${ADMIN_KEY}\nno-pty ${PIPELINE_KEY}\n`, 0o600);
-    mk("var/lib/cloud/instances/i-0123/user-data.txt", "secret user data");
+    mk("home/ubuntu/.ssh/authorized_keys", `${ADMIN_KEY}\n`, 0o600);
+    mk("var/lib/cloud/instances/i-0123/user-data.txt", "the bake instance's user data");
+    mk("var/lib/cloud/instances/i-0123/cloud-config.txt", "the bake instance's cloud-config");
     mk("var/lib/cloud/seed/nocloud/meta-data", "seed");
+    mk("var/lib/cloud/seed/nocloud/user-data", "seeded user data");
     mk("var/log/cloud-init.log", "log");
+    mk("var/log/journal/0123456789abcdef/system.journal", "journal");
     mk("srv/vm/config.iso", "answer file with passwords");
     mk("srv/vm/config/autounattend.xml", "<Password>secret</Password>", 0o600);
-    mk("srv/vm/config/authorized_keys", `${PIPELINE_KEY}\n`, 0o600);
     mk("srv/vm/disk.qcow2", "disk");
     envFile = path.join(dir, "vm.env");
     fs.writeFileSync(envFile, "# image settings\nVM_DIR=/srv/vm\nVM_CPUS=4\nVM_MEMORY_GIB=24\nVM_HALT_ON_EXIT=0\n");
@@ -71,8 +70,8 @@ describe("prepare-ami.sh", function () {
     expectInstalled();
     // Not generalized.
     expect(fs.existsSync(file("etc/ssh/ssh_host_ed25519_key"))).to.equal(true);
-    expect(fs.readFileSync(file("root/.ssh/authorized_keys"), "utf8")).to.contain(PIPELINE_KEY);
     expect(fs.existsSync(file("var/lib/cloud/instances/i-0123/user-data.txt"))).to.equal(true);
+    expect(fs.existsSync(file("var/log/journal/0123456789abcdef/system.journal"))).to.equal(true);
     expect(fs.readFileSync(file("etc/machine-id"), "utf8")).to.not.equal("");
   });
 
@@ -102,36 +101,41 @@ describe("prepare-ami.sh", function () {
     expect(r.stderr).to.contain("line 6 is not KEY=value");
   });
 
-  it("--generalize removes host keys, cloud-init state, machine-id and only the pipeline key", async () => {
-    const r = await runScript("prepare-ami.sh", ["--generalize", root, envFile], {
-      env: { PIPELINE_PUBLIC_KEY: PIPELINE_KEY },
-    });
+  it("--generalize removes host keys, cloud-init state with the bake's user data, machine-id and the journal", async () => {
+    const r = await runScript("prepare-ami.sh", ["--generalize", root, envFile]);
     expect(r.code, r.stderr).to.equal(0);
     expectInstalled();
     expect(fs.readdirSync(file("etc/ssh"))).to.deep.equal(["sshd_config"]);
-    expect(fs.readFileSync(file("root/.ssh/authorized_keys"), "utf8")).to.equal("");
+    expect(fs.readdirSync(file("var/lib/cloud"))).to.deep.equal(["seed"]);
+    // No user data copy stays, even under seed/.
+    expect(fs.readdirSync(file("var/lib/cloud/seed/nocloud"))).to.deep.equal(["meta-data"]);
+    expect(r.stderr).to.contain("removed 1 user-data/vendor-data file(s) left under /var/lib/cloud");
+    expect(fs.existsSync(file("var/log/cloud-init.log"))).to.equal(false);
+    expect(fs.readdirSync(file("var/log/journal"))).to.deep.equal([]);
+    expect(fs.readFileSync(file("etc/machine-id"), "utf8")).to.equal("");
+    // Authorized keys are not the bake's business: no pipeline key reaches a bake instance.
     const home = file("home/ubuntu/.ssh/authorized_keys");
     expect(fs.readFileSync(home, "utf8")).to.equal(`${ADMIN_KEY}\n`);
     expect(fs.statSync(home).mode & 0o777).to.equal(0o600);
-    expect(fs.readdirSync(file("var/lib/cloud"))).to.deep.equal(["seed"]);
-    expect(fs.existsSync(file("var/log/cloud-init.log"))).to.equal(false);
-    expect(fs.readFileSync(file("etc/machine-id"), "utf8")).to.equal("");
 
-    const again = await runScript("prepare-ami.sh", ["--generalize", root, envFile], {
-      env: { PIPELINE_PUBLIC_KEY: PIPELINE_KEY },
-    });
+    const again = await runScript("prepare-ami.sh", ["--generalize", root, envFile]);
     expect(again.code, again.stderr).to.equal(0);
-    expect(again.stderr).to.contain("the pipeline key is in no authorized_keys file");
-    expect(fs.readFileSync(home, "utf8")).to.equal(`${ADMIN_KEY}\n`);
+    expect(again.stderr.match(/is up to date/g)).to.have.length(3);
+    expect(again.stderr).to.contain("done (generalized)");
   });
 
-  it("--generalize without PIPELINE_PUBLIC_KEY warns and keeps all keys", async () => {
-    const r = await runScript("prepare-ami.sh", ["--generalize", root, envFile], {
-      env: { PIPELINE_PUBLIC_KEY: "" },
-    });
+  it("--check validates the env file and prints VM_DIR, changing nothing", async () => {
+    const r = await runScript("prepare-ami.sh", ["--check", root, envFile]);
     expect(r.code, r.stderr).to.equal(0);
-    expect(r.stderr).to.contain("PIPELINE_PUBLIC_KEY is not set");
-    expect(fs.readFileSync(file("root/.ssh/authorized_keys"), "utf8")).to.contain(PIPELINE_KEY);
+    expect(r.stdout).to.equal("/srv/vm\n");
+    expect(fs.existsSync(file("etc/windows-vm"))).to.equal(false);
+    expect(fs.existsSync(file("srv/vm/config.iso"))).to.equal(true);
+    fs.writeFileSync(envFile, "VM_CPUS=4\n");
+    expect((await runScript("prepare-ami.sh", ["--check", root, envFile])).stdout).to.equal("/var/lib/windows-vm\n");
+    fs.writeFileSync(envFile, "VM_DIR=relative/dir\n");
+    const bad = await runScript("prepare-ami.sh", ["--check", root, envFile]);
+    expect(bad.code).to.equal(1);
+    expect(bad.stderr).to.contain("it must be an absolute path");
   });
 
   it("enables the unit by hand when systemctl is not installed", async () => {
@@ -140,15 +144,6 @@ describe("prepare-ami.sh", function () {
     expect(r.code, r.stderr).to.equal(0);
     expect(r.stderr).to.contain("systemctl not found");
     expectInstalled();
-  });
-
-  it("records BUILD_INSTANCE_ID for the unit's ExecCondition, and refuses a malformed one", async () => {
-    const r = await runScript("prepare-ami.sh", [root, envFile], { env: { BUILD_INSTANCE_ID: "i-0123456789abcdef0" } });
-    expect(r.code, r.stderr).to.equal(0);
-    expect(fs.readFileSync(file("etc/windows-vm/build-instance-id"), "utf8")).to.equal("i-0123456789abcdef0\n");
-    const bad = await runScript("prepare-ami.sh", [root, envFile], { env: { BUILD_INSTANCE_ID: "local" } });
-    expect(bad.code).to.equal(1);
-    expect(bad.stderr).to.include("BUILD_INSTANCE_ID 'local' is not an EC2 instance id");
   });
 
   it("fails clearly when ROOT is missing", async () => {
@@ -178,7 +173,6 @@ describe("assets/windows-vm.service", function () {
       "Wants=network-online.target",
       "EnvironmentFile=/etc/windows-vm/vm.env",
       "ExecStart=/usr/local/lib/windows-vm/run-vm.sh /etc/windows-vm/vm.env",
-      "ExecCondition=/usr/local/lib/windows-vm/run-vm.sh --not-build-host",
       "Restart=no",
       "WantedBy=multi-user.target",
     ]);
@@ -186,44 +180,12 @@ describe("assets/windows-vm.service", function () {
     expect(Number(timeout?.[1])).to.be.at.least(120);
   });
 
-  it("its ExecCondition skips the VM on the build host only (IMDSv2 instance id vs build-instance-id)", async () => {
-    const dir = fs.mkdtempSync(path.join(os.tmpdir(), "imds-"));
-    let instanceId = "i-0aaaaaaaaaaaaaaa1";
-    const seen: string[] = [];
-    const imds = http.createServer((req, res) => {
-      seen.push(`${req.method} ${req.url} ${req.headers["x-aws-ec2-metadata-token"] ?? ""}`);
-      if (req.method === "PUT" && req.url === "/latest/api/token") {
-        res.end("tok123");
-      } else if (req.url === "/latest/meta-data/instance-id" && req.headers["x-aws-ec2-metadata-token"] === "tok123") {
-        res.end(instanceId);
-      } else {
-        res.statusCode = 401;
-        res.end();
-      }
-    });
-    await new Promise<void>((r) => imds.listen(0, "127.0.0.1", r));
-    const url = `http://127.0.0.1:${(imds.address() as net.AddressInfo).port}`;
-    const idFile = path.join(dir, "build-instance-id");
-    const check = (env: NodeJS.ProcessEnv) =>
-      run("bash", [LAUNCHER, "--not-build-host"], {
-        env: { RUN_VM_BUILD_ID_FILE: idFile, RUN_VM_IMDS_URL: url, ...env },
-      });
-    try {
-      // No build-instance-id (an image from before, or a test root): the VM starts.
-      expect((await check({})).code).to.equal(0);
-      fs.writeFileSync(idFile, "i-0aaaaaaaaaaaaaaa1\n");
-      const onBuildHost = await check({});
-      expect(onBuildHost.code).to.equal(1);
-      expect(onBuildHost.stderr).to.include("i-0aaaaaaaaaaaaaaa1 is the build host of this image");
-      expect(seen).to.include("GET /latest/meta-data/instance-id tok123");
-      instanceId = "i-0bbbbbbbbbbbbbbb2";
-      expect((await check({})).code, "an instance launched from the AMI starts the VM").to.equal(0);
-      // Metadata unreachable: start (an image instance must not stay dark).
-      expect((await check({ RUN_VM_IMDS_URL: "http://127.0.0.1:9" })).code).to.equal(0);
-    } finally {
-      imds.close();
-      fs.rmSync(dir, { recursive: true, force: true });
-    }
+  it("starts the VM wherever the image boots: no condition, no build-host id", async () => {
+    expect(unit).to.not.match(/^Exec(Condition|StartPre)=/m);
+    expect(unit).to.not.include("build-instance-id");
+    const r = await run("bash", [LAUNCHER, "--not-build-host"]);
+    expect(r.code).to.equal(2);
+    expect(r.stderr).to.include("unknown option '--not-build-host'");
   });
 
   it("passes systemd-analyze verify", async () => {
