@@ -18,7 +18,7 @@
 #                          (without <path>, the path is appended)
 #
 # Needs socat, or netcat-openbsd's nc -U (lib.sh's QMP client), and timeout.
-# Bounded: QMP gets 10 s, the file a few more seconds to appear.
+# Bounded: three QMP tries of at most 10 s each, then 6 s for the file.
 #
 # Output: on success, stdout is "screenshot: <absolute path>", then, when
 # SCREENSHOT_FETCH_HINT is set, "fetch it: <the hint with the path filled in>";
@@ -70,8 +70,13 @@ png_size() {
   printf '%dx%d\n' "$((16#${hex:32:8}))" "$((16#${hex:40:8}))"
 }
 
-replies=$(qmp "$sock" "{\"execute\":\"screendump\",\"arguments\":{\"filename\":\"$tmp\",\"format\":\"png\"}}" || true)
-[[ $replies == *'"QMP"'* ]] || fail 3 "QEMU is not answering on the QMP socket $sock (no greeting within 10s): is the VM running, or hung?"
+# A busy QEMU (TCG, a loaded host) may greet late: three tries.
+for try in 1 2 3; do
+  replies=$(qmp "$sock" "{\"execute\":\"screendump\",\"arguments\":{\"filename\":\"$tmp\",\"format\":\"png\"}}" || true)
+  [[ $replies != *'"QMP"'* ]] || break
+  ((try == 3)) || sleep 1
+done
+[[ $replies == *'"QMP"'* ]] || fail 3 "QEMU is not answering on the QMP socket $sock (no greeting in 3 tries): is the VM running, or hung?"
 if [[ $replies == *'"error"'* ]]; then
   desc=$(printf '%s\n' "$replies" | sed -n 's/.*"error": *{.*"desc": *"\([^"]*\)".*/\1/p' | head -n 1)
   case $desc in
