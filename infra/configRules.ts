@@ -798,14 +798,15 @@ export const AMI_RULES: readonly Rule[] = Object.freeze([
 
 // ---------------------------------------------------------------- local target
 
-const LOCAL_DIR_CHAR = /[A-Za-z0-9._/+@-]/;
+/** What run-vm.sh, the env files and the stage commands carry in a path: no whitespace, quotes or backslashes. */
+const LOCAL_DIR_CHAR = /[^\s'"\\]/;
 
 export const LOCAL_RULES: readonly Rule[] = Object.freeze([
   ...each(["localWorkDir"], (v, _k, c) => {
     if (c.isAws) return undefined;
     const bad = charsOutside(v, LOCAL_DIR_CHAR);
     if (bad)
-      return `${q(v)} holds ${bad}, which the stage commands and the VM env file cannot carry. Fix: one word of letters, digits and ._/+@-, e.g. .work/local.`;
+      return `${q(v)} holds ${bad}, which run-vm.sh, the VM env file or the stage commands refuse in a path (no whitespace, quotes or backslashes). Fix: e.g. .work/local.`;
     if (v.split("/").includes(".."))
       return `${q(v)} climbs out with "..": the folder must be where it is named (inside the project, or an absolute path without ..). Fix: e.g. .work/local.`;
     const resolved = path.resolve(c.machine.cwd, v);

@@ -778,10 +778,16 @@ const HOSTILE: Record<string, Record<string, Hostile>> = {
       hint: /holds space/,
       machine: WORKSTATION,
     },
-    "work dir with $": {
-      over: { ...LOCAL, localWorkDir: "$HOME/vm" },
+    "work dir with a double quote": {
+      over: { ...LOCAL, localWorkDir: 'vm"dir' },
       key: "localWorkDir",
-      hint: /holds "\$"/,
+      hint: /holds "\\""/,
+      machine: WORKSTATION,
+    },
+    "work dir with a backslash": {
+      over: { ...LOCAL, localWorkDir: "vm\\dir" },
+      key: "localWorkDir",
+      hint: /no whitespace, quotes or backslashes/,
       machine: WORKSTATION,
     },
     "work dir with a newline": {
@@ -1066,6 +1072,7 @@ describe("config validation against hostile and mistaken values", () => {
       WORKSTATION,
     ],
     ["an absolute local work dir", { ...LOCAL, localWorkDir: "/srv/windows-arm64/work" }, WORKSTATION],
+    ["a local work dir with %, $ and a comma", { ...LOCAL, localWorkDir: "/tmp/w%i,$x" }, WORKSTATION],
   ];
   for (const [what, over, machine] of FINE) {
     it(`accepts ${what}`, () => {
