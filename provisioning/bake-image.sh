@@ -25,7 +25,9 @@
 #      <mtime>") records it, so a rerun skips a verified file. s3:// downloads
 #      are tried BAKE_FETCH_ATTEMPTS times unless the object is missing or
 #      access is denied; file:// sources are copied;
-#   3. check disk.qcow2 with qemu-img (format, virtual size);
+#   3. check disk.qcow2 with qemu-img (format, virtual size), and that every
+#      file ENV_FILE names (VM_DISK, VM_EFI_*, VM_DRIVERS_ISO, VM_INSTALL_ISO)
+#      is now in place, since run-vm.sh would refuse to start without it;
 #   4. wait for cloud-init to finish (BAKE_ROOT=/ only), then prepare-ami.sh
 #      --generalize: launcher, vm.env (VM_HALT_ON_EXIT=1) and
 #      windows-vm.service installed and enabled; cloud-init state with this
@@ -292,6 +294,17 @@ worker() { # STATE_DIR MANIFEST_JSON ENV_FILE
   got_vsize=$(jq -r '."virtual-size"' <<<"$info")
   [[ -z $vsize || $got_vsize == "$vsize" ]] ||
     die "disk.qcow2 has a virtual size of $got_vsize bytes, the manifest says $vsize"
+
+  # run-vm.sh refuses to start when a file the env names is missing: check now.
+  stage "checking that the files $env_file names are in place"
+  resolved=$(bash "$here/run-vm.sh" --resolve "$env_file" 2>&1) || die "run-vm.sh --resolve $env_file failed: $(tail -n 1 <<<"$resolved")"
+  absent=()
+  for k in VM_DISK VM_EFI_CODE VM_EFI_VARS VM_DRIVERS_ISO VM_INSTALL_ISO; do
+    v=$(sed -n "s/^$k=//p" <<<"$resolved")
+    [[ -z $v || -f $root$v ]] || absent+=("$k=$v")
+  done
+  ((${#absent[@]} == 0)) ||
+    die "the image's env names ${absent[*]}, which the manifest does not provide: the VM would not start; publish it, or drop it from the image's env"
 
   if [[ -z $root ]] && command -v cloud-init >/dev/null; then
     stage "waiting for cloud-init to finish (cloud-init status --wait)"

@@ -322,6 +322,22 @@ describe("bake-image.sh (on the bake instance: published image -> AMI file syste
     expect(powerOffCount()).to.equal(1);
   });
 
+  it("refuses an env file that names a file the manifest does not provide (the VM would not start)", async () => {
+    const env = path.join(dir, "drivers.env");
+    fs.writeFileSync(env, IMAGE_ENV + "VM_DRIVERS_ISO=/var/lib/windows-vm/virtio-win.iso\n");
+    const r = await bake(manifestOf(entries(pub, (n) => fileUri(path.join(pub, n)))), {}, env);
+    expect(r.code).to.equal(1);
+    const s = status();
+    expect(s.stage).to.equal(`checking that the files ${env} names are in place`);
+    expect(s.error).to.equal(
+      "the image's env names VM_DRIVERS_ISO=/var/lib/windows-vm/virtio-win.iso, which the manifest does not provide: the VM would not start; publish it, or drop it from the image's env",
+    );
+    expect(fs.existsSync(path.join(root, "etc/systemd/system/windows-vm.service")), "nothing installed").to.equal(
+      false,
+    );
+    expect(powerOffCount()).to.equal(1);
+  });
+
   it("refuses a manifest without files[] (version 1) or without a file the VM needs", async () => {
     const r = await bake({ manifestVersion: 1, sha256: "a".repeat(64), imageUri: "s3://b/p/disk.qcow2" });
     expect(r.code).to.equal(1);
