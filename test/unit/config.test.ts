@@ -10,7 +10,14 @@ import {
 } from "../../infra/config";
 import { coversAll, parseCidr, s3KeyProblem, urlCredentials, Cidr } from "../../infra/configChecks";
 import { CONFIG_KEYS } from "../../infra/configSchema";
-import { findHostType, HOST_TYPES, typesWithAtomics } from "../../infra/hostTypes";
+import {
+  findHostType,
+  GRAVITON_FAMILIES,
+  gravitonCounterpart,
+  gravitonTypeProblem,
+  HOST_TYPES,
+  typesWithAtomics,
+} from "../../infra/hostTypes";
 import { RUNTIME } from "../../infra/pipeline/plan";
 
 /** Pulumi passes defaults from Pulumi.yaml as strings; mimic that. */
@@ -1170,6 +1177,25 @@ describe("host type table", () => {
     expect(findHostType("c6g.metal")).to.include({ generation: 2, lseAtomics: true });
     expect(typesWithAtomics()).to.not.include("a1.metal");
     for (const t of HOST_TYPES) expect(t.lseAtomics).to.equal(t.generation >= 2);
+  });
+
+  it("lists every bare-metal host type among the Graviton families, with its generation", () => {
+    for (const t of HOST_TYPES) {
+      const family = GRAVITON_FAMILIES.find((f) => f.family === t.name.split(".")[0]);
+      expect(family, t.name).to.not.equal(undefined);
+      expect(family?.generation, t.name).to.equal(t.generation);
+      expect(gravitonTypeProblem(t.name), t.name).to.equal(undefined);
+    }
+    expect(new Set(GRAVITON_FAMILIES.map((f) => f.family)).size).to.equal(GRAVITON_FAMILIES.length);
+  });
+
+  it("finds the Graviton counterpart of an x86 type", () => {
+    expect(gravitonCounterpart("c7i.2xlarge")).to.equal("c7g.2xlarge");
+    expect(gravitonCounterpart("r5.24xlarge")).to.equal("r7g.large");
+    expect(gravitonCounterpart("t3.nano")).to.equal("t4g.nano");
+    expect(gravitonCounterpart("p5.48xlarge")).to.equal("c7g.large");
+    expect(gravitonTypeProblem("c7g.metal-24xl")).to.equal("size");
+    expect(gravitonTypeProblem("C7G.large")).to.equal("form");
   });
 
   it("has consistent cores and memory", () => {
