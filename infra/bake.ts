@@ -27,7 +27,8 @@ export const BAKE_FILES = Object.freeze([
 
 /**
  * Shell scripts installed into the image keep their header comment (the
- * launcher's --help prints it); see compactScript.
+ * launcher's --help prints it) as long as the user data fits with it; see
+ * compactScript.
  */
 export const BAKE_INSTALLED_SCRIPTS = Object.freeze(["provisioning/run-vm.sh"]);
 
@@ -134,8 +135,9 @@ function lineShape(what: string, value: string, re: RegExp): void {
  * document (cloud-init inflates gzip'd user data itself). The document is
  * JSON, which cloud-init's YAML loader reads as is (no quoting rules to get
  * wrong for script contents). It installs `packages` and the AWS CLI snap,
- * writes the files (shell scripts compacted by compactScript), the manifest
- * and the env under BAKE_DIR, and runs
+ * writes the files (shell scripts compacted by compactScript; the launcher
+ * keeps its header unless only its removal makes the document fit), the
+ * manifest and the env under BAKE_DIR, and runs
  * bake-image.sh as the transient unit BAKE_UNIT with its output on the
  * console (bake-instance.sh shows the console's tail when no status comes).
  * Deterministic for the same inputs. Throws when a file is missing, the env
@@ -184,54 +186,61 @@ export function renderBakeUserData(p: BakeUserDataParams): Buffer {
   for (const pkg of p.packages) lineShape("package", pkg, /^[a-z0-9][a-z0-9+.-]*$/);
 
   const at = (rel: string) => `${BAKE_DIR}/${rel}`;
-  const writeFiles = [
-    ...Object.keys(p.files)
-      .sort()
-      .map((rel) => ({
-        path: at(rel),
+  // The launcher's header goes only when the document would not fit with it.
+  const attempt = (keepHeaders: boolean) => {
+    const writeFiles = [
+      ...Object.keys(p.files)
+        .sort()
+        .map((rel) => ({
+          path: at(rel),
+          owner: "root:root",
+          permissions: rel.endsWith(".sh") ? "0755" : "0644",
+          content: rel.endsWith(".sh")
+            ? compactScript(p.files[rel], keepHeaders && BAKE_INSTALLED_SCRIPTS.includes(rel))
+            : p.files[rel],
+        })),
+      {
+        path: at("manifest.json"),
         owner: "root:root",
-        permissions: rel.endsWith(".sh") ? "0755" : "0644",
-        content: rel.endsWith(".sh") ? compactScript(p.files[rel], BAKE_INSTALLED_SCRIPTS.includes(rel)) : p.files[rel],
-      })),
-    {
-      path: at("manifest.json"),
-      owner: "root:root",
-      permissions: "0644",
-      content: JSON.stringify(bakeManifest) + "\n",
-    },
-    { path: at("image.env"), owner: "root:root", permissions: "0644", content: p.imageEnv },
-  ];
-  const env = [`BAKE_STATUS_URI=${p.statusUri}`, `BAKE_TIMEOUT_S=${timeoutS}`];
-  if (p.region) env.push(`AWS_REGION=${p.region}`, `AWS_DEFAULT_REGION=${p.region}`);
-  const doc = {
-    package_update: true,
-    package_upgrade: false,
-    packages: [...p.packages],
-    write_files: writeFiles,
-    runcmd: [
-      // AWS CLI v2 is a snap on Ubuntu 24.04; retry since the store can be slow right after boot.
-      ["bash", "-c", "for i in 1 2 3 4 5; do snap install aws-cli --classic && break; sleep 10; done"],
-      [
-        "systemd-run",
-        `--unit=${BAKE_UNIT}`,
-        "--no-block",
-        "--property=StandardOutput=journal+console",
-        "--property=StandardError=journal+console",
-        ...env.map((e) => `--setenv=${e}`),
-        "/bin/bash",
-        at("provisioning/bake-image.sh"),
-        at("manifest.json"),
-        at("image.env"),
+        permissions: "0644",
+        content: JSON.stringify(bakeManifest) + "\n",
+      },
+      { path: at("image.env"), owner: "root:root", permissions: "0644", content: p.imageEnv },
+    ];
+    const env = [`BAKE_STATUS_URI=${p.statusUri}`, `BAKE_TIMEOUT_S=${timeoutS}`];
+    if (p.region) env.push(`AWS_REGION=${p.region}`, `AWS_DEFAULT_REGION=${p.region}`);
+    const doc = {
+      package_update: true,
+      package_upgrade: false,
+      packages: [...p.packages],
+      write_files: writeFiles,
+      runcmd: [
+        // AWS CLI v2 is a snap on Ubuntu 24.04; retry since the store can be slow right after boot.
+        ["bash", "-c", "for i in 1 2 3 4 5; do snap install aws-cli --classic && break; sleep 10; done"],
+        [
+          "systemd-run",
+          `--unit=${BAKE_UNIT}`,
+          "--no-block",
+          "--property=StandardOutput=journal+console",
+          "--property=StandardError=journal+console",
+          ...env.map((e) => `--setenv=${e}`),
+          "/bin/bash",
+          at("provisioning/bake-image.sh"),
+          at("manifest.json"),
+          at("image.env"),
+        ],
       ],
-    ],
-    final_message: "windows-arm64-image bake instance: cloud-init done after $UPTIME seconds",
+      final_message: "windows-arm64-image bake instance: cloud-init done after $UPTIME seconds",
+    };
+    const text = "#cloud-config\n" + JSON.stringify(doc, null, 1) + "\n";
+    for (const re of SECRET_PATTERNS) {
+      if (re.test(text))
+        throw new Error(`renderBakeUserData: the user data holds something that looks like a secret (${re})`);
+    }
+    return { text, gz: zlib.gzipSync(Buffer.from(text, "utf8"), { level: 9 }) };
   };
-  const text = "#cloud-config\n" + JSON.stringify(doc, null, 1) + "\n";
-  for (const re of SECRET_PATTERNS) {
-    if (re.test(text))
-      throw new Error(`renderBakeUserData: the user data holds something that looks like a secret (${re})`);
-  }
-  const gz = zlib.gzipSync(Buffer.from(text, "utf8"), { level: 9 });
+  let { text, gz } = attempt(true);
+  if (gz.length > USER_DATA_MAX_BYTES) ({ text, gz } = attempt(false));
   if (gz.length > USER_DATA_MAX_BYTES) {
     throw new Error(
       `renderBakeUserData: the user data is ${gz.length} bytes gzip'd (${text.length} plain); EC2 takes at most ${USER_DATA_MAX_BYTES}`,

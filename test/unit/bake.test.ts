@@ -181,6 +181,25 @@ describe("infra/bake.ts", () => {
       expect(() => render({ packages: ["qemu; rm -rf /"] })).to.throw(/package/);
     });
 
+    it("drops the launcher's header when only that makes the document fit", () => {
+      // Incompressible, reproducible filler, grown until the header has to go.
+      let noise = "";
+      let seed = Buffer.from("filler");
+      let launcher = "";
+      for (let i = 0; i < 100 && !launcher.startsWith("#!/usr/bin/env bash\nset -"); i++) {
+        for (let j = 0; j < 4; j++) {
+          seed = crypto.createHash("sha256").update(seed).digest();
+          noise += seed.toString("base64");
+        }
+        const files = { ...repoFiles(), "provisioning/lib.sh": `${repoFiles()["provisioning/lib.sh"]}x='${noise}'\n` };
+        const ud = render({ files });
+        expect(ud.length).to.be.at.most(USER_DATA_MAX_BYTES);
+        const w = decode(ud).doc.write_files.find((f) => f.path.endsWith("/run-vm.sh"));
+        launcher = w?.content ?? "";
+      }
+      expect(launcher).to.equal(compactScript(repoFiles()["provisioning/run-vm.sh"]));
+    });
+
     it("throws when the result is over 16384 bytes", () => {
       // Incompressible content.
       const noise = crypto.randomBytes(12000).toString("base64");
