@@ -249,13 +249,15 @@ nbd_available() {
 }
 
 expose_nbd() {
-  local d dev err size
+  local d dev err size i
   for d in /sys/block/nbd*; do
     [[ -e $d/pid || $(cat "$d/size" 2>/dev/null) != 0 ]] && continue
     dev=/dev/${d##*/}
     [[ -b $dev ]] || continue
     printf '%s\n' "$dev" >"$state/nbd"
-    if err=$(timeout 120 qemu-nbd --connect="$dev" --format="$format" --cache=writeback -- "$disk" 2>&1 {lock_fd}<&-); then
+    # Its output goes to a file: the forked server must not hold a pipe of ours.
+    if timeout 120 qemu-nbd --connect="$dev" --format="$format" --cache=writeback -- "$disk" \
+      </dev/null >"$state/qemu-nbd.log" 2>&1 {lock_fd}<&-; then
       for ((i = 0; i < 100; i++)); do
         size=$(cat "$d/size" 2>/dev/null || echo 0)
         if ((size > 0)); then
@@ -268,6 +270,7 @@ expose_nbd() {
       die "qemu-nbd connected $dev, but it shows no size after 10s"
     fi
     rm -f -- "$state/nbd"
+    err=$(tail -c 2000 -- "$state/qemu-nbd.log" 2>/dev/null || true)
     [[ $err == *busy* || $err == *"in use"* ]] || die "qemu-nbd --connect=$dev failed: ${err//$'\n'/ }"
   done
   die "no free /dev/nbd device (all in use)"

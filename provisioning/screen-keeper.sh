@@ -121,6 +121,14 @@ fi
 
 if [[ $cmd == _loop ]]; then
   # The background loop (started by "start"; not meant to be run by hand).
+  # Holds no pipe or socket inherited from its starter (a remote session or a
+  # stage's output pipe would otherwise stay open for hours).
+  for link in /proc/"$BASHPID"/fd/*; do
+    fd=${link##*/}
+    [[ $fd =~ ^[0-9]+$ ]] || continue
+    ((fd > 2)) || continue
+    case $(readlink "$link" 2>/dev/null) in pipe:* | socket:*) eval "exec $fd>&-" ;; esac
+  done
   printf '%s\n' "$BASHPID" >"$pid_file.tmp"
   mv -f -- "$pid_file.tmp" "$pid_file"
   stopping=0 sleeper=""
