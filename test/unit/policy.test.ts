@@ -533,9 +533,10 @@ describe("policy pack: served by run-policy-pack, as the Pulumi CLI runs it", fu
   let stackInputs: ResourceInput[] = [];
 
   before(async () => {
+    // The program first: when it cannot run, no pack process is started.
+    stackInputs = fromRegistered((await runProgram(BASE_CONFIG)).resources);
     // TypeScript type-checks the pack on start: slow on 2 cores.
     pack = await servePack(200000);
-    stackInputs = fromRegistered((await runProgram(BASE_CONFIG)).resources);
   });
   after(() => pack?.stop());
 
