@@ -9,7 +9,9 @@
     the step sets. Prints a table with one row per setting:
         Step | Setting | Expected | Actual | Result
     followed by a summary line. Passwords are never printed: the autologon
-    password row shows only whether it matches. Changes nothing.
+    password row shows only whether it matches. Defender shows which applied:
+    real-time monitoring off, or, when Tamper Protection keeps it on, one row
+    per build folder that must be excluded from scanning. Changes nothing.
 .PARAMETER ConfigPath
     Path of the JSON settings file given to provision.ps1.
 .OUTPUTS
@@ -86,12 +88,21 @@ $checks = [ordered]@{
     }
     'disable-defender-realtime'  = {
         param($s)
-        $actual = [string](Get-MpPreference).DisableRealtimeMonitoring
+        $step = 'disable-defender-realtime'
+        $preference = Get-MpPreference
+        $actual = [string]$preference.DisableRealtimeMonitoring
         if ($actual -ne 'True' -and (Test-TamperProtected)) {
-            # Cannot be changed from a script: provision.ps1 warned and went on.
-            New-CheckRow -Step 'disable-defender-realtime' -Setting 'Defender DisableRealtimeMonitoring' -Expected 'True (or Tamper Protection on)' -Actual ('{0} (Tamper Protection on)' -f $actual) -Pass $true
+            # Real-time monitoring cannot be turned off from a script: the build folders are excluded instead.
+            New-CheckRow -Step $step -Setting 'Defender DisableRealtimeMonitoring' -Expected 'True (or exclusions under Tamper Protection)' -Actual ('{0} (Tamper Protection on: exclusions apply)' -f $actual) -Pass $true
+            $excluded = @($preference.ExclusionPath)
+            foreach ($path in @(Get-DefenderExclusionPaths -Settings $s)) {
+                $present = Test-DefenderExclusion -Path $path -Excluded $excluded
+                $shown = '(missing)'
+                if ($present) { $shown = 'excluded' }
+                New-CheckRow -Step $step -Setting ('Defender ExclusionPath {0}' -f $path) -Expected 'excluded' -Actual $shown -Pass $present
+            }
         } else {
-            New-CheckRow -Step 'disable-defender-realtime' -Setting 'Defender DisableRealtimeMonitoring' -Expected 'True' -Actual $actual -Pass ($actual -eq 'True')
+            New-CheckRow -Step $step -Setting 'Defender DisableRealtimeMonitoring' -Expected 'True' -Actual $actual -Pass ($actual -eq 'True')
         }
     }
     'disable-services'           = {
@@ -111,6 +122,11 @@ $checks = [ordered]@{
         param($s)
         Get-FileHashRow -Step 'install-buildlet' -Path $s.buildletPath -Sha256 $s.buildletStage0Sha256
         Get-RegistryRows -Settings $s -Step 'install-buildlet'
+        $name = Get-BuildletEnvName
+        $actual = Get-MachineEnvironmentVariable -Name $name
+        $shown = '(unset)'
+        if ($null -ne $actual) { $shown = [string]$actual }
+        New-CheckRow -Step 'install-buildlet' -Setting ('machine environment variable {0}' -f $name) -Expected $s.buildletEnv -Actual $shown -Pass ($actual -ceq $s.buildletEnv)
     }
     'install-llvm-mingw'         = {
         param($s)
@@ -127,10 +143,10 @@ $checks = [ordered]@{
     }
     'install-vs-build-tools'     = {
         param($s)
-        $path = Get-VsBuildToolsPath
+        $path = Get-VsBuildToolsPath -Version $s.vsVersion
         $shown = '(not found)'
         if ($path) { $shown = $path }
-        New-CheckRow -Step 'install-vs-build-tools' -Setting ('VS instance with {0}' -f ((Get-VsBuildToolsRequiredComponents) -join ', ')) -Expected '(installed)' -Actual $shown -Pass ([bool]$path)
+        New-CheckRow -Step 'install-vs-build-tools' -Setting ('VS {0} instance {1} with {2}' -f $s.vsVersion, (Get-VsBuildToolsVersionRange -Version $s.vsVersion), ((Get-VsBuildToolsRequiredComponents -Version $s.vsVersion) -join ', ')) -Expected '(installed)' -Actual $shown -Pass ([bool]$path)
     }
     'create-builder-user'        = {
         param($s)

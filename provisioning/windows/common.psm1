@@ -13,7 +13,8 @@
       counter (Add-ChangeRecord), the step runner (Invoke-ProvisionSteps).
     - Idempotent helpers: registry get/set/remove, download + SHA-256 check.
     - Small wrappers around Windows-only calls (administrator test, local
-      credential test, vswhere), so tests can mock them.
+      credential test, vswhere, machine environment variables), so tests can
+      mock them.
     Compatible with Windows PowerShell 5.1 and PowerShell 7; ASCII only.
 #>
 Set-StrictMode -Version Latest
@@ -25,7 +26,9 @@ $ErrorActionPreference = 'Stop'
 
 $script:DefaultServicesToDisable = @('NlaSvc', 'LanmanServer', 'BITS', 'DPS', 'MSDTC', 'IKEEXT', 'RemoteRegistry', 'lmhosts')
 
-# Type: bool | string | path | url | sha256 | username | secret | string[]
+# Type: bool | string | path | cmdpath | url | sha256 | username | secret | token | vsversion | string[]
+#   cmdpath: a path that cmd.exe runs (no " % & ^ | < >); token: letters, digits, . _ - (an env name);
+#   vsversion: one of the keys of $script:VsVersions.
 # RequiredBy: switches that, when true, need a non-empty value here.
 $script:SettingSchema = @(
     @{ Key = 'logPath'; Type = 'path'; Default = 'C:\ProgramData\windows-arm64-image\provision.log'; RequiredBy = @() }
@@ -40,7 +43,8 @@ $script:SettingSchema = @(
     @{ Key = 'installBuildlet'; Type = 'bool'; Default = $true; RequiredBy = @() }
     @{ Key = 'buildletStage0Url'; Type = 'url'; Default = ''; RequiredBy = @('installBuildlet') }
     @{ Key = 'buildletStage0Sha256'; Type = 'sha256'; Default = ''; RequiredBy = @('installBuildlet') }
-    @{ Key = 'buildletPath'; Type = 'path'; Default = 'C:\golang\bootstrap.exe'; RequiredBy = @() }
+    @{ Key = 'buildletPath'; Type = 'cmdpath'; Default = 'C:\golang\bootstrap.exe'; RequiredBy = @() }
+    @{ Key = 'buildletEnv'; Type = 'token'; Default = ''; RequiredBy = @('installBuildlet') }
     @{ Key = 'installLlvmMingw'; Type = 'bool'; Default = $true; RequiredBy = @() }
     @{ Key = 'llvmMingwUrl'; Type = 'url'; Default = ''; RequiredBy = @('installLlvmMingw') }
     @{ Key = 'llvmMingwSha256'; Type = 'sha256'; Default = ''; RequiredBy = @('installLlvmMingw') }
@@ -48,6 +52,7 @@ $script:SettingSchema = @(
     @{ Key = 'installVsBuildTools'; Type = 'bool'; Default = $true; RequiredBy = @() }
     @{ Key = 'vsBuildToolsUrl'; Type = 'url'; Default = ''; RequiredBy = @('installVsBuildTools') }
     @{ Key = 'vsBuildToolsSha256'; Type = 'sha256'; Default = ''; RequiredBy = @('installVsBuildTools') }
+    @{ Key = 'vsVersion'; Type = 'vsversion'; Default = '2022'; RequiredBy = @() }
     @{ Key = 'createBuilderUser'; Type = 'bool'; Default = $true; RequiredBy = @() }
     @{ Key = 'builderUser'; Type = 'username'; Default = ''; RequiredBy = @('createBuilderUser', 'autoLogon') }
     @{ Key = 'builderPassword'; Type = 'secret'; Default = ''; RequiredBy = @('createBuilderUser', 'autoLogon') }
@@ -69,12 +74,24 @@ $script:StepCatalog = @(
     @{ Name = 'configure-autologon'; Switch = 'autoLogon' }
 )
 
-# Visual Studio Build Tools: components installed and required.
-$script:VsComponents = @(
-    'Microsoft.VisualStudio.Component.VC.Tools.ARM64',
-    'Microsoft.VisualStudio.Component.VC.Tools.ARM'
-)
+# Visual Studio Build Tools by version: the product's major version (vswhere -version)
+# and the components installed and required. VS 2026 has no 32-bit ARM VC tools; VS 2022
+# and later do not support Windows 10 on ARM64 (the stack refuses that pairing).
+$script:VsVersions = [ordered]@{
+    '2019' = @{ Major = 16; Components = @('Microsoft.VisualStudio.Component.VC.Tools.ARM64', 'Microsoft.VisualStudio.Component.VC.Tools.ARM') }
+    '2022' = @{ Major = 17; Components = @('Microsoft.VisualStudio.Component.VC.Tools.ARM64', 'Microsoft.VisualStudio.Component.VC.Tools.ARM') }
+    '2026' = @{ Major = 18; Components = @('Microsoft.VisualStudio.Component.VC.Tools.ARM64') }
+}
 $script:VsWorkload = 'Microsoft.VisualStudio.Workload.VCTools'
+
+# The buildlet: stage0 (bootstrap.exe) saves buildlet.exe in its working directory and, on
+# windows/arm64, panics unless GO_BUILDER_ENV is set.
+$script:BuildletEnvName = 'GO_BUILDER_ENV'
+# The buildlet's work folder on Windows (hard-coded in golang/build cmd/buildlet): its builds,
+# GOCACHE and goplscache live there.
+$script:BuildletWorkDir = 'C:\workdir'
+# Where Windows keeps profiles (the builder's %TEMP%, where go build puts its WORK folders).
+$script:ProfilesRoot = 'C:\Users'
 
 # Registry locations.
 $script:RegWindowsUpdateAU = 'HKLM:\SOFTWARE\Policies\Microsoft\Windows\WindowsUpdate\AU'
@@ -132,13 +149,22 @@ function Test-SettingValue {
         }
         default {
             if ($Value -isnot [string]) { return "'$Key' must be a string" }
-            if ($Value -eq '') { return $null }
+            if ($Value -eq '' -and $Type -ne 'vsversion') { return $null }
             switch ($Type) {
                 'url' {
                     if ($Value -notmatch '^https?://[^\s/]+\S*$') { return "'$Key' must be an http(s) URL" }
                 }
                 'sha256' {
                     if ($Value -notmatch '^[0-9A-Fa-f]{64}$') { return "'$Key' must be a SHA-256 hash (64 hex digits)" }
+                }
+                'cmdpath' {
+                    if ($Value -match '["%&^|<>]') { return "'$Key' must not contain any of `" % & ^ | < > (cmd.exe runs it at logon)" }
+                }
+                'token' {
+                    if ($Value -notmatch '^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$') { return "'$Key' must be 1 to 100 letters, digits, '.', '_' or '-' (e.g. host-windows11-arm64-azure)" }
+                }
+                'vsversion' {
+                    if (-not $script:VsVersions.Contains($Value)) { return ("'{0}' must be one of {1}" -f $Key, (@($script:VsVersions.Keys) -join ', ')) }
                 }
                 'username' {
                     if ($Value.Length -gt 20 -or $Value -match '["/\\\[\]:;|=,+*?<>@]' -or $Value.Trim() -ne $Value) {
@@ -389,11 +415,40 @@ function New-RegistrySetting {
     [pscustomobject]@{ Path = $Path; Name = $Name; Value = $Value; Type = $Type; Secret = $Secret }
 }
 
+function Get-ParentFolder {
+    <# The folder holding Path ("C:\golang" for "C:\golang\bootstrap.exe"; "C:\" for "C:\b.exe"), whatever the OS running this. #>
+    param([Parameter(Mandatory = $true)][string]$Path)
+    $trimmed = $Path.TrimEnd([char[]]@('\', '/'))
+    $i = $trimmed.LastIndexOfAny([char[]]@('\', '/'))
+    if ($i -lt 0) { return '' }
+    $parent = $trimmed.Substring(0, $i)
+    if ($parent -eq '' -or $parent -match '^[A-Za-z]:$') { return $trimmed.Substring(0, $i + 1) }
+    return $parent
+}
+
 function Get-BuildletRunCommand {
-    <# The command line registered under HKLM Run for the buildlet. #>
+    <#
+    .SYNOPSIS
+        The command line registered under HKLM Run for the buildlet.
+    .DESCRIPTION
+        Programs started from the Run key start in C:\Windows\System32, but stage0
+        saves buildlet.exe in its working directory: the entry changes to the
+        stage0's folder first, as the original builders' startup did:
+            cmd.exe /c "cd /d C:\golang && C:\golang\bootstrap.exe"
+        (cmd /c drops the outer quotes; a path with spaces is quoted inside.)
+    #>
     param([Parameter(Mandatory = $true)][string]$BuildletPath)
-    if ($BuildletPath -match '\s') { return '"' + $BuildletPath + '"' }
-    return $BuildletPath
+    if ($BuildletPath -match '["%&^|<>]') {
+        throw ("buildletPath '{0}' holds a character cmd.exe would interpret (one of `" % & ^ | < >)" -f $BuildletPath)
+    }
+    $quote = { param([string]$p) if ($p -match '\s') { '"' + $p + '"' } else { $p } }
+    $folder = Get-ParentFolder -Path $BuildletPath
+    return ('cmd.exe /c "cd /d {0} && {1}"' -f (& $quote $folder), (& $quote $BuildletPath))
+}
+
+function Get-BuildletEnvName {
+    <# The machine-wide environment variable that tells stage0 its builder env: GO_BUILDER_ENV. #>
+    return $script:BuildletEnvName
 }
 
 function Get-DesiredRegistryValues {
@@ -619,35 +674,151 @@ public static extern bool CloseHandle(IntPtr handle);
     return [bool]$ok
 }
 
-function Get-VsBuildToolsRequiredComponents { return $script:VsComponents }
+function Get-VsVersionEntry {
+    param([Parameter(Mandatory = $true)][string]$Version)
+    if (-not $script:VsVersions.Contains($Version)) {
+        throw ("unknown Visual Studio version '{0}' (known: {1})" -f $Version, (@($script:VsVersions.Keys) -join ', '))
+    }
+    return $script:VsVersions[$Version]
+}
+
+function Get-VsBuildToolsRequiredComponents {
+    <# The VC tools components installed and required for a VS version: ARM64 and ARM (2019, 2022), ARM64 only (2026). #>
+    param([Parameter(Mandatory = $true)][string]$Version)
+    return [string[]]@((Get-VsVersionEntry -Version $Version).Components)
+}
+
+function Get-VsBuildToolsVersionRange {
+    <# The vswhere -version range of a VS version: "[17.0,18.0)" for 2022. #>
+    param([Parameter(Mandatory = $true)][string]$Version)
+    $major = (Get-VsVersionEntry -Version $Version).Major
+    return ('[{0}.0,{1}.0)' -f $major, ($major + 1))
+}
 
 function Get-VsBuildToolsArguments {
-    <# The bootstrapper's command line (quiet install of the VC tools for ARM64 and ARM). #>
+    <# The bootstrapper's command line: a quiet install of the VC tools workload with the version's components. #>
+    param([Parameter(Mandatory = $true)][string]$Version)
     $arguments = @('--quiet', '--wait', '--norestart', '--nocache', '--add', $script:VsWorkload)
-    foreach ($component in $script:VsComponents) { $arguments += @('--add', $component) }
+    foreach ($component in (Get-VsBuildToolsRequiredComponents -Version $Version)) { $arguments += @('--add', $component) }
     $arguments += '--includeRecommended'
     return $arguments
 }
 
 function Get-VsBuildToolsPath {
-    <# The installation path of a Visual Studio instance with the ARM64 and ARM VC tools (via vswhere), or $null. #>
+    <# The installation path of a Visual Studio instance of that version with its required components (via vswhere), or $null. #>
+    param([Parameter(Mandatory = $true)][string]$Version)
+    $components = Get-VsBuildToolsRequiredComponents -Version $Version
+    $range = Get-VsBuildToolsVersionRange -Version $Version
     $programFilesX86 = ${env:ProgramFiles(x86)}
     if (-not $programFilesX86) { return $null }
     $vswhere = Join-Path $programFilesX86 'Microsoft Visual Studio\Installer\vswhere.exe'
     if (-not (Test-Path -LiteralPath $vswhere -PathType Leaf)) { return $null }
-    $found = & $vswhere -products '*' -requires $script:VsComponents -property installationPath -format value -nologo
+    $found = & $vswhere -products '*' -version $range -requires $components -property installationPath -format value -nologo
     $first = @($found | Where-Object { $_ }) | Select-Object -First 1
     if ($first) { return [string]$first }
     return $null
+}
+
+function Wait-ProcessExit {
+    <#
+    .SYNOPSIS
+        Waits for Process itself (not for children it leaves behind) and returns its exit code.
+    .DESCRIPTION
+        For a process from Start-Process -PassThru. Start-Process -Wait waits for the
+        whole process tree on Windows, so a child that outlives the installer (an
+        updater, a telemetry process) would hold the step forever. After
+        TimeoutSeconds the process is killed and this throws, naming Name.
+        The handle is read at once: Windows PowerShell 5.1 otherwise loses the exit
+        code of a process started with -PassThru.
+    #>
+    param(
+        [Parameter(Mandatory = $true)]$Process,
+        [Parameter(Mandatory = $true)][int]$TimeoutSeconds,
+        [Parameter(Mandatory = $true)][string]$Name
+    )
+    [void]$Process.Handle
+    if (-not $Process.WaitForExit($TimeoutSeconds * 1000)) {
+        try { $Process.Kill() } catch { Write-Log -Level WARN ("could not stop {0}: {1}" -f $Name, $_.Exception.Message) }
+        throw ("{0} did not exit within {1} s; stopped it" -f $Name, $TimeoutSeconds)
+    }
+    return [int]$Process.ExitCode
+}
+
+function Get-MachineEnvironmentVariable {
+    <# A machine-wide environment variable (HKLM Session Manager\Environment), or $null. #>
+    param([Parameter(Mandatory = $true)][string]$Name)
+    return [Environment]::GetEnvironmentVariable($Name, 'Machine')
+}
+
+function Set-MachineEnvironmentVariable {
+    <# Sets a machine-wide environment variable; processes started after the next logon see it. #>
+    param([Parameter(Mandatory = $true)][string]$Name, [Parameter(Mandatory = $true)][string]$Value)
+    [Environment]::SetEnvironmentVariable($Name, $Value, 'Machine')
+}
+
+# ---------------------------------------------------------------------------
+# Defender
+# ---------------------------------------------------------------------------
+
+function Test-IsVolumeRoot {
+    param([string]$Path)
+    return ($Path -match '^([A-Za-z]:)?[\\/]*$')
+}
+
+function Get-DefenderExclusionPaths {
+    <#
+    .SYNOPSIS
+        The folders excluded from Defender scanning when Tamper Protection keeps
+        real-time monitoring on: where the build reads and writes.
+    .DESCRIPTION
+        - the buildlet's folder (buildletPath's: stage0 and the buildlet.exe it downloads);
+        - the toolchains' folder (llvmMingwDir's parent, C:\godep);
+        - C:\workdir, the buildlet's work folder on Windows (checkouts, builds, GOCACHE);
+        - the builder's %TEMP% (C:\Users\<builderUser>\AppData\Local\Temp): the buildlet
+          sets TMPDIR, which Windows programs ignore, so go build's WORK folders and
+          test temp files land in the user's TEMP.
+        A folder that would be a whole volume (buildletPath directly under C:\) is
+        left out. Defender takes only system environment variables in exclusions,
+        so the builder's TEMP is spelled out.
+    #>
+    param([Parameter(Mandatory = $true)]$Settings)
+    $candidates = @(
+        (Get-ParentFolder -Path $Settings.buildletPath),
+        (Get-ParentFolder -Path $Settings.llvmMingwDir),
+        $script:BuildletWorkDir
+    )
+    if ($Settings.builderUser) {
+        $candidates += ('{0}\{1}\AppData\Local\Temp' -f $script:ProfilesRoot, $Settings.builderUser)
+    }
+    $seen = @{}
+    foreach ($candidate in $candidates) {
+        if ([string]::IsNullOrEmpty($candidate) -or (Test-IsVolumeRoot -Path $candidate)) { continue }
+        $key = $candidate.TrimEnd([char[]]@('\', '/')).ToLowerInvariant()
+        if ($seen.ContainsKey($key)) { continue }
+        $seen[$key] = $true
+        $candidate
+    }
+}
+
+function Test-DefenderExclusion {
+    <# True when Path is in the list Defender reports (case-insensitive, trailing separator ignored). #>
+    param([Parameter(Mandatory = $true)][string]$Path, [AllowNull()][AllowEmptyCollection()][object[]]$Excluded)
+    $wanted = $Path.TrimEnd([char[]]@('\', '/'))
+    foreach ($item in @($Excluded)) {
+        if ($null -ne $item -and ([string]$item).TrimEnd([char[]]@('\', '/')) -eq $wanted) { return $true }
+    }
+    return $false
 }
 
 Export-ModuleMember -Function @(
     'Get-SettingSchema', 'Get-StepCatalog', 'Assert-StepNames', 'Read-ProvisionSettings', 'Format-SettingsForLog',
     'Initialize-Log', 'Add-LogSecret', 'Write-Log', 'Add-ChangeRecord', 'Get-ChangeCount', 'ConvertTo-LogUrl',
     'New-ProvisionStep', 'Invoke-ProvisionSteps',
-    'Get-BuildletRunCommand', 'Get-DesiredRegistryValues', 'Get-AbsentRegistryValues',
+    'Get-ParentFolder', 'Get-BuildletRunCommand', 'Get-DesiredRegistryValues', 'Get-AbsentRegistryValues',
     'Get-RegistryValue', 'Set-RegistryValue', 'Remove-RegistryValue', 'Test-RegistryValueEqual',
     'Get-FileSha256', 'Save-VerifiedDownload', 'Expand-ZipArchive',
     'Test-IsAdministrator', 'Test-LocalCredential', 'Test-TamperProtected',
-    'Get-VsBuildToolsRequiredComponents', 'Get-VsBuildToolsArguments', 'Get-VsBuildToolsPath'
+    'Get-VsBuildToolsRequiredComponents', 'Get-VsBuildToolsVersionRange', 'Get-VsBuildToolsArguments', 'Get-VsBuildToolsPath',
+    'Wait-ProcessExit', 'Get-MachineEnvironmentVariable', 'Set-MachineEnvironmentVariable',
+    'Get-DefenderExclusionPaths', 'Test-DefenderExclusion', 'Get-BuildletEnvName'
 )

@@ -5,7 +5,23 @@
 
 .DESCRIPTION
   Run once by the answer file (FirstLogonCommands, order 2) from the root of
-  the config media, after the virtio drivers were installed (order 1). Steps:
+  the config media, after the virtio drivers were installed (order 1).
+
+  About order 1: it runs pnputil /add-driver /install on virtio-win's
+  <driver>\w11\ARM64 (or w10) folders, each run bounded to 5 minutes, after
+  adding each package's catalog signer to the machine's TrustedPublisher
+  store. virtio-win's drivers for Windows 10 and later are Microsoft
+  attestation-signed, so pnputil installs them without any "install this
+  device software?" prompt, and trusting a publisher does not make an
+  unsigned or self-signed driver load on Windows 11 ARM64 (kernel drivers
+  need Microsoft's signature there). The trust step is kept because it is
+  harmless: it adds no root certificate, only the leaf certificate that
+  signs the catalog (Microsoft's, for attestation-signed packages), and
+  nothing this image runs relies on that store (its scripts run with
+  -ExecutionPolicy Bypass). It only matters for a package signed by
+  another publisher whose chain Windows already trusts.
+
+  Steps of this script:
     1. install the OpenSSH server: the Windows capability
        OpenSSH.Server~~~~0.0.1.0 (served by Windows Update, so it waits for
        the network first); if that fails and OpenSSH-ARM64.zip (a

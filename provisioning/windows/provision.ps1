@@ -11,11 +11,15 @@
       disable-error-reporting-ui  disableErrorReportingUi  WER DontShowUI=1
       disable-uac                 disableUac               EnableLUA=0
       disable-firewall            disableFirewall          all firewall profiles off
-      disable-defender-realtime   disableDefenderRealtime  Defender real-time monitoring off
+      disable-defender-realtime   disableDefenderRealtime  Defender real-time monitoring off; under Tamper
+                                                           Protection, the build folders excluded instead
       disable-services            disableServices          servicesToDisable: startup type Disabled
-      install-buildlet            installBuildlet          stage0 -> buildletPath, HKLM Run entry
+      install-buildlet            installBuildlet          stage0 -> buildletPath, HKLM Run entry that
+                                                           starts it in its folder, GO_BUILDER_ENV =
+                                                           buildletEnv (machine-wide)
       install-llvm-mingw          installLlvmMingw         zip unpacked to llvmMingwDir
-      install-vs-build-tools      installVsBuildTools      VS Build Tools with ARM64/ARM VC tools
+      install-vs-build-tools      installVsBuildTools      VS Build Tools vsVersion (2019, 2022, 2026) with
+                                                           the ARM64 VC tools (and ARM, but for 2026)
       create-builder-user         createBuilderUser        local administrator, password never expires
       configure-autologon         autoLogon                Winlogon autologon as builderUser
     Every step checks the machine first and changes only what differs, so a
@@ -70,16 +74,37 @@ function Disable-Firewall {
     Add-ChangeRecord ('firewall profiles {0}: on -> off' -f ($enabled -join ', '))
 }
 
+function Add-DefenderExclusions {
+    <# Excludes the build folders from scanning (each only once), then checks Defender kept them. #>
+    param([Parameter(Mandatory = $true)]$Settings)
+    $paths = @(Get-DefenderExclusionPaths -Settings $Settings)
+    $current = @((Get-MpPreference).ExclusionPath)
+    $missing = @($paths | Where-Object { -not (Test-DefenderExclusion -Path $_ -Excluded $current) })
+    if ($missing.Count -eq 0) {
+        Write-Log ('Defender already excludes {0}' -f ($paths -join ', '))
+        return
+    }
+    Add-MpPreference -ExclusionPath $missing
+    $after = @((Get-MpPreference).ExclusionPath)
+    $kept = @($missing | Where-Object { -not (Test-DefenderExclusion -Path $_ -Excluded $after) })
+    if ($kept.Count -gt 0) {
+        throw ('Defender did not keep the exclusions {0} after Add-MpPreference (are exclusions managed by policy?)' -f ($kept -join ', '))
+    }
+    foreach ($path in $missing) { Add-ChangeRecord ('Defender exclusion added: {0}' -f $path) }
+}
+
 function Disable-DefenderRealtime {
+    param([Parameter(Mandatory = $true)]$Settings)
     $preference = Get-MpPreference
     if ($preference.DisableRealtimeMonitoring -eq $true) {
         Write-Log 'Defender real-time monitoring is already off'
         return
     }
-    # Tamper Protection (on by default on Windows 10 and 11) blocks this change from any
-    # script; the build goes on with real-time monitoring on rather than failing.
+    # Tamper Protection (on by default on Windows 10 and 11) keeps real-time scanning on
+    # whatever a script does; exclusions still apply, so the build folders are excluded.
     if (Test-TamperProtected) {
-        Write-Log -Level WARN ('Defender Tamper Protection is on: real-time monitoring stays on (turn Tamper Protection off in Windows Security, or set guestDisableDefenderRealtime: false)')
+        Write-Log -Level WARN ('Defender Tamper Protection is on: real-time monitoring stays on; excluding the build folders from scanning instead (turn Tamper Protection off in Windows Security to have it off)')
+        Add-DefenderExclusions -Settings $Settings
         return
     }
     Set-MpPreference -DisableRealtimeMonitoring $true
@@ -111,6 +136,18 @@ function Install-Buildlet {
     param([Parameter(Mandatory = $true)]$Settings)
     [void](Save-VerifiedDownload -Url $Settings.buildletStage0Url -Sha256 $Settings.buildletStage0Sha256 -Destination $Settings.buildletPath)
     Set-StepRegistryValues -Settings $Settings -Step 'install-buildlet'
+    # stage0 panics on windows/arm64 without GO_BUILDER_ENV; the logon session that runs
+    # the Run entry reads machine-wide variables at logon.
+    $name = Get-BuildletEnvName
+    $current = Get-MachineEnvironmentVariable -Name $name
+    if ($current -ceq $Settings.buildletEnv) {
+        Write-Log ("machine environment variable {0} is already {1}" -f $name, $current)
+        return
+    }
+    Set-MachineEnvironmentVariable -Name $name -Value $Settings.buildletEnv
+    $shown = '(unset)'
+    if ($null -ne $current) { $shown = $current }
+    Add-ChangeRecord ("machine environment variable {0}: {1} -> {2}" -f $name, $shown, $Settings.buildletEnv)
 }
 
 function Install-LlvmMingw {
@@ -156,29 +193,33 @@ function Install-LlvmMingw {
 
 function Install-VsBuildTools {
     param([Parameter(Mandatory = $true)]$Settings)
-    $existing = Get-VsBuildToolsPath
+    $version = $Settings.vsVersion
+    $components = (Get-VsBuildToolsRequiredComponents -Version $version) -join ', '
+    $existing = Get-VsBuildToolsPath -Version $version
     if ($existing) {
-        Write-Log ("Visual Studio Build Tools with {0} are already installed in {1}" -f ((Get-VsBuildToolsRequiredComponents) -join ', '), $existing)
+        Write-Log ("Visual Studio {0} Build Tools with {1} are already installed in {2}" -f $version, $components, $existing)
         return
     }
     $bootstrapper = Join-Path $Settings.downloadDir 'vs_BuildTools.exe'
     [void](Save-VerifiedDownload -Url $Settings.vsBuildToolsUrl -Sha256 $Settings.vsBuildToolsSha256 -Destination $bootstrapper)
-    $arguments = @(Get-VsBuildToolsArguments)
-    Write-Log ("running {0} {1} (this takes a while)" -f $bootstrapper, ($arguments -join ' '))
-    $process = Start-Process -FilePath $bootstrapper -ArgumentList $arguments -Wait -PassThru
-    $code = $process.ExitCode
+    $arguments = @(Get-VsBuildToolsArguments -Version $version)
+    Write-Log ("running {0} {1} (this takes a while; at most {2} minutes)" -f $bootstrapper, ($arguments -join ' '), $script:VsInstallTimeoutMinutes)
+    # --wait makes the bootstrapper itself last until the install is done. Wait for that
+    # process only: -Wait would also wait for any child it leaves running.
+    $process = Start-Process -FilePath $bootstrapper -ArgumentList $arguments -PassThru
+    $code = Wait-ProcessExit -Process $process -TimeoutSeconds ($script:VsInstallTimeoutMinutes * 60) -Name 'the Visual Studio Build Tools installer'
     if ($code -eq 3010) {
         Write-Log 'Visual Studio Build Tools installer finished with 3010: success, a reboot is required'
     }
     elseif ($code -ne 0) {
         throw ("Visual Studio Build Tools installer exited with code {0} (logs: %TEMP%\dd_*.log)" -f $code)
     }
-    $installed = Get-VsBuildToolsPath
+    $installed = Get-VsBuildToolsPath -Version $version
     if (-not $installed) {
-        throw ("the installer exited with {0} but vswhere finds no instance with {1}" -f $code, ((Get-VsBuildToolsRequiredComponents) -join ', '))
+        throw ("the installer exited with {0} but vswhere finds no Visual Studio {1} instance ({2}) with {3} (is vsBuildToolsUrl the VS {1} bootstrapper?)" -f $code, $version, (Get-VsBuildToolsVersionRange -Version $version), $components)
     }
     Remove-Item -LiteralPath $bootstrapper -Force
-    Add-ChangeRecord ("Visual Studio Build Tools installed in {0}" -f $installed)
+    Add-ChangeRecord ("Visual Studio {0} Build Tools installed in {1}" -f $version, $installed)
 }
 
 function Install-BuilderUser {
@@ -227,6 +268,8 @@ function Install-BuilderUser {
 # ---------------------------------------------------------------------------
 
 $script:AdministratorsSid = 'S-1-5-32-544'
+# The VS Build Tools install is bounded (it usually takes 15 to 60 minutes).
+$script:VsInstallTimeoutMinutes = 180
 
 Initialize-Log
 try {
@@ -262,7 +305,7 @@ $steps = @(
     New-ProvisionStep -Name 'disable-error-reporting-ui' -Enabled $s.disableErrorReportingUi -Action { Set-StepRegistryValues -Settings $s -Step 'disable-error-reporting-ui' }
     New-ProvisionStep -Name 'disable-uac' -Enabled $s.disableUac -Action { Set-StepRegistryValues -Settings $s -Step 'disable-uac' }
     New-ProvisionStep -Name 'disable-firewall' -Enabled $s.disableFirewall -Action { Disable-Firewall }
-    New-ProvisionStep -Name 'disable-defender-realtime' -Enabled $s.disableDefenderRealtime -Action { Disable-DefenderRealtime }
+    New-ProvisionStep -Name 'disable-defender-realtime' -Enabled $s.disableDefenderRealtime -Action { Disable-DefenderRealtime -Settings $s }
     New-ProvisionStep -Name 'disable-services' -Enabled $s.disableServices -Action { Disable-ServiceList -Names $s.servicesToDisable }
     New-ProvisionStep -Name 'install-buildlet' -Enabled $s.installBuildlet -Action { Install-Buildlet -Settings $s }
     New-ProvisionStep -Name 'install-llvm-mingw' -Enabled $s.installLlvmMingw -Action { Install-LlvmMingw -Settings $s }

@@ -17,9 +17,13 @@ BeforeDiscovery {
         @{ Label = 'buildlet binary changed'; Row = 'bootstrap.exe SHA-256'; Break = { Set-Content -LiteralPath $global:TestEnv.Settings.buildletPath -Value 'tampered' } }
         @{ Label = 'buildlet binary missing'; Row = 'bootstrap.exe SHA-256'; Break = { Remove-Item -LiteralPath $global:TestEnv.Settings.buildletPath } }
         @{ Label = 'buildlet Run entry wrong'; Row = 'CurrentVersion\Run\buildlet'; Break = { Set-FakeRegistryValue 'HKLM:\SOFTWARE\Microsoft\Windows\CurrentVersion\Run' 'buildlet' 'C:\elsewhere.exe' } }
+        @{ Label = 'buildlet Run entry starting in System32'; Row = 'CurrentVersion\Run\buildlet'; Break = { Set-FakeRegistryValue 'HKLM:\SOFTWARE\Microsoft\Windows\CurrentVersion\Run' 'buildlet' $global:TestEnv.Settings.buildletPath } }
+        @{ Label = 'GO_BUILDER_ENV unset'; Row = 'machine environment variable GO_BUILDER_ENV'; Break = { $global:FakeWin.MachineEnv.Remove('GO_BUILDER_ENV') } }
+        @{ Label = 'GO_BUILDER_ENV another value'; Row = 'machine environment variable GO_BUILDER_ENV'; Break = { $global:FakeWin.MachineEnv['GO_BUILDER_ENV'] = 'host-windows-amd64' } }
         @{ Label = 'llvm-mingw from another archive'; Row = 'source archive SHA-256'; Break = { Set-Content -LiteralPath (Join-Path $global:TestEnv.Settings.llvmMingwDir '.source-sha256') -Value ('12' * 32) } }
         @{ Label = 'clang.exe missing'; Row = 'clang.exe'; Break = { Remove-Item -LiteralPath (Join-Path (Join-Path $global:TestEnv.Settings.llvmMingwDir 'bin') 'clang.exe') } }
-        @{ Label = 'VS Build Tools missing'; Row = 'VS instance with'; Break = { $global:FakeWin.VsInstalled = $false } }
+        @{ Label = 'VS Build Tools missing'; Row = 'VS 2022 instance'; Break = { $global:FakeWin.VsInstalled = $false } }
+        @{ Label = 'VS Build Tools of another version'; Row = 'VS 2022 instance'; Break = { $global:FakeWin.VsInstalledVersion = '2019' } }
         @{ Label = 'builder user missing'; Row = 'local user ci-builder'; Break = { $global:FakeWin.Users.Remove('ci-builder') } }
         @{ Label = 'builder user disabled'; Row = 'local user ci-builder Enabled'; Break = { $global:FakeWin.Users['ci-builder'].Enabled = $false } }
         @{ Label = 'builder password expires'; Row = 'local user ci-builder password expires'; Break = { $global:FakeWin.Users['ci-builder'].PasswordExpires = [DateTime]'2031-01-01' } }
@@ -66,9 +70,9 @@ Describe 'check.ps1' {
         $r = Invoke-GuestScript check $t.ConfigPath
         $r.ExitCode | Should -Be 0 -Because $r.Text
         $rows = @(ConvertFrom-CheckTable $r.Output)
-        # 3 policies, 3 firewall profiles, Defender, 8 services, buildlet 2,
+        # 3 policies, 3 firewall profiles, Defender, 8 services, buildlet 3,
         # llvm-mingw 2, VS 1, user 5, autologon 4.
-        $rows | Should -HaveCount 29
+        $rows | Should -HaveCount 30
         $rows | Where-Object { $_.Result -ne 'PASS' } | Should -BeNullOrEmpty
         foreach ($step in Get-StepCatalog) {
             @($rows | Where-Object { $_.Step -eq $step.Name }).Count | Should -BeGreaterThan 0 -Because "step $($step.Name) needs a check"
@@ -76,7 +80,7 @@ Describe 'check.ps1' {
         foreach ($name in (Get-SettingSchema | Where-Object { $_.Key -eq 'servicesToDisable' }).Default) {
             $rows.Setting | Should -Contain "service $name StartType"
         }
-        $r.Output[-1] | Should -Be 'check: 29 of 29 checks passed, 0 failed'
+        $r.Output[-1] | Should -Be 'check: 30 of 30 checks passed, 0 failed'
     }
 
     It 'never prints the password' {
@@ -147,6 +151,17 @@ Describe 'check.ps1' {
                     [void]$global:FakeWin.Admins.Remove($sid)
                     $undo = { $global:FakeWin.Admins.Add($sid) }.GetNewClosure()
                 }
+                '^machine environment variable set: (\S+)$' {
+                    $envName = $Matches[1]
+                    $savedValue = $global:FakeWin.MachineEnv[$envName]
+                    $global:FakeWin.MachineEnv.Remove($envName)
+                    $undo = { $global:FakeWin.MachineEnv[$envName] = $savedValue }.GetNewClosure()
+                }
+                '^defender exclusion added: (.+)$' {
+                    $excluded = $Matches[1]
+                    [void]$global:FakeWin.Defender.Exclusions.Remove($excluded)
+                    $undo = { $global:FakeWin.Defender.Exclusions.Add($excluded) }.GetNewClosure()
+                }
                 '^visual studio installed$' {
                     $global:FakeWin.VsInstalled = $false
                     $undo = { $global:FakeWin.VsInstalled = $true }
@@ -203,6 +218,46 @@ Describe 'check.ps1' {
         $row = ConvertFrom-CheckTable $r.Output | Where-Object { $_.Step -eq 'disable-defender-realtime' }
         $row.Result | Should -Be 'FAIL'
         $row.Actual | Should -Be 'error: The service cannot be started'
+    }
+
+    Context 'Defender under Tamper Protection' {
+        BeforeEach {
+            # Provisioned again once Tamper Protection keeps real-time monitoring on.
+            $global:FakeWin.Defender.DisableRealtimeMonitoring = $false
+            $global:FakeWin.Defender.TamperProtection = $true
+            $again = Invoke-GuestScript provision $t.ConfigPath
+            $again.ExitCode | Should -Be 0 -Because $again.Text
+        }
+
+        It 'reports that the exclusions apply instead, one PASS row per build folder' {
+            $r = Invoke-GuestScript check $t.ConfigPath
+            $r.ExitCode | Should -Be 0 -Because $r.Text
+            $rows = @(ConvertFrom-CheckTable $r.Output | Where-Object { $_.Step -eq 'disable-defender-realtime' })
+            $rows[0].Actual | Should -Be 'False (Tamper Protection on: exclusions apply)'
+            $excluded = @($rows | Select-Object -Skip 1)
+            $excluded.Setting | Should -Be @(Get-DefenderExclusionPaths -Settings (Read-ProvisionSettings -Path $t.ConfigPath) | ForEach-Object { "Defender ExclusionPath $_" })
+            $excluded.Setting | Should -Contain 'Defender ExclusionPath C:\workdir'
+            $excluded | Where-Object { $_.Result -ne 'PASS' -or $_.Actual -ne 'excluded' } | Should -BeNullOrEmpty
+        }
+
+        It 'fails the row of an exclusion that is missing' {
+            [void]$global:FakeWin.Defender.Exclusions.Remove('C:\workdir')
+            $r = Invoke-GuestScript check $t.ConfigPath
+            $r.ExitCode | Should -Be 1
+            $failed = @(ConvertFrom-CheckTable $r.Output | Where-Object { $_.Result -eq 'FAIL' })
+            $failed | Should -HaveCount 1
+            $failed[0].Setting | Should -Be 'Defender ExclusionPath C:\workdir'
+            $failed[0].Actual | Should -Be '(missing)'
+        }
+
+        It 'reports real-time monitoring off, with no exclusion rows, once it is off' {
+            $global:FakeWin.Defender.DisableRealtimeMonitoring = $true
+            $r = Invoke-GuestScript check $t.ConfigPath
+            $r.ExitCode | Should -Be 0 -Because $r.Text
+            $rows = @(ConvertFrom-CheckTable $r.Output | Where-Object { $_.Step -eq 'disable-defender-realtime' })
+            $rows | Should -HaveCount 1
+            $rows[0].Actual | Should -Be 'True'
+        }
     }
 
     It 'treats a listed service that is not installed as passing' {

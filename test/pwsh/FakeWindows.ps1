@@ -4,7 +4,7 @@
     An in-memory stand-in for the Windows state that provision.ps1 and
     check.ps1 read and change: HKLM registry keys and values, services,
     Defender, firewall profiles, local users and Administrators, the Visual
-    Studio installer and downloads. Enable-FakeWindows (call it in
+    Studio installer, machine environment variables and downloads. Enable-FakeWindows (call it in
     BeforeEach or It) mocks the Windows-only commands so they act on
     $global:FakeWin; file system commands stay real (tests use $TestDrive).
     Every change to the fake state is appended to $global:FakeWin.Changes, so
@@ -26,6 +26,7 @@ Add-CommandStubs @{
     'Get-MpPreference'       = '[CmdletBinding()] param()'
     'Get-MpComputerStatus'   = '[CmdletBinding()] param()'
     'Set-MpPreference'       = '[CmdletBinding()] param([bool]$DisableRealtimeMonitoring)'
+    'Add-MpPreference'       = '[CmdletBinding()] param([string[]]$ExclusionPath)'
     'Get-NetFirewallProfile' = '[CmdletBinding()] param([string[]]$Name)'
     'Set-NetFirewallProfile' = '[CmdletBinding()] param([string[]]$Name, [string]$Enabled)'
     'Get-LocalUser'          = '[CmdletBinding()] param([Parameter(Position = 0)][string]$Name)'
@@ -85,14 +86,23 @@ function global:New-FakeWindows {
             lmhosts        = 'Manual'
             sshd           = 'Automatic'
         }
-        Defender    = @{ DisableRealtimeMonitoring = $false; TamperProtection = $false; TamperHidden = $false }
+        # Tamper Protection keeps real-time monitoring on; exclusions still apply unless ExclusionsBlocked.
+        Defender    = @{ DisableRealtimeMonitoring = $false; TamperProtection = $false; TamperHidden = $false; Exclusions = (New-Object System.Collections.Generic.List[string]); ExclusionsBlocked = $false }
+        MachineEnv  = @{}
         Firewall    = [ordered]@{ Domain = $true; Private = $true; Public = $true }
         Users       = @{}
         Admins      = New-Object System.Collections.Generic.List[string]
         NextRid     = 1001
         VsInstalled = $false
+        # The VS version the installed instance has ($null: whichever version is asked for).
+        VsInstalledVersion = $null
+        # The version the served bootstrapper installs ($null: the one asked for).
+        VsBootstrapperVersion = $null
         VsExitCode  = 0
         VsInstalls  = $true
+        # The bootstrapper leaves a child running after it exits (as Windows installers may):
+        # Start-Process -Wait, which waits for the process tree, would never return.
+        VsLeavesChild = $false
         Served      = @{}
         Downloads   = New-Object System.Collections.Generic.List[string]
         Processes   = New-Object System.Collections.Generic.List[object]
@@ -204,7 +214,19 @@ function global:Enable-FakeWindows {
 
     # Defender (Tamper Protection silently ignores the change, as on Windows).
     Add-FakeMock Get-MpPreference -MockWith {
-        [pscustomobject]@{ DisableRealtimeMonitoring = $global:FakeWin.Defender.DisableRealtimeMonitoring }
+        # Defender reports no exclusions as $null, not as an empty list.
+        $exclusions = $null
+        if ($global:FakeWin.Defender.Exclusions.Count -gt 0) { $exclusions = [string[]]$global:FakeWin.Defender.Exclusions.ToArray() }
+        [pscustomobject]@{ DisableRealtimeMonitoring = $global:FakeWin.Defender.DisableRealtimeMonitoring; ExclusionPath = $exclusions }
+    }
+    Add-FakeMock Add-MpPreference -MockWith {
+        if ($global:FakeWin.Defender.ExclusionsBlocked) { return }
+        foreach ($p in $ExclusionPath) {
+            if (-not $global:FakeWin.Defender.Exclusions.Contains($p)) {
+                $global:FakeWin.Defender.Exclusions.Add($p)
+                $global:FakeWin.Changes.Add("defender exclusion added: $p")
+            }
+        }
     }
     Add-FakeMock Get-MpComputerStatus -MockWith {
         [pscustomobject]@{ IsTamperProtected = [bool]$global:FakeWin.Defender.TamperProtection -and -not $global:FakeWin.Defender.TamperHidden }
@@ -280,21 +302,44 @@ function global:Enable-FakeWindows {
     }
     Add-FakeMock Test-IsAdministrator -MockWith { $global:FakeWin.IsAdmin }
 
+    # Machine-wide environment variables.
+    Add-FakeMock Get-MachineEnvironmentVariable -MockWith {
+        if ($global:FakeWin.MachineEnv.ContainsKey($Name)) { $global:FakeWin.MachineEnv[$Name] }
+    }
+    Add-FakeMock Set-MachineEnvironmentVariable -MockWith {
+        $global:FakeWin.MachineEnv[$Name] = $Value
+        $global:FakeWin.Changes.Add("machine environment variable set: $Name")
+    }
+
     # Visual Studio installer.
     Add-FakeMock Get-VsBuildToolsPath -MockWith {
-        if ($global:FakeWin.VsInstalled) { 'C:\Program Files (x86)\Microsoft Visual Studio\2022\BuildTools' }
+        $v = $global:FakeWin.VsInstalledVersion
+        if ($global:FakeWin.VsInstalled -and ($null -eq $v -or $v -eq $Version)) {
+            "C:\Program Files (x86)\Microsoft Visual Studio\$Version\BuildTools"
+        }
     }
     Add-FakeMock Start-Process -MockWith {
+        $wait = [bool]$PesterBoundParameters['Wait']
         $global:FakeWin.Processes.Add([pscustomobject]@{
                 FilePath     = $PesterBoundParameters['FilePath']
                 ArgumentList = @($PesterBoundParameters['ArgumentList'])
-                Wait         = [bool]$PesterBoundParameters['Wait']
+                Wait         = $wait
+                PassThru     = [bool]$PesterBoundParameters['PassThru']
             })
+        if ($wait -and $global:FakeWin.VsLeavesChild) {
+            # What Windows does: -Wait waits for the whole tree, and the child outlives the installer.
+            throw 'Start-Process -Wait is still waiting: the installer exited but a child it started is still running'
+        }
         if ($global:FakeWin.VsInstalls) {
             $global:FakeWin.VsInstalled = $true
+            $global:FakeWin.VsInstalledVersion = $global:FakeWin.VsBootstrapperVersion
             $global:FakeWin.Changes.Add('visual studio installed')
         }
-        [pscustomobject]@{ ExitCode = $global:FakeWin.VsExitCode }
+        # A process that has exited: WaitForExit returns at once.
+        $process = [pscustomobject]@{ ExitCode = $global:FakeWin.VsExitCode; Handle = [IntPtr]::new(4242); HasExited = $true }
+        $process | Add-Member -MemberType ScriptMethod -Name WaitForExit -Value { param($Milliseconds) $true }
+        $process | Add-Member -MemberType ScriptMethod -Name Kill -Value { throw 'the fake process has exited' }
+        if ($PesterBoundParameters['PassThru']) { $process }
     }
 
     # Downloads: serve local files registered in FakeWin.Served (URL -> path).
@@ -358,6 +403,7 @@ function global:New-TestEnvironment {
         buildletStage0Url       = "$base/buildlet-stage0.exe"
         buildletStage0Sha256    = $buildletSha
         buildletPath            = Join-Path (Join-Path $machine 'golang') 'bootstrap.exe'
+        buildletEnv             = 'host-windows11-arm64-azure'
         installLlvmMingw        = $true
         llvmMingwUrl            = "$base/llvm-mingw.zip"
         llvmMingwSha256         = $llvmSha
@@ -365,6 +411,7 @@ function global:New-TestEnvironment {
         installVsBuildTools     = $true
         vsBuildToolsUrl         = "$base/vs_BuildTools.exe?X-Amz-Signature=abc123"
         vsBuildToolsSha256      = $vsSha
+        vsVersion               = '2022'
         createBuilderUser       = $true
         builderUser             = 'ci-builder'
         builderPassword         = $password

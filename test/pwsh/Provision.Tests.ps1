@@ -33,9 +33,9 @@ BeforeAll {
             'disable-error-reporting-ui' { "$(Get-FakeRegistryValue $script:WER 'DontShowUI')" }
             'disable-uac' { "$(Get-FakeRegistryValue $script:SYS 'EnableLUA')" }
             'disable-firewall' { ($global:FakeWin.Firewall.Values | ForEach-Object { "$_" }) -join ',' }
-            'disable-defender-realtime' { "$($global:FakeWin.Defender.DisableRealtimeMonitoring)" }
+            'disable-defender-realtime' { "$($global:FakeWin.Defender.DisableRealtimeMonitoring)|$($global:FakeWin.Defender.Exclusions -join ',')" }
             'disable-services' { ($global:FakeWin.Services.Keys | Sort-Object | ForEach-Object { "$_=$($global:FakeWin.Services[$_])" }) -join ',' }
-            'install-buildlet' { "$(Test-Path -LiteralPath $s.buildletPath)|$(Get-FakeRegistryValue $script:RUN 'buildlet')" }
+            'install-buildlet' { "$(Test-Path -LiteralPath $s.buildletPath)|$(Get-FakeRegistryValue $script:RUN 'buildlet')|$($global:FakeWin.MachineEnv['GO_BUILDER_ENV'])" }
             'install-llvm-mingw' { "$(Test-Path -LiteralPath $s.llvmMingwDir)" }
             'install-vs-build-tools' { "$($global:FakeWin.Processes.Count)|$($global:FakeWin.VsInstalled)" }
             'create-builder-user' { "$($global:FakeWin.Users.Count)|$($global:FakeWin.Admins.Count)" }
@@ -80,9 +80,15 @@ Describe 'provision.ps1' {
             $global:FakeWin.Services['sshd'] | Should -Be 'Automatic'
         }
 
-        It 'installs the verified buildlet and registers it under HKLM Run' {
+        It 'installs the verified buildlet and registers it under HKLM Run, started in its own folder' {
             (Get-FileHash -LiteralPath $t.Settings.buildletPath -Algorithm SHA256).Hash | Should -Be $t.BuildletSha
-            Get-FakeRegistryValue $RUN 'buildlet' | Should -Be $t.Settings.buildletPath
+            $folder = Split-Path -Parent $t.Settings.buildletPath
+            Get-FakeRegistryValue $RUN 'buildlet' | Should -BeExactly ('cmd.exe /c "cd /d {0} && {1}"' -f $folder, $t.Settings.buildletPath)
+        }
+
+        It 'sets GO_BUILDER_ENV machine-wide to buildletEnv, for stage0' {
+            $global:FakeWin.MachineEnv['GO_BUILDER_ENV'] | Should -BeExactly 'host-windows11-arm64-azure'
+            Get-LogText | Should -Match ([regex]::Escape('machine environment variable GO_BUILDER_ENV: (unset) -> host-windows11-arm64-azure'))
         }
 
         It 'unpacks llvm-mingw without its top-level folder and removes the zip' {
@@ -98,7 +104,9 @@ Describe 'provision.ps1' {
             $global:FakeWin.Processes.Count | Should -Be 1
             $p = $global:FakeWin.Processes[0]
             $p.FilePath | Should -Be (Join-Path $t.Settings.downloadDir 'vs_BuildTools.exe')
-            $p.Wait | Should -BeTrue
+            # The bootstrapper itself is waited for (-PassThru, WaitForExit), not its process tree (-Wait).
+            $p.Wait | Should -BeFalse
+            $p.PassThru | Should -BeTrue
             ($p.ArgumentList -join ' ') | Should -Be ('--quiet --wait --norestart --nocache --add Microsoft.VisualStudio.Workload.VCTools ' +
                 '--add Microsoft.VisualStudio.Component.VC.Tools.ARM64 --add Microsoft.VisualStudio.Component.VC.Tools.ARM --includeRecommended')
             Join-Path $t.Settings.downloadDir 'vs_BuildTools.exe' | Should -Not -Exist
@@ -235,16 +243,47 @@ Describe 'provision.ps1' {
             $log | Should -Not -Match "step 'install-buildlet': start"
         }
 
-        It 'with Tamper Protection on, warns and goes on with real-time monitoring on; check passes it with a note' {
+        It 'with Tamper Protection on, warns, excludes the build folders instead and goes on; check passes it naming the exclusions' {
             $global:FakeWin.Defender.TamperProtection = $true
             $r = Invoke-GuestScript provision $t.ConfigPath
             $r.ExitCode | Should -Be 0 -Because $r.Text
             $global:FakeWin.Defender.DisableRealtimeMonitoring | Should -BeFalse
-            Get-LogText | Should -Match '\[WARN\] Defender Tamper Protection is on: real-time monitoring stays on'
-            Get-LogText | Should -Match "step 'install-buildlet'|step 'disable-services': done"
+            Get-LogText | Should -Match '\[WARN\] Defender Tamper Protection is on: real-time monitoring stays on; excluding the build folders'
+            Get-LogText | Should -Match "step 'disable-services': done"
+            $expected = @(
+                (Split-Path -Parent $t.Settings.buildletPath),
+                (Split-Path -Parent $t.Settings.llvmMingwDir),
+                'C:\workdir',
+                'C:\Users\ci-builder\AppData\Local\Temp'
+            )
+            @($global:FakeWin.Defender.Exclusions) | Should -Be $expected
+            foreach ($path in $expected) { Get-LogText | Should -Match ([regex]::Escape("changed: Defender exclusion added: $path")) }
             $c = Invoke-GuestScript check $t.ConfigPath
             $c.ExitCode | Should -Be 0 -Because $c.Text
-            $c.Text | Should -Match 'False \(Tamper Protection on\)'
+            $c.Text | Should -Match 'False \(Tamper Protection on: exclusions apply\)'
+            foreach ($path in $expected) { $c.Text | Should -Match ([regex]::Escape("Defender ExclusionPath $path")) }
+        }
+
+        It 'with Tamper Protection on, adds only the missing exclusions and nothing on a second run' {
+            $global:FakeWin.Defender.TamperProtection = $true
+            $global:FakeWin.Defender.Exclusions.Add('C:\workdir\')
+            $global:FakeWin.Defender.Exclusions.Add('D:\other')
+            (Invoke-GuestScript provision $t.ConfigPath).ExitCode | Should -Be 0
+            @($global:FakeWin.Defender.Exclusions | Where-Object { $_ -like 'C:\workdir*' }) | Should -HaveCount 1
+            $global:FakeWin.Defender.Exclusions | Should -Contain 'D:\other'
+            $changes = $global:FakeWin.Changes.Count
+            $second = Invoke-GuestScript provision $t.ConfigPath
+            $second.ExitCode | Should -Be 0 -Because $second.Text
+            $global:FakeWin.Changes.Count | Should -Be $changes
+            Get-LogText | Should -Match 'Defender already excludes'
+        }
+
+        It 'fails, naming them, when Defender does not keep the exclusions' {
+            $global:FakeWin.Defender.TamperProtection = $true
+            $global:FakeWin.Defender.ExclusionsBlocked = $true
+            $r = Invoke-GuestScript provision $t.ConfigPath
+            $r.ExitCode | Should -Be 1
+            Get-LogText | Should -Match ("step 'disable-defender-realtime' failed: Defender did not keep the exclusions .*" + [regex]::Escape('C:\workdir, C:\Users\ci-builder\AppData\Local\Temp'))
         }
 
         It 'fails when Defender silently keeps real-time monitoring on without reporting Tamper Protection' {
@@ -274,7 +313,22 @@ Describe 'provision.ps1' {
             $global:FakeWin.VsInstalls = $false
             $r = Invoke-GuestScript provision $t.ConfigPath
             $r.ExitCode | Should -Be 1
-            Get-LogText | Should -Match "step 'install-vs-build-tools' failed: the installer exited with 0 but vswhere finds no instance"
+            Get-LogText | Should -Match ([regex]::Escape("step 'install-vs-build-tools' failed: the installer exited with 0 but vswhere finds no Visual Studio 2022 instance ([17.0,18.0))"))
+        }
+
+        It 'fails, naming the version, when the bootstrapper installs another VS version than vsVersion' {
+            $global:FakeWin.VsBootstrapperVersion = '2019'
+            $r = Invoke-GuestScript provision $t.ConfigPath
+            $r.ExitCode | Should -Be 1
+            Get-LogText | Should -Match ([regex]::Escape('is vsBuildToolsUrl the VS 2022 bootstrapper?'))
+        }
+
+        It 'returns when the VS bootstrapper exits, even if a child it started is still running' {
+            $global:FakeWin.VsLeavesChild = $true
+            $r = Invoke-GuestScript provision $t.ConfigPath
+            $r.ExitCode | Should -Be 0 -Because $r.Text
+            $global:FakeWin.VsInstalled | Should -BeTrue
+            Get-LogText | Should -Match "step 'install-vs-build-tools': done"
         }
 
         It 'fails when the llvm-mingw archive has no bin/clang.exe' {
@@ -378,6 +432,13 @@ Describe 'provision.ps1' {
             (Get-Content -LiteralPath (Join-Path $dir '.source-sha256') -Raw).Trim() | Should -Be $t.LlvmSha
         }
 
+        It 'replaces a GO_BUILDER_ENV with another value' {
+            $global:FakeWin.MachineEnv['GO_BUILDER_ENV'] = 'host-windows-amd64'
+            (Invoke-GuestScript provision $t.ConfigPath).ExitCode | Should -Be 0
+            $global:FakeWin.MachineEnv['GO_BUILDER_ENV'] | Should -BeExactly 'host-windows11-arm64-azure'
+            Get-LogText | Should -Match ([regex]::Escape('GO_BUILDER_ENV: host-windows-amd64 -> host-windows11-arm64-azure'))
+        }
+
         It 'does not run the VS installer when vswhere already finds the tools' {
             $global:FakeWin.VsInstalled = $true
             (Invoke-GuestScript provision $t.ConfigPath).ExitCode | Should -Be 0
@@ -386,8 +447,84 @@ Describe 'provision.ps1' {
         }
     }
 
+    Context 'Visual Studio versions' {
+        It 'installs VS <Vs> Build Tools with <Expected> and checks for that version' -ForEach @(
+            @{ Vs = '2019'; Expected = 'ARM64 and ARM'; Components = @('Microsoft.VisualStudio.Component.VC.Tools.ARM64', 'Microsoft.VisualStudio.Component.VC.Tools.ARM') }
+            @{ Vs = '2022'; Expected = 'ARM64 and ARM'; Components = @('Microsoft.VisualStudio.Component.VC.Tools.ARM64', 'Microsoft.VisualStudio.Component.VC.Tools.ARM') }
+            @{ Vs = '2026'; Expected = 'ARM64 only'; Components = @('Microsoft.VisualStudio.Component.VC.Tools.ARM64') }
+        ) {
+            $t.Settings.vsVersion = $Vs
+            Save-TestSettings $t
+            $r = Invoke-GuestScript provision $t.ConfigPath
+            $r.ExitCode | Should -Be 0 -Because $r.Text
+            $arguments = @($global:FakeWin.Processes[0].ArgumentList)
+            $added = @(for ($i = 0; $i -lt $arguments.Count - 1; $i++) { if ($arguments[$i] -eq '--add') { $arguments[$i + 1] } })
+            $added | Should -Be (@('Microsoft.VisualStudio.Workload.VCTools') + $Components)
+            # The fake vswhere answers with the version it was asked for.
+            Get-LogText | Should -Match ([regex]::Escape("Visual Studio $Vs Build Tools installed in C:\Program Files (x86)\Microsoft Visual Studio\$Vs\BuildTools"))
+            $c = Invoke-GuestScript check $t.ConfigPath
+            $c.ExitCode | Should -Be 0 -Because $c.Text
+            $c.Text | Should -Match ([regex]::Escape("VS $Vs instance"))
+        }
+    }
+
+    Context 'the VS bootstrapper as a real process' {
+        BeforeEach {
+            # A shell script stands in for vs_BuildTools.exe, already downloaded with the
+            # configured SHA-256; the real Start-Process runs it; vswhere finds what it recorded.
+            $global:VsMarker = Join-Path $t.Root 'vs-installed'
+            $script:childPidFile = Join-Path $t.Root 'child.pid'
+            $script:bootstrapper = Join-Path $t.Settings.downloadDir 'vs_BuildTools.exe'
+            New-Item -ItemType Directory -Path $t.Settings.downloadDir -Force | Out-Null
+            Mock Start-Process { & (Get-Command -Name Start-Process -CommandType Cmdlet) @PesterBoundParameters }
+            Mock Get-VsBuildToolsPath { if (Test-Path -LiteralPath $global:VsMarker) { 'C:\VS\' + $Version } }
+            function Set-StandInBootstrapper {
+                param([int]$ExitCode)
+                $text = "#!/bin/sh`n" +
+                "sleep 300 >/dev/null 2>&1 &`n" +
+                "echo `$! > '$childPidFile'`n" +
+                "echo `"`$*`" > '$global:VsMarker'`n" +
+                "exit $ExitCode`n"
+                [System.IO.File]::WriteAllText($bootstrapper, $text)
+                & chmod +x $bootstrapper
+                $t.Settings.vsBuildToolsSha256 = (Get-FileHash -LiteralPath $bootstrapper -Algorithm SHA256).Hash.ToLowerInvariant()
+                foreach ($step in Get-StepCatalog) { $t.Settings[$step.Switch] = ($step.Name -eq 'install-vs-build-tools') }
+                Save-TestSettings $t
+            }
+        }
+
+        AfterEach {
+            if (Test-Path -LiteralPath $childPidFile) {
+                Stop-Process -Id ([int](Get-Content -LiteralPath $childPidFile -Raw).Trim()) -ErrorAction SilentlyContinue
+            }
+        }
+
+        It 'waits for the bootstrapper only: the step ends while a child it started still runs' {
+            Set-StandInBootstrapper -ExitCode 0
+            $r = Invoke-GuestScript provision $t.ConfigPath
+            $r.ExitCode | Should -Be 0 -Because $r.Text
+            Get-LogText | Should -Match ([regex]::Escape('Visual Studio 2022 Build Tools installed in C:\VS\2022'))
+            (Get-Content -LiteralPath $global:VsMarker -Raw) | Should -Match '^--quiet --wait --norestart --nocache --add Microsoft\.VisualStudio\.Workload\.VCTools '
+            $childPid = [int](Get-Content -LiteralPath $childPidFile -Raw).Trim()
+            Get-Process -Id $childPid -ErrorAction SilentlyContinue | Should -Not -BeNullOrEmpty -Because 'the child outlives the bootstrapper, and the step did not wait for it'
+            $bootstrapper | Should -Not -Exist
+        }
+
+        It 'fails with the exit code of the real bootstrapper process' {
+            Set-StandInBootstrapper -ExitCode 5
+            $r = Invoke-GuestScript provision $t.ConfigPath
+            $r.ExitCode | Should -Be 1
+            Get-LogText | Should -Match "step 'install-vs-build-tools' failed: Visual Studio Build Tools installer exited with code 5"
+        }
+    }
+
     Context 'invalid settings' {
         It 'exits 2 and names the problem: <Problem>' -ForEach @(
+            @{ Problem = 'missing buildlet env'; Edit = { $t.Settings.Remove('buildletEnv') }; Message = "'buildletEnv' is required when 'installBuildlet' is true" }
+            @{ Problem = 'buildlet env with a space'; Edit = { $t.Settings.buildletEnv = 'host windows' }; Message = "'buildletEnv' must be 1 to 100 letters, digits" }
+            @{ Problem = 'unknown VS version'; Edit = { $t.Settings.vsVersion = '2017' }; Message = "'vsVersion' must be one of 2019, 2022, 2026" }
+            @{ Problem = 'empty VS version'; Edit = { $t.Settings.vsVersion = '' }; Message = "'vsVersion' must be one of 2019, 2022, 2026" }
+            @{ Problem = 'buildlet path cmd.exe would interpret'; Edit = { $t.Settings.buildletPath = 'C:\go&lang\bootstrap.exe' }; Message = "'buildletPath' must not contain any of" }
             @{ Problem = 'unknown key'; Edit = { $t.Settings['disableUAC'] = $true }; Message = "unknown setting 'disableUAC' (did you mean 'disableUac'?)" }
             @{ Problem = 'missing URL'; Edit = { $t.Settings.Remove('buildletStage0Url') }; Message = "'buildletStage0Url' is required when 'installBuildlet' is true" }
             @{ Problem = 'missing password'; Edit = { $t.Settings.Remove('builderPassword') }; Message = "'builderPassword' is required when 'createBuilderUser' is true" }
@@ -462,6 +599,7 @@ setTimeout(() => process.exit(0), 10 * 60 * 1000);
             $settings = [ordered]@{ logPath = Join-Path $machine 'provision.log'; downloadDir = Join-Path $machine 'downloads' }
             foreach ($step in Get-StepCatalog) { $settings[$step.Switch] = $false }
             $settings.installBuildlet = $true
+            $settings.buildletEnv = 'host-windows11-arm64-azure'
             $settings.buildletStage0Url = "$baseUrl/stage0.exe"
             $settings.buildletStage0Sha256 = $Sha
             $settings.buildletPath = Join-Path $machine 'bootstrap.exe'
@@ -472,6 +610,8 @@ setTimeout(() => process.exit(0), 10 * 60 * 1000);
 & {
 function Test-IsAdministrator { `$true }
 function Set-RegistryValue { param(`$Path, `$Name, `$Value, `$Type, [switch]`$Secret) Add-Content -LiteralPath '$registryLog' -Value "`$Path\`$Name=`$Value" }
+function Get-MachineEnvironmentVariable { param(`$Name) `$null }
+function Set-MachineEnvironmentVariable { param(`$Name, `$Value) Add-Content -LiteralPath '$registryLog' -Value "env:`$Name=`$Value" }
 & '$global:ProvisionScript' -ConfigPath '$config'
 }
 exit `$LASTEXITCODE
@@ -499,7 +639,9 @@ exit `$LASTEXITCODE
         $r = Invoke-ChildProvision -Sha $sha
         $r.ExitCode | Should -Be 0 -Because $r.Text
         (Get-FileHash -LiteralPath $r.Settings.buildletPath -Algorithm SHA256).Hash | Should -Be $sha
-        Get-Content -LiteralPath $r.RegistryLog | Should -Contain ('HKLM:\SOFTWARE\Microsoft\Windows\CurrentVersion\Run\buildlet=' + $r.Settings.buildletPath)
+        $folder = Split-Path -Parent $r.Settings.buildletPath
+        Get-Content -LiteralPath $r.RegistryLog | Should -Contain ('HKLM:\SOFTWARE\Microsoft\Windows\CurrentVersion\Run\buildlet=cmd.exe /c "cd /d {0} && {1}"' -f $folder, $r.Settings.buildletPath)
+        Get-Content -LiteralPath $r.RegistryLog | Should -Contain 'env:GO_BUILDER_ENV=host-windows11-arm64-azure'
         $requests = @(Get-Content -LiteralPath $requestLog).Count
 
         $again = Invoke-ChildProvision -Sha $sha
