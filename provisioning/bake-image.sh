@@ -3,6 +3,8 @@
 # this instance's file system the builder AMI, then power off.
 #
 # Usage: bake-image.sh MANIFEST_JSON ENV_FILE
+#        (bake-image.sh --worker STATE_DIR MANIFEST_JSON ENV_FILE is its own
+#        bounded part, started under timeout; not for direct use)
 #
 #   MANIFEST_JSON  the published image's manifest (publish-image.sh's output,
 #                  manifestVersion 2). Used: files[] (name, uri, sha256, size)
@@ -78,7 +80,7 @@ aws_args=()
 # file:///abs/path -> /abs/path, percent-decoded; status 1 when malformed.
 file_uri_path() { # URI
   local p=${1#file://}
-  [[ $1 == file:///* ]] || return 1
+  [[ $1 == file:///* && $p != *\\* ]] || return 1
   [[ ${p//%[0-9A-Fa-f][0-9A-Fa-f]/} != *%* && $p != *%00* ]] || return 1
   p=$(printf '%b.' "${p//%/\\x}")
   p=${p%.}

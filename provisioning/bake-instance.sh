@@ -145,6 +145,7 @@ status_path=
 case $status_uri in
   s3://?*/?*) ;;
   file:///*)
+    [[ $status_uri != *\\* ]] || usage "BAKE_STATUS_URI='$status_uri' holds a backslash"
     status_path=${status_uri#file://}
     status_path=$(printf '%b' "${status_path//%/\\x}")
     ;;
