@@ -185,6 +185,8 @@ release() {
     timeout 120 qemu-nbd --disconnect "$dev" >/dev/null 2>&1 || log "warning: could not disconnect $dev"
   fi
   if [[ -s $state/qsd.pid ]]; then
+    # Written through to the qcow2 before the daemon closes it.
+    ! mounted "$state/raw" || timeout 300 sync -- "$state/raw" 2>/dev/null || true
     pid=$(tr -dc '0-9' <"$state/qsd.pid")
     if [[ -n $pid ]] && alive "$pid" && grep -qa qemu-storage-daemon "/proc/$pid/cmdline" 2>/dev/null; then
       # SIGTERM: the daemon flushes the qcow2 and removes its FUSE export.
@@ -197,7 +199,9 @@ release() {
     fi
   fi
   if mounted "$state/raw"; then
-    fusermount3 -u -z "$state/raw" 2>/dev/null || umount -l "$state/raw" 2>/dev/null || true
+    # qemu-storage-daemon (7.2) closes the disk on SIGTERM but leaves its FUSE
+    # mount behind, with nobody serving it.
+    timeout 60 umount "$state/raw" 2>/dev/null || umount -l "$state/raw" 2>/dev/null || true
   fi
   sync -f "$disk" 2>/dev/null || true
   rm -rf -- "$state" 2>/dev/null || log "warning: could not remove $state"
