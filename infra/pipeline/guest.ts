@@ -32,12 +32,16 @@ export function guestSettings(c: StackConfig, builderPassword: string): Record<s
     installBuildlet: g.buildlet !== undefined,
     buildletStage0Url: g.buildlet?.url ?? null,
     buildletStage0Sha256: g.buildlet?.sha256 ?? null,
+    // GO_BUILDER_ENV for stage0, set machine-wide (stage0 panics on windows/arm64 without it).
+    buildletEnv: g.buildletEnv ?? null,
     installLlvmMingw: g.llvmMingw !== undefined,
     llvmMingwUrl: g.llvmMingw?.url ?? null,
     llvmMingwSha256: g.llvmMingw?.sha256 ?? null,
     installVsBuildTools: g.vsBuildTools !== undefined,
     vsBuildToolsUrl: g.vsBuildTools?.url ?? null,
     vsBuildToolsSha256: g.vsBuildTools?.sha256 ?? null,
+    // Picks the components (2026 has no 32-bit ARM VC tools) and the version vswhere must find.
+    vsVersion: g.vsVersion,
     createBuilderUser: true,
     builderUser: g.adminUser,
     builderPassword,
@@ -46,13 +50,27 @@ export function guestSettings(c: StackConfig, builderPassword: string): Record<s
 }
 
 /**
- * The PowerShell run in the guest: reads the settings JSON from stdin into a
- * file only Administrators can read, runs provision.ps1 and then check.ps1
- * from the config media, deletes the file, and exits with the first failure.
+ * PowerShell that reads all of stdin as bytes and decodes them as UTF-8 into
+ * `$json` (a byte order mark dropped). The command provider sends the settings
+ * as UTF-8, and `[Console]::In` in Windows PowerShell 5.1 would decode them with
+ * the console's OEM code page (437, 850, ...), garbling any non-ASCII value.
+ */
+export const GUEST_READ_STDIN_UTF8: readonly string[] = Object.freeze([
+  "$stdin = [Console]::OpenStandardInput()",
+  "$buffer = New-Object System.IO.MemoryStream",
+  "$stdin.CopyTo($buffer)",
+  "$json = [Text.Encoding]::UTF8.GetString($buffer.ToArray()).TrimStart([char]0xFEFF)",
+]);
+
+/**
+ * The PowerShell run in the guest: reads the settings JSON from stdin (as
+ * UTF-8 bytes) into a file only Administrators can read (UTF-8, no byte order
+ * mark), runs provision.ps1 and then check.ps1 from the config media, deletes
+ * the file, and exits with the first failure.
  */
 export const GUEST_PROVISION_SCRIPT = [
   "$ErrorActionPreference = 'Stop'",
-  "$json = [Console]::In.ReadToEnd()",
+  ...GUEST_READ_STDIN_UTF8,
   `$media = Get-PSDrive -PSProvider FileSystem | Where-Object { Test-Path (Join-Path $_.Root '${CONFIG_MEDIA_MARKER}') } | Select-Object -First 1`,
   // Messages go to stderr and the exit code is ours (Write-Error would throw under 'Stop' and exit 1).
   "function Fail([string]$m, [int]$code) { [Console]::Error.WriteLine('provision: ' + $m); exit $code }",
@@ -67,7 +85,7 @@ export const GUEST_PROVISION_SCRIPT = [
   // Native commands' stderr must not turn into terminating errors: their exit codes decide.
   "$ErrorActionPreference = 'Continue'",
   "try {",
-  "  Set-Content -LiteralPath $cfg -Value $json -Encoding UTF8",
+  "  [IO.File]::WriteAllText($cfg, $json, (New-Object System.Text.UTF8Encoding($false)))",
   "  & powershell.exe -NoProfile -NonInteractive -ExecutionPolicy Bypass -File (Join-Path $media.Root 'provision.ps1') -ConfigPath $cfg",
   '  if ($LASTEXITCODE -ne 0) { Fail "provision.ps1 failed with exit code $LASTEXITCODE (log: $dir\\provision.log)" $LASTEXITCODE }',
   "  & powershell.exe -NoProfile -NonInteractive -ExecutionPolicy Bypass -File (Join-Path $media.Root 'check.ps1') -ConfigPath $cfg",
