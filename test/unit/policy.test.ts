@@ -479,13 +479,31 @@ describe("policy ami-retained-on-delete", () => {
   });
 });
 
+/**
+ * The stack's registrations under mocks, as policy inputs. A program that
+ * throws inside an apply() only surfaces as an unhandled rejection: fail with it
+ * instead of waiting for the timeout.
+ */
+async function stackInputs(): Promise<ResourceInput[]> {
+  let onRejection: (e: unknown) => void = () => undefined;
+  const failed = new Promise<never>((_, reject) => {
+    onRejection = (e) =>
+      reject(new Error(`infra/index.ts failed under mocks: ${e instanceof Error ? e.message : String(e)}`));
+  });
+  process.on("unhandledRejection", onRejection);
+  try {
+    return fromRegistered((await Promise.race([runProgram(BASE_CONFIG), failed])).resources);
+  } finally {
+    process.off("unhandledRejection", onRejection);
+  }
+}
+
 describe("policy pack: the stack's own resources (mocks)", function () {
   this.timeout(120000);
   let inputs: ResourceInput[] = [];
 
   before(async () => {
-    const run = await runProgram(BASE_CONFIG);
-    inputs = fromRegistered(run.resources);
+    inputs = await stackInputs();
   });
 
   it("declares every kind of resource the policies look at (so passing is not vacuous)", () => {
@@ -530,11 +548,11 @@ describe("policy pack: the stack's own resources (mocks)", function () {
 describe("policy pack: served by run-policy-pack, as the Pulumi CLI runs it", function () {
   this.timeout(240000);
   let pack: ServedPack;
-  let stackInputs: ResourceInput[] = [];
+  let ownResources: ResourceInput[] = [];
 
   before(async () => {
     // The program first: when it cannot run, no pack process is started.
-    stackInputs = fromRegistered((await runProgram(BASE_CONFIG)).resources);
+    ownResources = await stackInputs();
     // TypeScript type-checks the pack on start: slow on 2 cores.
     pack = await servePack(200000);
   });
@@ -561,17 +579,17 @@ describe("policy pack: served by run-policy-pack, as the Pulumi CLI runs it", fu
   });
 
   it("finds exactly what the direct calls find on the stack's own resources", async () => {
-    const served: Violation[] = [];
-    for (const r of stackInputs) served.push(...(await pack.analyze(r)));
-    served.push(...(await pack.analyzeStack(stackInputs)));
+    const found: Violation[] = [];
+    for (const r of ownResources) found.push(...(await pack.analyze(r)));
+    found.push(...(await pack.analyzeStack(ownResources)));
     // The SDK puts the policy's description before each message (the CLI prints both).
     const description = new Map(policies.map((p) => [p.name, p.description]));
-    const direct = (await checkAll(policies, stackInputs)).map((v) => ({
+    const direct = (await checkAll(policies, ownResources)).map((v) => ({
       ...v,
       message: `${description.get(v.policy)}\n${v.message}`,
     }));
     const key = (v: Violation) => `${v.policy} ${v.urn} ${v.message}`;
-    expect(served.map(key).sort()).to.deep.equal(direct.map(key).sort());
+    expect(found.map(key).sort()).to.deep.equal(direct.map(key).sort());
   });
 
   it("in preview, links side resources to a bucket whose id is not known yet", async () => {
