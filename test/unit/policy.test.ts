@@ -548,11 +548,8 @@ describe("policy pack: the stack's own resources (mocks)", function () {
 describe("policy pack: served by run-policy-pack, as the Pulumi CLI runs it", function () {
   this.timeout(240000);
   let pack: ServedPack;
-  let ownResources: ResourceInput[] = [];
 
   before(async () => {
-    // The program first: when it cannot run, no pack process is started.
-    ownResources = await stackInputs();
     // TypeScript type-checks the pack on start: slow on 2 cores.
     pack = await servePack(200000);
   });
@@ -579,6 +576,7 @@ describe("policy pack: served by run-policy-pack, as the Pulumi CLI runs it", fu
   });
 
   it("finds exactly what the direct calls find on the stack's own resources", async () => {
+    const ownResources = await stackInputs();
     const found: Violation[] = [];
     for (const r of ownResources) found.push(...(await pack.analyze(r)));
     found.push(...(await pack.analyzeStack(ownResources)));
