@@ -238,7 +238,8 @@ Describe 'Wait-ProcessExit' {
     }
 
     It 'stops a process that outlasts the timeout and says so' {
-        $p = Start-Shell 'sleep 300'
+        # exec: the shell becomes the sleep, so stopping it leaves nothing behind.
+        $p = Start-Shell 'exec sleep 300'
         { Wait-ProcessExit -Process $p -TimeoutSeconds 1 -Name 'the stand-in installer' 6>$null } | Should -Throw -ExpectedMessage 'the stand-in installer did not exit within 1 s; stopped it'
         $p.WaitForExit(30000) | Should -BeTrue
         $p.HasExited | Should -BeTrue
