@@ -279,8 +279,10 @@ export function firstLogonCommands(input: AnswerFileInput): LogonCommand[] {
     `$null=New-Item -ItemType Directory -Force ${psq(GUEST_LOG_DIR)}`,
     `$r=[IO.DriveInfo]::GetDrives()|Where-Object{$_.IsReady -and (Test-Path ($_.Name+${psq(input.driverNames[0] + "\\" + sub)}))}|Select-Object -First 1`,
     `if(-not $r){'virtio-win media not found'|Out-File -Append $l;exit 1}`,
-    // Trust each package's signer first (an untrusted publisher makes pnputil wait on a dialog
-    // no one answers), and bound pnputil's run so a hang cannot keep the next command from running.
+    // virtio-win's Windows 10+ drivers are Microsoft attestation-signed, so pnputil shows no prompt.
+    // Trusting each catalog's signer is kept as harmless (no root is added, and it cannot make an
+    // unsigned driver load on Windows 11 ARM64); pnputil's run is bounded so a hang cannot keep the
+    // next command from running.
     `$s=New-Object Security.Cryptography.X509Certificates.X509Store('TrustedPublisher','LocalMachine');$s.Open('ReadWrite')`,
     `foreach($d in ${names}){$p=$r.Name+$d+${psq("\\" + sub)};if(Test-Path $p){` +
       `foreach($f in (gci $p *.cat)){$c=(Get-AuthenticodeSignature $f.FullName).SignerCertificate;if($c){$s.Add($c)}};` +

@@ -115,6 +115,8 @@ export interface StackConfig {
     virtioSha256: string;
     /** Win32-OpenSSH release zip for the config ISO (offline route), if given. */
     openSshZip?: { url: string; sha256: string };
+    /** VHDX/qcow2 sources: the answer file is written into the image's Windows\Panther. */
+    answerFileInImage: boolean;
   };
   vm: {
     cpus: number;
@@ -321,6 +323,7 @@ function buildConfig(c: Ctx): StackConfig {
       virtioUrl: str("virtioIsoUrl") as string,
       virtioSha256: sha("virtioIsoSha256"),
       ...(openSshUrl ? { openSshZip: { url: openSshUrl, sha256: sha("openSshZipSha256") } } : {}),
+      answerFileInImage: bool("answerFileInImage"),
     },
     vm: {
       cpus: num("vmCpus"),

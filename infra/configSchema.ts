@@ -99,6 +99,13 @@ export const CONFIG_KEYS: readonly KeySpec[] = Object.freeze([
       "Extra OpenSSH public keys allowed to log in to the host (operators); changed in place, without a new host.",
   },
   {
+    key: "answerFileInImage",
+    type: "boolean",
+    default: true,
+    description:
+      "VHDX/qcow2 sources: write the answer file into the image's Windows\\Panther before the first boot (an answer file cached in the image would otherwise win over the config ISO). false: the config ISO only (e.g. a BitLocker-encrypted image).",
+  },
+  {
     key: "keepHostRunning",
     type: "boolean",
     default: false,

@@ -201,7 +201,7 @@ const hostSetup = new HostFiles("host-files", {
   operatorKeys: host ? config.host.sshAuthorizedKeys : undefined,
 });
 new EfiFirmware("firmware", { ctx });
-new WindowsDisk("windows-disk", { ctx });
+new WindowsDisk("windows-disk", { ctx, answerFile });
 new WindowsVm("build-vm", { ctx, answerFile, buildEnv: renderVmEnv(config, layout, "build") });
 new GuestProvisioning("guest", {
   ctx,

@@ -1,5 +1,5 @@
 import * as pulumi from "@pulumi/pulumi";
-import { Plan, Stage, StageId } from "./plan";
+import { Plan, Stage, StageId, TRANSPORT_FILES } from "./plan";
 import { Runner } from "./runner";
 
 /**
@@ -44,7 +44,10 @@ export class PipelineContext {
   /** The resources a stage must wait for: the base, the file copy, its upstream and `after` stages. */
   dependencies(stage: Stage): pulumi.Resource[] {
     const deps: pulumi.Resource[] = [...this.base];
-    for (const f of stage.files) {
+    // Every bounded host stage runs through stage.sh (a transport file, in no stage's files).
+    const files =
+      stage.hostCommand !== undefined && stage.id !== "waitHost" ? [...stage.files, ...TRANSPORT_FILES] : stage.files;
+    for (const f of files) {
       const c = this.copies.get(f);
       if (c && !deps.includes(c)) deps.push(c);
     }

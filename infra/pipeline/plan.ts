@@ -21,6 +21,7 @@ export const STAGE_IDS = [
   "fetchImage",
   "fetchDrivers",
   "prepareDisk",
+  "injectAnswerFile",
   "configMedia",
   "renderEnv",
   "startVm",
@@ -172,17 +173,27 @@ export const STAGE_FILES: Partial<Record<StageId, string[]>> = {
     "provisioning/windows/check.ps1",
     "provisioning/windows/common.psm1",
   ],
-  startVm: ["provisioning/start-vm.sh", "provisioning/run-vm.sh", "provisioning/lib.sh"],
-  waitGuest: ["provisioning/wait-for-guest.sh", "provisioning/lib.sh"],
+  injectAnswerFile: ["provisioning/inject-answer-file.sh", "provisioning/lib.sh"],
+  startVm: [
+    "provisioning/start-vm.sh",
+    "provisioning/run-vm.sh",
+    "provisioning/screen-keeper.sh",
+    "provisioning/vm-screenshot.sh",
+    "provisioning/lib.sh",
+  ],
+  waitGuest: ["provisioning/wait-for-guest.sh", "provisioning/vm-screenshot.sh", "provisioning/lib.sh"],
   // guest-run.sh boots the VM again when it is not running (a host stopped after a failed run).
   provisionGuest: [
     "provisioning/guest-run.sh",
+    "provisioning/ssh-key.sh",
     "provisioning/start-vm.sh",
     "provisioning/run-vm.sh",
     "provisioning/wait-for-guest.sh",
+    "provisioning/screen-keeper.sh",
+    "provisioning/vm-screenshot.sh",
     "provisioning/lib.sh",
   ],
-  stopVm: ["provisioning/stop-vm.sh", "provisioning/lib.sh"],
+  stopVm: ["provisioning/stop-vm.sh", "provisioning/screen-keeper.sh", "provisioning/lib.sh"],
   publish: ["provisioning/publish-image.sh", "provisioning/lib.sh"],
 };
 
@@ -193,7 +204,10 @@ export const STAGE_FILES: Partial<Record<StageId, string[]>> = {
  * so it re-runs nothing. (host-exec.sh, which reaches the host, runs where
  * Pulumi runs and is not copied.)
  */
-export const TRANSPORT_FILES = ["provisioning/stage.sh"] as const;
+export const TRANSPORT_FILES = ["provisioning/stage.sh", "provisioning/lib.sh"] as const;
+
+/** The host's login user (for the screenshot fetch hint). */
+export const HOST_LOGIN = "ubuntu";
 
 /** The script the waitHost stage sends on stdin. */
 export const HOST_READY_SCRIPT = "provisioning/host-ready.sh";
@@ -251,6 +265,12 @@ export function buildPlan(p: PlanInputs): Plan {
     secretStdin?: boolean;
   };
   const buildEnvFile = `${vm}/vm-build.env`;
+  const screens = `${vm}/screens`;
+  const screenKeeper = (action: "start" | "stop" | "shot", label?: string) => {
+    const cmd = run("screen-keeper.sh", action, `${vm}/qmp.sock`, screens, ...(label ? [label] : []));
+    return action === "shot" && isAws ? withEnv({ SCREENSHOT_FETCH_HINT: `scp ${HOST_LOGIN}@<hostPublicIp>:<path> .` }, cmd) : cmd;
+  };
+  const inject = c.image.format !== "iso" && c.image.answerFileInImage;
   const drafts: Draft[] = [];
   if (isAws) {
     drafts.push(
@@ -352,6 +372,24 @@ export function buildPlan(p: PlanInputs): Plan {
       timeoutMinutes: 60,
       configKeys: ["windowsImageUrl", "vmDiskGiB"],
     },
+    ...(inject
+      ? [
+          {
+            id: "injectAnswerFile" as const,
+            title: "Write the answer file into the image's Windows\\Panther (a cached one would win over the ISO)",
+            site: "host" as const,
+            dependsOn: ["prepareDisk" as const],
+            inputs: {},
+            uses: ["answerFile" as const],
+            command: run("inject-answer-file.sh", `${vm}/disk.qcow2`, "-"),
+            stdin: "answerFile" as const,
+            secretStdin: true,
+            waitsFor: "the answer file written into the image",
+            timeoutMinutes: 10,
+            configKeys: ["answerFileInImage"],
+          },
+        ]
+      : []),
     {
       id: "configMedia",
       title: "Answer file, guest scripts and the guest key on the config ISO",
@@ -372,7 +410,8 @@ export function buildPlan(p: PlanInputs): Plan {
       site: "host",
       dependsOn: isAws ? ["waitHost"] : [],
       inputs: { env: sha256Hex(buildEnv) },
-      command: `${L.sudo}install -D -m 0644 /dev/stdin ${shq(buildEnvFile)}`,
+      // cat, not `install /dev/stdin`: stdin may be a socket, which /dev/stdin cannot reopen.
+      command: `${L.sudo}bash -c ${shq(`mkdir -p ${shq(vm)} && umask 022 && cat > ${shq(`${buildEnvFile}.tmp`)} && mv -f ${shq(`${buildEnvFile}.tmp`)} ${shq(buildEnvFile)}`)}`,
       stdin: "vmBuildEnv",
       waitsFor: "the env file",
       timeoutMinutes: 2,
@@ -382,11 +421,19 @@ export function buildPlan(p: PlanInputs): Plan {
       id: "startVm",
       title: "Boot the VM (transient systemd unit) with the config ISO attached",
       site: "host",
-      dependsOn: ["firmware", "prepareDisk", "fetchDrivers", "configMedia", "renderEnv"],
+      dependsOn: [
+        "firmware",
+        "prepareDisk",
+        ...(inject ? ["injectAnswerFile" as const] : []),
+        "fetchDrivers",
+        "configMedia",
+        "renderEnv",
+      ],
       inputs: {},
       // New guest settings re-provision a VM the last run shut down: boot it again first.
       uses: ["guestSettings"],
-      command: run("start-vm.sh", buildEnvFile, L.buildUnit),
+      // The screen keeper saves a screenshot a minute while Windows installs and is provisioned.
+      command: `${run("start-vm.sh", buildEnvFile, L.buildUnit)} && { ${screenKeeper("start")} || true; }`,
       waitsFor: "QEMU to start",
       timeoutMinutes: 5,
       configKeys: ["vmCpus", "vmMemoryGiB"],
@@ -398,7 +445,14 @@ export function buildPlan(p: PlanInputs): Plan {
       dependsOn: ["startVm"],
       inputs: {},
       command: withEnv(
-        { SERIAL_LOG: `${vm}/serial.log`, VM_PID_FILE: `${vm}/qemu.pid` },
+        {
+          SERIAL_LOG: `${vm}/serial.log`,
+          VM_PID_FILE: `${vm}/qemu.pid`,
+          // A timeout saves a screenshot and names it (and, on AWS, how to fetch it).
+          WAIT_GUEST_QMP_SOCKET: `${vm}/qmp.sock`,
+          WAIT_GUEST_SCREEN_DIR: screens,
+          WAIT_GUEST_FETCH_HINT: isAws ? `scp ${HOST_LOGIN}@<hostPublicIp>:<path> .` : undefined,
+        },
         run("wait-for-guest.sh", "127.0.0.1", String(L.sshPort), String(GUEST_BOOT_TIMEOUT_S)),
       ),
       waitsFor: "Windows to answer SSH (first boot runs Setup and OOBE)",
@@ -413,16 +467,19 @@ export function buildPlan(p: PlanInputs): Plan {
       inputs: { user: c.guest.adminUser },
       uses: ["guestSettings"],
       // The guest-only key and the settings (a password) arrive on stdin, never on a disk.
-      command: withEnv(
+      // A failure saves a screenshot of the VM and names it.
+      command: `${withEnv(
         { GUEST_RUN_BOOT_TIMEOUT_S: String(GUEST_BOOT_TIMEOUT_S) },
         run("guest-run.sh", buildEnvFile, L.buildUnit, String(L.sshPort), c.guest.adminUser, guestProvisionCommand()),
-      ),
+      )} || { rc=$?; ${screenKeeper("shot", "provisionGuest")} >&2 || true; exit $rc; }`,
       stdin: "guestKeyAndSettings",
       secretStdin: true,
       waitsFor: "the guest provisioning (provision.ps1 and check.ps1)",
       timeoutMinutes: 180,
       configKeys: [
         "guestDisableWindowsUpdate",
+        "buildletEnv",
+        "vsVersion",
         "guestInstallBuildlet",
         "guestInstallLlvmMingw",
         "guestInstallVsBuildTools",
@@ -435,7 +492,7 @@ export function buildPlan(p: PlanInputs): Plan {
       site: "host",
       dependsOn: ["provisionGuest"],
       inputs: {},
-      command: run("stop-vm.sh", `${vm}/qmp.sock`, String(GUEST_SHUTDOWN_TIMEOUT_S)),
+      command: `{ ${screenKeeper("stop")} || true; } && ${run("stop-vm.sh", `${vm}/qmp.sock`, String(GUEST_SHUTDOWN_TIMEOUT_S))}`,
       waitsFor: "Windows to shut down",
       timeoutMinutes: Math.ceil(GUEST_SHUTDOWN_TIMEOUT_S / 60) + 5,
       configKeys: [],

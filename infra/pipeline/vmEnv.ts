@@ -29,13 +29,14 @@ export function renderVmEnv(c: StackConfig, L: VmLayout, kind: "build" | "image"
     ["VM_DISK", `${L.vmDir}/disk.qcow2`],
     ["VM_EFI_CODE", `${L.vmDir}/QEMU_EFI.fd`],
     ["VM_EFI_VARS", `${L.vmDir}/QEMU_VARS.fd`],
-    ["VM_DRIVERS_ISO", `${L.vmDir}/virtio-win.iso`],
     ["VM_SSH_PORT", String(L.sshPort)],
     ["VM_QMP_SOCKET", `${L.vmDir}/qmp.sock`],
     ["VM_SERIAL_LOG", `${L.vmDir}/serial.log`],
     ["VM_IMDS_PROXY", c.target === "aws" ? "1" : "0"],
   ];
   if (kind === "build") {
+    // The image VM has its drivers installed, and the bake publishes no drivers ISO.
+    vars.push(["VM_DRIVERS_ISO", `${L.vmDir}/virtio-win.iso`]);
     vars.push(["VM_CONFIG_ISO", `${L.vmDir}/config.iso`]);
     if (c.image.format === "iso") vars.push(["VM_INSTALL_ISO", `${L.vmDir}/source.iso`]);
     vars.push(["VM_VNC_DISPLAY", String(BUILD_VNC_DISPLAY)]);

@@ -48,6 +48,8 @@ export interface Recorded {
   inputs: Record<string, unknown>;
   outputs: Record<string, unknown>;
   options: Options;
+  /** Input paths that arrived as secrets. */
+  secretInputs?: string[];
 }
 
 export interface Executed {
@@ -144,6 +146,24 @@ export function applyIgnoreChanges(
   return out;
 }
 
+/** Pulumi's wire form of a secret: { <sig>: <secret sig>, value }. */
+const SIG = "4dabf18193072939515e22adb298388d";
+const SECRET_SIG = "1b47061264138c4ac30d75fd1eb44270";
+
+/** Inputs with secrets unwrapped to their values, and the paths that were secret. */
+export function unwrapSecrets(v: unknown, at = "", secrets: string[] = []): unknown {
+  if (Array.isArray(v)) return v.map((x, i) => unwrapSecrets(x, `${at}[${i}]`, secrets));
+  if (v && typeof v === "object") {
+    const o = v as Record<string, unknown>;
+    if (o[SIG] === SECRET_SIG) {
+      secrets.push(at);
+      return unwrapSecrets(o.value, at, secrets);
+    }
+    return Object.fromEntries(Object.entries(o).map(([k, x]) => [k, unwrapSecrets(x, at ? `${at}.${k}` : k, secrets)]));
+  }
+  return v;
+}
+
 function same(a: unknown, b: unknown): boolean {
   return JSON.stringify(canon(a)) === JSON.stringify(canon(b));
 }
@@ -224,9 +244,11 @@ export class Engine {
               additionalSecretOutputs: [],
             };
             const old = this.state.get(key);
+            const secretPaths: string[] = [];
+            const plain = unwrapSecrets(args.inputs, "", secretPaths) as Record<string, unknown>;
             const inputs = old
-              ? applyIgnoreChanges(args.inputs, old.inputs, options.ignoreChanges)
-              : (JSON.parse(JSON.stringify(args.inputs)) as Record<string, unknown>);
+              ? applyIgnoreChanges(plain, old.inputs, options.ignoreChanges)
+              : (JSON.parse(JSON.stringify(plain)) as Record<string, unknown>);
             const diff = this.diff(args.type, old, inputs);
             if (diff === "same" && old) {
               old.options = options;
@@ -238,7 +260,15 @@ export class Engine {
             try {
               const { id, outputs } = await this.apply(args.type, args.name, inputs, op, old, options, env, longLines);
               executed.push({ name: args.name, type: args.type, op, ok: true, seconds: (Date.now() - t0) / 1000 });
-              this.state.set(key, { type: args.type, name: args.name, id, inputs, outputs, options });
+              this.state.set(key, {
+                type: args.type,
+                name: args.name,
+                id,
+                inputs,
+                outputs,
+                options,
+                secretInputs: secretPaths,
+              });
               return { id, state: outputs };
             } catch (e) {
               failed = true;

@@ -35,11 +35,21 @@ export interface World {
 
 /** Faults the PATH shims inject, each once, when armed. */
 export const FAULTS = {
-  /** prepareDisk's conversion fails (after the download it needs has finished). */
+  /** The next qemu-img call fails: prepareDisk's (after the download it needs has finished). */
   convertFails: "qemu-img",
   /** renderEnv's write of the env file hangs (its stage's host-side bound must end it). */
-  envWriteHangs: "install",
+  envWriteHangs: "mv",
 } as const;
+
+/** The fault shims (bin) and the folder where faults are armed (faults), fresh. */
+export function makeShims(dir: string): { bin: string; faults: string } {
+  const bin = path.join(dir, "shims");
+  const faults = path.join(dir, "faults");
+  fs.rmSync(faults, { recursive: true, force: true });
+  fs.mkdirSync(faults, { recursive: true });
+  writeShims(bin, faults);
+  return { bin, faults };
+}
 
 function writeShims(bin: string, faults: string): void {
   fs.mkdirSync(bin, { recursive: true });
@@ -53,10 +63,10 @@ function writeShims(bin: string, faults: string): void {
   };
   shim(
     "qemu-img",
-    `if [[ \${1:-} == convert && -e ${faults}/convertFails ]]; then rm -f ${faults}/convertFails; echo "qemu-img: injected fault: conversion failed" >&2; exit 1; fi`,
+    `if [[ -e ${faults}/convertFails ]]; then rm -f ${faults}/convertFails; echo "qemu-img: injected fault: cannot read the image" >&2; exit 1; fi`,
   );
   shim(
-    "install",
+    "mv",
     `if [[ "$*" == *vm-build.env* && -e ${faults}/envWriteHangs ]]; then rm -f ${faults}/envWriteHangs; exec sleep 100000; fi`,
   );
 }
@@ -70,10 +80,7 @@ export async function makeWorld(dir: string, opts: { verbose?: boolean } = {}): 
   fs.symlinkSync(path.join(repoRoot, "node_modules"), path.join(root, "node_modules"));
   const guest = await ensureStandinGuest();
   const drivers = await makeDriversIso(dir);
-  const bin = path.join(dir, "shims");
-  const faults = path.join(dir, "faults");
-  fs.mkdirSync(faults, { recursive: true });
-  writeShims(bin, faults);
+  const { bin, faults } = makeShims(dir);
   const home = path.join(dir, "host");
   const engine = new Engine({
     root,
@@ -105,8 +112,11 @@ export async function makeWorld(dir: string, opts: { verbose?: boolean } = {}): 
         virtioIsoUrl: `file://${drivers.iso}`,
         virtioIsoSha256: drivers.sha256,
         guestAdminUser: "root",
+        // The stand-in's disk is FAT with no Windows partition: the answer file reaches it on the
+        // config ISO only (inject-answer-file.sh has its own tests against NTFS disks).
+        answerFileInImage: "false",
         vmCpus: "2",
-        vmMemoryGiB: "1",
+        vmMemoryGiB: "4",
         ...extra,
       };
     },
