@@ -3,12 +3,21 @@
 #
 # Usage: prepare-disk.sh SOURCE DEST.qcow2 [SIZE_GIB]
 #
-#   SOURCE    the downloaded image. By format (qemu-img info; a name ending in
-#             .iso is always an install ISO):
-#               vhdx, vpc (VHD), vmdk, vdi, raw, ...  converted to qcow2
+#   SOURCE    the downloaded image. Its name declares its format, and the
+#             content must probe (qemu-img info) as that format:
+#               .vhdx vhdx, .vhd vpc, .vmdk vmdk, .vdi vdi, .qed qed, .qcow2 qcow2,
+#               .img/.raw/.bin raw, .iso an ISO 9660 or UDF image (CD001/BEA01
+#               at sector 16). Another name: the probed format is used, except
+#               raw (a file with no header qemu-img knows is garbage, not a
+#               disk, unless its name says raw).
+#             Refused: a probe that differs from the name (a .vhdx that probes
+#             as raw is truncated or corrupt), a backing file (any format), a
+#             qcow2 keeping its data in an external data file, a vmdk whose
+#             extents are other files, a qcow2 that qemu-img check finds
+#             damaged, an ISO shorter than its volume.
+#               vhdx, vpc (VHD), vmdk, vdi, raw, qed  converted to qcow2
 #                                   (qemu-img convert -p -O qcow2)
 #               qcow2               checked with qemu-img check, then copied
-#                                   (converted instead if it has a backing file)
 #               .iso                an empty qcow2 of SIZE_GIB to install onto
 #                                   (the ISO itself is attached by the launcher)
 #   DEST      the qcow2 disk to write (its directory is created)
@@ -21,11 +30,17 @@
 #
 # Files:
 #   DEST.partial        the disk being written; renamed to DEST when complete.
+#                       Removed on every failure (a full disk included) and on
+#                       SIGTERM/SIGINT/SIGHUP; one left by a killed run is
+#                       removed by the next.
 #   DEST.source-sha256  one line: the SHA-256 of the SOURCE that DEST was made
 #                       from. While it matches, a rerun leaves DEST alone, so a
 #                       disk the VM has since booted and provisioned is never
 #                       wiped unless the source changed. A DEST without this
-#                       stamp is treated as incomplete and replaced.
+#                       stamp is treated as incomplete and replaced. DEST and
+#                       its stamp change only once the new disk is complete
+#                       and checked: a failed or killed run leaves the earlier
+#                       pair as it was.
 #   SOURCE.sha256       the stamp fetch-image.sh writes ("<sha256> <size>
 #                       <mtime>"); used instead of hashing SOURCE while it
 #                       matches SOURCE's size and mtime, and written (best
@@ -33,8 +48,9 @@
 #
 # Output: progress and results on stderr, prefixed "prepare-disk:"; nothing on
 # stdout. Exit 0 when DEST is ready; 1 with a message naming the cause (source
-# missing or unreadable, unsupported or corrupt image, DEST in use by a running
-# QEMU, qemu-img failure); 2 on bad usage.
+# missing or unreadable, a format that differs from its name, a backing or
+# external data file, a corrupt or truncated image, DEST in use by a running
+# QEMU, no space left, a qemu-img failure with its message); 2 on bad usage.
 set -euo pipefail
 # shellcheck source=SCRIPTDIR/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -58,7 +74,9 @@ step=${PREPARE_DISK_PROGRESS_STEP:-5}
 [[ -e $source_img ]] || die "source image $source_img does not exist"
 [[ -f $source_img ]] || die "source image $source_img is not a regular file"
 [[ -r $source_img ]] || die "source image $source_img is not readable"
+[[ ! -L $dest ]] || die "DEST $dest is a symbolic link (to $(readlink -- "$dest")); refusing to write through it: give the path of a regular file"
 [[ ! -d $dest ]] || die "DEST $dest is a directory; give a file name"
+[[ ! -e $dest || -f $dest ]] || die "DEST $dest exists and is not a regular file"
 
 command -v qemu-img >/dev/null || die "qemu-img not found (install the qemu-utils package)"
 command -v jq >/dev/null || die "jq not found (install the jq package)"
@@ -66,11 +84,28 @@ command -v jq >/dev/null || die "jq not found (install the jq package)"
 partial=$dest.partial
 dest_stamp=$dest.source-sha256
 source_stamp=$source_img.sha256
+[[ ! -L $partial && ! -d $partial ]] || die "$partial is a symbolic link or a directory, not a disk in progress: remove it"
 
-mkdir -p -- "$(dirname -- "$dest")" || die "cannot create the directory of $dest"
+if ! err=$(mkdir -p -- "$(dirname -- "$dest")" 2>&1); then
+  die "cannot create the directory of $dest: ${err#mkdir: }"
+fi
 
-cleanup() { rm -f -- "$partial"; }
+# Temporary names of killed runs: DEST.partial(.err) and mktemp's STAMP.XXXXXX.
+rm -f -- "$partial" "$partial.err"
+shopt -s nullglob
+for f in "$dest_stamp".?????? "$source_stamp".??????; do
+  [[ -f $f && ! -L $f ]] && rm -f -- "$f"
+done
+shopt -u nullglob
+
+cleanup() {
+  rm -f -- "$partial" "$partial.err"
+  if [[ -n ${stamp_tmp:-} ]]; then rm -f -- "$stamp_tmp"; fi
+}
 trap cleanup EXIT
+trap 'exit 143' TERM
+trap 'exit 130' INT
+trap 'exit 129' HUP
 
 write_atomic() { # FILE CONTENT
   local tmp
@@ -80,22 +115,95 @@ write_atomic() { # FILE CONTENT
   mv -f -- "$tmp" "$1"
 }
 
+# One line of a tool's error output: newlines joined, at most 400 characters.
+one_line() { printf '%s' "$1" | tr '\n' ' ' | tr -s ' ' | cut -c1-400; }
+
 # --- which source is this? ---------------------------------------------------
+declared=
 shopt -s nocasematch
-if [[ $source_img == *.iso ]]; then
+case $source_img in
+  *.iso) declared=iso ;;
+  *.vhdx) declared=vhdx ;;
+  *.vhd) declared=vpc ;;
+  *.vmdk) declared=vmdk ;;
+  *.vdi) declared=vdi ;;
+  *.qed) declared=qed ;;
+  *.qcow2) declared=qcow2 ;;
+  *.img | *.raw | *.bin) declared=raw ;;
+esac
+shopt -u nocasematch
+
+# Little-endian unsigned integer of N bytes at OFFSET of FILE.
+le_uint() { # FILE OFFSET N
+  local -a b
+  local v=0 i
+  read -r -a b < <(od -An -v -t u1 -j "$2" -N "$3" -- "$1")
+  ((${#b[@]} == $3)) || return 1
+  for ((i = $3 - 1; i >= 0; i--)); do v=$((v * 256 + b[i])); done
+  echo "$v"
+}
+
+if [[ $declared == iso ]]; then
   format=iso
+  file_size=$(stat -c %s -- "$source_img")
+  # Volume descriptors start at sector 16 (byte 32768); the identifier is at +1.
+  id=$(dd if="$source_img" bs=1 skip=32769 count=5 status=none 2>/dev/null | tr -c 'A-Z0-9' '?') || id=
+  case $id in
+    CD001)
+      blocks=$(le_uint "$source_img" $((32768 + 80)) 4) || blocks=0
+      block_size=$(le_uint "$source_img" $((32768 + 128)) 2) || block_size=0
+      vol=$((blocks * block_size))
+      if ((vol > file_size)); then
+        die "$source_img is truncated: its ISO 9660 volume is $vol bytes, the file $file_size bytes"
+      fi
+      ;;
+    BEA01 | NSR02 | NSR03) ;;
+    *)
+      die "$source_img is named .iso but is not an ISO 9660 or UDF image (no CD001/BEA01 volume descriptor at sector 16): truncated, corrupt or not an ISO"
+      ;;
+  esac
 else
-  info=$(qemu-img info --output=json -- "$source_img") ||
-    die "qemu-img cannot read $source_img as a disk image"
+  if ! info=$(qemu-img info --output=json -- "$source_img" 2>"$partial.err"); then
+    err=$(one_line "$(cat -- "$partial.err")")
+    rm -f -- "$partial.err"
+    die "qemu-img cannot read $source_img as a disk image (truncated or corrupt?): $err"
+  fi
+  rm -f -- "$partial.err"
   format=$(jq -r '.format // empty' <<<"$info")
   [[ -n $format ]] || die "qemu-img did not report a format for $source_img"
+  if [[ -n $declared && $format != "$declared" ]]; then
+    if [[ $format == raw ]]; then
+      die "$source_img is named as $declared but qemu-img finds no $declared header in it (it probes as raw): truncated, corrupt or not a $declared image"
+    fi
+    die "$source_img is named as $declared but qemu-img probes it as $format; rename it or fetch the right file"
+  fi
+  if [[ -z $declared && $format == raw ]]; then
+    die "$source_img has no header of a disk format qemu-img knows (it probes as raw) and its name does not say raw (.img, .raw, .bin): refusing to convert what may be garbage"
+  fi
+  backing=$(jq -r '."full-backing-filename" // ."backing-filename" // empty' <<<"$info")
+  if [[ -n $backing ]]; then
+    die "$source_img has a backing file ($backing): the VM disk must be self-contained; flatten it first (qemu-img convert -O qcow2)"
+  fi
+  data_file=$(jq -r '."format-specific".data."data-file" // empty' <<<"$info")
+  if [[ -n $data_file ]]; then
+    die "$source_img keeps its data in an external file ($data_file): the VM disk must be self-contained; convert it first (qemu-img convert -O qcow2)"
+  fi
+  if [[ $format == vmdk ]]; then
+    src_real=$(realpath -- "$source_img")
+    while IFS= read -r extent; do
+      [[ -n $extent ]] || continue
+      [[ $extent == /* ]] || extent=$(dirname -- "$source_img")/$extent
+      if [[ "$(realpath -m -- "$extent")" != "$src_real" ]]; then
+        die "$source_img keeps its data in another file ($extent, a vmdk extent): the VM disk must be self-contained"
+      fi
+    done < <(jq -r '."format-specific".data.extents[]?.filename // empty' <<<"$info")
+  fi
 fi
-shopt -u nocasematch
 
 # --- SHA-256 of the source (from fetch-image's stamp when it is current) ----
 source_stat=$(stat -c '%s %.9Y' -- "$source_img")
 source_sha=
-if [[ -f $source_stamp ]]; then
+if [[ -f $source_stamp && ! -L $source_stamp ]]; then
   read -r s_sha s_size s_mtime _ <"$source_stamp" || true
   if [[ ${s_sha:-} =~ ^[0-9a-f]{64}$ && "${s_size:-} ${s_mtime:-}" == "$source_stat" ]]; then
     source_sha=$s_sha
@@ -115,9 +223,9 @@ ensure_not_in_use() {
   local err
   if ! err=$(qemu-img info -- "$dest" 2>&1 >/dev/null); then
     if [[ $err == *lock* ]]; then
-      die "$dest is in use by a running QEMU (${err//$'\n'/ }); stop the VM first"
+      die "$dest is in use by a running QEMU ($(one_line "$err")); stop the VM first"
     fi
-    log "warning: qemu-img cannot read the existing $dest (${err//$'\n'/ }); replacing it"
+    log "warning: qemu-img cannot read the existing $dest ($(one_line "$err")); replacing it"
   fi
 }
 
@@ -129,7 +237,9 @@ if [[ -f $dest && -f $dest_stamp ]] && [[ "$(head -n 1 -- "$dest_stamp")" == "$s
     if ((have < want)); then
       ensure_not_in_use
       log "growing $dest from $((have / 1073741824)) GiB to $size_gib GiB (the guest must extend its partition)"
-      qemu-img resize -q -- "$dest" "${size_gib}G" || die "qemu-img resize of $dest failed"
+      if ! err=$(qemu-img resize -q -- "$dest" "${size_gib}G" 2>&1); then
+        die "qemu-img resize of $dest failed: $(one_line "$err")"
+      fi
     elif ((have > want)); then
       log "warning: $dest is $((have / 1073741824)) GiB, larger than SIZE_GIB $size_gib; a disk is never shrunk, keeping it"
     fi
@@ -140,13 +250,12 @@ fi
 
 if [[ -f $dest ]]; then
   if [[ -f $dest_stamp ]]; then
-    log "$dest was prepared from another source; replacing it with one made from $source_img"
+    log "$dest was prepared from another source; replacing it with one made from $source_img (the current disk stays until the new one is complete)"
   else
     log "$dest has no $dest_stamp stamp (incomplete or made elsewhere); replacing it"
   fi
   ensure_not_in_use
 fi
-rm -f -- "$dest_stamp" "$partial"
 
 # Reads qemu-img's "-p" progress ("    (12.34/100%)\r") and logs every $step %.
 progress_filter() {
@@ -162,53 +271,71 @@ progress_filter() {
 }
 
 convert() { # FORMAT
-  local t0=$SECONDS vsize
+  local t0=$SECONDS vsize err_file=$partial.err err rc=0
   vsize=$(jq -r '."virtual-size"' <<<"$info")
   log "converting $source_img ($1, virtual size $(mib "$vsize") MiB) to qcow2"
   # -W: out-of-order writes (faster; the result is only used after the rename).
-  qemu-img convert -p -W -f "$1" -O qcow2 -- "$source_img" "$partial" |
-    progress_filter converting ||
-    die "qemu-img convert of $source_img ($1) to qcow2 failed"
+  qemu-img convert -p -W -f "$1" -O qcow2 -- "$source_img" "$partial" 2>"$err_file" |
+    progress_filter converting || rc=$?
+  err=$(one_line "$(cat -- "$err_file" 2>/dev/null)")
+  rm -f -- "$err_file"
+  ((rc == 0)) || die "qemu-img convert of $source_img ($1) to qcow2 failed: ${err:-exit $rc}"
   log "converted in $((SECONDS - t0)) s"
 }
 
 case $format in
   iso)
     log "$source_img is an install ISO: creating an empty ${size_gib} GiB qcow2 disk to install onto"
-    qemu-img create -q -f qcow2 -- "$partial" "${size_gib}G" ||
-      die "qemu-img create of a ${size_gib} GiB disk at $partial failed"
+    if ! err=$(qemu-img create -q -f qcow2 -- "$partial" "${size_gib}G" 2>&1); then
+      die "qemu-img create of a ${size_gib} GiB disk at $partial failed: $(one_line "$err")"
+    fi
     ;;
   qcow2)
     log "checking $source_img (qcow2)"
     rc=0
-    check_out=$(qemu-img check -q -- "$source_img" 2>&1) || rc=$?
+    check_json=$(qemu-img check --output=json -- "$source_img" 2>"$partial.err") || rc=$?
+    check_err=$(one_line "$(cat -- "$partial.err" 2>/dev/null)")
+    rm -f -- "$partial.err"
+    [[ -n $check_json ]] || check_json='{}'
+    counts=$(jq -r '"\(.corruptions // 0) corruptions, \(.leaks // 0) leaked clusters, \(."check-errors" // 0) check errors"' <<<"$check_json" 2>/dev/null) || counts=
     case $rc in
       0) ;;
-      3) log "warning: $source_img has leaked clusters (harmless, wasted space): $check_out" ;;
-      *) die "qemu-img check found $source_img damaged (exit $rc): $check_out" ;;
+      3) log "warning: $source_img has leaked clusters (harmless, wasted space): $counts" ;;
+      2) die "qemu-img check found $source_img damaged ($counts): truncated or corrupt; fetch it again" ;;
+      *) die "qemu-img check could not check $source_img (exit $rc${counts:+, $counts}): ${check_err:-no message}" ;;
     esac
-    backing=$(jq -r '."backing-filename" // empty' <<<"$info")
-    if [[ -n $backing ]]; then
-      log "$source_img has a backing file ($backing): flattening it into a standalone qcow2"
-      convert qcow2
-    else
-      log "copying $source_img ($(mib "${source_stat%% *}") MiB)"
-      t0=$SECONDS
-      cp --sparse=always -- "$source_img" "$partial" || die "copying $source_img to $partial failed"
-      log "copied in $((SECONDS - t0)) s"
+    log "copying $source_img ($(mib "${source_stat%% *}") MiB)"
+    t0=$SECONDS
+    if ! err=$(cp --sparse=always -- "$source_img" "$partial" 2>&1); then
+      die "copying $source_img to $partial failed: $(one_line "${err#cp: }")"
     fi
+    log "copied in $((SECONDS - t0)) s"
     ;;
-  vhdx | vpc | vmdk | vdi | raw | qed | parallels | dmg | cloop | bochs)
+  vhdx | vpc | vmdk | vdi | raw | qed)
     convert "$format"
     ;;
   *)
-    die "$source_img has format '$format', which this script does not convert (expected vhdx, vpc, vmdk, vdi, raw, qcow2 or an .iso)"
+    die "$source_img has format '$format', which this script does not convert (expected vhdx, vpc, vmdk, vdi, raw, qed, qcow2 or an .iso)"
     ;;
 esac
 
-qemu-img check -q -- "$partial" >/dev/null 2>&1 || die "the new disk $partial fails qemu-img check"
-sync -- "$partial"
-mv -f -- "$partial" "$dest"
-write_atomic "$dest_stamp" "$source_sha"
+if ! err=$(qemu-img check -q -- "$partial" 2>&1 >/dev/null); then
+  die "the new disk $partial fails qemu-img check: $(one_line "$err")"
+fi
+if ! err=$(sync -- "$partial" 2>&1); then
+  die "cannot flush $partial to disk: $(one_line "$err")"
+fi
+# The new stamp is written first under a temporary name (a full disk fails
+# here, before DEST changes); then the old stamp goes, the disk is renamed over
+# DEST and the stamp put in place. A run killed in between leaves a DEST without
+# a stamp, which the next run rebuilds.
+stamp_tmp=$(mktemp "$dest_stamp.XXXXXX") || die "cannot create a temporary file beside $dest_stamp"
+if ! err=$( { printf '%s\n' "$source_sha" >"$stamp_tmp" && chmod 0644 -- "$stamp_tmp"; } 2>&1); then
+  die "cannot write $stamp_tmp: $(one_line "$err")"
+fi
+rm -f -- "$dest_stamp"
+mv -f -T -- "$partial" "$dest" || die "cannot rename $partial to $dest"
+mv -f -T -- "$stamp_tmp" "$dest_stamp" || die "cannot rename $stamp_tmp to $dest_stamp"
+stamp_tmp=
 vsize=$(qemu-img info -U --output=json -- "$dest" | jq -r '."virtual-size"')
 log "prepared $dest (qcow2, virtual size $(mib "$vsize") MiB) from $source_img (sha256 $source_sha)"

@@ -208,7 +208,7 @@ describe("prepare-disk.sh", function () {
   });
 
   it("refuses an image format it does not convert (legacy qcow version 1)", async () => {
-    const src = path.join(dir, "old.img");
+    const src = path.join(dir, "old.qcow");
     await runOk("qemu-img", ["create", "-q", "-f", "qcow", src, "16M"]);
     const r = await runScript("prepare-disk.sh", [src, path.join(dir, "d.qcow2")]);
     expect(r.code).to.not.equal(0);
