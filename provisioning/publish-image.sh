@@ -281,6 +281,7 @@ sweep_dead "$tmp_base" 'publish-image.*' "stale work folder" own
 work=$(mktemp -d "$tmp_base/publish-image.XXXXXX") || die "cannot create a work folder in $tmp_base"
 pids=()
 staging_key=
+staging_done=0
 stage_dir=
 lock_fd=
 # Stops PID and everything it started (a background function's own children
@@ -299,9 +300,10 @@ kill_children() {
 }
 cleanup() {
   kill_children
-  # A failing S3 run deletes its staging object (a killed one leaves it to the
-  # lifecycle rule); a folder's staging goes with the run's staging folder.
-  [[ $backend != s3 || -z $staging_key ]] || remove_staging "$staging_key"
+  # A failing S3 run deletes its staging object once it was uploaded (an upload
+  # that did not finish left none; a killed run leaves it to the lifecycle
+  # rule); a folder's staging goes with the run's staging folder.
+  [[ $backend != s3 || -z $staging_key || $staging_done == 0 ]] || remove_staging "$staging_key"
   if [[ -n $stage_dir ]]; then
     rm -rf -- "$stage_dir"
     rmdir -- "$root/$(key staging)" 2>/dev/null || true
@@ -714,6 +716,7 @@ if ((!PUB_DISK_OK)); then
   if ((rc_uploader != 0)); then
     die "upload of $disk to $stage_uri failed: $(grep -v '^[[:space:]]*$' "$work/upload.err" | tail -n 1 | cut -c1-400)"
   fi
+  staging_done=1
   ((rc_reader == 0)) || die "reading $disk failed (tee exit $rc_reader)"
   ((rc_hasher == 0)) || die "hashing $disk failed (exit $rc_hasher)"
   read -r sha _ <"$work/disk.sha"
