@@ -15,8 +15,8 @@
 #   clean_log          stdin to stdout: a serial or launcher log made readable
 #                      (terminal escapes, carriage returns, control characters
 #                      and blank lines dropped; lines cut at 240 characters)
-#   now_ms, alive, qemu_pid_of, qmp_usable, qmp_answers, qmp: time, QEMU
-#                      processes and QMP
+#   now_ms, alive, qemu_pid_of, qemu_names_vm, qemu_pids_of_vm, qmp_usable,
+#                      qmp_answers, qmp: time, QEMU processes and QMP
 #                      (described below)
 # Needs PROG from the caller (for log, say, die); sets no shell options.
 
@@ -80,6 +80,74 @@ qemu_pid_of() {
   [[ -n $pid ]] && alive "$pid" || return 1
   tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q qemu-system || return 1
   printf '%s\n' "$pid"
+}
+
+# phys_path PATH [BASE_DIR]: PATH with its folder resolved to a physical
+# absolute path (a relative PATH is taken from BASE_DIR, default $PWD); PATH
+# made absolute but otherwise as given when its folder cannot be entered.
+# Builtins only.
+phys_path() {
+  local p=$1 base=${2:-$PWD} d
+  [[ $p == /* ]] || p=$base/$p
+  d=${p%/*}
+  [[ -n $d ]] || d=/
+  if d=$(cd -P -- "$d" 2>/dev/null && pwd -P); then
+    printf '%s/%s\n' "${d%/}" "${p##*/}"
+  else
+    printf '%s\n' "$p"
+  fi
+}
+
+# qemu_names_vm PID SOCKET [DISK]: PID is a live QEMU (argv[0] qemu-system-*)
+# whose command line names SOCKET as a socket path (-chardev socket,path=...,
+# -qmp unix:...) or DISK as a drive file (file=...): QEMU's ",," escapes undone,
+# relative paths taken from the process's working folder, folders resolved.
+# Status 1 for any other process, a gone one, or one whose command line cannot
+# be read. Needs no tool beyond those alive uses.
+qemu_names_vm() {
+  local pid=$1 sock=$2 disk=${3:-} arg piece v want_s want_d=
+  local -a args pieces
+  alive "$pid" || return 1
+  { mapfile -d '' -t args <"/proc/$pid/cmdline"; } 2>/dev/null || return 1
+  ((${#args[@]} > 0)) || return 1
+  [[ ${args[0]##*/} == qemu-system-* ]] || return 1
+  want_s=$(phys_path "$sock")
+  [[ -z $disk ]] || want_d=$(phys_path "$disk")
+  for arg in "${args[@]:1}"; do
+    [[ $arg == *path=* || $arg == *file=* || $arg == unix:* ]] || continue
+    arg=${arg//,,/$'\001'}
+    IFS=, read -r -a pieces <<<"$arg"
+    for piece in "${pieces[@]}"; do
+      piece=${piece//$'\001'/,}
+      case $piece in
+        path=* | unix:*)
+          v=${piece#path=}
+          v=${v#unix:}
+          [[ ($v == /* && $v == "$sock") || $(phys_path "$v" "/proc/$pid/cwd") == "$want_s" ]] && return 0
+          ;;
+        file=*)
+          [[ -n $disk ]] || continue
+          v=${piece#file=}
+          [[ ($v == /* && $v == "$disk") || $(phys_path "$v" "/proc/$pid/cwd") == "$want_d" ]] && return 0
+          ;;
+      esac
+    done
+  done
+  return 1
+}
+
+# qemu_pids_of_vm SOCKET [DISK]: the pids of live QEMUs that qemu_names_vm
+# matches, one per line (none: no output, status 0).
+qemu_pids_of_vm() {
+  local d pid a0
+  for d in /proc/[0-9]*; do
+    pid=${d#/proc/}
+    a0=
+    { IFS= read -r -d '' a0 <"$d/cmdline"; } 2>/dev/null || [[ -n $a0 ]] || continue
+    [[ ${a0##*/} == qemu-system-* ]] || continue
+    if qemu_names_vm "$pid" "$@"; then printf '%s\n' "$pid"; fi
+  done
+  return 0
 }
 
 # qmp_usable: socat, or an nc with -U (netcat-openbsd), is there to talk QMP.
