@@ -8,6 +8,9 @@
 #             SRC=DEST/PATH to put SRC (file or directory) at DEST/PATH, e.g.
 #             "/tmp/drivers/viostor=\$WinPEDriver\$/viostor". The split is at
 #             the last '=', so DEST cannot hold '=' (SRC can).
+#             SRC "-" reads that one file from stdin (at most one "-"), so a
+#             secret answer file needs no copy on disk outside this script's
+#             private work folder: "-=autounattend.xml".
 #             The caller names the answer file: it must reach the ISO root as
 #             autounattend.xml (e.g. "/tmp/answer.xml=autounattend.xml").
 #             The pipeline also passes firstlogon.ps1, authorized_keys and,
@@ -31,11 +34,21 @@
 #   OUT.iso.stamp  hash of the staged content and of the ISO, mode 0600.
 #   Also at the ISO root: windows-arm64-image.marker, which the guest's
 #   first-logon command looks for.
+#   OUT_DIR/.config-iso-work.<pid>.XXXXXX  the private (0700) work folder: the
+#                  staged tree (with the answer file), the new ISO and stamp
+#                  before their renames, xorriso's logs. Removed on every exit;
+#                  the folders of killed runs (SIGKILL included) are removed by
+#                  the next run before it stages anything. So no copy of an
+#                  input outlives a run anywhere but in OUT.iso.
+#   OUT.iso and OUT.iso.stamp change only by renames once the new ISO is
+#   complete: a failed or killed run leaves the earlier pair as it was. OUT.iso
+#   may not be a directory or a symbolic link to one.
 #
 # Idempotent: when OUT.iso and its stamp match the inputs, nothing is written
 # ("up to date"). File contents are never printed.
 #
-# Exit status: 0 built or up to date; 1 on failure (a missing input is named);
+# Exit status: 0 built or up to date; 1 on failure (the cause is named: a
+# missing input, an output that is a directory, xorriso's error, a full disk);
 # 2 on a usage error.
 set -euo pipefail
 
@@ -57,6 +70,13 @@ usage() {
 out="$1"
 shift
 [[ -n "$out" && "$out" != */ ]] || usage
+if [[ -d "$out" ]]; then
+  if [[ -L "$out" ]]; then
+    die "output $out is a symbolic link to a directory ($(readlink -- "$out")); give the path of an ISO file"
+  fi
+  die "output $out is a directory; give the path of an ISO file"
+fi
+[[ ! -d "$out.stamp" ]] || die "$out.stamp is a directory; remove it"
 
 label="${CONFIG_ISO_LABEL:-WINCONFIG}"
 [[ "$label" =~ ^[A-Za-z0-9_-]{1,16}$ ]] ||
@@ -77,6 +97,7 @@ umask 077
 srcs=()
 dests=()
 declare -A seen=()
+stdin_dest=""
 for spec in "$@"; do
   if [[ "$spec" == *=* ]]; then
     src="${spec%=*}"
@@ -95,8 +116,14 @@ for spec in "$@"; do
     */../* | */./*) die "destination '$dest' must not contain '.' or '..' components" ;;
   esac
   [[ "$dest" != *\\* ]] || die "destination '$dest' must use '/' as separator"
-  [[ -e "$src" ]] || die "input not found: $src"
-  [[ -r "$src" ]] || die "input not readable: $src"
+  if [[ "$src" == - ]]; then
+    [[ "$spec" == *=* ]] || die "standard input needs a destination: -=PATH"
+    [[ -z "$stdin_dest" ]] || die "standard input given twice ('$stdin_dest' and '$dest')"
+    stdin_dest="$dest"
+  else
+    [[ -e "$src" ]] || die "input not found: $src"
+    [[ -r "$src" ]] || die "input not readable: $src"
+  fi
   # Windows reads the Joliet tree case-insensitively: catch clashes here.
   key="${dest,,}"
   [[ "$key" != "${MARKER,,}" ]] || die "destination '$dest' is reserved for the marker file"
@@ -116,17 +143,37 @@ if [[ -n "$drivers_iso" ]]; then
 fi
 
 out_dir="$(dirname -- "$out")"
-mkdir -p -- "$out_dir" || die "cannot create output directory $out_dir"
+if ! err="$(mkdir -p -- "$out_dir" 2>&1)"; then
+  die "cannot create output directory $out_dir: ${err#mkdir: }"
+fi
 stamp="$out.stamp"
 
-# --- stage the ISO tree ------------------------------------------------------
-stage="$(mktemp -d "${TMPDIR:-/tmp}/$NAME.XXXXXX")"
+# --- the private work folder; killed runs' folders go first -------------------
+# A folder is another run's while its pid is a live build-config-iso.
+shopt -s nullglob
+for old in "$out_dir"/.config-iso-work.*; do
+  [[ -d "$old" && ! -L "$old" ]] || continue
+  old_pid="${old##*/.config-iso-work.}"
+  old_pid="${old_pid%%.*}"
+  if [[ "$old_pid" =~ ^[0-9]+$ && "$old_pid" != "$$" && -r "/proc/$old_pid/cmdline" ]] &&
+    tr '\0' ' ' <"/proc/$old_pid/cmdline" 2>/dev/null | grep -q "$NAME"; then
+    continue
+  fi
+  chmod -R u+rwX -- "$old" 2>/dev/null || true
+  rm -rf -- "$old" || die "cannot remove the work folder $old of an earlier run"
+done
+shopt -u nullglob
+stage="$(mktemp -d "$out_dir/.config-iso-work.$$.XXXXXX")" ||
+  die "cannot create a work folder in $out_dir"
+chmod 700 -- "$stage"
 cleanup() {
   chmod -R u+rwX -- "$stage" 2>/dev/null || true
   rm -rf -- "$stage"
-  if [[ -n "${tmp_iso:-}" ]]; then rm -f -- "$tmp_iso"; fi
 }
 trap cleanup EXIT
+trap 'exit 143' TERM
+trap 'exit 130' INT
+trap 'exit 129' HUP
 tree="$stage/tree"
 mkdir -p "$tree"
 
@@ -137,7 +184,13 @@ for i in "${!srcs[@]}"; do
   parent="$(dirname -- "$target")"
   mkdir -p -- "$parent" 2>/dev/null || die "cannot place '$dest': a parent path is a file"
   [[ ! -e "$target" ]] || die "cannot place '$src' at '$dest': something is already there"
-  cp -R -L -- "$src" "$target" || die "cannot copy $src"
+  if [[ "$src" == - ]]; then
+    if ! err="$(cat >"$target" 2>&1)"; then
+      die "cannot stage standard input as $dest: ${err#cat: }"
+    fi
+  elif ! err="$(cp -R -L -- "$src" "$target" 2>&1)"; then
+    die "cannot copy $src: ${err#cp: }"
+  fi
 done
 
 if [[ -n "$drivers_iso" ]]; then
@@ -179,19 +232,23 @@ if [[ -f "$out" && -f "$stamp" ]]; then
 fi
 
 # --- build -------------------------------------------------------------------
+# Into the work folder (the same file system as OUT.iso, so the renames are
+# atomic); the stamp changes last, after the ISO.
 log "building $out (label $label, $(find "$tree" -type f | wc -l) files)"
-rm -f -- "$stamp"
-tmp_iso="$out.tmp.$$"
+tmp_iso="$stage/new.iso"
 if ! xorriso -as mkisofs -V "$label" -J -joliet-long -r -iso-level 3 -o "$tmp_iso" "$tree" \
   >"$stage/xorriso.log" 2>&1; then
-  tail -n 20 "$stage/xorriso.log" >&2
-  die "xorriso failed to write $out"
+  tail -n 20 "$stage/xorriso.log" | cut -c1-300 >&2
+  cause="$(grep -a -o -m 1 -E 'No space left on device|Permission denied|Read-only file system|Disk quota exceeded|File too large' "$stage/xorriso.log" || true)"
+  die "xorriso failed to write $out${cause:+: $cause}"
 fi
 chmod 600 -- "$tmp_iso"
-mv -f -- "$tmp_iso" "$out"
-tmp_iso=""
-iso_hash="$(sha256sum -- "$out" | cut -d' ' -f1)"
-printf 'inputs=%s\niso=%s\n' "$content_hash" "$iso_hash" >"$stamp.tmp.$$"
-chmod 600 -- "$stamp.tmp.$$"
-mv -f -- "$stamp.tmp.$$" "$stamp"
+iso_hash="$(sha256sum -- "$tmp_iso" | cut -d' ' -f1)"
+if ! err="$( { printf 'inputs=%s\niso=%s\n' "$content_hash" "$iso_hash" >"$stage/new.stamp" && sync -- "$tmp_iso" "$stage/new.stamp"; } 2>&1)"; then
+  die "cannot write the new ISO's stamp in $stage: $err"
+fi
+chmod 600 -- "$stage/new.stamp"
+rm -f -- "$stamp"
+mv -f -T -- "$tmp_iso" "$out" || die "cannot rename the new ISO to $out"
+mv -f -T -- "$stage/new.stamp" "$stamp" || die "cannot rename the new stamp to $stamp"
 log "wrote $out ($(stat -c %s -- "$out") bytes)"
