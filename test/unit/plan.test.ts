@@ -1,18 +1,26 @@
 import { expect } from "chai";
+import { spawnSync } from "child_process";
 import * as fs from "fs";
 import * as path from "path";
-import { parseConfig, RawConfig } from "../../infra/config";
+import { BAKE_FILES } from "../../infra/bake";
+import { Machine, parseConfig, RawConfig } from "../../infra/config";
 import { guestSettings, guestProvisionCommand, GUEST_PROVISION_SCRIPT } from "../../infra/pipeline/guest";
 import {
   AWS_LAYOUT,
   buildPlan,
   changedStages,
+  defaultArtifactUri,
+  HOST_READY_SCRIPT,
+  HOST_READY_TIMEOUT_S,
+  HostLayout,
   hostFiles,
   Plan,
+  planFiles,
   resolveCommand,
   RUNTIME,
   STAGE_IDS,
   StageId,
+  TRANSPORT_FILES,
 } from "../../infra/pipeline/plan";
 import { renderVmEnv } from "../../infra/pipeline/vmEnv";
 import { repoRoot } from "../support/run";
@@ -27,71 +35,193 @@ const RAW: RawConfig = {
   guestInstallVsBuildTools: "false",
 };
 
-const HASHES = Object.fromEntries(hostFiles().map((f) => [f, `hash-of-${f}`]));
+/** A machine big enough for any local config here (the local target checks CPUs and memory). */
+const MACHINE: Machine = { cpus: 8, memoryGiB: 32, cwd: repoRoot };
+
+const HASHES = Object.fromEntries(planFiles().map((f) => [f, `hash-of-${f}`]));
+
+/** The local target's raw config: no SSH CIDRs, a file:// image, a work dir with characters worth quoting. */
+const LOCAL_RAW: RawConfig = {
+  target: "local",
+  sshAllowedCidrs: "[]",
+  windowsImageUrl: "file:///srv/win.qcow2",
+  vmCpus: "2",
+  vmMemoryGiB: "4",
+  localWorkDir: "/tmp/w%i,x",
+};
+
+/** The layout infra/index.ts gives the local target for LOCAL_RAW's localWorkDir (TCG here). */
+const LOCAL_LAYOUT: HostLayout = {
+  home: "/tmp/w%i,x",
+  vmDir: "/tmp/w%i,x/vm",
+  sudo: "",
+  imageRoot: "/tmp/w%i,x/image-root",
+  buildUnit: "windows-vm-build-local",
+  stageRunDir: "/tmp/w%i,x/run/stages",
+  stageStateDir: "/tmp/w%i,x/state",
+  sshPort: 2222,
+  accel: "tcg",
+};
 
 function plan(over: RawConfig = {}, hashes: Record<string, string> = HASHES): Plan {
-  return buildPlan({ config: parseConfig({ ...RAW, ...over }), layout: AWS_LAYOUT, fileHashes: hashes });
+  return buildPlan({
+    config: parseConfig({ ...RAW, ...over }, new Set(), MACHINE),
+    layout: AWS_LAYOUT,
+    fileHashes: hashes,
+  });
 }
 
-/** The stages from booting the VM to the end (STAGE_IDS is the pipeline's order). */
-const AFTER_START: StageId[] = STAGE_IDS.slice(STAGE_IDS.indexOf("startVm"));
+function localPlan(over: RawConfig = {}): Plan {
+  return buildPlan({
+    config: parseConfig({ ...RAW, ...LOCAL_RAW, ...over }, new Set(), MACHINE),
+    layout: LOCAL_LAYOUT,
+    fileHashes: HASHES,
+  });
+}
+
+/**
+ * The words bash makes of each command line (a real bash parse: quoting
+ * mistakes show here). Nothing runs: each line is expanded as the arguments of
+ * a function that prints them. One bash for all lines (spawning is slow here).
+ */
+function bashWordsOf(cmds: string[]): string[][] {
+  const script =
+    'words() { printf "%s\\0" "$@"; }; while IFS= read -r -d "" cmd; do eval "words $cmd"; printf "\\1\\0"; done';
+  const r = spawnSync("bash", ["-c", script], {
+    env: { PATH: process.env.PATH },
+    input: cmds.map((c) => `${c}\0`).join(""),
+    encoding: "utf8",
+  });
+  if (r.status !== 0) throw new Error(`bash could not parse the commands: ${r.stderr}`);
+  const out: string[][] = [[]];
+  for (const w of r.stdout.split("\0").slice(0, -1)) {
+    if (w === "\u0001") out.push([]);
+    else (out.at(-1) as string[]).push(w);
+  }
+  out.pop();
+  if (out.length !== cmds.length) throw new Error(`bash parsed ${out.length} of ${cmds.length} commands: ${r.stderr}`);
+  return out;
+}
+
+function bashWords(cmd: string): string[] {
+  return bashWordsOf([cmd])[0];
+}
+
+/** The host stages from booting the VM to the publication (STAGE_IDS is the pipeline's order). */
+const AFTER_START: StageId[] = ["startVm", "waitGuest", "provisionGuest", "stopVm", "publish"];
+/** The bake: a new AMI when what it installs around the image changes. */
+const BAKE: StageId[] = ["bakeImage", "bakeAmi"];
 
 describe("pipeline plan", () => {
   it("orders the stages as the pipeline runs them", () => {
-    expect(plan().stages.map((s) => s.id)).to.deep.equal([...STAGE_IDS]);
+    const ids = plan().stages.map((s) => s.id);
+    expect(ids).to.deep.equal(STAGE_IDS.filter((id) => ids.includes(id)));
+    // Every stage of the design is there on AWS (injectAnswerFile only for images it can write into).
+    expect(ids).to.include.members([
+      "waitHost",
+      "uploadFiles",
+      "idleGuard",
+      "firmware",
+      "fetchImage",
+      "fetchDrivers",
+      "prepareDisk",
+      "configMedia",
+      "renderEnv",
+      "startVm",
+      "waitGuest",
+      "provisionGuest",
+      "stopVm",
+      "publish",
+      "stopHost",
+      "bakeImage",
+      "bakeAmi",
+    ]);
+    expect(ids).to.not.include("prepareAmi");
   });
 
-  it("every dependency comes earlier in the order", () => {
+  it("every dependency and every `after` stage comes earlier in the order", () => {
     const p = plan();
     p.stages.forEach((s, i) => {
-      for (const d of s.dependsOn)
+      for (const d of [...s.dependsOn, ...s.after])
         expect(
           p.stages.findIndex((x) => x.id === d),
           `${s.id} <- ${d}`,
-        ).to.be.lessThan(i);
+        ).to.be.within(0, i - 1);
     });
   });
 
-  it("the local target has no AMI stages", () => {
-    const p = plan({ target: "local", sshAllowedCidrs: "[]" });
-    expect(p.stages.map((s) => s.id)).to.not.include.members(["prepareAmi", "bakeAmi", "stopHost"]);
-    expect(p.stages.at(-1)?.id).to.equal("publish");
+  it("the local target has no AWS stages: no host wait, idle guard, host stop or bake", () => {
+    const ids = localPlan().stages.map((s) => s.id);
+    expect(ids).to.not.include.members(["waitHost", "idleGuard", "stopHost", "bakeImage", "bakeAmi"]);
+    expect(ids.at(-1)).to.equal("publish");
+    expect(localPlan().stage("uploadFiles").after).to.deep.equal([]);
   });
 
   it("re-runs nothing when nothing changes", () => {
     expect(changedStages(plan(), plan())).to.deep.equal([]);
+    expect(changedStages(localPlan(), localPlan())).to.deep.equal([]);
+  });
+
+  it("every file a plan reads has a hash, and a missing one is refused", () => {
+    expect(planFiles()).to.include.members([...hostFiles(), ...BAKE_FILES, HOST_READY_SCRIPT]);
+    const without = Object.fromEntries(Object.entries(HASHES).filter(([f]) => f !== BAKE_FILES[0]));
+    expect(() => plan({}, without)).to.throw(`buildPlan: no hash for ${BAKE_FILES[0]}`);
   });
 
   // [what changes, config overrides, file edited, stages that must re-run]
+  // injectAnswerFile is listed where it re-runs; it exists only for images the answer file is written into.
   const CASES: Array<[string, RawConfig, string | undefined, StageId[]]> = [
     ["build-efi.sh", {}, "provisioning/build-efi.sh", ["firmware", ...AFTER_START]],
     [
       "fetch-image.sh",
       {},
       "provisioning/fetch-image.sh",
-      ["fetchImage", "fetchDrivers", "prepareDisk", "configMedia", ...AFTER_START],
+      ["fetchImage", "fetchDrivers", "prepareDisk", "injectAnswerFile", "configMedia", ...AFTER_START],
     ],
-    ["prepare-disk.sh", {}, "provisioning/prepare-disk.sh", ["prepareDisk", ...AFTER_START]],
+    ["prepare-disk.sh", {}, "provisioning/prepare-disk.sh", ["prepareDisk", "injectAnswerFile", ...AFTER_START]],
     [
-      "the shared lib.sh",
+      "the shared lib.sh (host stages and the bake)",
       {},
       "provisioning/lib.sh",
-      ["fetchImage", "fetchDrivers", "prepareDisk", "configMedia", ...AFTER_START],
+      [
+        "idleGuard",
+        "fetchImage",
+        "fetchDrivers",
+        "prepareDisk",
+        "injectAnswerFile",
+        "configMedia",
+        ...AFTER_START,
+        ...BAKE,
+      ],
     ],
-    ["run-vm.sh", {}, "provisioning/run-vm.sh", [...AFTER_START]],
+    ["run-vm.sh (the build VM and the baked image's)", {}, "provisioning/run-vm.sh", [...AFTER_START, ...BAKE]],
     ["start-vm.sh", {}, "provisioning/start-vm.sh", [...AFTER_START]],
     ["wait-for-guest.sh", {}, "provisioning/wait-for-guest.sh", AFTER_START.filter((s) => s !== "startVm")],
+    ["guest-run.sh", {}, "provisioning/guest-run.sh", ["provisionGuest", "stopVm", "publish"]],
     ["the guest provisioning script", {}, "provisioning/windows/provision.ps1", ["configMedia", ...AFTER_START]],
     ["the first-logon script", {}, "provisioning/windows/firstlogon.ps1", ["configMedia", ...AFTER_START]],
-    ["stop-vm.sh", {}, "provisioning/stop-vm.sh", ["stopVm", "publish", "prepareAmi", "bakeAmi", "stopHost"]],
-    ["publish-image.sh", {}, "provisioning/publish-image.sh", ["publish", "prepareAmi", "bakeAmi", "stopHost"]],
-    ["prepare-ami.sh", {}, "provisioning/prepare-ami.sh", ["prepareAmi", "bakeAmi", "stopHost"]],
-    ["the systemd unit", {}, "assets/windows-vm.service", ["prepareAmi", "bakeAmi", "stopHost"]],
+    ["the guest check script", {}, "provisioning/windows/check.ps1", ["configMedia", ...AFTER_START]],
+    ["the guest scripts' module", {}, "provisioning/windows/common.psm1", ["configMedia", ...AFTER_START]],
+    ["build-config-iso.sh", {}, "provisioning/build-config-iso.sh", ["configMedia", ...AFTER_START]],
+    ["stop-vm.sh", {}, "provisioning/stop-vm.sh", ["stopVm", "publish"]],
+    ["publish-image.sh", {}, "provisioning/publish-image.sh", ["publish"]],
+    ["the idle guard", {}, "provisioning/idle-guard.sh", ["idleGuard"]],
+    ["the idle guard's installer", {}, "provisioning/idle-guard-install.sh", ["idleGuard"]],
+    ["the idle guard's timer", {}, "assets/windows-arm64-image-idle.timer", ["idleGuard"]],
+    // The bake's own files are not on the build host: a new AMI, nothing on the host.
+    ["bake-image.sh", {}, "provisioning/bake-image.sh", BAKE],
+    ["prepare-ami.sh", {}, "provisioning/prepare-ami.sh", BAKE],
+    ["the systemd unit", {}, "assets/windows-vm.service", BAKE],
+    // The transport changes how stages run, not what they make.
+    ["stage.sh (the host-side bound)", {}, "provisioning/stage.sh", []],
+    ["host-exec.sh (the SSH transport, where Pulumi runs)", {}, "provisioning/host-exec.sh", []],
+    // host-ready.sh is waitHost's stdin: that resource runs again on its own, nothing downstream does.
+    ["host-ready.sh", {}, HOST_READY_SCRIPT, []],
     [
       "the Windows image hash",
       { windowsImageSha256: "b".repeat(64) },
       undefined,
-      ["fetchImage", "prepareDisk", ...AFTER_START],
+      ["fetchImage", "prepareDisk", "injectAnswerFile", ...AFTER_START],
     ],
     [
       "the virtio ISO hash",
@@ -99,32 +229,52 @@ describe("pipeline plan", () => {
       undefined,
       ["fetchDrivers", "configMedia", ...AFTER_START],
     ],
-    ["vCPUs", { vmCpus: "3" }, undefined, ["renderEnv", ...AFTER_START]],
-    ["memory", { vmMemoryGiB: "16" }, undefined, ["renderEnv", ...AFTER_START]],
-    [
-      "the buildlet port (baked image only)",
-      { vmBuildletPort: "8443" },
-      undefined,
-      ["prepareAmi", "bakeAmi", "stopHost"],
-    ],
-    // A new host is also a new runtime hostId, which re-copies every file (see runtime tests).
+    ["vCPUs (build VM and baked image)", { vmCpus: "3" }, undefined, ["renderEnv", ...AFTER_START, ...BAKE]],
+    ["memory (build VM and baked image)", { vmMemoryGiB: "16" }, undefined, ["renderEnv", ...AFTER_START, ...BAKE]],
+    ["the buildlet port (baked image only)", { vmBuildletPort: "8443" }, undefined, BAKE],
+    ["the guest admin user", { guestAdminUser: "builder" }, undefined, ["provisionGuest", "stopVm", "publish"]],
     // In-place host changes keep the host's disk and work (a replaced host is a new runtime hostId).
     ["the host type (changed in place)", { hostInstanceType: "c6g.metal" }, undefined, []],
     ["the host volume's IOPS", { hostVolumeIops: "6000" }, undefined, []],
-    ["keepHostRunning", { keepHostRunning: "true" }, undefined, ["stopHost"]],
+    ["hostIdleMinutes", { hostIdleMinutes: "90" }, undefined, ["idleGuard"]],
+    // The stop itself goes (see the mock tests); the idle guard is turned off.
+    ["keepHostRunning", { keepHostRunning: "true" }, undefined, ["idleGuard"]],
+    ["the bake instance type", { bakeInstanceType: "c7g.xlarge" }, undefined, BAKE],
+    ["the AMI's volume size", { amiVolumeGiB: "100" }, undefined, BAKE],
+    ["retainAmiOnDelete", { retainAmiOnDelete: "false" }, undefined, ["bakeAmi"]],
     ["the artifact prefix (bucket URI is a runtime value)", { artifactPrefix: "other/" }, undefined, []],
+    ["a guest setting (a runtime value: the settings' hash)", { guestDisableUac: "false" }, undefined, []],
   ];
 
-  for (const [what, over, file, expected] of CASES) {
-    it(`changing ${what} re-runs exactly ${expected.length} stage(s)`, () => {
+  for (const [what, over, file, listed] of CASES) {
+    it(`changing ${what} re-runs exactly ${listed.length ? listed.join(", ") : "nothing"}`, () => {
       const hashes = file ? { ...HASHES, [file]: "edited" } : HASHES;
-      const got = changedStages(plan(), plan(over, hashes));
-      // An edited file is also re-copied to the host.
-      const want = [...new Set(file ? ["uploadFiles" as StageId, ...expected] : expected)];
+      const after = plan(over, hashes);
+      const present = new Set(after.stages.map((s) => s.id));
+      // An edited host file is copied to the host again (uploadFiles), whatever else re-runs.
+      const copied = file !== undefined && hostFiles().includes(file);
+      const want = [...new Set([...(copied ? ["uploadFiles" as StageId] : []), ...listed])].filter((id) =>
+        present.has(id),
+      );
+      const got = changedStages(plan(), after);
       expect(got).to.have.members(want);
       expect(got).to.have.length(want.length);
     });
   }
+
+  it("turning keepHostRunning off again brings the host stop back", () => {
+    expect(changedStages(plan({ keepHostRunning: "true" }), plan())).to.have.members(["idleGuard", "stopHost"]);
+  });
+
+  it("the transport is on the host but in no stage's files; host-exec.sh never leaves this machine", () => {
+    const p = plan();
+    expect(hostFiles()).to.include("provisioning/stage.sh");
+    for (const s of p.stages.filter((x) => x.id !== "uploadFiles"))
+      expect(s.files, s.id).to.not.include("provisioning/stage.sh");
+    expect(p.stage("uploadFiles").files).to.include("provisioning/stage.sh");
+    expect(TRANSPORT_FILES).to.include("provisioning/stage.sh");
+    expect(planFiles()).to.not.include("provisioning/host-exec.sh");
+  });
 
   it("an OpenSSH zip, when given, is fetched with the drivers and put on the config ISO", () => {
     const zip = { openSshZipUrl: "s3://media/OpenSSH-ARM64.zip", openSshZipSha256: "d".repeat(64) };
@@ -137,10 +287,15 @@ describe("pipeline plan", () => {
     expect(changedStages(plan(), p)).to.have.members(["fetchDrivers", "configMedia", ...AFTER_START]);
   });
 
-  it("the uploadFiles stage lists every file a stage runs", () => {
+  it("the uploadFiles stage lists every file a host stage runs, and its digest is their hashes", () => {
     const p = plan();
     const all = new Set(p.stage("uploadFiles").files);
-    for (const s of p.stages) for (const f of s.files) expect(all.has(f), f).to.equal(true);
+    for (const s of p.stages.filter((x) => x.site === "host"))
+      for (const f of s.files) expect(all.has(f), `${s.id}: ${f}`).to.equal(true);
+    for (const f of TRANSPORT_FILES) expect(all.has(f), f).to.equal(true);
+    // The bake's files go to the bake instance in its user data, not to the build host.
+    expect(all.has("provisioning/bake-image.sh")).to.equal(false);
+    expect(p.stage("uploadFiles").after).to.deep.equal(["waitHost"]);
   });
 
   it("each stage lists the files its scripts source", () => {
@@ -157,8 +312,8 @@ describe("pipeline plan", () => {
       }
     }
     // Both ways the scripts find their folder are recognised.
-    expect([...sourcing].sort()).to.deep.equal(
-      ["fetch-image", "prepare-disk", "publish-image", "start-vm", "stop-vm", "wait-for-guest"].map(
+    expect([...sourcing]).to.include.members(
+      ["fetch-image", "prepare-disk", "publish-image", "start-vm", "stop-vm", "wait-for-guest", "bake-image"].map(
         (n) => `provisioning/${n}.sh`,
       ),
     );
@@ -178,20 +333,134 @@ describe("pipeline plan", () => {
     expect(p.stage("startVm").command).to.contain("start-vm.sh /var/lib/windows-vm/vm-build.env windows-vm-build");
     expect(p.stage("stopVm").command).to.contain("stop-vm.sh /var/lib/windows-vm/qmp.sock 600");
     expect(p.stage("publish").command).to.match(
-      /env IMAGE_SOURCE_URL=s3:\/\/media\/win\.vhdx .*WINDOWS_VERSION=11-23h2 bash .*publish-image\.sh \/var\/lib\/windows-vm '@ARTIFACT_URI@'/,
+      /env IMAGE_SOURCE_URL=s3:\/\/media\/win\.vhdx .*WINDOWS_VERSION=11-23h2 .*bash .*publish-image\.sh \/var\/lib\/windows-vm '@ARTIFACT_URI@'/,
     );
-    expect(p.stage("prepareAmi").command).to.contain("prepare-ami.sh --generalize / /var/lib/windows-vm/vm.env");
+    expect(p.stage("provisionGuest").command).to.match(
+      /guest-run\.sh \/var\/lib\/windows-vm\/vm-build\.env windows-vm-build 2222 gopher 'powershell -NoProfile -NonInteractive -ExecutionPolicy Bypass -EncodedCommand [A-Za-z0-9+/=]+'/,
+    );
+    // The bake and the AMI are AWS calls from where Pulumi runs: no host command.
+    for (const id of ["stopHost", "bakeImage", "bakeAmi"] as StageId[]) {
+      expect(p.stage(id).site, id).to.equal("aws");
+      expect(p.stage(id).hostCommand, id).to.equal(undefined);
+    }
   });
 
-  it("secrets reach the host on stdin, never in a command", () => {
+  it("the env file is written with cat (stdin may be a socket), through a temporary file", () => {
+    const cmd = plan().stage("renderEnv").command as string;
+    expect(cmd).to.not.contain("/dev/stdin");
+    const words = bashWords(cmd);
+    expect(words.slice(0, 4)).to.deep.equal(["sudo", "-n", "bash", "-c"]);
+    expect(words[4]).to.equal(
+      "mkdir -p /var/lib/windows-vm && umask 022 && cat > /var/lib/windows-vm/vm-build.env.tmp && mv -f /var/lib/windows-vm/vm-build.env.tmp /var/lib/windows-vm/vm-build.env",
+    );
+    expect(plan().stage("renderEnv").stdin).to.equal("vmBuildEnv");
+  });
+
+  it("every host stage runs through stage.sh, bounded by its timeout in seconds and naming what it waits for", () => {
+    for (const [p, L] of [
+      [plan(), AWS_LAYOUT],
+      [localPlan(), LOCAL_LAYOUT],
+    ] as Array<[Plan, HostLayout]>) {
+      const hostStages = p.stages.filter((s) => s.command !== undefined && s.id !== "waitHost");
+      expect(hostStages.length).to.be.greaterThan(10);
+      const parsed = bashWordsOf(hostStages.map((s) => s.hostCommand as string));
+      hostStages.forEach((s, i) => {
+        expect(s.waitsFor, s.id).to.match(/\S/);
+        expect(s.timeoutMinutes, s.id).to.be.greaterThan(0);
+        const sudo = L.sudo ? ["sudo", "-n"] : [];
+        expect(parsed[i], `${L.home} ${s.id}`).to.deep.equal([
+          ...sudo,
+          "env",
+          `STAGE_RUN_DIR=${L.stageRunDir}`,
+          `STAGE_STATE_DIR=${L.stageStateDir}`,
+          "bash",
+          `${L.home}/provisioning/stage.sh`,
+          s.id,
+          String(s.timeoutMinutes * 60),
+          s.waitsFor,
+          s.command,
+        ]);
+      });
+    }
+  });
+
+  it("waitHost is not wrapped: host-ready.sh arrives on stdin, bounded by HOST_READY_TIMEOUT_S", () => {
+    const w = plan().stage("waitHost");
+    expect(w.hostCommand).to.equal(`HOST_READY_TIMEOUT_S=${HOST_READY_TIMEOUT_S} bash -s`);
+    expect(w.stdin).to.equal("hostReadyScript");
+    expect(w.files).to.deep.equal([]);
+    expect(w.timeoutMinutes * 60).to.be.greaterThan(HOST_READY_TIMEOUT_S);
+    expect(w.dependsOn).to.deep.equal([]);
+  });
+
+  it("the idle guard powers the host off after hostIdleMinutes (45 by default), and is off with keepHostRunning", () => {
+    expect(plan().stage("idleGuard").command).to.equal(
+      "sudo -n bash /opt/windows-arm64-image/provisioning/idle-guard-install.sh 45",
+    );
+    expect(plan({ hostIdleMinutes: "90" }).stage("idleGuard").command).to.match(/idle-guard-install\.sh 90$/);
+    expect(plan({ keepHostRunning: "true" }).stage("idleGuard").command).to.match(/idle-guard-install\.sh off$/);
+    // Nothing depends on it.
+    for (const s of plan().stages) {
+      expect(s.dependsOn, s.id).to.not.include("idleGuard");
+    }
+  });
+
+  it("the host stop comes after the publication and the idle guard, and without keepHostRunning only", () => {
+    const stop = plan().stage("stopHost");
+    expect(stop.site).to.equal("aws");
+    expect(stop.after).to.include.members(["publish", "idleGuard"]);
+    expect(plan({ keepHostRunning: "true" }).stages.map((s) => s.id)).to.not.include("stopHost");
+  });
+
+  it("the bake follows the published image, not how it was made", () => {
+    const p = plan();
+    const bake = p.stage("bakeImage");
+    expect(bake.dependsOn).to.deep.equal([]);
+    expect(bake.after).to.deep.equal(["publish"]);
+    expect(bake.files).to.have.members([...BAKE_FILES]);
+    expect(bake.inputs).to.include({ instanceType: "c7g.large", volumeGiB: "auto" });
+    expect(plan({ amiVolumeGiB: "100" }).stage("bakeImage").inputs.volumeGiB).to.equal("100");
+    expect(p.stage("bakeAmi").dependsOn).to.deep.equal(["bakeImage"]);
+    // The bake's digest sees the image VM's env, not the build VM's.
+    expect(bake.inputs.env).to.match(/^[0-9a-f]{64}$/);
+    expect(changedStages(p, plan({ vmMachineOptions: "gic-version=max" }))).to.include.members(BAKE);
+  });
+
+  it("secrets reach the host on stdin, never in a command; stdin holding a secret is marked", () => {
     const p = plan();
     expect(p.stage("configMedia").stdin).to.equal("answerFile");
-    expect(p.stage("provisionGuest").stdin).to.equal("guestSettings");
+    expect(p.stage("configMedia").secretStdin).to.equal(true);
+    expect(p.stage("provisionGuest").stdin).to.equal("guestKeyAndSettings");
+    expect(p.stage("provisionGuest").secretStdin).to.equal(true);
+    for (const s of p.stages.filter((x) => x.secretStdin))
+      expect(s.stdin, s.id).to.be.oneOf(["answerFile", "guestKeyAndSettings"]);
+    for (const id of ["renderEnv", "waitHost", "publish", "firmware"] as StageId[])
+      expect(p.stage(id).secretStdin, id).to.equal(false);
     expect(p.stage("configMedia").command).to.contain("cat > /var/lib/windows-vm/config/autounattend.xml");
     // Once the ISO is built, the staged plain copies are removed.
     expect(p.stage("configMedia").command).to.match(
       /build-config-iso\.sh .* && sudo -n rm -rf -- \/var\/lib\/windows-vm\/config$/,
     );
+  });
+
+  it("the config ISO authorizes the guest-only key (a runtime token), not the pipeline's", () => {
+    const cmd = plan().stage("configMedia").command as string;
+    expect(plan().stage("configMedia").runtime).to.include("guestKey");
+    expect(Object.keys(RUNTIME)).to.not.include("pipelineKey");
+    const resolved = resolveCommand(cmd, { guestKey: "ssh-ed25519 AAAAguest guest" });
+    expect(resolved).to.not.contain(RUNTIME.guestKey);
+    // The key, spaces and all, is one word of printf inside the root shell that writes authorized_keys.
+    const part = resolved.slice(
+      resolved.indexOf("sudo -n bash -c 'umask 077 && printf"),
+      resolved.indexOf(" && sudo -n env CONFIG_ISO_DRIVER_FOLDER="),
+    );
+    expect(bashWords(part)).to.deep.equal([
+      "sudo",
+      "-n",
+      "bash",
+      "-c",
+      "umask 077 && printf '%s\\n' 'ssh-ed25519 AAAAguest guest' > /var/lib/windows-vm/config/authorized_keys",
+    ]);
   });
 
   it("resolves runtime tokens and refuses to leave one unresolved", () => {
@@ -203,27 +472,50 @@ describe("pipeline plan", () => {
     // Tokens sit inside single quotes: a value holding one is refused, not spliced in.
     expect(() => resolveCommand(cmd, { artifactUri: "s3://b/it's/" })).to.throw(/artifactUri holds a single quote/);
     expect(Object.values(RUNTIME).every((t) => t.startsWith("@"))).to.equal(true);
+    // The wrapped command resolves the same way (stage.sh gets the resolved command).
+    const wrapped = resolveCommand(plan().stage("publish").hostCommand as string, { artifactUri: "s3://b/p/" });
+    expect(bashWords(wrapped).at(-1)).to.equal(resolveCommand(cmd, { artifactUri: "s3://b/p/" }));
   });
 
   it("runtime values propagate downstream: a new host re-runs every host stage", () => {
     const p = plan();
-    for (const s of p.stages.filter((x) => x.site !== "aws")) expect(s.runtime, s.id).to.include("hostId");
-    expect(p.stage("publish").runtime).to.include.members(["artifactUri", "answerFile", "guestSettings"]);
+    for (const s of p.stages.filter((x) => x.site === "host")) expect(s.runtime, s.id).to.include("hostId");
+    for (const s of p.stages.filter((x) => x.site === "aws")) expect(s.runtime, s.id).to.not.include("hostId");
+    expect(p.stage("publish").runtime).to.include.members(["artifactUri", "answerFile", "guestKey", "guestSettings"]);
     expect(p.stage("firmware").runtime).to.deep.equal(["hostId"]);
     // Guest settings reach the guest only over SSH: changing them boots the VM again before provisioning.
     for (const id of ["startVm", "waitGuest", "provisionGuest", "stopVm", "publish"] as StageId[]) {
       expect(p.stage(id).runtime, id).to.include("guestSettings");
     }
     expect(p.stage("configMedia").runtime).to.not.include("guestSettings");
+    expect(p.stage("configMedia").runtime).to.include.members(["answerFile", "guestKey"]);
   });
 
-  it("ISO sources pass the disk size and the WinPE drivers", () => {
+  it("ISO sources pass the disk size and the WinPE drivers, and get no answer file written into an image", () => {
     const p = plan({ windowsImageUrl: "https://example.com/Win11_ARM64.iso" });
     expect(p.stage("prepareDisk").command).to.match(/source\.iso \/var\/lib\/windows-vm\/disk\.qcow2 64$/);
     expect(p.stage("configMedia").command).to.contain("CONFIG_ISO_DRIVERS_ISO=/var/lib/windows-vm/virtio-win.iso");
+    expect(p.stages.map((s) => s.id)).to.not.include("injectAnswerFile");
     expect(
       changedStages(p, plan({ windowsImageUrl: "https://example.com/Win11_ARM64.iso", vmDiskGiB: "80" })),
     ).to.include("prepareDisk");
+  });
+
+  it("the local target runs the same host stages on this machine, as this user, under localWorkDir", () => {
+    const aws = plan()
+      .stages.filter((s) => s.site === "host" && !["waitHost", "idleGuard"].includes(s.id))
+      .map((s) => s.id);
+    const p = localPlan();
+    expect(p.stages.map((s) => s.id)).to.deep.equal(aws);
+    for (const s of p.stages) {
+      expect(s.hostCommand ?? "", s.id).to.not.contain("sudo");
+      expect(s.hostCommand ?? "", s.id).to.not.contain("/opt/windows-arm64-image");
+      expect(s.dependsOn, s.id).to.not.include("waitHost");
+    }
+    expect(p.stage("firmware").command).to.equal("bash /tmp/w%i,x/provisioning/build-efi.sh /tmp/w%i,x/vm");
+    expect(defaultArtifactUri(LOCAL_LAYOUT)).to.equal("file:///tmp/w%25i,x/artifacts/");
+    const pub = resolveCommand(p.stage("publish").command as string, { artifactUri: defaultArtifactUri(LOCAL_LAYOUT) });
+    expect(pub).to.contain("publish-image.sh /tmp/w%i,x/vm 'file:///tmp/w%25i,x/artifacts/'");
   });
 });
 
@@ -258,12 +550,37 @@ describe("guest provisioning command", () => {
     guestInstallBuildlet: "true",
     buildletStage0Url: "https://example.com/stage0.exe",
     buildletStage0Sha256: "d".repeat(64),
+    buildletEnv: "host-windows11-arm64-azure",
   });
   it("sends settings (with the password) as data, not in the command", () => {
     const s = guestSettings(c, "Secret-Pw1!");
     expect(s).to.include({ builderUser: "gopher", builderPassword: "Secret-Pw1!", installBuildlet: true });
     expect(s.buildletStage0Sha256).to.equal("d".repeat(64));
     expect(guestProvisionCommand()).to.not.contain("Secret-Pw1!");
+  });
+  it("a guest download installs only when its URL is set", () => {
+    // Only the required keys: no download URL, so nothing to install (and no buildletEnv needed).
+    const minimal = parseConfig({
+      sshAllowedCidrs: RAW.sshAllowedCidrs,
+      windowsImageUrl: RAW.windowsImageUrl,
+      windowsImageSha256: RAW.windowsImageSha256,
+      windowsVersion: RAW.windowsVersion,
+    });
+    expect(guestSettings(minimal, "pw")).to.include({
+      installBuildlet: false,
+      installLlvmMingw: false,
+      installVsBuildTools: false,
+    });
+    const llvm = parseConfig({
+      ...RAW,
+      guestInstallLlvmMingw: undefined,
+      llvmMingwUrl: "https://example.com/llvm-mingw.zip",
+      llvmMingwSha256: "e".repeat(64),
+    });
+    expect(guestSettings(llvm, "pw")).to.include({
+      installLlvmMingw: true,
+      llvmMingwUrl: "https://example.com/llvm-mingw.zip",
+    });
   });
   it("is powershell -EncodedCommand of the wrapper (UTF-16LE base64)", () => {
     const cmd = guestProvisionCommand();
