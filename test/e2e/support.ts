@@ -1,19 +1,30 @@
 /**
- * Drives the pipeline plan on this machine for the end-to-end test: copies the
- * host files the way the uploadFiles stage does, runs each host stage's exact
- * command with `bash -c` and the stdin the component would give it, runs the
- * guest stage over SSH against the stand-in guest, times every stage, and on
- * a failure says which stage, what it ran and what the VM was doing.
+ * Drives the pipeline plan on this machine for the end-to-end test, the way
+ * the local target's components do: the files copied with LocalRunner's
+ * upload command, then each host stage's `hostCommand` (stage.sh-wrapped,
+ * runtime tokens resolved as `stageCommand` does) run with `/bin/bash -c` in
+ * the project folder, with the stdin its component gives it. Every stage is
+ * timed, and a failure says which stage, what it ran and what the VM was
+ * doing.
  */
 import { spawn } from "child_process";
 import { sha256, sha256File } from "../support/disk";
 import * as fs from "fs";
 import * as net from "net";
-import * as os from "os";
 import * as path from "path";
 import { RawConfig } from "../../infra/config";
-import { hostFiles, HostLayout, Plan, resolveCommand, RuntimeValues, Stage, StageId } from "../../infra/pipeline/plan";
-import { StandinGuest, sshArgs } from "../fixtures/standin";
+import {
+  bounded,
+  hostFiles,
+  HostLayout,
+  Plan,
+  resolveCommand,
+  RuntimeValues,
+  shq,
+  Stage,
+  StageId,
+} from "../../infra/pipeline/plan";
+import { StandinGuest } from "../fixtures/standin";
 import { readPid, repoRoot, run } from "../support/run";
 import { awsEnv } from "../support/s3";
 
@@ -37,23 +48,20 @@ export interface Timing {
 /** Hash helpers live in test/support; the e2e files import them from here too. */
 export { sha256, sha256File };
 
-/** Copies every host file of the plan (provisioning/, assets/) under layout.home, as uploadFiles does. */
-export function uploadFiles(layout: HostLayout): string[] {
-  const files = hostFiles();
-  for (const f of files) {
-    const dest = path.join(layout.home, f);
-    fs.mkdirSync(path.dirname(dest), { recursive: true });
-    fs.copyFileSync(path.join(repoRoot, f), dest);
-    fs.chmodSync(dest, 0o644);
-  }
-  return files;
-}
-
 /** sha256 of every file a stage uses, by repo-relative path (buildPlan's fileHashes). */
 export function repoFileHashes(): Record<string, string> {
   const out: Record<string, string> = {};
   for (const f of hostFiles()) out[f] = sha256File(path.join(repoRoot, f));
   return out;
+}
+
+/**
+ * The local target's upload command (LocalRunner.upload in
+ * infra/pipeline/runner.ts): one `install -D` per file, relative to the
+ * project folder, where Pulumi runs its local commands.
+ */
+export function localUploadCommand(layout: HostLayout, files: string[]): string {
+  return files.map((f) => `install -D -m 0644 ${shq(f)} ${shq(`${layout.home}/${f}`)}`).join(" && ");
 }
 
 /** A small stand-in for the virtio-win ISO: the ARM64 driver folders, one .inf each. */
@@ -73,7 +81,10 @@ export async function makeDriversIso(dir: string): Promise<{ iso: string; sha256
   return { iso, sha256: sha256File(iso) };
 }
 
-/** The raw (string) stack config of the local target, as Pulumi would store it. */
+/**
+ * The raw (string) stack config of the local target, as Pulumi would store
+ * it. The guest user is root: the stand-in authorizes its key for root only.
+ */
 export function localRawConfig(p: {
   guest: StandinGuest;
   driversIso: { iso: string; sha256: string };
@@ -87,6 +98,9 @@ export function localRawConfig(p: {
     windowsVersion: "11-23h2",
     virtioIsoUrl: `file://${p.driversIso.iso}`,
     virtioIsoSha256: p.driversIso.sha256,
+    guestAdminUser: "root",
+    // The stand-in's disk is FAT, with no Windows partition to write an answer file into.
+    answerFileInImage: "false",
     guestInstallBuildlet: "false",
     guestInstallLlvmMingw: "false",
     guestInstallVsBuildTools: "false",
@@ -109,19 +123,39 @@ export function stageEnv(s3Dir: string, endpoint: string): NodeJS.ProcessEnv {
   return { ...env, ...creds };
 }
 
-/** Runs a program with streamed output; `onOutput` sees stdout and stderr as they arrive. */
-export function spawnCapture(
-  cmd: string,
-  args: string[],
+export interface Captured {
+  code: number | null;
+  signal: NodeJS.Signals | null;
+  stdout: string;
+  stderr: string;
+  /** The harness's own safety bound was reached (the process group was killed). */
+  timedOut: boolean;
+  pid: number;
+}
+
+/**
+ * Runs `/bin/bash -c COMMAND` (the local command provider's interpreter) in
+ * its own process group, output streamed to `onOutput` (stdout and stderr
+ * together, as they arrive). At `timeoutMs` (a safety net of the test, far
+ * beyond what a stage needs here) the group gets SIGTERM, then SIGKILL.
+ */
+export function spawnBash(
+  command: string,
   opts: {
     env: NodeJS.ProcessEnv;
     input?: string;
     timeoutMs: number;
     onOutput?: (chunk: string) => void;
   },
-): Promise<{ code: number | null; signal: NodeJS.Signals | null; stdout: string; stderr: string; timedOut: boolean }> {
+): Promise<Captured> {
   return new Promise((resolve, reject) => {
-    const child = spawn(cmd, args, { cwd: os.tmpdir(), env: opts.env, stdio: ["pipe", "pipe", "pipe"] });
+    const child = spawn("/bin/bash", ["-c", command], {
+      cwd: repoRoot,
+      env: opts.env,
+      stdio: ["pipe", "pipe", "pipe"],
+      detached: true,
+    });
+    const pid = child.pid ?? -1;
     let stdout = "";
     let stderr = "";
     let timedOut = false;
@@ -133,9 +167,18 @@ export function spawnCapture(
       stderr += d.toString();
       opts.onOutput?.(d.toString());
     });
+    const signalGroup = (sig: NodeJS.Signals) => {
+      try {
+        process.kill(-pid, sig);
+      } catch {
+        /* the group is gone */
+      }
+    };
+    let killTimer: NodeJS.Timeout | undefined;
     const timer = setTimeout(() => {
       timedOut = true;
-      child.kill("SIGKILL");
+      signalGroup("SIGTERM");
+      killTimer = setTimeout(() => signalGroup("SIGKILL"), 15_000);
     }, opts.timeoutMs);
     child.on("error", reject);
     child.stdin.on("error", (e: NodeJS.ErrnoException) => {
@@ -143,123 +186,144 @@ export function spawnCapture(
     });
     child.on("close", (code, signal) => {
       clearTimeout(timer);
-      resolve({ code, signal, stdout, stderr, timedOut });
+      if (killTimer) clearTimeout(killTimer);
+      resolve({ code, signal, stdout, stderr, timedOut, pid });
     });
     child.stdin.end(opts.input ?? "");
   });
 }
 
-/** What the component feeds each kind of stdin. */
-export interface StdinContents {
-  vmBuildEnv: string;
-  vmImageEnv: string;
+/** What the components feed the stages' stdin (infra/components/*.ts). */
+export interface ComponentInputs {
+  /** The build VM's env file (WindowsVm: renderEnv). */
+  buildEnv: string;
+  /** The rendered answer file (WindowsVm: configMedia). */
   answerFile: string;
-  guestSettings: string;
+  /** The guest-only private key (GuestProvisioning). */
+  guestPrivateKey: string;
+  /** The settings JSON (GuestProvisioning, after the key). */
+  settings: string;
 }
 
 export interface RunOpts {
-  /** Upper bound for this run (the stage's own timeoutMinutes is far longer on real hardware). */
+  /** The harness's safety bound for this run (the stage's own bound is far longer on real hardware). */
   timeoutMs?: number;
-  /** Rewrites the resolved command (fault tests shorten timeouts); the test asserts what it changed. */
+  /**
+   * Rewrites the stage's inner command (Stage.command; fault tests shorten a
+   * script's own timeout); the result is wrapped with plan.ts's `bounded()`
+   * as buildPlan wraps it. The test asserts what it changed.
+   */
   edit?: (command: string) => string;
-  /** Another plan to take the stage from (e.g. the aws plan's prepareAmi). */
-  plan?: Plan;
-  stdin?: Partial<StdinContents>;
+  /** The host-side bound in minutes (default: the stage's timeoutMinutes), also through `bounded()`. */
+  boundMinutes?: number;
   env?: NodeJS.ProcessEnv;
+  /** Sees the output (stdout and stderr) as it comes. */
   onOutput?: (chunk: string) => void;
   /** Name in the timing table (default: the stage id). */
   label?: string;
 }
 
-/** Runs the plan's stages like the components do, and keeps their wall times. */
+/** Runs the plan's stages like the local target's components do, and keeps their wall times. */
 export class PipelineDriver {
   readonly timings: Timing[] = [];
 
   constructor(
     readonly plan: Plan,
     readonly runtime: RuntimeValues,
-    readonly stdin: StdinContents,
+    readonly inputs: ComponentInputs,
     readonly env: NodeJS.ProcessEnv,
-    readonly guest: StandinGuest,
   ) {}
 
   get layout(): HostLayout {
     return this.plan.layout;
   }
 
-  /** The stage's command with its runtime tokens resolved, exactly as a Command resource gets it. */
-  command(stage: Stage): string {
-    if (stage.command === undefined) throw new Error(`stage ${stage.id} has no host command`);
+  /**
+   * The command a stage's Command resource gets: its hostCommand with the
+   * runtime tokens it uses resolved (runner.ts `stageCommand`), or, with
+   * `edit`/`boundMinutes`, its inner command re-wrapped by `bounded()`.
+   */
+  command(stage: Stage, opts: Pick<RunOpts, "edit" | "boundMinutes"> = {}): string {
+    if (stage.hostCommand === undefined || stage.command === undefined) {
+      throw new Error(`stage ${stage.id} has no host command`);
+    }
+    const cmd =
+      opts.edit === undefined && opts.boundMinutes === undefined
+        ? stage.hostCommand
+        : bounded(
+            this.layout,
+            stage.id,
+            opts.boundMinutes ?? stage.timeoutMinutes,
+            stage.waitsFor,
+            (opts.edit ?? ((c: string) => c))(stage.command),
+          );
     const values: Partial<RuntimeValues> = {};
     for (const r of stage.runtime) values[r] = this.runtime[r];
-    return resolveCommand(stage.command, values);
+    return resolveCommand(cmd, values);
   }
 
-  /** Runs host stage `id` with `bash -c <command>` and the stage's stdin; never throws on a non-zero exit. */
+  /** The stdin the stage's component gives it. */
+  stdin(stage: Stage): string | undefined {
+    switch (stage.stdin) {
+      case undefined:
+        return undefined;
+      case "vmBuildEnv":
+        return this.inputs.buildEnv;
+      case "answerFile":
+        return this.inputs.answerFile;
+      case "guestKeyAndSettings":
+        // GuestProvisioning: the key, a newline, then the settings.
+        return `${this.inputs.guestPrivateKey.trim()}\n${this.inputs.settings}`;
+      case "hostReadyScript":
+        throw new Error(`stage ${stage.id} runs on the AWS host only`);
+    }
+  }
+
+  /** uploadFiles: LocalRunner's upload command, run as the provider runs it. */
+  async upload(opts: { label?: string } = {}): Promise<StageResult> {
+    const stage = this.plan.stage("uploadFiles");
+    const command = localUploadCommand(this.layout, stage.files);
+    const t0 = Date.now();
+    const res = await spawnBash(command, { env: this.env, timeoutMs: 60_000 });
+    return this.finish(opts.label ?? stage.id, stage.id, command, t0, res);
+  }
+
+  /** Runs host stage `id` as its Command resource would; never throws on a non-zero exit. */
   async runHost(id: StageId, opts: RunOpts = {}): Promise<StageResult> {
-    const stage = (opts.plan ?? this.plan).stage(id);
+    const stage = this.plan.stage(id);
     if (stage.site !== "host") throw new Error(`stage ${id} runs on ${stage.site}, not the host`);
-    let command = this.command(stage);
-    if (opts.edit) command = opts.edit(command);
-    const stdinAll = { ...this.stdin, ...opts.stdin };
-    const input = stage.stdin ? stdinAll[stage.stdin] : undefined;
+    const command = this.command(stage, opts);
     const t0 = Date.now();
-    // Node gives a child a socket as stdin, where `/dev/stdin` cannot be opened (ENXIO);
-    // sshd and Pulumi's local Command give a pipe. `cat |` makes it a pipe again.
-    const res = await spawnCapture("bash", ["-c", 'cat | bash -c "$1"', "stage", command], {
+    const timeoutMs = opts.timeoutMs ?? 600_000;
+    const res = await spawnBash(command, {
       env: { ...this.env, ...opts.env },
-      input,
-      timeoutMs: opts.timeoutMs ?? 300_000,
+      input: this.stdin(stage),
+      timeoutMs,
       onOutput: opts.onOutput,
     });
-    const seconds = (Date.now() - t0) / 1000;
-    this.timings.push({ id: opts.label ?? id, seconds, ok: res.code === 0 });
-    const stderr = res.timedOut ? `${res.stderr}\n(e2e: killed after ${opts.timeoutMs ?? 300_000} ms)` : res.stderr;
-    const result = { id, code: res.code, signal: res.signal, stdout: res.stdout, stderr, seconds, command };
-    verbose(opts.label ?? id, result);
-    return result;
+    if (res.timedOut) res.stderr += `\n(e2e: the harness stopped the stage after ${timeoutMs} ms)`;
+    return this.finish(opts.label ?? id, id, command, t0, res);
   }
 
-  /**
-   * The guest stage against the stand-in: test/fixtures/standin-provision.sh
-   * is the SSH command (as the encoded PowerShell is for Windows) and the
-   * settings JSON goes on stdin. On failure the result's stderr says whether
-   * the VM is still running, with the tail of its serial log.
-   */
-  async runGuest(
-    opts: { env?: Record<string, string>; timeoutMs?: number; onOutput?: (c: string) => void; label?: string } = {},
-  ): Promise<StageResult> {
-    const stage = this.plan.stage("provisionGuest");
-    const script = fs.readFileSync(path.join(repoRoot, "test", "fixtures", "standin-provision.sh"), "utf8");
-    const exports = Object.entries(opts.env ?? {})
-      .map(([k, v]) => `export ${k}=${v}\n`)
-      .join("");
-    const command = exports + script;
-    const t0 = Date.now();
-    const res = await spawnCapture("ssh", [...sshArgs(this.guest, this.layout.sshPort), command], {
-      env: this.env,
-      input: this.stdin[stage.stdin ?? "guestSettings"],
-      timeoutMs: opts.timeoutMs ?? 120_000,
-      onOutput: opts.onOutput,
-    });
+  private finish(label: string, id: StageId, command: string, t0: number, res: Captured): StageResult {
     const seconds = (Date.now() - t0) / 1000;
-    this.timings.push({ id: opts.label ?? stage.id, seconds, ok: res.code === 0 });
+    this.timings.push({ id: label, seconds, ok: res.code === 0 });
     let stderr = res.stderr;
-    if (res.code !== 0) stderr += "\n" + this.diagnoseVm(`ssh root@127.0.0.1:${this.layout.sshPort}`);
-    const result = { id: stage.id, code: res.code, signal: res.signal, stdout: res.stdout, stderr, seconds, command };
-    verbose(opts.label ?? stage.id, { ...result, command: "(standin-provision.sh)" });
+    if (res.code !== 0 && VM_STAGES.includes(id)) stderr += "\n" + this.diagnoseVm(id);
+    const result = { id, code: res.code, signal: res.signal, stdout: res.stdout, stderr, seconds, command };
+    verbose(label, result);
     return result;
   }
 
   /** One paragraph on the build VM's state: is QEMU alive, and the serial log's tail. */
-  diagnoseVm(what: string): string {
+  diagnoseVm(id: StageId): string {
     const L = this.layout;
     const pid = readPid(path.join(L.vmDir, "qemu.pid"));
     const state =
       pid !== undefined && isQemu(pid)
         ? `the VM ${L.buildUnit} (QEMU pid ${pid}, ${L.vmDir}) is still running`
-        : `the VM ${L.buildUnit} (${L.vmDir}) is not running: QEMU${pid !== undefined ? ` pid ${pid}` : ""} is gone`;
-    return `provisionGuest: ${what} failed; ${state}\nlast lines of the serial log ${L.vmDir}/serial.log:\n${serialTail(path.join(L.vmDir, "serial.log"), 15)}`;
+        : `the VM ${L.buildUnit} (${L.vmDir}) is not running${pid !== undefined ? `: QEMU pid ${pid} is gone` : ""}`;
+    return `(e2e) after ${id}: ${state}\nlast lines of the serial log ${L.vmDir}/serial.log:\n${serialTail(path.join(L.vmDir, "serial.log"), 15)}`;
   }
 
   /** Runs a stage and throws (with its command and output) unless it exits 0. */
@@ -267,6 +331,9 @@ export class PipelineDriver {
     return must(await this.runHost(id, opts));
   }
 }
+
+/** Stages whose failure is explained by the VM's state. */
+const VM_STAGES: StageId[] = ["startVm", "waitGuest", "provisionGuest", "stopVm"];
 
 /** E2E_VERBOSE=1: print every stage's command and output as it finishes. */
 function verbose(label: string, r: StageResult): void {
@@ -298,6 +365,24 @@ export function isQemu(pid: number): boolean {
   } catch {
     return false;
   }
+}
+
+/** Live (not zombie) processes whose command line contains `needle`. */
+export function processesMatching(needle: string): Array<{ pid: number; cmdline: string }> {
+  const out: Array<{ pid: number; cmdline: string }> = [];
+  for (const d of fs.readdirSync("/proc")) {
+    if (!/^\d+$/.test(d)) continue;
+    try {
+      const cmdline = fs.readFileSync(`/proc/${d}/cmdline`, "utf8").split("\0").join(" ").trim();
+      if (!cmdline.includes(needle)) continue;
+      const stat = fs.readFileSync(`/proc/${d}/stat`, "utf8");
+      const state = stat.slice(stat.lastIndexOf(")") + 2).split(" ")[0];
+      if (state !== "Z" && state !== "X") out.push({ pid: Number(d), cmdline });
+    } catch {
+      /* gone meanwhile */
+    }
+  }
+  return out;
 }
 
 /** Kills the QEMU of a VM dir (cleanup after a test), waiting until it is gone. */
