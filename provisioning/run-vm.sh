@@ -40,11 +40,29 @@
 #   VM_SERIAL_LOG [$VM_DIR/serial.log] guest serial console, appended to
 #   VM_HALT_ON_EXIT [0]               1: power the host off when QEMU exits
 #   VM_MAC [52:54:00:12:34:56]        guest NIC MAC address
-#   VM_IMDS_PROXY [1]                 1: guest 10.0.2.100:8173 -> 169.254.169.254:80
+#   VM_IMDS_PROXY [1]                 1: guest 10.0.2.100:8173 -> the metadata proxy
+#                                     (imds-proxy.py beside this script: user data and
+#                                     non-credential meta-data only; needs python3)
+#   VM_USER [windows-vm as root]      the unprivileged account QEMU runs as (root only;
+#                                     root: QEMU stays root, and the guest can reach
+#                                     the instance role's credentials)
 # Environment only (never read from the file):
 #   RUN_VM_DRY_RUN=1                  same as --print
 #   RUN_VM_HALT_COMMAND               program run instead of the host power-off
 #                                     when VM_HALT_ON_EXIT=1 (for tests)
+#
+# The guest cannot reach the host's credentials. Started as root, QEMU opens
+# its files, sockets, ports and /dev/kvm as root and then runs the guest as
+# VM_USER (QEMU's -runas, or -run-with user= on QEMU 9.1+); before that this
+# script installs the nftables table inet windows_vm_<uid> (replaced on every
+# start), which refuses that uid's connections to 169.254.0.0/16,
+# fd00:ec2::/32 and fe80::/10 (the Amazon DNS resolver excepted), so the guest
+# reaches the internet but not the metadata service. The proxy reaches the
+# service through a gate (imds-proxy.py --gate, run as nobody, an abstract unix
+# socket) that forwards only what the proxy may ask. Unset VM_USER whose
+# account does not exist: a warning, and QEMU runs as root; VM_USER set
+# explicitly: the account must exist, or nothing starts. Needs nft (nftables)
+# and setpriv (util-linux) then.
 #
 # Outputs: $VM_DIR/qemu.pid (written by QEMU, removed when it exits), the
 #   serial log (a "=== run-vm: ..." line is appended before each start; a log
@@ -61,6 +79,7 @@ set -euo pipefail
 
 readonly me="run-vm"
 readonly qemu_bin="qemu-system-aarch64"
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 readonly efi_size=$((64 * 1024 * 1024))
 
 log() { printf '%s: %s\n' "$me" "$*" >&2; }
@@ -92,7 +111,7 @@ if [[ $mode == run && ${RUN_VM_DRY_RUN:-0} == 1 ]]; then mode=print; fi
 
 readonly known_vars=(VM_DIR VM_CPUS VM_MEMORY_GIB VM_ACCEL VM_MACHINE_OPTS VM_DISK VM_EFI_CODE VM_EFI_VARS
   VM_DRIVERS_ISO VM_CONFIG_ISO VM_INSTALL_ISO VM_SSH_PORT VM_BUILDLET_PORT VM_VNC_DISPLAY VM_QMP_SOCKET VM_SERIAL_LOG
-  VM_HALT_ON_EXIT VM_MAC VM_IMDS_PROXY)
+  VM_HALT_ON_EXIT VM_MAC VM_IMDS_PROXY VM_USER)
 
 problems=()
 problem() { problems+=("$*"); }
@@ -151,6 +170,9 @@ VM_SERIAL_LOG=${VM_SERIAL_LOG:-$VM_DIR/serial.log}
 VM_HALT_ON_EXIT=${VM_HALT_ON_EXIT:-0}
 VM_MAC=${VM_MAC:-52:54:00:12:34:56}
 VM_IMDS_PROXY=${VM_IMDS_PROXY:-1}
+vm_user_explicit=0
+[[ -z ${VM_USER:-} ]] || vm_user_explicit=1
+if ((EUID == 0)); then VM_USER=${VM_USER:-windows-vm}; else VM_USER=${VM_USER:-}; fi
 pid_file="$VM_DIR/qemu.pid"
 
 if [[ $mode == resolve ]]; then
@@ -269,20 +291,74 @@ for var in VM_DIR VM_DISK VM_EFI_CODE VM_EFI_VARS VM_DRIVERS_ISO VM_CONFIG_ISO V
   [[ ${!var} != *[[:space:]]* ]] || problem "$var='${!var}' contains white space"
 done
 
-imds_cmd=""
-if [[ $VM_IMDS_PROXY == 1 ]]; then
-  if command -v nc >/dev/null 2>&1; then
-    imds_cmd="nc 169.254.169.254 80"
-  elif command -v netcat >/dev/null 2>&1; then
-    imds_cmd="netcat 169.254.169.254 80"
-  elif command -v ncat >/dev/null 2>&1; then
-    imds_cmd="ncat 169.254.169.254 80"
-  elif command -v socat >/dev/null 2>&1; then
-    imds_cmd="socat - TCP:169.254.169.254:80"
-  else
-    problem "VM_IMDS_PROXY=1 needs nc, netcat, ncat or socat on PATH (install netcat-openbsd), or set VM_IMDS_PROXY=0"
+# --- who QEMU runs as, and the metadata proxy (see "The guest cannot reach the
+# host's credentials" above) ----------------------------------------------------
+# check_privileges sets run_as (the account QEMU drops to; empty: it does not
+# drop) with run_as_uid, and the gate's account (nobody) in gate_uid/gate_gid.
+run_as="" run_as_uid="" gate_uid="" gate_gid=""
+check_privileges() {
+  if [[ -n $VM_USER && ! $VM_USER =~ ^[a-z_][a-z0-9_-]{0,31}$ ]]; then
+    problem "VM_USER=$VM_USER is not an account name (lowercase letters, digits, '_' and '-')"
+    return
   fi
-fi
+  if ((EUID != 0)); then
+    if [[ -n $VM_USER && $VM_USER != "$(id -un)" ]]; then
+      problem "VM_USER=$VM_USER: only root can run QEMU as another account (this is $(id -un)): start as root, or leave VM_USER unset"
+    elif [[ $VM_IMDS_PROXY == 1 ]]; then
+      warn "not started as root: no firewall rule keeps the guest from the instance metadata service; start as root to run QEMU as an unprivileged VM_USER behind one"
+    fi
+    return
+  fi
+  if [[ $VM_USER == root ]]; then
+    warn "VM_USER=root: QEMU runs as root, and the guest can reach the instance metadata service and the role's credentials"
+    return
+  fi
+  local create="useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin $VM_USER"
+  if ! run_as_uid=$(id -u -- "$VM_USER" 2>/dev/null); then
+    if ((vm_user_explicit)); then
+      problem "VM_USER=$VM_USER: no such account; create it ($create), or set VM_USER=root"
+    else
+      warn "the account $VM_USER does not exist, so QEMU runs as root and the guest can reach the instance metadata service and the role's credentials; create it ($create)"
+    fi
+    return
+  fi
+  if ((run_as_uid == 0)); then
+    problem "VM_USER=$VM_USER has uid 0: name an unprivileged account (or VM_USER=root)"
+    return
+  fi
+  run_as=$VM_USER
+  command -v nft >/dev/null 2>&1 ||
+    problem "VM_USER=$VM_USER: nft not found (install nftables): without its rule the guest could reach the instance's credentials"
+  command -v setpriv >/dev/null 2>&1 || problem "VM_USER=$VM_USER: setpriv not found (install util-linux)"
+  if ! gate_uid=$(id -u nobody 2>/dev/null) || ! gate_gid=$(id -g nobody 2>/dev/null); then
+    problem "VM_USER=$VM_USER: no account 'nobody' to run the metadata gate as"
+  fi
+}
+
+# check_imds_proxy sets python and imds_proxy when VM_IMDS_PROXY=1.
+python="" imds_proxy="$here/imds-proxy.py" gate_name="windows-vm-imds-$$"
+check_imds_proxy() {
+  [[ $VM_IMDS_PROXY == 1 ]] || return 0
+  python=/usr/bin/python3
+  [[ -x $python ]] || python=$(command -v python3 2>/dev/null || true)
+  if [[ -z $python ]]; then
+    problem "VM_IMDS_PROXY=1 needs python3 for the metadata proxy (install python3), or set VM_IMDS_PROXY=0"
+  elif [[ ! -r $imds_proxy ]]; then
+    problem "VM_IMDS_PROXY=1 but the metadata proxy $imds_proxy is missing: install it beside run-vm.sh"
+  elif [[ ! $imds_proxy$python =~ ^[A-Za-z0-9/._+@-]+$ ]]; then
+    problem "the metadata proxy's path $imds_proxy (or $python) holds characters other than letters, digits and /._+@- (it goes into QEMU's -netdev option)"
+  elif [[ -n $run_as && -n $gate_uid ]] && command -v setpriv >/dev/null 2>&1; then
+    # QEMU runs the proxy as VM_USER, the gate runs as nobody: both must reach it.
+    local who
+    for who in "$run_as" nobody; do
+      setpriv --reuid="$who" --regid="$(id -g "$who")" --init-groups -- test -r "$imds_proxy" 2>/dev/null ||
+        warn "$who cannot read $imds_proxy (a folder on its path is closed to it): the guest's metadata requests will fail"
+    done
+  fi
+}
+
+check_privileges
+check_imds_proxy
 
 # Is a QEMU from this VM_DIR already running? (QEMU removes qemu.pid on a
 # clean exit; after a crash the file stays, so check the process too.)
@@ -325,6 +401,68 @@ if [[ $mode == check ]]; then
   exit 0
 fi
 
+# --- who QEMU runs as, and the metadata proxy: the run-time parts ---------------
+
+# imds_guestfwd: the -netdev user option that runs the proxy per guest connection.
+imds_guestfwd() {
+  local cmdline="$python -I -S $imds_proxy"
+  [[ -z $run_as ]] || cmdline+=" --upstream unix:@$gate_name --upstream-uid $gate_uid"
+  printf 'guestfwd=tcp:10.0.2.100:8173-cmd:%s' "$(q "$cmdline")"
+}
+
+# runas_args: QEMU's options to drop to run_as once it has opened everything.
+runas_args() {
+  if "$qemu_bin" -help 2>/dev/null | grep -q -- '-run-with .*user='; then
+    cmd+=(-run-with "user=$(q "$run_as")")
+  else
+    cmd+=(-runas "$run_as")
+  fi
+}
+
+# install_metadata_firewall: (re)places table inet windows_vm_<uid>, whose
+# chain guest refuses run_as's connections to the link-local and EC2 metadata
+# addresses (the Amazon DNS resolver on port 53 excepted). Loopback stays open:
+# libslirp makes its guestfwd socket pairs over 127.0.0.1.
+install_metadata_firewall() {
+  local table="windows_vm_$run_as_uid" out
+  out=$(printf '%s\n' \
+    "table inet $table" \
+    "delete table inet $table" \
+    "table inet $table {" \
+    "  chain output {" \
+    "    type filter hook output priority filter; policy accept;" \
+    "    meta skuid $run_as_uid jump guest" \
+    "  }" \
+    "  chain guest {" \
+    "    meta l4proto { tcp, udp } th dport 53 ip daddr 169.254.169.253 accept" \
+    "    meta l4proto { tcp, udp } th dport 53 ip6 daddr fd00:ec2::253 accept" \
+    "    ip daddr 169.254.0.0/16 counter jump refuse" \
+    "    ip6 daddr { fd00:ec2::/32, fe80::/10 } counter jump refuse" \
+    "  }" \
+    "  chain refuse {" \
+    "    meta l4proto tcp reject with tcp reset" \
+    "    reject with icmpx type admin-prohibited" \
+    "  }" \
+    "}" | nft -f - 2>&1) || die "cannot install the nftables table inet $table that keeps $run_as (uid $run_as_uid) from the instance metadata service: ${out//$'\n'/ }"
+  log "nftables table inet $table: $run_as (uid $run_as_uid) gets no connection to 169.254.0.0/16, fd00:ec2::/32 or fe80::/10 (Amazon DNS excepted)"
+}
+
+# start_imds_gate: the gate (imds-proxy.py --gate, as nobody) that the proxy
+# reaches the metadata service through; it exits when QEMU (this pid, after
+# exec) is gone.
+start_imds_gate() {
+  local fd line="" gate_pid
+  exec {fd}< <(exec setpriv --reuid="$gate_uid" --regid="$gate_gid" --clear-groups --no-new-privs -- \
+    "$python" -I -S "$imds_proxy" --gate "$gate_name" --vm-uid "$run_as_uid" --parent "$$" </dev/null)
+  gate_pid=$!
+  read -r -t 10 -u "$fd" line || true
+  exec {fd}<&-
+  if [[ $line != ready ]]; then
+    kill "$gate_pid" 2>/dev/null || true
+    die "the metadata gate ($imds_proxy --gate, as nobody) did not start within 10 s: see its messages above"
+  fi
+}
+
 # --- command line --------------------------------------------------------------
 q() { printf '%s' "${1//,/,,}"; } # escape a value inside a QEMU option list
 
@@ -333,7 +471,7 @@ machine="virt"
 if [[ $VM_ACCEL == kvm ]]; then cpu=host; else cpu=max; fi
 
 netdev="user,id=net0,hostfwd=tcp:127.0.0.1:$VM_SSH_PORT-:22,hostfwd=tcp::$VM_BUILDLET_PORT-:443"
-[[ -z $imds_cmd ]] || netdev+=",guestfwd=tcp:10.0.2.100:8173-cmd:$imds_cmd"
+[[ $VM_IMDS_PROXY != 1 ]] || netdev+=",$(imds_guestfwd)"
 
 cmd=(
   "$qemu_bin"
@@ -391,6 +529,7 @@ cmd+=(
   -mon chardev=qmp0,mode=control
   -pidfile "$pid_file"
 )
+[[ -z $run_as ]] || runas_args
 
 if [[ $mode == print ]]; then
   printf '%s\n' "${cmd[@]}"
@@ -404,6 +543,10 @@ if [[ -f $VM_SERIAL_LOG ]] && (($(file_size "$VM_SERIAL_LOG") > 16 * 1024 * 1024
 fi
 printf '\n=== run-vm: starting QEMU at %s ===\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)" >>"$VM_SERIAL_LOG"
 
+if [[ -n $run_as ]]; then
+  install_metadata_firewall
+  [[ $VM_IMDS_PROXY != 1 ]] || start_imds_gate
+fi
 log "starting: $(printf '%q ' "${cmd[@]}")"
 
 if [[ $VM_HALT_ON_EXIT != 1 ]]; then
