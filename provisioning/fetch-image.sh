@@ -39,9 +39,10 @@
 #                 "<sha256> <size-bytes> <mtime-epoch.nanoseconds>" of DEST.
 #                 While it matches DEST, a rerun does not hash DEST again.
 #                 prepare-disk.sh reads it as SOURCE.sha256.
-#   $TMPDIR/fetch-image.<pid>.XXXXXX  this run's work folder (error text, reply
-#                 headers), removed on exit; folders of killed runs are removed
-#                 by the next run.
+#   DEST.sha256.XXXXXX  the stamp before its rename; one left by a killed run
+#                 is removed by the next. Nothing else is written: error text
+#                 and reply headers are kept in memory (so a full disk cannot
+#                 swallow the message that names it).
 #
 # Behaviour: DEST already present and verified -> says so and exits 0 without
 # touching it. DEST present but not matching SHA256 -> kept (with its stamp)
@@ -113,21 +114,12 @@ if ! err=$(mkdir -p -- "$dest_dir" 2>&1); then
   die "cannot create the directory of $dest: ${err#mkdir: }"
 fi
 
-# --- work folder (killed runs' folders swept) ----------------------------------
-tmp_root=${TMPDIR:-/tmp}
+# Stamps of killed runs, left under mktemp's temporary name.
 shopt -s nullglob
-for old in "$tmp_root"/fetch-image.*.*; do
-  [[ -d $old && ! -L $old && -O $old ]] || continue
-  old_pid=${old#"$tmp_root"/fetch-image.}
-  old_pid=${old_pid%%.*}
-  [[ $old_pid =~ ^[0-9]+$ ]] || continue
-  if alive "$old_pid" && tr '\0' ' ' <"/proc/$old_pid/cmdline" 2>/dev/null | grep -q fetch-image; then
-    continue
-  fi
-  rm -rf -- "$old"
+for f in "$stamp".??????; do
+  [[ -f $f && ! -L $f ]] && rm -f -- "$f"
 done
 shopt -u nullglob
-work=$(mktemp -d "$tmp_root/fetch-image.$$.XXXXXX") || die "cannot create a work folder in $tmp_root"
 
 watcher=
 own_partial=0
@@ -150,8 +142,8 @@ remove_partial() {
 cleanup() {
   local rc=$?
   stop_watcher
-  rm -rf -- "$work"
   if ((rc != 0 && own_partial)); then remove_partial; fi
+  if [[ -n ${stamp_tmp:-} ]]; then rm -f -- "$stamp_tmp"; fi
 }
 trap cleanup EXIT
 trap 'exit 143' TERM
@@ -163,11 +155,11 @@ own_partial=1
 stamp_line() { printf '%s %s\n' "$2" "$(stat -c '%s %.9Y' -- "$1")"; }
 
 write_stamp() { # FILE SHA STAMPFILE
-  local tmp
-  tmp=$(mktemp "$3.XXXXXX")
-  stamp_line "$1" "$2" >"$tmp"
-  chmod 0644 -- "$tmp"
-  mv -f -- "$tmp" "$3"
+  stamp_tmp=$(mktemp "$3.XXXXXX") || die "cannot create a temporary file beside $3"
+  if ! { stamp_line "$1" "$2" >"$stamp_tmp" && chmod 0644 -- "$stamp_tmp" && mv -f -T -- "$stamp_tmp" "$3"; }; then
+    die "cannot write $3 (is the disk full?)"
+  fi
+  stamp_tmp=
 }
 
 stamp_matches() { # FILE SHA STAMPFILE
@@ -184,8 +176,8 @@ hash_file() { # FILE -> prints sha256, with progress lines
   printf '%s\n' "$sum"
 }
 
-# The last non-empty line of FILE, on one line and at most 400 characters.
-last_line() { grep -av '^[[:space:]]*$' -- "$1" 2>/dev/null | tail -n 1 | tr -d '\r' | cut -c1-400 || true; }
+# The last non-empty line of TEXT, at most 400 characters.
+last_line() { printf '%s\n' "$1" | tr -d '\r' | grep -av '^[[:space:]]*$' | tail -n 1 | cut -c1-400 || true; }
 
 # A local error (writing DEST.partial, reading a file:// source) that retrying
 # cannot fix: no space, no permission, a directory, a read-only file system, ...
@@ -257,11 +249,11 @@ partial_size() { if [[ -f $partial ]]; then stat -c %s -- "$partial"; else echo 
 last_error=
 resumed=0
 
-# The status code and the size the last reply in a curl --dump-header file
+# The status code and the size the last reply in curl's dumped headers (TEXT)
 # announces: "CODE TOTAL" (TOTAL empty when the server gave none; from
 # Content-Range when present, else Content-Length).
-reply_of() { # HEADERS_FILE
-  tr -d '\r' <"$1" | awk '
+reply_of() { # TEXT
+  printf '%s\n' "$1" | tr -d '\r' | awk '
     /^HTTP\// { code = $2; len = ""; total = ""; next }
     tolower($1) == "content-length:" { len = $2 }
     tolower($1) == "content-range:" { n = split($0, p, "/"); if (p[n] ~ /^[0-9]+$/) total = p[n] }
@@ -270,10 +262,11 @@ reply_of() { # HEADERS_FILE
 
 # One http(s) attempt into $partial, resuming it when it holds bytes. Every
 # byte goes through dd (O_APPEND|O_NOFOLLOW), which names the errno of a failed
-# write and stops one byte past FETCH_MAX_BYTES.
+# write and stops one byte past FETCH_MAX_BYTES. curl's headers (-D) and both
+# tools' messages are captured together on fd 3, the pipeline's status last.
 fetch_http() {
-  local hdr=$work/headers cerr=$work/curl.err werr=$work/write.err have code total size reason
-  local -a st range=()
+  local out st have code total size reason curl_msg write_msg st_curl st_dd
+  local -a range=()
   have=$(partial_size)
   if ((have > max_bytes)); then
     rm -f -- "$partial"
@@ -286,23 +279,28 @@ fetch_http() {
   else
     log "downloading $url"
   fi
-  : >"$hdr"
-  : >"$werr"
   start_watcher ""
   # --fail: an HTTP error writes nothing to the partial file.
-  set +e
-  curl --fail --location --max-redirs 10 --proto '=http,https' --silent --show-error \
-    --connect-timeout "$connect_s" --speed-limit 1024 --speed-time "$stall_s" \
-    --max-filesize "$max_bytes" "${range[@]}" --dump-header "$hdr" --output - -- "$url" 2>"$cerr" |
-    dd of="$partial" bs=1M iflag=fullblock,count_bytes count=$((max_bytes - have + 1)) \
-      oflag=append,nofollow conv=notrunc status=none 2>"$werr"
-  st=("${PIPESTATUS[@]}")
-  set -e
+  out=$(
+    {
+      curl --fail --location --max-redirs 10 --proto '=http,https' --silent --show-error \
+        --connect-timeout "$connect_s" --speed-limit 1024 --speed-time "$stall_s" \
+        --max-filesize "$max_bytes" "${range[@]}" --dump-header /dev/fd/3 --output - -- "$url" 2>&3 |
+        dd of="$partial" bs=1M iflag=fullblock,count_bytes count=$((max_bytes - have + 1)) \
+          oflag=append,nofollow conv=notrunc status=none 2>&3
+      st="${PIPESTATUS[*]}"
+      printf '\nfetch-status %s\n' "$st" >&3
+    } 3>&1
+  )
   stop_watcher
-  read -r code total < <(reply_of "$hdr") || true
+  read -r _ st_curl st_dd < <(grep -a '^fetch-status ' <<<"$out" | tail -n 1) || true
+  st_curl=${st_curl:-1} st_dd=${st_dd:-0}
+  read -r code total < <(reply_of "$(grep -av '^fetch-status \|^curl: \|^dd: ' <<<"$out")") || true
+  curl_msg=$(last_line "$(grep -a '^curl: ' <<<"$out")")
+  write_msg=$(last_line "$(grep -a '^dd: ' <<<"$out")")
   size=$(partial_size)
-  if ((st[1] != 0)); then
-    reason=$(last_line "$werr")
+  if ((st_dd != 0)); then
+    reason=$write_msg
     last_error="cannot write $partial: ${reason#dd: }"
     permanent_local "$reason" && return 2
     return 1
@@ -311,7 +309,7 @@ fetch_http() {
     last_error="the download is larger than FETCH_MAX_BYTES ($max_bytes bytes) and the server gave no size; raise FETCH_MAX_BYTES if the file really is that large"
     return 2
   fi
-  if ((st[0] == 0)); then
+  if ((st_curl == 0)); then
     if [[ -n $total && $total != "$size" ]]; then
       last_error="the server announced $total bytes but $size arrived"
       rm -f -- "$partial"
@@ -319,8 +317,8 @@ fetch_http() {
     fi
     return 0
   fi
-  last_error="curl exit ${st[0]} (HTTP ${code:-none}): $(last_line "$cerr")"
-  case ${st[0]} in
+  last_error="curl exit $st_curl (HTTP ${code:-none}): ${curl_msg:-no message}"
+  case $st_curl in
     33)
       # The server refused the range (ranges unsupported): start over.
       rm -f -- "$partial"
@@ -328,7 +326,7 @@ fetch_http() {
       return 1
       ;;
     63)
-      last_error="the server announces more than FETCH_MAX_BYTES ($max_bytes bytes) (curl exit 63: $(last_line "$cerr")); raise FETCH_MAX_BYTES if the file really is that large"
+      last_error="the server announces more than FETCH_MAX_BYTES ($max_bytes bytes) (curl exit 63: $curl_msg); raise FETCH_MAX_BYTES if the file really is that large"
       return 2
       ;;
     3 | 60) return 2 ;;
@@ -346,7 +344,7 @@ fetch_http() {
 }
 
 fetch_file() {
-  local err=$work/err path have src_size reason
+  local err path have src_size reason
   path=${url#file://}
   path=${path#localhost}
   path=$(printf '%b' "${path//%/\\x}")
@@ -377,8 +375,8 @@ fetch_file() {
   fi
   start_watcher "$src_size"
   local rc=0
-  dd if="$path" of="$partial" bs=4M skip="$have" seek="$have" count=$((src_size - have)) \
-    iflag=skip_bytes,count_bytes oflag=seek_bytes,nofollow conv=notrunc status=none 2>"$err" || rc=$?
+  err=$(dd if="$path" of="$partial" bs=4M skip="$have" seek="$have" count=$((src_size - have)) \
+    iflag=skip_bytes,count_bytes oflag=seek_bytes,nofollow conv=notrunc status=none 2>&1) || rc=$?
   stop_watcher
   if ((rc != 0)); then
     reason=$(last_line "$err")
@@ -390,7 +388,7 @@ fetch_file() {
 }
 
 fetch_s3() {
-  local err=$work/err path bucket key total reason
+  local out path bucket key total reason
   path=${url#s3://}
   bucket=${path%%/*}
   key=${path#*/}
@@ -399,13 +397,13 @@ fetch_s3() {
     return 2
   fi
   local -a timeouts=(--cli-connect-timeout "$connect_s" --cli-read-timeout "$stall_s")
-  if ! total=$(aws "${aws_args[@]}" "${timeouts[@]}" s3api head-object --bucket "$bucket" --key "$key" \
-    --query ContentLength --output text 2>"$err"); then
-    last_error=$(last_line "$err")
-    if grep -qE '\(404\)|NoSuchKey|NoSuchBucket|Not Found' "$err"; then
+  if ! out=$(aws "${aws_args[@]}" "${timeouts[@]}" s3api head-object --bucket "$bucket" --key "$key" \
+    --query ContentLength --output text 2>&1); then
+    last_error=$(last_line "$out")
+    if grep -qE '\(404\)|NoSuchKey|NoSuchBucket|Not Found' <<<"$out"; then
       return 2
     fi
-    if grep -qE '\(403\)|AccessDenied|Forbidden' "$err"; then
+    if grep -qE '\(403\)|AccessDenied|Forbidden' <<<"$out"; then
       last_error="$last_error (access denied: the host role may read only this object, and a new role policy takes a few seconds to apply; a bucket in another account or encrypted with SSE-KMS must also grant the role access)"
       # Retry twice for the policy to apply; a refusal that lasts is final.
       ((fetch_attempt < 3)) && return 1
@@ -413,8 +411,9 @@ fetch_s3() {
     fi
     return 1
   fi
+  total=$(last_line "$out")
   if [[ ! $total =~ ^[0-9]+$ ]]; then
-    last_error="S3 gave no object size for $url (got '$(printf '%s' "$total" | head -c 80)')"
+    last_error="S3 gave no object size for $url (got '${total:0:80}')"
     return 1
   fi
   if ((total > max_bytes)); then
@@ -426,11 +425,11 @@ fetch_s3() {
   log "downloading $url ($(mib "$total") MiB)"
   start_watcher "$total"
   local rc=0
-  aws "${aws_args[@]}" "${timeouts[@]}" s3 cp --only-show-errors -- "$url" "$partial" >&2 2>"$err" || rc=$?
+  out=$(aws "${aws_args[@]}" "${timeouts[@]}" s3 cp --only-show-errors -- "$url" "$partial" 2>&1 >/dev/null) || rc=$?
   stop_watcher
   if ((rc != 0)); then
     remove_partial
-    reason=$(last_line "$err")
+    reason=$(last_line "$out")
     last_error=$reason
     permanent_local "$reason" && return 2
     return 1
