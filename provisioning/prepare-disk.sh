@@ -90,8 +90,9 @@ if ! err=$(mkdir -p -- "$(dirname -- "$dest")" 2>&1); then
   die "cannot create the directory of $dest: ${err#mkdir: }"
 fi
 
-# Temporary names of killed runs: DEST.partial(.err) and mktemp's STAMP.XXXXXX.
-rm -f -- "$partial" "$partial.err"
+# Temporary names of killed runs: DEST.partial and mktemp's STAMP.XXXXXX.
+# (Tools' messages are kept in memory: a full disk cannot swallow them.)
+rm -f -- "$partial"
 shopt -s nullglob
 for f in "$dest_stamp".?????? "$source_stamp".??????; do
   [[ -f $f && ! -L $f ]] && rm -f -- "$f"
@@ -99,7 +100,7 @@ done
 shopt -u nullglob
 
 cleanup() {
-  rm -f -- "$partial" "$partial.err"
+  rm -f -- "$partial"
   if [[ -n ${stamp_tmp:-} ]]; then rm -f -- "$stamp_tmp"; fi
 }
 trap cleanup EXIT
@@ -163,12 +164,11 @@ if [[ $declared == iso ]]; then
       ;;
   esac
 else
-  if ! info=$(qemu-img info --output=json -- "$source_img" 2>"$partial.err"); then
-    err=$(one_line "$(cat -- "$partial.err")")
-    rm -f -- "$partial.err"
-    die "qemu-img cannot read $source_img as a disk image (truncated or corrupt?): $err"
+  if ! info=$(qemu-img info --output=json -- "$source_img" 2>&1); then
+    die "qemu-img cannot read $source_img as a disk image (truncated or corrupt?): $(one_line "$info")"
   fi
-  rm -f -- "$partial.err"
+  # Only the JSON object (a warning may precede it).
+  info=$(sed -n '/^{/,$p' <<<"$info")
   format=$(jq -r '.format // empty' <<<"$info")
   [[ -n $format ]] || die "qemu-img did not report a format for $source_img"
   if [[ -n $declared && $format != "$declared" ]]; then
@@ -270,15 +270,23 @@ progress_filter() {
   done
 }
 
+# fd 4: this script's stderr, for progress lines while a tool's stderr is
+# captured.
+exec 4>&2
+
 convert() { # FORMAT
-  local t0=$SECONDS vsize err_file=$partial.err err rc=0
+  local t0=$SECONDS vsize err rc=0
   vsize=$(jq -r '."virtual-size"' <<<"$info")
   log "converting $source_img ($1, virtual size $(mib "$vsize") MiB) to qcow2"
   # -W: out-of-order writes (faster; the result is only used after the rename).
-  qemu-img convert -p -W -f "$1" -O qcow2 -- "$source_img" "$partial" 2>"$err_file" |
-    progress_filter converting || rc=$?
-  err=$(one_line "$(cat -- "$err_file" 2>/dev/null)")
-  rm -f -- "$err_file"
+  # qemu-img's stdout (progress) goes to the filter, its stderr is captured.
+  err=$(
+    {
+      qemu-img convert -p -W -f "$1" -O qcow2 -- "$source_img" "$partial" 2>&3 |
+        progress_filter converting 2>&4
+    } 3>&1
+  ) || rc=$?
+  err=$(one_line "$err")
   ((rc == 0)) || die "qemu-img convert of $source_img ($1) to qcow2 failed: ${err:-exit $rc}"
   log "converted in $((SECONDS - t0)) s"
 }
@@ -293,9 +301,11 @@ case $format in
   qcow2)
     log "checking $source_img (qcow2)"
     rc=0
-    check_json=$(qemu-img check --output=json -- "$source_img" 2>"$partial.err") || rc=$?
-    check_err=$(one_line "$(cat -- "$partial.err" 2>/dev/null)")
-    rm -f -- "$partial.err"
+    check_json=$(qemu-img check --output=json -- "$source_img" 2>/dev/null) || rc=$?
+    check_err=
+    if ((rc != 0 && rc != 2 && rc != 3)); then
+      check_err=$(one_line "$(qemu-img check -q -- "$source_img" 2>&1 >/dev/null || true)")
+    fi
     [[ -n $check_json ]] || check_json='{}'
     counts=$(jq -r '"\(.corruptions // 0) corruptions, \(.leaks // 0) leaked clusters, \(."check-errors" // 0) check errors"' <<<"$check_json" 2>/dev/null) || counts=
     case $rc in
