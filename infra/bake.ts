@@ -1,43 +1,47 @@
 /**
- * Pure decisions about the AMI bake: the bake instance's user data, its IAM
+ * Pure decisions about the AMI bake: the bake instance's user data and kit, its IAM
  * policy, where it reports, how big the AMI's volume is and what a bake
  * costs. No Pulumi here, so tests read them as data.
  *
  * How the bake works: provisioning/bake-instance.sh (where Pulumi runs)
  * launches a small Graviton instance from the Ubuntu host AMI with the user
  * data below; cloud-init installs the host packages and the AWS CLI, writes
- * the scripts, the manifest and the image's env file to BAKE_DIR (tmpfs:
- * nothing of it stays in the AMI) and starts provisioning/bake-image.sh as a
- * transient systemd unit. That script fetches the published files, verifies
+ * a bootstrap, the manifest and the image's env file to BAKE_DIR (tmpfs:
+ * nothing of it stays in the AMI) and starts the bootstrap as a transient
+ * systemd unit. The bootstrap fetches the bake kit (the scripts, one
+ * content-addressed object under <prefix>bake-kit/, renderBakeKit), checks
+ * its SHA-256, unpacks it beside itself and hands over to
+ * provisioning/bake-image.sh. That script fetches the published files, verifies
  * them, installs the launcher and the unit, generalizes, writes its status to
  * the status URI and powers off; bake-instance.sh reads the status once the
  * instance is stopped, and the AMI is taken from that stopped instance.
  */
+import * as crypto from "crypto";
 import * as zlib from "zlib";
 import { PolicyStatement } from "./hostSetup";
 
-/** Repo-relative files the bake instance needs (pass them to renderBakeUserData). */
+/** Repo-relative files the bake instance needs (pass them to renderBakeKit). */
 export const BAKE_FILES = Object.freeze([
   "provisioning/bake-image.sh",
   "provisioning/prepare-ami.sh",
   "provisioning/lib.sh",
   "provisioning/run-vm.sh",
+  "provisioning/imds-proxy.py",
   "assets/windows-vm.service",
 ]);
 
-/**
- * Shell scripts installed into the image keep their header comment (the
- * launcher's --help prints it) as long as the user data fits with it; see
- * compactScript.
- */
-export const BAKE_INSTALLED_SCRIPTS = Object.freeze(["provisioning/run-vm.sh"]);
-
-/** Where the user data puts the files on the bake instance (/run is tmpfs: never in the AMI). */
+/** Where the user data and the kit put the files on the bake instance (/run is tmpfs: never in the AMI). */
 export const BAKE_DIR = "/run/windows-image-bake";
 /** The transient systemd unit that runs bake-image.sh (journal and console). */
 export const BAKE_UNIT = "windows-image-bake";
 /** EC2's user-data limit, in bytes before base64. */
 export const USER_DATA_MAX_BYTES = 16384;
+/**
+ * What the bake's user data stays under (gzip'd): the bootstrap, the
+ * manifest's few lines, the env and the package list, whatever the size of
+ * the scripts (they travel in the kit).
+ */
+export const USER_DATA_BUDGET_BYTES = 4096;
 
 /**
  * Default instance type of the bake instance. The bake is a one-off
@@ -81,10 +85,10 @@ export interface BakeUserDataParams {
   manifestJson: string;
   /** The image VM's env file (renderVmEnv(..., "image")): no VM_CONFIG_ISO. */
   imageEnv: string;
-  /** Where bake-image.sh writes its status (bakeStatusUri). */
+  /** Where bake-image.sh (or the bootstrap, failing) writes its status (bakeStatusUri). */
   statusUri: string;
-  /** Repo-relative path -> content, for every path in BAKE_FILES. */
-  files: Record<string, string>;
+  /** Where renderBakeKit's body was uploaded (s3://bucket/<bakeKitKey>, or file:/// for tests), and its sha256. */
+  kit: { uri: string; sha256: string };
   /** Debian packages the image needs (HOST_PACKAGES). */
   packages: readonly string[];
   /** bake-image.sh's BAKE_TIMEOUT_S; default DEFAULT_BAKE_IMAGE_TIMEOUT_S. */
@@ -93,64 +97,242 @@ export interface BakeUserDataParams {
   region?: string;
 }
 
-/** Content that must never be in user data (EC2 stores it in plain text). */
+/** Content that must never be in user data (EC2 stores it in plain text) or the kit. */
 const SECRET_PATTERNS: readonly RegExp[] = [
   /-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----/,
   /aws_secret_access_key|AWS_SECRET_ACCESS_KEY=|AWS_SESSION_TOKEN=/,
   /<(Administrator)?Password>|<Value>[^<]*<\/Value>/,
 ];
 
+/** The bake kit's document version (renderBakeKit). */
+export const BAKE_KIT_VERSION = 1;
+
 /**
- * A shell script without its full-line comments (the shebang kept; with
- * keepHeader, also the comment block right after it). Code lines, and
- * comments after code, are kept as they are. It keeps the bake's user data
- * under EC2's limit; the scripts hold no heredoc, and a test runs the
- * compacted scripts.
+ * The bootstrap the user data starts (BAKE_DIR/bake-bootstrap.sh): fetches
+ * the kit from BAKE_KIT_URI (s3:// with the AWS CLI, honouring
+ * S3_ENDPOINT_URL, at most BAKE_KIT_ATTEMPTS tries of 300 s; or file://),
+ * refuses it unless its SHA-256 is BAKE_KIT_SHA256, unpacks its files with
+ * python3 into its own folder (relative paths only) and execs
+ * provisioning/bake-image.sh with manifest.json and image.env from that
+ * folder. Before that hand-over every failure writes
+ * {"status":"failed","stage":"bake kit","error":"...","finishedAt":"..."} to
+ * BAKE_STATUS_URI and runs BAKE_POWEROFF_COMMAND (default systemctl
+ * poweroff), as bake-image.sh does. Paths are relative to its own folder, so
+ * it runs under a test root too.
  */
-export function compactScript(text: string, keepHeader = false): string {
-  const out: string[] = [];
-  let header = true;
-  for (const [i, line] of text.split("\n").entries()) {
-    const comment = /^\s*#/.test(line);
-    if (i === 0 && line.startsWith("#!")) {
-      out.push(line);
-      continue;
-    }
-    if (header && keepHeader && comment) {
-      out.push(line);
-      continue;
-    }
-    header = false;
-    if (!comment) out.push(line);
-  }
-  return out.join("\n");
+export const BAKE_BOOTSTRAP = `#!/usr/bin/env bash
+# bake-bootstrap.sh - on the bake instance, from its user data: fetch the bake
+# kit (renderBakeKit in infra/bake.ts), check it, unpack it here, run the bake.
+# Usage: bake-bootstrap.sh (no arguments; manifest.json and image.env beside it)
+# Env: BAKE_KIT_URI (s3://bucket/key or file:///path), BAKE_KIT_SHA256 (any
+#   other content is refused), BAKE_STATUS_URI, BAKE_POWEROFF_COMMAND (default
+#   systemctl poweroff), BAKE_KIT_ATTEMPTS (s3 downloads of at most 300 s,
+#   default 3), S3_ENDPOINT_URL; the rest passes on to bake-image.sh.
+# Then execs provisioning/bake-image.sh manifest.json image.env. A failure
+# before it writes {"status":"failed","stage":"bake kit","error":...} to
+# BAKE_STATUS_URI and powers off. Log on stderr. Exit: bake-image.sh's; 1 failed;
+# 2 no valid BAKE_STATUS_URI (no status, no power-off).
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+kit=$here/bake-kit.json.gz
+[[ ! -d /snap/bin || :$PATH: == *:/snap/bin:* ]] || PATH=$PATH:/snap/bin
+aws_args=()
+[[ -z \${S3_ENDPOINT_URL:-} ]] || aws_args+=(--endpoint-url "$S3_ENDPOINT_URL")
+log() { printf 'bake-bootstrap: %s\\n' "$*" >&2; }
+# file:///abs/path -> /abs/path, percent-decoded; status 1 when malformed.
+file_path() {
+  local p=\${1#file://}
+  [[ $1 == file:///* && $p != *\\\\* && \${p//%[0-9A-Fa-f][0-9A-Fa-f]/} != *%* && $p != *%00* ]] || return 1
+  p=$(printf '%b.' "\${p//%/\\\\x}")
+  p=\${p%.}
+  [[ $p != *$'\\n'* && /$p/ != */../* ]] || return 1
+  printf '%s\\n' "$p"
+}
+json_str() {
+  local s=\${1//\\\\/\\\\\\\\}
+  s=\${s//\\"/\\\\\\"}
+  printf '"%s"' "\${s//[[:cntrl:]]/ }"
+}
+status=\${BAKE_STATUS_URI:-} status_path=
+case $status in
+  s3://?*/?*) ;;
+  file:///*) status_path=$(file_path "$status") || status= ;;
+  *) status= ;;
+esac
+if [[ -z $status ]]; then
+  log "error: BAKE_STATUS_URI '\${BAKE_STATUS_URI:-}' must be s3://bucket/key or file:///absolute/path"
+  exit 2
+fi
+poweroff=\${BAKE_POWEROFF_COMMAND:-systemctl poweroff}
+uri=\${BAKE_KIT_URI:-} want=\${BAKE_KIT_SHA256:-} attempts=\${BAKE_KIT_ATTEMPTS:-3} err=
+
+# Any exit but the hand-over: status failed, power off.
+on_exit() {
+  local rc=$? j try
+  trap '' TERM INT HUP
+  trap - EXIT
+  ((rc != 0)) || rc=1
+  err=\${err:-bake-bootstrap.sh exited with status $rc}
+  log "error: $err"
+  j="{\\"status\\":\\"failed\\",\\"stage\\":\\"bake kit\\",\\"error\\":$(json_str "$err"),\\"finishedAt\\":\\"$(date -u +%Y-%m-%dT%H:%M:%SZ)\\"}"
+  if [[ -n $status_path ]]; then
+    { mkdir -p -- "$(dirname -- "$status_path")" && printf '%s\\n' "$j" >"$status_path"; } ||
+      log "error: cannot write the status to $status"
+  else
+    for try in 1 2 3; do
+      printf '%s\\n' "$j" | timeout 60 aws "\${aws_args[@]}" s3 cp --only-show-errors \\
+        --content-type application/json - "$status" && break
+      log "writing the status to $status failed (attempt $try/3)"
+      ((try == 3)) || sleep 5
+    done
+  fi
+  sync || true
+  log "powering off: $poweroff"
+  bash -c "$poweroff" || log "warning: '$poweroff' failed with status $?"
+  exit "$rc"
+}
+trap on_exit EXIT
+trap 'err="interrupted by a signal"; exit 143' TERM INT HUP
+fail() {
+  err=$*
+  exit 1
 }
 
-function lineShape(what: string, value: string, re: RegExp): void {
-  if (!re.test(value)) throw new Error(`renderBakeUserData: ${what} '${value}' is not valid`);
+[[ $want =~ ^[0-9a-f]{64}$ ]] || fail "BAKE_KIT_SHA256 '$want' is not a SHA-256 (64 hex digits)"
+[[ $attempts =~ ^[1-9][0-9]?$ ]] || fail "BAKE_KIT_ATTEMPTS must be a number from 1 to 99, got '$attempts'"
+log "fetching the bake kit $uri"
+rm -f -- "$kit"
+case $uri in
+  s3://?*/?*)
+    command -v aws >/dev/null ||
+      fail "aws not found: cannot fetch the bake kit $uri (did the aws-cli snap install? see /var/log/cloud-init-output.log)"
+    for ((try = 1; ; try++)); do
+      out=$(timeout 300 aws "\${aws_args[@]}" s3 cp --only-show-errors -- "$uri" "$kit" 2>&1) && break
+      out=$(grep -v '^[[:space:]]*$' <<<"$out" | tail -n 1) || true
+      out=\${out:-no message}
+      if ((try >= attempts)) || grep -qE '\\(40[34]\\)|NoSuchKey|NoSuchBucket|AccessDenied|Forbidden|Not Found' <<<"$out"; then
+        [[ $out != *'(403)'* && $out != *AccessDenied* && $out != *Forbidden* ]] ||
+          out="$out (access denied: the bake role reads only the artifact prefix, and a missing object also answers 403 to it)"
+        fail "cannot fetch the bake kit $uri (attempt $try/$attempts): $out"
+      fi
+      log "attempt $try/$attempts for the bake kit failed: $out; retrying in 5 s"
+      sleep 5
+    done
+    ;;
+  file:///*)
+    p=$(file_path "$uri") || fail "BAKE_KIT_URI '$uri' is not a plain file:///absolute/path"
+    [[ -f $p ]] || fail "cannot fetch the bake kit $uri: $p does not exist or is not a regular file"
+    cp -- "$p" "$kit" || fail "cannot copy the bake kit $p"
+    ;;
+  *) fail "BAKE_KIT_URI '$uri' must be s3://bucket/key or file:///absolute/path" ;;
+esac
+got=$(sha256sum -- "$kit") || fail "cannot hash the bake kit"
+got=\${got%% *}
+if [[ $got != "$want" ]]; then
+  rm -f -- "$kit"
+  fail "the bake kit $uri has sha256 $got, BAKE_KIT_SHA256 says $want: refused"
+fi
+command -v python3 >/dev/null || fail "python3 not found: cannot unpack the bake kit"
+out=$(
+  python3 - "$here" "$kit" 2>&1 <<'PY'
+import gzip, json, os, re, sys
+root, kit = sys.argv[1], sys.argv[2]
+try:
+    doc = json.loads(gzip.decompress(open(kit, "rb").read()).decode("utf-8"))
+except Exception as e:
+    sys.exit(f"not gzip'd JSON ({e})")
+if not isinstance(doc, dict) or doc.get("kitVersion") != 1 or not isinstance(doc.get("files"), list):
+    sys.exit("not a kitVersion 1 document with files[]")
+shape = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*(/[A-Za-z0-9._-]+)*")
+own = {"manifest.json", "image.env", "bake-bootstrap.sh", "bake-kit.json.gz"}
+for f in doc["files"]:
+    f = f if isinstance(f, dict) else {}
+    p, m, c = f.get("path"), f.get("mode"), f.get("content")
+    if not isinstance(p, str) or not shape.fullmatch(p) or {".", ".."} & set(p.split("/")) or p in own:
+        sys.exit(f"refused path {json.dumps(p)} (relative, without . or .., not the bootstrap's own files)")
+    if m not in ("0755", "0644") or not isinstance(c, str):
+        sys.exit(f"{p}: mode 0755 or 0644 and text content expected")
+    dest = os.path.join(root, p)
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    with open(dest + ".partial", "wb") as o:
+        o.write(c.encode("utf-8"))
+    os.chmod(dest + ".partial", int(m, 8))
+    os.replace(dest + ".partial", dest)
+print(len(doc["files"]))
+PY
+) || fail "cannot unpack the bake kit $uri: $(tail -n 1 <<<"$out")"
+rm -f -- "$kit"
+[[ -f $here/provisioning/bake-image.sh ]] || fail "the bake kit $uri has no provisioning/bake-image.sh"
+log "the bake kit is verified (sha256 $want) and unpacked ($out files); starting bake-image.sh"
+trap - EXIT TERM INT HUP
+exec bash "$here/provisioning/bake-image.sh" "$here/manifest.json" "$here/image.env"
+`;
+
+function lineShape(fn: string, what: string, value: string, re: RegExp): void {
+  if (!re.test(value)) throw new Error(`${fn}: ${what} '${value}' is not valid`);
+}
+
+function refuseSecrets(fn: string, what: string, text: string): void {
+  for (const re of SECRET_PATTERNS) {
+    if (re.test(text)) throw new Error(`${fn}: ${what} holds something that looks like a secret (${re})`);
+  }
+}
+
+/**
+ * The bake kit: every file the bake instance runs, as one gzip'd JSON
+ * document `{"kitVersion":1,"files":[{"path":"provisioning/run-vm.sh",
+ * "mode":"0755","content":"..."},...]}`, paths sorted, contents in full
+ * (".sh" and ".py" files 0755, the rest 0644). `sha256` is the SHA-256 of
+ * `body`, the object's bytes: upload `body` to bakeKitKey(prefix, sha256)
+ * and pass both to renderBakeUserData. Deterministic for the same files.
+ * Throws when a path of BAKE_FILES is missing, a path is not a plain
+ * relative path, or a file looks like it holds a secret.
+ */
+export function renderBakeKit(files: Record<string, string>): { body: Buffer; sha256: string } {
+  for (const f of BAKE_FILES) {
+    if (typeof files[f] !== "string") throw new Error(`renderBakeKit: files is missing ${f}`);
+  }
+  const paths = Object.keys(files).sort();
+  for (const f of paths) {
+    lineShape("renderBakeKit", "file path", f, /^(?!.*(^|\/)\.\.?(\/|$))[A-Za-z0-9_-][A-Za-z0-9._/-]*$/);
+    if (["manifest.json", "image.env", "bake-bootstrap.sh", "bake-kit.json.gz"].includes(f)) {
+      throw new Error(`renderBakeKit: file path '${f}' is one of the bootstrap's own files`);
+    }
+    if (typeof files[f] !== "string") throw new Error(`renderBakeKit: ${f} is not text`);
+    refuseSecrets("renderBakeKit", f, files[f]);
+  }
+  const doc = {
+    kitVersion: BAKE_KIT_VERSION,
+    files: paths.map((p) => ({ path: p, mode: /\.(sh|py)$/.test(p) ? "0755" : "0644", content: files[p] })),
+  };
+  const body = zlib.gzipSync(Buffer.from(JSON.stringify(doc), "utf8"), { level: 9 });
+  return { body, sha256: crypto.createHash("sha256").update(body).digest("hex") };
+}
+
+/** `<prefix>bake-kit/<sha256>.json.gz`: the kit's object key, content-addressed (the bake role's GetObject on the prefix reads it). */
+export function bakeKitKey(prefix: string, sha256: string): string {
+  if (prefix !== "" && !prefix.endsWith("/")) throw new Error(`bakeKitKey: prefix '${prefix}' must end with /`);
+  if (prefix.startsWith("/")) throw new Error(`bakeKitKey: prefix '${prefix}' must not start with /`);
+  if (!/^[0-9a-f]{64}$/.test(sha256)) throw new Error(`bakeKitKey: '${sha256}' is not a SHA-256`);
+  return `${prefix}bake-kit/${sha256}.json.gz`;
 }
 
 /**
  * The bake instance's user data: a gzip-compressed cloud-init `#cloud-config`
  * document (cloud-init inflates gzip'd user data itself). The document is
- * JSON, which cloud-init's YAML loader reads as is (no quoting rules to get
- * wrong for script contents). It installs `packages` and the AWS CLI snap,
- * writes the files (shell scripts compacted by compactScript; the launcher
- * keeps its header unless only its removal makes the document fit), the
- * manifest and the env under BAKE_DIR, and runs
- * bake-image.sh as the transient unit BAKE_UNIT with its output on the
- * console (bake-instance.sh shows the console's tail when no status comes).
- * Deterministic for the same inputs. Throws when a file is missing, the env
- * ships the config ISO, anything looks like a secret, or the result is over
- * EC2's 16384-byte limit.
+ * JSON, which cloud-init's YAML loader reads as is. It installs `packages`
+ * and the AWS CLI snap, writes the manifest (only what bake-image.sh reads),
+ * the env and BAKE_BOOTSTRAP under BAKE_DIR, and runs the bootstrap as the
+ * transient unit BAKE_UNIT with its output on the console (bake-instance.sh
+ * shows the console's tail when no status comes); the bootstrap fetches the
+ * kit (`kit`: where renderBakeKit's body was uploaded, and its SHA-256) and
+ * hands over to bake-image.sh. The scripts are not in it, so its size does
+ * not grow with them (USER_DATA_BUDGET_BYTES). Deterministic for the same
+ * inputs. Throws when the env ships the config ISO, anything looks like a
+ * secret, a value is malformed, or the result is over EC2's 16384-byte limit.
  */
 export function renderBakeUserData(p: BakeUserDataParams): Buffer {
-  for (const f of BAKE_FILES) {
-    if (typeof p.files[f] !== "string") throw new Error(`renderBakeUserData: files is missing ${f}`);
-  }
-  for (const f of Object.keys(p.files)) {
-    lineShape("file path", f, /^(?!.*(^|\/)\.\.?(\/|$))[A-Za-z0-9._/-]+$/);
-  }
+  const fn = "renderBakeUserData";
   let manifest: unknown;
   try {
     manifest = JSON.parse(p.manifestJson);
@@ -177,70 +359,63 @@ export function renderBakeUserData(p: BakeUserDataParams): Buffer {
   if (/^\s*VM_CONFIG_ISO=\S/m.test(p.imageEnv)) {
     throw new Error("renderBakeUserData: imageEnv sets VM_CONFIG_ISO; the answer-file media must not ship in the AMI");
   }
-  lineShape("statusUri", p.statusUri, /^(s3:\/\/[a-z0-9][a-z0-9.-]*\/|file:\/\/\/)[A-Za-z0-9._~%/+-]+\.json$/);
+  const uriShape = /^(s3:\/\/[a-z0-9][a-z0-9.-]*\/|file:\/\/\/)[A-Za-z0-9._~%/+-]+$/;
+  lineShape(fn, "statusUri", p.statusUri, /^(s3:\/\/[a-z0-9][a-z0-9.-]*\/|file:\/\/\/)[A-Za-z0-9._~%/+-]+\.json$/);
+  lineShape(fn, "kit.uri", p.kit.uri, uriShape);
+  lineShape(fn, "kit.sha256", p.kit.sha256, /^[0-9a-f]{64}$/);
   const timeoutS = p.timeoutS ?? DEFAULT_BAKE_IMAGE_TIMEOUT_S;
   if (!Number.isInteger(timeoutS) || timeoutS < 60) {
     throw new Error(`renderBakeUserData: timeoutS ${timeoutS} must be a whole number of seconds, at least 60`);
   }
-  if (p.region !== undefined) lineShape("region", p.region, /^[a-z]{2}(-[a-z]+)+-\d+$/);
-  for (const pkg of p.packages) lineShape("package", pkg, /^[a-z0-9][a-z0-9+.-]*$/);
+  if (p.region !== undefined) lineShape(fn, "region", p.region, /^[a-z]{2}(-[a-z]+)+-\d+$/);
+  for (const pkg of p.packages) lineShape(fn, "package", pkg, /^[a-z0-9][a-z0-9+.-]*$/);
 
   const at = (rel: string) => `${BAKE_DIR}/${rel}`;
-  // The launcher's header goes only when the document would not fit with it.
-  const attempt = (keepHeaders: boolean) => {
-    const writeFiles = [
-      ...Object.keys(p.files)
-        .sort()
-        .map((rel) => ({
-          path: at(rel),
-          owner: "root:root",
-          permissions: rel.endsWith(".sh") ? "0755" : "0644",
-          content: rel.endsWith(".sh")
-            ? compactScript(p.files[rel], keepHeaders && BAKE_INSTALLED_SCRIPTS.includes(rel))
-            : p.files[rel],
-        })),
+  const env = [
+    `BAKE_STATUS_URI=${p.statusUri}`,
+    `BAKE_TIMEOUT_S=${timeoutS}`,
+    `BAKE_KIT_URI=${p.kit.uri}`,
+    `BAKE_KIT_SHA256=${p.kit.sha256}`,
+  ];
+  if (p.region) env.push(`AWS_REGION=${p.region}`, `AWS_DEFAULT_REGION=${p.region}`);
+  const doc = {
+    package_update: true,
+    package_upgrade: false,
+    packages: [...p.packages],
+    write_files: [
+      { path: at("bake-bootstrap.sh"), owner: "root:root", permissions: "0755", content: BAKE_BOOTSTRAP },
+      {
+        path: at("image.env"),
+        owner: "root:root",
+        permissions: "0644",
+        content: p.imageEnv,
+      },
       {
         path: at("manifest.json"),
         owner: "root:root",
         permissions: "0644",
         content: JSON.stringify(bakeManifest) + "\n",
       },
-      { path: at("image.env"), owner: "root:root", permissions: "0644", content: p.imageEnv },
-    ];
-    const env = [`BAKE_STATUS_URI=${p.statusUri}`, `BAKE_TIMEOUT_S=${timeoutS}`];
-    if (p.region) env.push(`AWS_REGION=${p.region}`, `AWS_DEFAULT_REGION=${p.region}`);
-    const doc = {
-      package_update: true,
-      package_upgrade: false,
-      packages: [...p.packages],
-      write_files: writeFiles,
-      runcmd: [
-        // AWS CLI v2 is a snap on Ubuntu 24.04; retry since the store can be slow right after boot.
-        ["bash", "-c", "for i in 1 2 3 4 5; do snap install aws-cli --classic && break; sleep 10; done"],
-        [
-          "systemd-run",
-          `--unit=${BAKE_UNIT}`,
-          "--no-block",
-          "--property=StandardOutput=journal+console",
-          "--property=StandardError=journal+console",
-          ...env.map((e) => `--setenv=${e}`),
-          "/bin/bash",
-          at("provisioning/bake-image.sh"),
-          at("manifest.json"),
-          at("image.env"),
-        ],
+    ],
+    runcmd: [
+      // AWS CLI v2 is a snap on Ubuntu 24.04; retry since the store can be slow right after boot.
+      ["bash", "-c", "for i in 1 2 3 4 5; do snap install aws-cli --classic && break; sleep 10; done"],
+      [
+        "systemd-run",
+        `--unit=${BAKE_UNIT}`,
+        "--no-block",
+        "--property=StandardOutput=journal+console",
+        "--property=StandardError=journal+console",
+        ...env.map((e) => `--setenv=${e}`),
+        "/bin/bash",
+        at("bake-bootstrap.sh"),
       ],
-      final_message: "windows-arm64-image bake instance: cloud-init done after $UPTIME seconds",
-    };
-    const text = "#cloud-config\n" + JSON.stringify(doc, null, 1) + "\n";
-    for (const re of SECRET_PATTERNS) {
-      if (re.test(text))
-        throw new Error(`renderBakeUserData: the user data holds something that looks like a secret (${re})`);
-    }
-    return { text, gz: zlib.gzipSync(Buffer.from(text, "utf8"), { level: 9 }) };
+    ],
+    final_message: "windows-arm64-image bake instance: cloud-init done after $UPTIME seconds",
   };
-  let { text, gz } = attempt(true);
-  if (gz.length > USER_DATA_MAX_BYTES) ({ text, gz } = attempt(false));
+  const text = "#cloud-config\n" + JSON.stringify(doc, null, 1) + "\n";
+  refuseSecrets(fn, "the user data", text);
+  const gz = zlib.gzipSync(Buffer.from(text, "utf8"), { level: 9 });
   if (gz.length > USER_DATA_MAX_BYTES) {
     throw new Error(
       `renderBakeUserData: the user data is ${gz.length} bytes gzip'd (${text.length} plain); EC2 takes at most ${USER_DATA_MAX_BYTES}`,
@@ -248,7 +423,6 @@ export function renderBakeUserData(p: BakeUserDataParams): Buffer {
   }
   return gz;
 }
-
 /**
  * The bake instance role's policy: read the published files under the
  * artifact prefix, write only its status under <prefix>bake-status/. No

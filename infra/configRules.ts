@@ -82,6 +82,7 @@ export const STACK_TAG_KEYS: readonly string[] = Object.freeze([
   "ImageSha256",
   "ImageUri",
   "SourceImage",
+  "RetainOnDelete",
 ]);
 /** EC2's limit of tags per resource, and of a tag key's and value's length. */
 export const EC2_MAX_TAGS = 50;

@@ -257,6 +257,7 @@ const bake =
         manifestJson: publication.manifestJson,
         imageEnv: renderVmEnv(config, layout, "image"),
         bucketArn: bucket.bucketArn,
+        bucketName: bucket.bucketName,
         artifactPrefix: config.artifacts.prefix,
         artifactUri: runtimeValues.artifactUri,
         amiId: host.amiId,

@@ -4,10 +4,12 @@ import * as pulumi from "@pulumi/pulumi";
 import * as fs from "fs";
 import {
   BAKE_FILES,
-  DEFAULT_BAKE_TIMEOUT_S,
+  bakeKitKey,
   bakePolicyDocument,
   bakeStatusUri,
+  DEFAULT_BAKE_TIMEOUT_S,
   defaultAmiVolumeGiB,
+  renderBakeKit,
   renderBakeUserData,
 } from "../bake";
 import { WindowsVersion } from "../config";
@@ -25,6 +27,7 @@ export interface AmiBakeArgs {
   /** The baked image's VM env file (no config ISO; halts the instance on exit). */
   imageEnv: string;
   bucketArn: pulumi.Input<string>;
+  bucketName: pulumi.Input<string>;
   artifactPrefix: string;
   /** s3://bucket/prefix/ the image was published to. */
   artifactUri: pulumi.Input<string>;
@@ -130,20 +133,36 @@ export class AmiBake extends pulumi.ComponentResource {
     );
 
     const bakeStage = ctx.plan.stage("bakeImage");
-    const files = Object.fromEntries(BAKE_FILES.map((f) => [f, fs.readFileSync(repoPath(f), "utf8")]));
+    // The scripts the bake instance runs travel as one content-addressed object (the user data is small).
+    const kit = renderBakeKit(Object.fromEntries(BAKE_FILES.map((f) => [f, fs.readFileSync(repoPath(f), "utf8")])));
+    const kitKey = bakeKitKey(args.artifactPrefix, kit.sha256);
+    const kitObject = new aws.s3.BucketObjectv2(
+      `${name}-kit`,
+      {
+        bucket: args.bucketName,
+        key: kitKey,
+        contentBase64: kit.body.toString("base64"),
+        contentType: "application/gzip",
+        tags: tags("kit"),
+      },
+      child,
+    );
+    const kitUri = pulumi.interpolate`s3://${args.bucketName}/${kitKey}`;
     const statusUri = pulumi
       .all([args.artifactUri, args.manifest])
       .apply(([uri, m]) => bakeStatusUri(uri, `${m.sha256.slice(0, 16)}-${bakeStage.digest.slice(0, 8)}`));
-    const userData = pulumi.all([args.manifestJson, statusUri, args.awsEnv]).apply(([manifestJson, status, env]) =>
-      renderBakeUserData({
-        manifestJson,
-        imageEnv: args.imageEnv,
-        statusUri: status,
-        files,
-        packages: HOST_PACKAGES,
-        region: env.AWS_REGION,
-      }).toString("base64"),
-    );
+    const userData = pulumi
+      .all([args.manifestJson, statusUri, args.awsEnv, kitUri])
+      .apply(([manifestJson, status, env, uri]) =>
+        renderBakeUserData({
+          manifestJson,
+          imageEnv: args.imageEnv,
+          statusUri: status,
+          kit: { uri, sha256: kit.sha256 },
+          packages: HOST_PACKAGES,
+          region: env.AWS_REGION,
+        }).toString("base64"),
+      );
     const volumeGiB = args.manifest.apply((m) => String(args.volumeGiB ?? defaultAmiVolumeGiB(Number(m.virtualSize))));
     const bakeTags = JSON.stringify(Object.entries(tags("bake")).map(([Key, Value]) => ({ Key, Value })));
     const bake = new command.local.Command(
@@ -173,7 +192,7 @@ export class AmiBake extends pulumi.ComponentResource {
       },
       {
         parent: this,
-        dependsOn: [...ctx.dependencies(bakeStage), policy, profile],
+        dependsOn: [...ctx.dependencies(bakeStage), policy, profile, kitObject],
         customTimeouts: {
           create: `${bakeStage.timeoutMinutes + LOCAL_MARGIN_MINUTES}m`,
           update: `${bakeStage.timeoutMinutes + LOCAL_MARGIN_MINUTES}m`,
@@ -202,6 +221,8 @@ export class AmiBake extends pulumi.ComponentResource {
           ImageUri: args.manifest.apply((m) => m.imageUri),
           SourceImage: args.sourceImageUrl,
           Stack: args.stack,
+          // Policies cannot see retainOnDelete: the policy pack reads this tag.
+          RetainOnDelete: String(args.retainOnDelete),
         } as Record<string, pulumi.Input<string>>,
       },
       {

@@ -177,6 +177,7 @@ export const STAGE_FILES: Partial<Record<StageId, string[]>> = {
   startVm: [
     "provisioning/start-vm.sh",
     "provisioning/run-vm.sh",
+    "provisioning/imds-proxy.py",
     "provisioning/screen-keeper.sh",
     "provisioning/vm-screenshot.sh",
     "provisioning/lib.sh",
@@ -188,6 +189,7 @@ export const STAGE_FILES: Partial<Record<StageId, string[]>> = {
     "provisioning/ssh-key.sh",
     "provisioning/start-vm.sh",
     "provisioning/run-vm.sh",
+    "provisioning/imds-proxy.py",
     "provisioning/wait-for-guest.sh",
     "provisioning/screen-keeper.sh",
     "provisioning/vm-screenshot.sh",

@@ -200,6 +200,8 @@ export interface EngineConfig {
   env?: NodeJS.ProcessEnv;
   /** Prints each command's output lines as they arrive. */
   verbose?: boolean;
+  /** Called when a cloud resource is created or changed (a stand-in can act, e.g. store an S3 object). */
+  onCloudResource?: (type: string, name: string, inputs: Record<string, unknown>) => Promise<void>;
 }
 
 export class Engine {
