@@ -64,12 +64,15 @@
 # explicitly: the account must exist, or nothing starts. Needs nft (nftables)
 # and setpriv (util-linux) then.
 #
-# Outputs: $VM_DIR/qemu.pid (written by QEMU, removed when it exits), the
+# Outputs: $VM_DIR/qemu.pid (written by QEMU, removed when it exits; QEMU run
+#   as VM_USER cannot remove it, nor the QMP socket, from a VM_DIR only root
+#   may write: they stay, stale, until the next start replaces them), the
 #   serial log (a "=== run-vm: ..." line is appended before each start; a log
-#   over 16 MiB is cut to its last 1 MiB), the QMP socket. The QEMU command
-#   line is logged to stderr.
+#   over 16 MiB is cut to its last 1 MiB), the QMP socket, the nftables table
+#   (it stays after QEMU exits). The QEMU command line, the firewall's and the
+#   gate's lines ("imds-gate: GET /latest/user-data -> 200") go to stderr.
 # Exit: 2 when validation fails (every problem is listed first, QEMU is not
-#   started); otherwise QEMU's own exit status (QEMU replaces this script via
+#   started), or the firewall or the gate cannot be set up; otherwise QEMU's own exit status (QEMU replaces this script via
 #   exec unless VM_HALT_ON_EXIT=1, so systemd supervises QEMU directly). With
 #   VM_HALT_ON_EXIT=1 the host is powered off after QEMU exits by itself (the
 #   guest shut down, or QEMU quit or crashed); not when the service is being
