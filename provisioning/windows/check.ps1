@@ -11,7 +11,9 @@
     followed by a summary line. Passwords are never printed: the autologon
     password row shows only whether it matches. Defender shows which applied:
     real-time monitoring off, or, when Tamper Protection keeps it on, one row
-    per build folder that must be excluded from scanning. Changes nothing.
+    per build folder that must be excluded from scanning. The answer-file row
+    (always checked) lists every unattend.xml or autounattend.xml still under
+    C:\Windows\Panther or C:\Windows\System32\Sysprep. Changes nothing.
 .PARAMETER ConfigPath
     Path of the JSON settings file given to provision.ps1.
 .OUTPUTS
@@ -169,6 +171,15 @@ $checks = [ordered]@{
         New-CheckRow -Step $step -Setting ('local user {0} password' -f $name) -Expected '(configured password accepted)' -Actual ([string]$accepted) -Pass $accepted
     }
     'configure-autologon'        = { param($s) Get-RegistryRows -Settings $s -Step 'configure-autologon' }
+    'remove-answer-files'        = {
+        param($s)
+        $windows = Get-WindowsFolder
+        $left = @(Find-AnswerFileCopies -WindowsFolder $windows)
+        $shown = '(none)'
+        if ($left.Count -gt 0) { $shown = $left -join ', ' }
+        $setting = 'answer files (unattend.xml, autounattend.xml) under {0}' -f (@(Get-AnswerFileFolders -WindowsFolder $windows) -join ', ')
+        New-CheckRow -Step 'remove-answer-files' -Setting $setting -Expected '(none)' -Actual $shown -Pass ($left.Count -eq 0)
+    }
 }
 
 function Format-CheckTable {
@@ -213,7 +224,8 @@ Assert-StepNames -Names @($checks.Keys) -Source 'check.ps1'
 $rows = New-Object System.Collections.Generic.List[object]
 $skipped = New-Object System.Collections.Generic.List[string]
 foreach ($step in Get-StepCatalog) {
-    if ($settings[$step.Switch] -ne $true) {
+    # A step without a switch always runs, so it is always checked.
+    if ($null -ne $step.Switch -and $settings[$step.Switch] -ne $true) {
         $skipped.Add($step.Name)
         continue
     }

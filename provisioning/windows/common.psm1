@@ -13,8 +13,10 @@
       counter (Add-ChangeRecord), the step runner (Invoke-ProvisionSteps).
     - Idempotent helpers: registry get/set/remove, download + SHA-256 check.
     - Small wrappers around Windows-only calls (administrator test, local
-      credential test, vswhere, machine environment variables), so tests can
-      mock them.
+      credential test, vswhere, machine environment variables, the Windows
+      folder), so tests can mock them.
+    - The answer files Windows Setup leaves behind: found and deleted
+      (Find-AnswerFileCopies, Remove-AnswerFileCopies).
     Compatible with Windows PowerShell 5.1 and PowerShell 7; ASCII only.
 #>
 Set-StrictMode -Version Latest
@@ -72,6 +74,9 @@ $script:StepCatalog = @(
     @{ Name = 'install-vs-build-tools'; Switch = 'installVsBuildTools' }
     @{ Name = 'create-builder-user'; Switch = 'createBuilderUser' }
     @{ Name = 'configure-autologon'; Switch = 'autoLogon' }
+    # No switch: always runs, and last, once no step needs Setup's files any more (the
+    # published image must not carry the answer files: see Remove-AnswerFileCopies).
+    @{ Name = 'remove-answer-files'; Switch = $null }
 )
 
 # Visual Studio Build Tools by version: the product's major version (vswhere -version)
@@ -116,7 +121,7 @@ function Get-SettingSchema {
 }
 
 function Get-StepCatalog {
-    <# Returns the provisioning steps in order: Name, Switch. #>
+    <# Returns the provisioning steps in order: Name, Switch (the setting that turns it on; $null: it always runs). #>
     foreach ($entry in $script:StepCatalog) {
         [pscustomobject]@{ Name = $entry.Name; Switch = $entry.Switch }
     }
@@ -810,6 +815,114 @@ function Test-DefenderExclusion {
     return $false
 }
 
+# ---------------------------------------------------------------------------
+# Answer files Windows Setup leaves behind
+# ---------------------------------------------------------------------------
+
+# The answer file holds the administrator password (only base64-encoded, PlainText=false) and
+# the autologon password. Windows Setup caches it in %WINDIR%\Panther, where it persists across
+# reboots, and Microsoft says to delete that cached copy before a computer is handed on
+# ("Windows Setup Automation Overview", section "Sensitive Data in Answer Files"). Setup also
+# reads answer files in %WINDIR%\Panther\Unattend and %WINDIR%\System32\Sysprep, named
+# Unattend.xml or Autounattend.xml. The image is published and baked into an AMI, so every such
+# copy is deleted. (Setup says it strips sensitive data from its cached copy after each
+# configuration pass; nothing here relies on that.)
+#
+# Setup's logs are kept: setupact.log and setuperr.log (in Panther, Panther\UnattendGC and
+# System32\Sysprep\Panther) are documented as Setup's action and error logs, and Microsoft
+# documents no answer value (no password) in them, in its pages on Setup's logs or on
+# sensitive data in answer files. With nothing documented to justify it, no log is deleted;
+# they stay for troubleshooting.
+$script:AnswerFileNames = @('unattend.xml', 'autounattend.xml')
+
+function Get-WindowsFolder {
+    <# The Windows folder (C:\Windows), as the system reports it (not from an environment variable). #>
+    $folder = [Environment]::GetFolderPath([Environment+SpecialFolder]::Windows)
+    if ([string]::IsNullOrEmpty($folder)) { throw 'cannot find the Windows folder ([Environment]::GetFolderPath(Windows) is empty)' }
+    return $folder
+}
+
+function Get-AnswerFileFolders {
+    <# The folders searched for answer files, each with its subfolders: <Windows>\Panther and <Windows>\System32\Sysprep. #>
+    param([Parameter(Mandatory = $true)][string]$WindowsFolder)
+    Join-Path $WindowsFolder 'Panther'
+    Join-Path (Join-Path $WindowsFolder 'System32') 'Sysprep'
+}
+
+function Find-AnswerFileCopies {
+    <#
+    .SYNOPSIS
+        The full paths of every file named unattend.xml or autounattend.xml (in any
+        case, as NTFS compares names) in the answer-file folders and their subfolders.
+    .DESCRIPTION
+        Hidden and system files are included. A folder junction or symbolic link is
+        not followed (it leads out of these folders); a file link with such a name is
+        listed (deleting it removes the link). A folder that does not exist is
+        skipped; one that cannot be listed throws, naming it.
+    #>
+    param([Parameter(Mandatory = $true)][string]$WindowsFolder)
+    foreach ($root in @(Get-AnswerFileFolders -WindowsFolder $WindowsFolder)) {
+        if (-not (Test-Path -LiteralPath $root -PathType Container)) { continue }
+        # Each folder, then its subfolders level by level (by name within a folder).
+        $pending = New-Object System.Collections.Generic.Queue[string]
+        $pending.Enqueue($root)
+        while ($pending.Count -gt 0) {
+            $folder = $pending.Dequeue()
+            try {
+                $items = @(Get-ChildItem -LiteralPath $folder -Force -ErrorAction Stop | Sort-Object -Property Name)
+            }
+            catch {
+                throw ("cannot list {0}: {1}" -f $folder, $_.Exception.Message)
+            }
+            foreach ($item in $items) {
+                $isLink = [bool]($item.Attributes -band [System.IO.FileAttributes]::ReparsePoint)
+                if ($item.PSIsContainer) {
+                    if (-not $isLink) { $pending.Enqueue($item.FullName) }
+                }
+                elseif ($script:AnswerFileNames -contains $item.Name) {
+                    $item.FullName
+                }
+            }
+        }
+    }
+}
+
+function Remove-AnswerFileCopies {
+    <#
+    .SYNOPSIS
+        Deletes every answer file Find-AnswerFileCopies finds (read-only and hidden ones too).
+    .DESCRIPTION
+        Each deletion is logged as a change with its path. Nothing found is not an
+        error (a second run changes nothing). Every file is tried; then, if any could
+        not be deleted (or is still there after Remove-Item), this throws naming each
+        with the cause.
+    #>
+    param([Parameter(Mandatory = $true)][string]$WindowsFolder)
+    $found = @(Find-AnswerFileCopies -WindowsFolder $WindowsFolder)
+    if ($found.Count -eq 0) {
+        Write-Log ("no answer file ({0}) is left under {1}" -f ($script:AnswerFileNames -join ', '), (@(Get-AnswerFileFolders -WindowsFolder $WindowsFolder) -join ', '))
+        return
+    }
+    $failed = New-Object System.Collections.Generic.List[string]
+    foreach ($path in $found) {
+        try {
+            Remove-Item -LiteralPath $path -Force -ErrorAction Stop
+        }
+        catch {
+            $failed.Add(('{0} ({1})' -f $path, $_.Exception.Message))
+            continue
+        }
+        if (Test-Path -LiteralPath $path) {
+            $failed.Add(('{0} (still there after Remove-Item)' -f $path))
+            continue
+        }
+        Add-ChangeRecord ("answer file removed: {0}" -f $path)
+    }
+    if ($failed.Count -gt 0) {
+        throw ("could not delete {0} answer file(s): {1}" -f $failed.Count, ($failed -join '; '))
+    }
+}
+
 Export-ModuleMember -Function @(
     'Get-SettingSchema', 'Get-StepCatalog', 'Assert-StepNames', 'Read-ProvisionSettings', 'Format-SettingsForLog',
     'Initialize-Log', 'Add-LogSecret', 'Write-Log', 'Add-ChangeRecord', 'Get-ChangeCount', 'ConvertTo-LogUrl',
@@ -820,5 +933,6 @@ Export-ModuleMember -Function @(
     'Test-IsAdministrator', 'Test-LocalCredential', 'Test-TamperProtected',
     'Get-VsBuildToolsRequiredComponents', 'Get-VsBuildToolsVersionRange', 'Get-VsBuildToolsArguments', 'Get-VsBuildToolsPath',
     'Wait-ProcessExit', 'Get-MachineEnvironmentVariable', 'Set-MachineEnvironmentVariable',
-    'Get-DefenderExclusionPaths', 'Test-DefenderExclusion', 'Get-BuildletEnvName'
+    'Get-DefenderExclusionPaths', 'Test-DefenderExclusion', 'Get-BuildletEnvName',
+    'Get-WindowsFolder', 'Get-AnswerFileFolders', 'Find-AnswerFileCopies', 'Remove-AnswerFileCopies'
 )

@@ -6,7 +6,7 @@
 .DESCRIPTION
     Reads the JSON settings file given by -ConfigPath (keys and defaults: see
     Get-SettingSchema in common.psm1) and runs these steps in order, each
-    switched by one setting:
+    switched by one setting but the last, which always runs:
       disable-windows-update      disableWindowsUpdate     AU policy NoAutoUpdate=1
       disable-error-reporting-ui  disableErrorReportingUi  WER DontShowUI=1
       disable-uac                 disableUac               EnableLUA=0
@@ -22,6 +22,12 @@
                                                            the ARM64 VC tools (and ARM, but for 2026)
       create-builder-user         createBuilderUser        local administrator, password never expires
       configure-autologon         autoLogon                Winlogon autologon as builderUser
+      remove-answer-files         (always on, runs last)   deletes every unattend.xml and autounattend.xml
+                                                           (any case) under C:\Windows\Panther and
+                                                           C:\Windows\System32\Sysprep, with their
+                                                           subfolders: Setup's cached answer files hold the
+                                                           administrator and autologon passwords, and the
+                                                           image is published
     Every step checks the machine first and changes only what differs, so a
     second run changes nothing. Every download is checked against its SHA-256
     before use. Every step is logged with a UTC timestamp to the host and to
@@ -312,6 +318,9 @@ $steps = @(
     New-ProvisionStep -Name 'install-vs-build-tools' -Enabled $s.installVsBuildTools -Action { Install-VsBuildTools -Settings $s }
     New-ProvisionStep -Name 'create-builder-user' -Enabled $s.createBuilderUser -Action { Install-BuilderUser -Settings $s }
     New-ProvisionStep -Name 'configure-autologon' -Enabled $s.autoLogon -Action { Set-StepRegistryValues -Settings $s -Step 'configure-autologon' }
+    # Last, and always: Windows has run every pass of its answer file long before SSH answers
+    # (firstlogon.ps1 opens it), and no step above reads Setup's files.
+    New-ProvisionStep -Name 'remove-answer-files' -Enabled $true -Action { Remove-AnswerFileCopies -WindowsFolder (Get-WindowsFolder) }
 )
 Assert-StepNames -Names @($steps | ForEach-Object { $_.Name }) -Source 'provision.ps1'
 

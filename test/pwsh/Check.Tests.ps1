@@ -3,7 +3,8 @@
 
 BeforeDiscovery {
     Import-Module (Join-Path $PSScriptRoot '../../provisioning/windows/common.psm1') -Force -DisableNameChecking
-    $switchCases = @(Get-StepCatalog | ForEach-Object { @{ Step = $_.Name; Switch = $_.Switch } })
+    # Steps with a switch (remove-answer-files has none: it is always checked).
+    $switchCases = @(Get-StepCatalog | Where-Object { $_.Switch } | ForEach-Object { @{ Step = $_.Name; Switch = $_.Switch } })
 
     $winlogon = 'HKLM:\SOFTWARE\Microsoft\Windows NT\CurrentVersion\Winlogon'
     # One way to undo each setting, and the row that must then fail.
@@ -33,6 +34,10 @@ BeforeDiscovery {
         @{ Label = 'autologon user wrong'; Row = 'Winlogon\DefaultUserName'; Break = { Set-FakeRegistryValue $winlogon 'DefaultUserName' 'Administrator' } }
         @{ Label = 'autologon password wrong'; Row = 'Winlogon\DefaultPassword'; Break = { Set-FakeRegistryValue $winlogon 'DefaultPassword' 'not-it' } }
         @{ Label = 'AutoLogonCount set'; Row = 'Winlogon\AutoLogonCount'; Break = { Set-FakeRegistryValue $winlogon 'AutoLogonCount' 2 DWord } }
+        @{ Label = 'Setup''s cached answer file back'; Row = 'answer files'; Break = { [void](Add-FakeWindowsFile 'Panther\unattend.xml') } }
+        @{ Label = 'an answer file in Panther\Unattend'; Row = 'answer files'; Break = { [void](Add-FakeWindowsFile 'Panther\Unattend\AutoUnattend.xml') } }
+        @{ Label = 'an answer file in Sysprep'; Row = 'answer files'; Break = { [void](Add-FakeWindowsFile 'System32\Sysprep\UNATTEND.XML') } }
+        @{ Label = 'an answer file deeper in Sysprep'; Row = 'answer files'; Break = { [void](Add-FakeWindowsFile 'System32\Sysprep\Panther\unattend.xml') } }
     )
     foreach ($case in $breakCases) { $case.Winlogon = $winlogon }
 }
@@ -71,8 +76,8 @@ Describe 'check.ps1' {
         $r.ExitCode | Should -Be 0 -Because $r.Text
         $rows = @(ConvertFrom-CheckTable $r.Output)
         # 3 policies, 3 firewall profiles, Defender, 8 services, buildlet 3,
-        # llvm-mingw 2, VS 1, user 5, autologon 4.
-        $rows | Should -HaveCount 30
+        # llvm-mingw 2, VS 1, user 5, autologon 4, answer files 1.
+        $rows | Should -HaveCount 31
         $rows | Where-Object { $_.Result -ne 'PASS' } | Should -BeNullOrEmpty
         foreach ($step in Get-StepCatalog) {
             @($rows | Where-Object { $_.Step -eq $step.Name }).Count | Should -BeGreaterThan 0 -Because "step $($step.Name) needs a check"
@@ -80,7 +85,7 @@ Describe 'check.ps1' {
         foreach ($name in (Get-SettingSchema | Where-Object { $_.Key -eq 'servicesToDisable' }).Default) {
             $rows.Setting | Should -Contain "service $name StartType"
         }
-        $r.Output[-1] | Should -Be 'check: 30 of 30 checks passed, 0 failed'
+        $r.Output[-1] | Should -Be 'check: 31 of 31 checks passed, 0 failed'
     }
 
     It 'never prints the password' {
@@ -179,6 +184,8 @@ Describe 'check.ps1' {
     It 'fails every row on a machine that was never provisioned' {
         New-FakeWindows
         Remove-Item -LiteralPath (Join-Path $t.Root 'machine') -Recurse -Force
+        $global:FakeWin.WindowsDir = $t.WindowsDir
+        Add-FakeSetupFiles
         $r = Invoke-GuestScript check $t.ConfigPath
         $r.ExitCode | Should -Be 1
         $rows = @(ConvertFrom-CheckTable $r.Output)
@@ -197,10 +204,57 @@ Describe 'check.ps1' {
         # Undo everything so that only the steps still switched on can pass.
         New-FakeWindows
         Remove-Item -LiteralPath (Join-Path $t.Root 'machine') -Recurse -Force
+        $global:FakeWin.WindowsDir = $t.WindowsDir
+        Add-FakeSetupFiles
         $r = Invoke-GuestScript check $t.ConfigPath
         $rows = @(ConvertFrom-CheckTable $r.Output)
         $rows | Where-Object { $_.Step -eq $Step } | Should -BeNullOrEmpty
         $r.Output | Should -Contain "check: switched off, not checked: $Step"
+    }
+
+    It 'checks the answer files whatever the switches' {
+        foreach ($step in Get-StepCatalog | Where-Object { $_.Switch }) { $t.Settings[$step.Switch] = $false }
+        Save-TestSettings $t
+        $r = Invoke-GuestScript check $t.ConfigPath
+        $r.ExitCode | Should -Be 0 -Because $r.Text
+        $rows = @(ConvertFrom-CheckTable $r.Output)
+        $rows | Should -HaveCount 1
+        $rows[0].Step | Should -Be 'remove-answer-files'
+        $rows[0].Setting | Should -Be ('answer files (unattend.xml, autounattend.xml) under {0}, {1}' -f (Get-FakeWindowsPath 'Panther'), (Get-FakeWindowsPath 'System32\Sysprep'))
+        $rows[0].Actual | Should -Be '(none)'
+
+        $left = Add-FakeWindowsFile 'Panther\Unattend\Unattend.xml'
+        $r = Invoke-GuestScript check $t.ConfigPath
+        $r.ExitCode | Should -Be 1
+        (ConvertFrom-CheckTable $r.Output)[0].Actual | Should -Be $left
+    }
+
+    It 'names every answer file left in its row' {
+        $left = @(
+            (Add-FakeWindowsFile 'Panther\unattend.xml'),
+            (Add-FakeWindowsFile 'Panther\Unattend\AUTOUNATTEND.xml'),
+            (Add-FakeWindowsFile 'System32\Sysprep\Unattend.xml')
+        )
+        [void](Add-FakeWindowsFile 'Panther\unattend.xml.bak')
+        $r = Invoke-GuestScript check $t.ConfigPath
+        $r.ExitCode | Should -Be 1
+        $row = ConvertFrom-CheckTable $r.Output | Where-Object { $_.Step -eq 'remove-answer-files' }
+        $row.Result | Should -Be 'FAIL'
+        $row.Expected | Should -Be '(none)'
+        $row.Actual | Should -Be ($left -join ', ')
+    }
+
+    It 'reports a folder it cannot list as a FAIL row naming it' {
+        $global:LockedFolder = Get-FakeWindowsPath 'Panther'
+        Add-FakeMock Get-ChildItem -MockWith { & (Get-Command -Name Get-ChildItem -CommandType Cmdlet) @PesterBoundParameters }
+        Add-FakeMock Get-ChildItem -ParameterFilter { [string](@($PesterBoundParameters['LiteralPath'])[0]) -eq $global:LockedFolder } -MockWith {
+            throw ("Access to the path '{0}' is denied." -f $global:LockedFolder)
+        }
+        $r = Invoke-GuestScript check $t.ConfigPath
+        $r.ExitCode | Should -Be 1
+        $row = ConvertFrom-CheckTable $r.Output | Where-Object { $_.Step -eq 'remove-answer-files' }
+        $row.Result | Should -Be 'FAIL'
+        $row.Actual | Should -Be ("error: cannot list {0}: Access to the path '{0}' is denied." -f $global:LockedFolder)
     }
 
     It 'passes with a switched-off step left undone' {

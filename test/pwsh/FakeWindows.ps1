@@ -7,6 +7,9 @@
     Studio installer, machine environment variables and downloads. Enable-FakeWindows (call it in
     BeforeEach or It) mocks the Windows-only commands so they act on
     $global:FakeWin; file system commands stay real (tests use $TestDrive).
+    The Windows folder (C:\Windows) is a real folder under the test's root
+    ($global:FakeWin.WindowsDir, set by New-TestEnvironment): Get-WindowsFolder
+    answers with it; Get-FakeWindowsPath and Add-FakeWindowsFile reach into it.
     Every change to the fake state is appended to $global:FakeWin.Changes, so
     "a second run changes nothing" is a real assertion.
 #>
@@ -108,6 +111,8 @@ function global:New-FakeWindows {
         Processes   = New-Object System.Collections.Generic.List[object]
         Changes     = New-Object System.Collections.Generic.List[string]
         IsAdmin     = $true
+        # The folder standing in for C:\Windows (New-TestEnvironment makes it).
+        WindowsDir  = $null
     }
     $global:FakeWin.Admins.Add('S-1-5-21-1000-1000-1000-500')
     foreach ($key in @(
@@ -301,6 +306,10 @@ function global:Enable-FakeWindows {
         ($null -ne $u) -and ($u.Password -ceq $Password)
     }
     Add-FakeMock Test-IsAdministrator -MockWith { $global:FakeWin.IsAdmin }
+    Add-FakeMock Get-WindowsFolder -MockWith {
+        if (-not $global:FakeWin.WindowsDir) { throw 'the fake machine has no Windows folder: set $global:FakeWin.WindowsDir' }
+        $global:FakeWin.WindowsDir
+    }
 
     # Machine-wide environment variables.
     Add-FakeMock Get-MachineEnvironmentVariable -MockWith {
@@ -351,6 +360,36 @@ function global:Enable-FakeWindows {
     }
 }
 
+function global:Get-FakeWindowsPath {
+    <# The real path of a path under the fake C:\Windows, given Windows-style: 'Panther\Unattend\Unattend.xml'. #>
+    param([Parameter(Mandatory = $true)][string]$Relative)
+    $path = $global:FakeWin.WindowsDir
+    foreach ($part in $Relative.Split('\')) { $path = Join-Path $path $part }
+    return $path
+}
+
+function global:Add-FakeWindowsFile {
+    <# Writes a file under the fake C:\Windows (its folders made as needed); returns its real path. #>
+    param([Parameter(Mandatory = $true)][string]$Relative, [string]$Content = '<unattend xmlns="urn:schemas-microsoft-com:unattend"/>')
+    $path = Get-FakeWindowsPath $Relative
+    New-Item -ItemType Directory -Path (Split-Path -Parent $path) -Force | Out-Null
+    [System.IO.File]::WriteAllText($path, $Content)
+    return $path
+}
+
+function global:Add-FakeSetupFiles {
+    <#
+    What Windows Setup leaves in C:\Windows on a generalized image's first boot:
+    the cached answer file Panther\unattend.xml, Setup's logs, and Sysprep.
+    #>
+    [void](Add-FakeWindowsFile 'Panther\unattend.xml')
+    [void](Add-FakeWindowsFile 'Panther\setupact.log' -Content 'setup actions')
+    [void](Add-FakeWindowsFile 'Panther\setuperr.log' -Content '')
+    [void](Add-FakeWindowsFile 'Panther\UnattendGC\setupact.log' -Content 'oobe actions')
+    [void](Add-FakeWindowsFile 'System32\Sysprep\sysprep.exe' -Content 'MZ')
+    [void](Add-FakeWindowsFile 'System32\Sysprep\Panther\setupact.log' -Content 'sysprep actions')
+}
+
 function global:New-RandomFile {
     param([string]$Path, [int]$Size = 4096)
     $bytes = New-Object byte[] $Size
@@ -362,15 +401,19 @@ function global:New-RandomFile {
 function global:New-TestEnvironment {
     <#
     Creates the files the downloads serve (a buildlet, an llvm-mingw-like zip,
-    a VS bootstrapper), registers them in FakeWin.Served, and writes a
-    settings file with every switch on and every path under Root.
+    a VS bootstrapper), registers them in FakeWin.Served, makes the fake
+    C:\Windows (Root\machine\Windows, with what Setup leaves there:
+    Add-FakeSetupFiles), and writes a settings file with every switch on and
+    every path under Root.
     Returns: ConfigPath, Settings (hashtable written), Root, LogPath,
-    Password, User and the hashes.
+    Password, User, WindowsDir and the hashes.
     #>
     param([Parameter(Mandatory = $true)][string]$Root, [hashtable]$Overrides = @{})
     $served = Join-Path $Root 'served'
     $machine = Join-Path $Root 'machine'
     New-Item -ItemType Directory -Path $served, $machine -Force | Out-Null
+    $global:FakeWin.WindowsDir = Join-Path $machine 'Windows'
+    Add-FakeSetupFiles
 
     $buildletSha = New-RandomFile -Path (Join-Path $served 'buildlet-stage0.exe') -Size 8192
     $vsSha = New-RandomFile -Path (Join-Path $served 'vs_BuildTools.exe') -Size 2048
@@ -433,6 +476,7 @@ function global:New-TestEnvironment {
         LlvmSha     = $llvmSha
         VsSha       = $vsSha
         Served      = $served
+        WindowsDir  = $global:FakeWin.WindowsDir
     }
 }
 

@@ -4,7 +4,8 @@
 
 BeforeDiscovery {
     Import-Module (Join-Path $PSScriptRoot '../../provisioning/windows/common.psm1') -Force -DisableNameChecking
-    $switchCases = @(Get-StepCatalog | ForEach-Object { @{ Step = $_.Name; Switch = $_.Switch } })
+    # Steps with a switch (remove-answer-files has none: it always runs).
+    $switchCases = @(Get-StepCatalog | Where-Object { $_.Switch } | ForEach-Object { @{ Step = $_.Name; Switch = $_.Switch } })
     $downloadCases = @(
         @{ Step = 'install-buildlet'; ShaKey = 'buildletStage0Sha256'; UrlKey = 'buildletStage0Url' }
         @{ Step = 'install-llvm-mingw'; ShaKey = 'llvmMingwSha256'; UrlKey = 'llvmMingwUrl' }
@@ -142,7 +143,7 @@ Describe 'provision.ps1' {
                 $lines | Where-Object { $_ -match [regex]::Escape("step '$($step.Name)': start") } | Should -HaveCount 1
                 $lines | Where-Object { $_ -match [regex]::Escape("step '$($step.Name)': done") } | Should -HaveCount 1
             }
-            $lines[-1] | Should -Match 'provision: done; 11 step\(s\) ran, 0 switched off'
+            $lines[-1] | Should -Match 'provision: done; 12 step\(s\) ran, 0 switched off'
         }
 
         It 'never writes the password to the log or the console' {
@@ -169,7 +170,7 @@ Describe 'provision.ps1' {
             $global:FakeWin.Processes | Should -HaveCount 1
             (Get-Item -LiteralPath $t.Settings.buildletPath).LastWriteTimeUtc | Should -Be $buildletTime
             (Get-Item -Force -LiteralPath (Join-Path $t.Settings.llvmMingwDir '.source-sha256')).LastWriteTimeUtc | Should -Be $stampTime
-            $second.Output[-1] | Should -Match 'provision: done; 11 step\(s\) ran, 0 switched off, 0 change\(s\) made'
+            $second.Output[-1] | Should -Match 'provision: done; 12 step\(s\) ran, 0 switched off, 0 change\(s\) made'
             foreach ($step in Get-StepCatalog) {
                 $second.Text | Should -Match ([regex]::Escape("step '$($step.Name)': already in place, nothing changed"))
             }
@@ -369,12 +370,12 @@ Describe 'provision.ps1' {
             Get-StepState $Step | Should -Be $before
             $log = Get-LogText
             $log | Should -Match ([regex]::Escape("step '$Step': skipped (switched off)"))
-            $log | Should -Match 'provision: done; 10 step\(s\) ran, 1 switched off'
+            $log | Should -Match 'provision: done; 11 step\(s\) ran, 1 switched off'
             $log | Should -Not -Match ([regex]::Escape("step '$Step': start"))
         }
 
-        It 'changes nothing with every switch off, and then needs no URL, hash or user' {
-            foreach ($step in Get-StepCatalog) { $t.Settings[$step.Switch] = $false }
+        It 'changes nothing but the answer files with every switch off, and then needs no URL, hash or user' {
+            foreach ($step in Get-StepCatalog | Where-Object { $_.Switch }) { $t.Settings[$step.Switch] = $false }
             foreach ($key in 'buildletStage0Url', 'buildletStage0Sha256', 'llvmMingwUrl', 'llvmMingwSha256', 'vsBuildToolsUrl', 'vsBuildToolsSha256', 'builderUser', 'builderPassword') {
                 $t.Settings.Remove($key)
             }
@@ -386,6 +387,12 @@ Describe 'provision.ps1' {
             $global:FakeWin.Changes | Should -HaveCount 0
             $global:FakeWin.Downloads | Should -HaveCount 0
             @(Get-Content -LiteralPath $t.LogPath | Where-Object { $_ -match 'skipped \(switched off\)' }) | Should -HaveCount 11
+            # The step without a switch still ran: Setup's cached answer file is gone, and it was the only change.
+            Get-FakeWindowsPath 'Panther\unattend.xml' | Should -Not -Exist
+            $changed = @(Get-Content -LiteralPath $t.LogPath | Where-Object { $_ -match '\] changed: ' })
+            $changed | Should -HaveCount 1
+            $changed[0] | Should -Match ('\] changed: answer file removed: ' + [regex]::Escape((Get-FakeWindowsPath 'Panther\unattend.xml')) + '$')
+            $r.Output[-1] | Should -Match 'provision: done; 1 step\(s\) ran, 11 switched off, 1 change\(s\) made'
         }
     }
 
@@ -447,6 +454,142 @@ Describe 'provision.ps1' {
         }
     }
 
+    Context 'the answer files Windows Setup leaves behind' {
+        BeforeAll {
+            # Copies where Setup reads or caches them, spelled as Windows and tools spell them.
+            $script:answerCopies = @(
+                'Panther\unattend.xml',
+                'Panther\Unattend\Unattend.xml',
+                'Panther\Unattend\AUTOUNATTEND.XML',
+                'Panther\UnattendGC\unattend.xml',
+                'System32\Sysprep\unattend.xml',
+                'System32\Sysprep\Panther\AutoUnattend.xml'
+            )
+            # Setup's logs, Sysprep and names that only look alike: kept.
+            $script:keptFiles = @(
+                'Panther\setupact.log',
+                'Panther\setuperr.log',
+                'Panther\UnattendGC\setupact.log',
+                'Panther\unattend.xml.bak',
+                'Panther\my-unattend.xml',
+                'Panther\Unattend\unattend.txt',
+                'System32\Sysprep\sysprep.exe',
+                'System32\Sysprep\Panther\setupact.log',
+                'System32\unattend.xml'
+            )
+            function Add-PassThroughMock {
+                param([string]$Name)
+                Add-FakeMock $Name -MockWith ([scriptblock]::Create("& (Get-Command -Name '$Name' -CommandType Cmdlet) @PesterBoundParameters"))
+            }
+        }
+
+        It 'removes every copy, whatever the case of its name, and keeps the logs and look-alikes; check passes' {
+            foreach ($relative in $answerCopies) { [void](Add-FakeWindowsFile $relative) }
+            foreach ($relative in $keptFiles) { [void](Add-FakeWindowsFile $relative -Content 'kept') }
+            # Hidden entries are searched too (a dot folder is hidden on Linux).
+            $hidden = Add-FakeWindowsFile 'Panther\.hidden\unattend.xml'
+
+            $r = Invoke-GuestScript provision $t.ConfigPath
+
+            $r.ExitCode | Should -Be 0 -Because $r.Text
+            foreach ($path in @($answerCopies | ForEach-Object { Get-FakeWindowsPath $_ }) + $hidden) {
+                $path | Should -Not -Exist
+                Get-LogText | Should -Match ([regex]::Escape("changed: answer file removed: $path") + '\r?\n')
+            }
+            foreach ($relative in $keptFiles) { Get-FakeWindowsPath $relative | Should -Exist }
+            @(Get-Content -LiteralPath $t.LogPath | Where-Object { $_ -match 'changed: answer file removed: ' }) | Should -HaveCount ($answerCopies.Count + 1)
+            $c = Invoke-GuestScript check $t.ConfigPath
+            $c.ExitCode | Should -Be 0 -Because $c.Text
+            $c.Text | Should -Match 'answer files \(unattend\.xml, autounattend\.xml\) under .* \| \(none\) +\| \(none\) +\| PASS'
+        }
+
+        It 'runs last, after every other step' {
+            $r = Invoke-GuestScript provision $t.ConfigPath
+            $r.ExitCode | Should -Be 0 -Because $r.Text
+            $starts = @($r.Output | Where-Object { $_ -match "step '([a-z-]+)': start" } | ForEach-Object { $_ -replace "^.*step '([a-z-]+)': start.*$", '$1' })
+            $starts[-1] | Should -Be 'remove-answer-files'
+            $starts | Should -Be @(Get-StepCatalog | ForEach-Object { $_.Name })
+        }
+
+        It 'is fine when the folders do not exist' {
+            Remove-Item -LiteralPath (Get-FakeWindowsPath 'Panther'), (Get-FakeWindowsPath 'System32') -Recurse -Force
+            $r = Invoke-GuestScript provision $t.ConfigPath
+            $r.ExitCode | Should -Be 0 -Because $r.Text
+            Get-LogText | Should -Match ([regex]::Escape(('no answer file (unattend.xml, autounattend.xml) is left under {0}, {1}' -f (Get-FakeWindowsPath 'Panther'), (Get-FakeWindowsPath 'System32\Sysprep'))))
+            Get-LogText | Should -Match "step 'remove-answer-files': already in place, nothing changed"
+        }
+
+        It 'fails naming a copy that cannot be deleted, after deleting the others; check fails naming it' {
+            $other = Add-FakeWindowsFile 'Panther\Unattend\Unattend.xml'
+            $global:StuckAnswerFile = Add-FakeWindowsFile 'System32\Sysprep\unattend.xml'
+            Add-PassThroughMock Remove-Item
+            Add-FakeMock Remove-Item -ParameterFilter { [string](@($PesterBoundParameters['LiteralPath'])[0]) -eq $global:StuckAnswerFile } -MockWith {
+                throw ("The process cannot access the file '{0}' because it is being used by another process." -f $global:StuckAnswerFile)
+            }
+
+            $r = Invoke-GuestScript provision $t.ConfigPath
+
+            $r.ExitCode | Should -Be 1
+            $log = Get-LogText
+            $log | Should -Match ([regex]::Escape("step 'remove-answer-files' failed: could not delete 1 answer file(s): $global:StuckAnswerFile (The process cannot access the file"))
+            $log | Should -Match ([regex]::Escape("provision: FAILED at step 'remove-answer-files'"))
+            $global:StuckAnswerFile | Should -Exist
+            $other | Should -Not -Exist
+            Get-FakeWindowsPath 'Panther\unattend.xml' | Should -Not -Exist
+
+            $c = Invoke-GuestScript check $t.ConfigPath
+            $c.ExitCode | Should -Be 1
+            $c.Output[-1] | Should -Match ('^check: FAILED: answer files .*\(remove-answer-files\)$')
+            $c.Text | Should -Match ('\| \(none\) +\| ' + [regex]::Escape($global:StuckAnswerFile) + ' +\| FAIL')
+        }
+
+        It 'fails naming a copy that is still there after Remove-Item' {
+            $global:StuckAnswerFile = Add-FakeWindowsFile 'Panther\Unattend\autounattend.xml'
+            Add-PassThroughMock Remove-Item
+            Add-FakeMock Remove-Item -ParameterFilter { [string](@($PesterBoundParameters['LiteralPath'])[0]) -eq $global:StuckAnswerFile } -MockWith { }
+
+            $r = Invoke-GuestScript provision $t.ConfigPath
+
+            $r.ExitCode | Should -Be 1
+            Get-LogText | Should -Match ([regex]::Escape("step 'remove-answer-files' failed: could not delete 1 answer file(s): $global:StuckAnswerFile (still there after Remove-Item)"))
+            Get-LogText | Should -Not -Match ([regex]::Escape("answer file removed: $global:StuckAnswerFile"))
+        }
+
+        It 'fails naming a folder it cannot list' {
+            $global:LockedFolder = Split-Path -Parent (Add-FakeWindowsFile 'Panther\Unattend\unattend.xml')
+            Add-PassThroughMock Get-ChildItem
+            Add-FakeMock Get-ChildItem -ParameterFilter { [string](@($PesterBoundParameters['LiteralPath'])[0]) -eq $global:LockedFolder } -MockWith {
+                throw ("Access to the path '{0}' is denied." -f $global:LockedFolder)
+            }
+
+            $r = Invoke-GuestScript provision $t.ConfigPath
+
+            $r.ExitCode | Should -Be 1
+            Get-LogText | Should -Match ([regex]::Escape("step 'remove-answer-files' failed: cannot list $($global:LockedFolder): Access to the path"))
+        }
+
+        It 'does not follow a folder link out of Panther, and deletes a file link, not its target' {
+            $elsewhere = Join-Path $t.Root 'elsewhere'
+            New-Item -ItemType Directory -Path $elsewhere | Out-Null
+            $outside = Join-Path $elsewhere 'unattend.xml'
+            $target = Join-Path $elsewhere 'target.xml'
+            Set-Content -LiteralPath $outside, $target -Value 'outside'
+            New-Item -ItemType SymbolicLink -Path (Get-FakeWindowsPath 'Panther\linked') -Target $elsewhere | Out-Null
+            $fileLink = Get-FakeWindowsPath 'Panther\Unattend\Unattend.xml'
+            New-Item -ItemType Directory -Path (Split-Path -Parent $fileLink) -Force | Out-Null
+            New-Item -ItemType SymbolicLink -Path $fileLink -Target $target | Out-Null
+
+            $r = Invoke-GuestScript provision $t.ConfigPath
+
+            $r.ExitCode | Should -Be 0 -Because $r.Text
+            $outside | Should -Exist
+            $target | Should -Exist
+            Test-Path -LiteralPath $fileLink | Should -BeFalse
+            Get-LogText | Should -Match ([regex]::Escape("changed: answer file removed: $fileLink"))
+            Get-LogText | Should -Not -Match ([regex]::Escape($outside))
+        }
+    }
+
     Context 'Visual Studio versions' {
         It 'installs VS <Vs> Build Tools with <Expected> and checks for that version' -ForEach @(
             @{ Vs = '2019'; Expected = 'ARM64 and ARM'; Components = @('Microsoft.VisualStudio.Component.VC.Tools.ARM64', 'Microsoft.VisualStudio.Component.VC.Tools.ARM') }
@@ -488,7 +631,7 @@ Describe 'provision.ps1' {
                 [System.IO.File]::WriteAllText($bootstrapper, $text)
                 & chmod +x $bootstrapper
                 $t.Settings.vsBuildToolsSha256 = (Get-FileHash -LiteralPath $bootstrapper -Algorithm SHA256).Hash.ToLowerInvariant()
-                foreach ($step in Get-StepCatalog) { $t.Settings[$step.Switch] = ($step.Name -eq 'install-vs-build-tools') }
+                foreach ($step in Get-StepCatalog | Where-Object { $_.Switch }) { $t.Settings[$step.Switch] = ($step.Name -eq 'install-vs-build-tools') }
                 Save-TestSettings $t
             }
         }
@@ -557,9 +700,11 @@ Describe 'provision.ps1' {
 
 Describe 'provision.ps1 in its own pwsh process, downloading over HTTP' {
     # Runs the real script in a child pwsh with real Invoke-WebRequest against a
-    # loopback HTTP server. Only Test-IsAdministrator (Windows API) and
-    # Set-RegistryValue (no HKLM on Linux) are replaced, by functions defined in
-    # the child's calling scope.
+    # loopback HTTP server. Only Test-IsAdministrator (Windows API),
+    # Set-RegistryValue (no HKLM on Linux), the machine environment and
+    # Get-WindowsFolder (a folder under the test's root) are replaced, by
+    # functions defined in the child's calling scope; the answer files in that
+    # folder are deleted for real.
     BeforeAll {
         $script:pwsh = $env:PWSH_PATH
         if (-not $pwsh) { $script:pwsh = (Get-Command pwsh -ErrorAction SilentlyContinue).Source }
@@ -592,12 +737,21 @@ setTimeout(() => process.exit(0), 10 * 60 * 1000);
         $deadline = [DateTime]::UtcNow.AddSeconds(20)
         while (-not (Test-Path -LiteralPath $portFile) -and [DateTime]::UtcNow -lt $deadline) { Start-Sleep -Milliseconds 100 }
         $script:baseUrl = 'http://127.0.0.1:{0}' -f (Get-Content -LiteralPath $portFile -Raw).Trim()
+        $script:windowsDir = Join-Path $root 'Windows'
+        function Add-ChildWindowsFile {
+            param([string[]]$Parts)
+            $path = $windowsDir
+            foreach ($part in $Parts) { $path = Join-Path $path $part }
+            New-Item -ItemType Directory -Path (Split-Path -Parent $path) -Force | Out-Null
+            Set-Content -LiteralPath $path -Value '<unattend/>'
+            return $path
+        }
 
         function Invoke-ChildProvision {
             param([string]$Sha)
             $machine = Join-Path $root 'machine'
             $settings = [ordered]@{ logPath = Join-Path $machine 'provision.log'; downloadDir = Join-Path $machine 'downloads' }
-            foreach ($step in Get-StepCatalog) { $settings[$step.Switch] = $false }
+            foreach ($step in Get-StepCatalog | Where-Object { $_.Switch }) { $settings[$step.Switch] = $false }
             $settings.installBuildlet = $true
             $settings.buildletEnv = 'host-windows11-arm64-azure'
             $settings.buildletStage0Url = "$baseUrl/stage0.exe"
@@ -609,6 +763,7 @@ setTimeout(() => process.exit(0), 10 * 60 * 1000);
             $command = @"
 & {
 function Test-IsAdministrator { `$true }
+function Get-WindowsFolder { '$windowsDir' }
 function Set-RegistryValue { param(`$Path, `$Name, `$Value, `$Type, [switch]`$Secret) Add-Content -LiteralPath '$registryLog' -Value "`$Path\`$Name=`$Value" }
 function Get-MachineEnvironmentVariable { param(`$Name) `$null }
 function Set-MachineEnvironmentVariable { param(`$Name, `$Value) Add-Content -LiteralPath '$registryLog' -Value "env:`$Name=`$Value" }
@@ -626,6 +781,7 @@ exit `$LASTEXITCODE
     }
 
     It 'exits 1 naming expected and actual hashes when the download does not match' {
+        $cached = Add-ChildWindowsFile 'Panther', 'unattend.xml'
         $wrong = 'ef' * 32
         $r = Invoke-ChildProvision -Sha $wrong
         $r.ExitCode | Should -Be 1 -Because $r.Text
@@ -633,11 +789,25 @@ exit `$LASTEXITCODE
         $r.Settings.buildletPath | Should -Not -Exist
         "$($r.Settings.buildletPath).partial" | Should -Not -Exist
         $r.RegistryLog | Should -Not -Exist
+        # The run stopped before its last step.
+        $r.Text | Should -Not -Match "step 'remove-answer-files': start"
+        $cached | Should -Exist
     }
 
-    It 'exits 0 with the verified file, and a second run does not download it again' {
+    It 'exits 0 with the verified file and the answer files deleted, and a second run does not download it again' {
+        $copies = @(
+            (Add-ChildWindowsFile 'Panther', 'unattend.xml'),
+            (Add-ChildWindowsFile 'Panther', 'Unattend', 'Unattend.xml'),
+            (Add-ChildWindowsFile 'System32', 'Sysprep', 'AutoUnattend.xml')
+        )
+        $log = Add-ChildWindowsFile 'Panther', 'setupact.log'
         $r = Invoke-ChildProvision -Sha $sha
         $r.ExitCode | Should -Be 0 -Because $r.Text
+        foreach ($copy in $copies) {
+            $copy | Should -Not -Exist
+            $r.Text | Should -Match ([regex]::Escape("changed: answer file removed: $copy"))
+        }
+        $log | Should -Exist
         (Get-FileHash -LiteralPath $r.Settings.buildletPath -Algorithm SHA256).Hash | Should -Be $sha
         $folder = Split-Path -Parent $r.Settings.buildletPath
         Get-Content -LiteralPath $r.RegistryLog | Should -Contain ('HKLM:\SOFTWARE\Microsoft\Windows\CurrentVersion\Run\buildlet=cmd.exe /c "cd /d {0} && {1}"' -f $folder, $r.Settings.buildletPath)
@@ -648,5 +818,6 @@ exit `$LASTEXITCODE
         $again.ExitCode | Should -Be 0 -Because $again.Text
         @(Get-Content -LiteralPath $requestLog).Count | Should -Be $requests
         $again.Text | Should -Match 'already present with SHA-256'
+        $again.Text | Should -Match "step 'remove-answer-files': already in place, nothing changed"
     }
 }

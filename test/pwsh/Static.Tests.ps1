@@ -161,9 +161,20 @@ Describe 'settings and steps agree across the scripts' {
         $keys | Should -Be @($catalog.Name)
     }
 
-    It 'each step is switched by a boolean setting, and each boolean setting switches a step' {
+    It 'each step but remove-answer-files is switched by a boolean setting, and each boolean setting switches a step' {
         $bools = @($schema | Where-Object { $_.Type -eq 'bool' } | ForEach-Object { $_.Key })
-        @($catalog.Switch | Sort-Object) | Should -Be @($bools | Sort-Object)
+        @($catalog | Where-Object { $null -ne $_.Switch } | ForEach-Object { $_.Switch } | Sort-Object) | Should -Be @($bools | Sort-Object)
+    }
+
+    It 'remove-answer-files has no switch and comes last, after every step that could need Setup''s files' {
+        @($catalog | Where-Object { $null -eq $_.Switch } | ForEach-Object { $_.Name }) | Should -Be @('remove-answer-files')
+        $catalog[-1].Name | Should -Be 'remove-answer-files'
+        # provision.ps1 turns it on unconditionally.
+        $step = Find-Ast $provisionAst {
+            param($n) $n -is [System.Management.Automation.Language.CommandAst] -and $n.GetCommandName() -eq 'New-ProvisionStep' -and $n.Extent.Text -match "-Name 'remove-answer-files'"
+        }
+        $step | Should -HaveCount 1
+        $step[0].Extent.Text | Should -Match '-Enabled \$true '
     }
 
     It 'every setting is used by provision.ps1 or common.psm1' {
