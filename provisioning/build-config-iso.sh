@@ -36,7 +36,7 @@
 #   first-logon command looks for.
 #   OUT_DIR/.config-iso-work.<pid>.XXXXXX  the private (0700) work folder: the
 #                  staged tree (with the answer file), the new ISO and stamp
-#                  before their renames, xorriso's logs. Removed on every exit;
+#                  before their renames. Removed on every exit;
 #                  the folders of killed runs (SIGKILL included) are removed by
 #                  the next run before it stages anything. So no copy of an
 #                  input outlives a run anywhere but in OUT.iso.
@@ -197,8 +197,9 @@ if [[ -n "$drivers_iso" ]]; then
   for drv in $winpe_drivers; do
     inner="/$drv/$driver_folder/ARM64"
     mkdir -p -- "$tree/\$WinPEDriver\$"
-    if ! xorriso -osirrox on -indev "$drivers_iso" -extract "$inner" "$tree/\$WinPEDriver\$/$drv" \
-      >"$stage/extract.log" 2>&1; then
+    if ! xlog="$(xorriso -osirrox on -indev "$drivers_iso" -extract "$inner" "$tree/\$WinPEDriver\$/$drv" 2>&1)"; then
+      cause="$(grep -a -o -m 1 -E 'No space left on device|Permission denied|Read-only file system|Disk quota exceeded' <<<"$xlog" || true)"
+      [[ -z "$cause" ]] || die "cannot extract $inner from $drivers_iso into $stage: $cause"
       die "driver folder $inner not found in $drivers_iso (check CONFIG_ISO_WINPE_DRIVERS and CONFIG_ISO_DRIVER_FOLDER)"
     fi
     [[ -d "$tree/\$WinPEDriver\$/$drv" ]] || die "driver folder $inner in $drivers_iso is not a directory"
@@ -236,10 +237,13 @@ fi
 # atomic); the stamp changes last, after the ISO.
 log "building $out (label $label, $(find "$tree" -type f | wc -l) files)"
 tmp_iso="$stage/new.iso"
-if ! xorriso -as mkisofs -V "$label" -J -joliet-long -r -iso-level 3 -o "$tmp_iso" "$tree" \
-  >"$stage/xorriso.log" 2>&1; then
-  tail -n 20 "$stage/xorriso.log" | cut -c1-300 >&2
-  cause="$(grep -a -o -m 1 -E 'No space left on device|Permission denied|Read-only file system|Disk quota exceeded|File too large' "$stage/xorriso.log" || true)"
+# xorriso's output is kept in memory (a full disk cannot swallow it).
+if ! xlog="$(xorriso -as mkisofs -V "$label" -J -joliet-long -r -iso-level 3 -o "$tmp_iso" "$tree" 2>&1)"; then
+  tail -n 20 <<<"$xlog" | cut -c1-300 >&2
+  cause="$(grep -a -o -m 1 -E 'No space left on device|Permission denied|Read-only file system|Disk quota exceeded|File too large' <<<"$xlog" || true)"
+  if room="$(grep -a -o -m 1 -E 'Image size [0-9]+s exceeds free space on media [0-9]+s' <<<"$xlog")"; then
+    cause="not enough space on the device ($room; s = 2048-byte sectors)"
+  fi
   die "xorriso failed to write $out${cause:+: $cause}"
 fi
 chmod 600 -- "$tmp_iso"
