@@ -30,8 +30,8 @@
 # uid --vm-uid, and forwards only the token PUT and the proxy's allowed GETs
 # (so even a process that took over QEMU gets no credential). It prints
 # "ready" on stdout once it listens, logs one line per request on stderr
-# ("imds-gate: GET /latest/user-data -> 200"), and exits when its parent
-# (QEMU: run-vm.sh execs it) is gone.
+# ("imds-gate: GET /latest/user-data -> 200"), serves at most 16 requests at
+# once, and exits when its parent (QEMU: run-vm.sh execs it) is gone.
 #   --imds HOST:PORT   the metadata service (default 169.254.169.254:80)
 #
 # --timeout S bounds each request (default 10 s; proxy mode: the whole run).
@@ -79,6 +79,7 @@ META_KEYS = frozenset(
 )
 MAX_HEAD = 8192
 MAX_BODY = 1 << 20
+MAX_CONNECTIONS = 16  # the gate's requests under way at once
 TOKEN_RE = re.compile(r"[A-Za-z0-9_=+/.-]{1,512}")
 REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
            405: "Method Not Allowed", 502: "Bad Gateway", 504: "Gateway Timeout"}  # fmt: skip
@@ -314,7 +315,7 @@ def gate_forward(req):
     return None
 
 
-def gate_handle(conn, vm_uid, imds, timeout):
+def gate_handle(conn, vm_uid, imds, timeout, slots):
     deadline = Deadline(timeout)
     try:
         uid = peer_uid(conn)
@@ -354,6 +355,7 @@ def gate_handle(conn, vm_uid, imds, timeout):
         log("request failed: %s" % e)
     finally:
         conn.close()
+        slots.release()
 
 
 def gate(name, vm_uid, parent, imds, timeout):
@@ -370,11 +372,17 @@ def gate(name, vm_uid, parent, imds, timeout):
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, sys.stdout.fileno())
     log("relaying uid %d's metadata requests from @%s to %s:%d" % (vm_uid, name, imds[0], imds[1]))
+    slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
     while os.getppid() == parent:
         ready, _, _ = select.select([srv], [], [], 0.5)
-        if ready:
-            conn, _ = srv.accept()
-            threading.Thread(target=gate_handle, args=(conn, vm_uid, imds, timeout), daemon=True).start()
+        if not ready:
+            continue
+        conn, _ = srv.accept()
+        if not slots.acquire(blocking=False):
+            log("refused a connection: %d requests already under way" % MAX_CONNECTIONS)
+            conn.close()
+            continue
+        threading.Thread(target=gate_handle, args=(conn, vm_uid, imds, timeout, slots), daemon=True).start()
     log("QEMU (pid %d) is gone: stopping" % parent)
     return 0
 

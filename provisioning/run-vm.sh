@@ -329,13 +329,15 @@ check_privileges() {
     problem "VM_USER=$VM_USER has uid 0: name an unprivileged account (or VM_USER=root)"
     return
   fi
+  if ! gate_uid=$(id -u nobody 2>/dev/null) || ! gate_gid=$(id -g nobody 2>/dev/null); then
+    problem "VM_USER=$VM_USER: no account 'nobody' to run the metadata gate as"
+  elif ((run_as_uid == gate_uid)); then
+    problem "VM_USER=$VM_USER: the metadata gate runs as nobody (uid $gate_uid), so QEMU needs an account of its own"
+  fi
   run_as=$VM_USER
   command -v nft >/dev/null 2>&1 ||
     problem "VM_USER=$VM_USER: nft not found (install nftables): without its rule the guest could reach the instance's credentials"
   command -v setpriv >/dev/null 2>&1 || problem "VM_USER=$VM_USER: setpriv not found (install util-linux)"
-  if ! gate_uid=$(id -u nobody 2>/dev/null) || ! gate_gid=$(id -g nobody 2>/dev/null); then
-    problem "VM_USER=$VM_USER: no account 'nobody' to run the metadata gate as"
-  fi
 }
 
 # check_imds_proxy sets python and imds_proxy when VM_IMDS_PROXY=1.

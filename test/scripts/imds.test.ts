@@ -430,10 +430,11 @@ describe("the guest cannot reach the host's credentials (imds-proxy.py, run-vm.s
       }
     });
 
-    it("refuses an explicit VM_USER that does not exist or is not an account name, before starting anything", async function () {
+    it("refuses an explicit VM_USER that does not exist, is not an account name or is the gate's nobody, before starting anything", async function () {
       for (const [user, message] of [
         ["no-such-vm-user", "VM_USER=no-such-vm-user: no such account; create it (useradd --system"],
         ["Not A Name", "VM_USER=Not A Name is not an account name"],
+        ["nobody", "VM_USER=nobody: the metadata gate runs as nobody"],
       ]) {
         const r = await runScript("run-vm.sh", [envFile], { env: { VM_USER: user } });
         expect(r.code, user).to.equal(2);
