@@ -133,6 +133,23 @@ describe("build-config-iso.sh", function () {
     expect(r.stdout + r.stderr).to.not.contain("AAAAC3Nza");
   });
 
+  it("reads the answer file from stdin ('-=autounattend.xml'), and leaves only the ISO and its stamp", async () => {
+    const out = path.join(dir, "stdin", "config.iso");
+    const text = fs.readFileSync(answer, "utf8");
+    const r = await run("bash", [path.join(repoRoot, "provisioning", SCRIPT), out, "-=autounattend.xml", keys], {
+      input: text,
+    });
+    expect(r.code, r.stderr).to.equal(0);
+    expect(await isoRead(out, "/autounattend.xml", dir)).to.equal(text);
+    expect(fs.readdirSync(path.dirname(out)).sort()).to.deep.equal(["config.iso", "config.iso.stamp"]);
+    const twice = await runScript(SCRIPT, [out, "-=autounattend.xml", "-=unattend.xml"]);
+    expect(twice.code).to.equal(1);
+    expect(twice.stderr).to.contain("standard input given twice");
+    const bare = await runScript(SCRIPT, [out, "-"]);
+    expect(bare.code).to.equal(1);
+    expect(bare.stderr).to.contain("standard input needs a destination: -=PATH");
+  });
+
   it("does nothing on a rerun with the same inputs", async () => {
     const out = path.join(dir, "rerun", "config.iso");
     expect((await runScript(SCRIPT, args(out))).code).to.equal(0);

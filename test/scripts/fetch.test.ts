@@ -5,7 +5,7 @@ import * as http from "http";
 import * as os from "os";
 import * as path from "path";
 import { sha256 } from "../support/disk";
-import { freePort, pathWithout, runScript } from "../support/run";
+import { freePort, pathWithout, runOk, runScript } from "../support/run";
 import { awsEnv, startS3, S3Server } from "../support/s3";
 
 /** Serves BODY at /image; honours "Range: bytes=N-"; the first FAIL_FIRST requests are cut halfway. */
@@ -138,6 +138,64 @@ describe("fetch-image.sh", function () {
       expect(r.stderr).to.contain("downloading file://");
       expect(r.stderr).to.contain("again from the start");
       expect(fs.readFileSync(dest).equals(body)).to.equal(true);
+    });
+
+    it("keeps an earlier DEST (known from its stamp, not hashed again) until the new file is verified", async () => {
+      const dest = path.join(dir, "dest.img");
+      const old = crypto.randomBytes(4096);
+      const oldSrc = path.join(dir, "old.img");
+      fs.writeFileSync(oldSrc, old);
+      expect((await runScript("fetch-image.sh", [`file://${oldSrc}`, sha256(old), dest])).code).to.equal(0);
+      const src = path.join(dir, "src.img");
+      fs.writeFileSync(src, body);
+      const wrong = "2".repeat(64);
+      const bad = await runScript("fetch-image.sh", [`file://${src}`, wrong, dest]);
+      expect(bad.code).to.equal(1);
+      expect(bad.stderr).to.contain(`holds another file (sha256 ${sha256(old)}, from its stamp)`);
+      expect(bad.stderr).to.not.contain(`computing SHA-256 of ${dest} `);
+      expect(bad.stderr).to.contain("the earlier");
+      expect(fs.readFileSync(dest).equals(old)).to.equal(true);
+      const good = await runScript("fetch-image.sh", [`file://${src}`, sum, dest]);
+      expect(good.code, good.stderr).to.equal(0);
+      expect(fs.readFileSync(dest).equals(body)).to.equal(true);
+      expect(fs.readdirSync(dir).sort()).to.deep.equal(["dest.img", "dest.img.sha256", "old.img", "src.img"]);
+    });
+
+    it("removes the outdated DEST only when the new file would not fit beside it", async () => {
+      const mnt = path.join(dir, "small");
+      fs.mkdirSync(mnt);
+      await runOk("mount", ["-t", "tmpfs", "-o", "size=5m", "tmpfs", mnt]);
+      try {
+        const dest = path.join(mnt, "win.vhdx");
+        const old = crypto.randomBytes(2 * 1024 * 1024);
+        const oldSrc = path.join(dir, "old.img");
+        fs.writeFileSync(oldSrc, old);
+        expect((await runScript("fetch-image.sh", [`file://${oldSrc}`, sha256(old), dest])).code).to.equal(0);
+        const src = path.join(dir, "src.img");
+        fs.writeFileSync(src, body);
+        const r = await runScript("fetch-image.sh", [`file://${src}`, sum, dest]);
+        expect(r.code, r.stderr).to.equal(0);
+        expect(r.stderr).to.match(
+          /only \d+ MiB free for a 3 MiB download: removing the outdated \S+win\.vhdx to make room/,
+        );
+        expect(fs.readFileSync(dest).equals(body)).to.equal(true);
+        expect(fs.readdirSync(mnt).sort()).to.deep.equal(["win.vhdx", "win.vhdx.sha256"]);
+      } finally {
+        await runOk("umount", [mnt]);
+      }
+    });
+
+    it("removes a leftover DEST.partial and a stamp temporary when DEST is already verified", async () => {
+      const src = path.join(dir, "src.img");
+      fs.writeFileSync(src, body);
+      const dest = path.join(dir, "dest.img");
+      expect((await runScript("fetch-image.sh", [`file://${src}`, sum, dest])).code).to.equal(0);
+      fs.writeFileSync(`${dest}.partial`, "left by a killed run");
+      fs.writeFileSync(`${dest}.sha256.Ab12Cd`, "left by a killed run");
+      const r = await runScript("fetch-image.sh", [`file://${src}`, sum, dest]);
+      expect(r.code, r.stderr).to.equal(0);
+      expect(r.stderr).to.contain("nothing to do");
+      expect(fs.readdirSync(dir).sort()).to.deep.equal(["dest.img", "dest.img.sha256", "src.img"]);
     });
 
     it("verifies with sha256sum when openssl is not installed", async () => {
