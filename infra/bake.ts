@@ -110,7 +110,8 @@ export const BAKE_KIT_VERSION = 1;
 /**
  * The bootstrap the user data starts (BAKE_DIR/bake-bootstrap.sh): fetches
  * the kit from BAKE_KIT_URI (s3:// with the AWS CLI, honouring
- * S3_ENDPOINT_URL, at most BAKE_KIT_ATTEMPTS tries of 300 s; or file://),
+ * S3_ENDPOINT_URL, 3 tries of at most 300 s, a missing object or a denied
+ * read not retried; or file://),
  * refuses it unless its SHA-256 is BAKE_KIT_SHA256, unpacks its files with
  * python3 into its own folder (relative paths only) and execs
  * provisioning/bake-image.sh with manifest.json and image.env from that
@@ -123,21 +124,20 @@ export const BAKE_KIT_VERSION = 1;
 export const BAKE_BOOTSTRAP = `#!/usr/bin/env bash
 # bake-bootstrap.sh - on the bake instance, from its user data: fetch the bake
 # kit (renderBakeKit in infra/bake.ts), check it, unpack it here, run the bake.
-# Usage: bake-bootstrap.sh (no arguments; manifest.json and image.env beside it)
-# Env: BAKE_KIT_URI (s3://bucket/key or file:///path), BAKE_KIT_SHA256 (any
-#   other content is refused), BAKE_STATUS_URI, BAKE_POWEROFF_COMMAND (default
-#   systemctl poweroff), BAKE_KIT_ATTEMPTS (s3 downloads of at most 300 s,
-#   default 3), S3_ENDPOINT_URL; the rest passes on to bake-image.sh.
-# Then execs provisioning/bake-image.sh manifest.json image.env. A failure
-# before it writes {"status":"failed","stage":"bake kit","error":...} to
-# BAKE_STATUS_URI and powers off. Log on stderr. Exit: bake-image.sh's; 1 failed;
-# 2 no valid BAKE_STATUS_URI (no status, no power-off).
+# Usage: bake-bootstrap.sh (no arguments; manifest.json, image.env beside it)
+# Env: BAKE_KIT_URI (s3://bucket/key or file:///path; 3 tries of at most 300 s),
+#   BAKE_KIT_SHA256 (other content is refused), BAKE_STATUS_URI,
+#   BAKE_POWEROFF_COMMAND (default systemctl poweroff), S3_ENDPOINT_URL; all
+#   passed on to provisioning/bake-image.sh manifest.json image.env, exec'd
+#   last. A failure before it writes {"status":"failed","stage":"bake kit",
+#   "error":...} to BAKE_STATUS_URI and powers off. Log on stderr.
+# Exit: bake-image.sh's; 1 failed; 2 bad BAKE_STATUS_URI (no status or power-off)
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 kit=$here/bake-kit.json.gz
 [[ ! -d /snap/bin || :$PATH: == *:/snap/bin:* ]] || PATH=$PATH:/snap/bin
-aws_args=()
-[[ -z \${S3_ENDPOINT_URL:-} ]] || aws_args+=(--endpoint-url "$S3_ENDPOINT_URL")
+aws=(aws)
+[[ -z \${S3_ENDPOINT_URL:-} ]] || aws+=(--endpoint-url "$S3_ENDPOINT_URL")
 log() { printf 'bake-bootstrap: %s\\n' "$*" >&2; }
 # file:///abs/path -> /abs/path, percent-decoded; status 1 when malformed.
 file_path() {
@@ -148,47 +148,41 @@ file_path() {
   [[ $p != *$'\\n'* && /$p/ != */../* ]] || return 1
   printf '%s\\n' "$p"
 }
-json_str() {
-  local s=\${1//\\\\/\\\\\\\\}
-  s=\${s//\\"/\\\\\\"}
-  printf '"%s"' "\${s//[[:cntrl:]]/ }"
-}
-status=\${BAKE_STATUS_URI:-} status_path=
+status=\${BAKE_STATUS_URI:-} spath=
 case $status in
   s3://?*/?*) ;;
-  file:///*) status_path=$(file_path "$status") || status= ;;
+  file:///*) spath=$(file_path "$status") || status= ;;
   *) status= ;;
 esac
-if [[ -z $status ]]; then
+[[ -n $status ]] || {
   log "error: BAKE_STATUS_URI '\${BAKE_STATUS_URI:-}' must be s3://bucket/key or file:///absolute/path"
   exit 2
-fi
-poweroff=\${BAKE_POWEROFF_COMMAND:-systemctl poweroff}
-uri=\${BAKE_KIT_URI:-} want=\${BAKE_KIT_SHA256:-} attempts=\${BAKE_KIT_ATTEMPTS:-3} err=
+}
+uri=\${BAKE_KIT_URI:-} want=\${BAKE_KIT_SHA256:-} err=
 
-# Any exit but the hand-over: status failed, power off.
+# Every exit but the hand-over: status failed, power off.
 on_exit() {
   local rc=$? j try
   trap '' TERM INT HUP
   trap - EXIT
   ((rc != 0)) || rc=1
-  err=\${err:-bake-bootstrap.sh exited with status $rc}
+  rm -f -- "$kit"
+  err=\${err:-exited with status $rc}
   log "error: $err"
-  j="{\\"status\\":\\"failed\\",\\"stage\\":\\"bake kit\\",\\"error\\":$(json_str "$err"),\\"finishedAt\\":\\"$(date -u +%Y-%m-%dT%H:%M:%SZ)\\"}"
-  if [[ -n $status_path ]]; then
-    { mkdir -p -- "$(dirname -- "$status_path")" && printf '%s\\n' "$j" >"$status_path"; } ||
-      log "error: cannot write the status to $status"
+  j=\${err//\\\\/\\\\\\\\}
+  j=\${j//\\"/\\\\\\"}
+  j="{\\"status\\":\\"failed\\",\\"stage\\":\\"bake kit\\",\\"error\\":\\"\${j//[[:cntrl:]]/ }\\",\\"finishedAt\\":\\"$(date -u +%FT%TZ)\\"}"
+  if [[ -n $spath ]]; then
+    { mkdir -p -- "\${spath%/*}" && printf '%s\\n' "$j" >"$spath"; } || log "error: cannot write $spath"
   else
     for try in 1 2 3; do
-      printf '%s\\n' "$j" | timeout 60 aws "\${aws_args[@]}" s3 cp --only-show-errors \\
-        --content-type application/json - "$status" && break
+      printf '%s\\n' "$j" | timeout 60 "\${aws[@]}" s3 cp --only-show-errors - "$status" && break
       log "writing the status to $status failed (attempt $try/3)"
-      ((try == 3)) || sleep 5
+      sleep 5
     done
   fi
-  sync || true
-  log "powering off: $poweroff"
-  bash -c "$poweroff" || log "warning: '$poweroff' failed with status $?"
+  log "powering off"
+  bash -c "\${BAKE_POWEROFF_COMMAND:-systemctl poweroff}" || log "warning: the power-off failed"
   exit "$rc"
 }
 trap on_exit EXIT
@@ -198,72 +192,55 @@ fail() {
   exit 1
 }
 
-[[ $want =~ ^[0-9a-f]{64}$ ]] || fail "BAKE_KIT_SHA256 '$want' is not a SHA-256 (64 hex digits)"
-[[ $attempts =~ ^[1-9][0-9]?$ ]] || fail "BAKE_KIT_ATTEMPTS must be a number from 1 to 99, got '$attempts'"
+[[ $want =~ ^[0-9a-f]{64}$ ]] || fail "BAKE_KIT_SHA256 '$want' is not a SHA-256"
 log "fetching the bake kit $uri"
 rm -f -- "$kit"
 case $uri in
   s3://?*/?*)
-    command -v aws >/dev/null ||
-      fail "aws not found: cannot fetch the bake kit $uri (did the aws-cli snap install? see /var/log/cloud-init-output.log)"
-    for ((try = 1; ; try++)); do
-      out=$(timeout 300 aws "\${aws_args[@]}" s3 cp --only-show-errors -- "$uri" "$kit" 2>&1) && break
-      out=$(grep -v '^[[:space:]]*$' <<<"$out" | tail -n 1) || true
-      out=\${out:-no message}
-      if ((try >= attempts)) || grep -qE '\\(40[34]\\)|NoSuchKey|NoSuchBucket|AccessDenied|Forbidden|Not Found' <<<"$out"; then
-        [[ $out != *'(403)'* && $out != *AccessDenied* && $out != *Forbidden* ]] ||
-          out="$out (access denied: the bake role reads only the artifact prefix, and a missing object also answers 403 to it)"
-        fail "cannot fetch the bake kit $uri (attempt $try/$attempts): $out"
+    for try in 1 2 3; do
+      out=$(timeout 300 "\${aws[@]}" s3 cp --only-show-errors -- "$uri" "$kit" 2>&1) && break
+      out=$(grep -v '^[[:space:]]*$' <<<"$out" | tail -n 1) || out="aws failed"
+      # A missing object or a denied read (the role cannot list: 403 for a missing key) is final.
+      if ((try == 3)) || grep -qE '\\(40[34]\\)|NoSuch|AccessDenied|Forbidden|Not Found' <<<"$out"; then
+        fail "cannot fetch the bake kit $uri (attempt $try/3): $out"
       fi
-      log "attempt $try/$attempts for the bake kit failed: $out; retrying in 5 s"
+      log "attempt $try/3 failed: $out; retrying in 5 s"
       sleep 5
     done
     ;;
   file:///*)
-    p=$(file_path "$uri") || fail "BAKE_KIT_URI '$uri' is not a plain file:///absolute/path"
-    [[ -f $p ]] || fail "cannot fetch the bake kit $uri: $p does not exist or is not a regular file"
-    cp -- "$p" "$kit" || fail "cannot copy the bake kit $p"
+    if ! p=$(file_path "$uri") || [[ ! -f $p ]]; then
+      fail "cannot fetch the bake kit $uri: not a regular file (or a malformed file:// URI)"
+    fi
+    cp -- "$p" "$kit"
     ;;
   *) fail "BAKE_KIT_URI '$uri' must be s3://bucket/key or file:///absolute/path" ;;
 esac
-got=$(sha256sum -- "$kit") || fail "cannot hash the bake kit"
+got=$(sha256sum -- "$kit")
 got=\${got%% *}
-if [[ $got != "$want" ]]; then
-  rm -f -- "$kit"
-  fail "the bake kit $uri has sha256 $got, BAKE_KIT_SHA256 says $want: refused"
-fi
-command -v python3 >/dev/null || fail "python3 not found: cannot unpack the bake kit"
+[[ $got == "$want" ]] || fail "the bake kit $uri has sha256 $got, not $want (BAKE_KIT_SHA256): refused"
 out=$(
   python3 - "$here" "$kit" 2>&1 <<'PY'
 import gzip, json, os, re, sys
-root, kit = sys.argv[1], sys.argv[2]
-try:
-    doc = json.loads(gzip.decompress(open(kit, "rb").read()).decode("utf-8"))
-except Exception as e:
-    sys.exit(f"not gzip'd JSON ({e})")
-if not isinstance(doc, dict) or doc.get("kitVersion") != 1 or not isinstance(doc.get("files"), list):
-    sys.exit("not a kitVersion 1 document with files[]")
-shape = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*(/[A-Za-z0-9._-]+)*")
-own = {"manifest.json", "image.env", "bake-bootstrap.sh", "bake-kit.json.gz"}
+root, kit = sys.argv[1:]
+doc = json.loads(gzip.open(kit).read())
+if doc.get("kitVersion") != 1:
+    sys.exit("not a kitVersion 1 document")
 for f in doc["files"]:
-    f = f if isinstance(f, dict) else {}
-    p, m, c = f.get("path"), f.get("mode"), f.get("content")
-    if not isinstance(p, str) or not shape.fullmatch(p) or {".", ".."} & set(p.split("/")) or p in own:
-        sys.exit(f"refused path {json.dumps(p)} (relative, without . or .., not the bootstrap's own files)")
-    if m not in ("0755", "0644") or not isinstance(c, str):
-        sys.exit(f"{p}: mode 0755 or 0644 and text content expected")
-    dest = os.path.join(root, p)
-    os.makedirs(os.path.dirname(dest), exist_ok=True)
-    with open(dest + ".partial", "wb") as o:
-        o.write(c.encode("utf-8"))
-    os.chmod(dest + ".partial", int(m, 8))
-    os.replace(dest + ".partial", dest)
-print(len(doc["files"]))
+    p, m = f["path"], f["mode"]
+    if not re.fullmatch(r"[\\w-][\\w.-]*(/[\\w.-]+)*", p, re.A) or {".", ".."} & set(p.split("/")):
+        sys.exit(f"refused path {p!r}: relative, without . or .., expected")
+    d = os.path.join(root, p)
+    os.makedirs(os.path.dirname(d), exist_ok=True)
+    with open(d + ".partial", "wb") as o:
+        o.write(f["content"].encode())
+    os.chmod(d + ".partial", {"0755": 0o755, "0644": 0o644}[m])
+    os.replace(d + ".partial", d)
 PY
 ) || fail "cannot unpack the bake kit $uri: $(tail -n 1 <<<"$out")"
 rm -f -- "$kit"
 [[ -f $here/provisioning/bake-image.sh ]] || fail "the bake kit $uri has no provisioning/bake-image.sh"
-log "the bake kit is verified (sha256 $want) and unpacked ($out files); starting bake-image.sh"
+log "the bake kit is verified (sha256 $want) and unpacked; starting bake-image.sh"
 trap - EXIT TERM INT HUP
 exec bash "$here/provisioning/bake-image.sh" "$here/manifest.json" "$here/image.env"
 `;
@@ -294,7 +271,12 @@ export function renderBakeKit(files: Record<string, string>): { body: Buffer; sh
   }
   const paths = Object.keys(files).sort();
   for (const f of paths) {
-    lineShape("renderBakeKit", "file path", f, /^(?!.*(^|\/)\.\.?(\/|$))[A-Za-z0-9_-][A-Za-z0-9._/-]*$/);
+    lineShape(
+      "renderBakeKit",
+      "file path",
+      f,
+      /^(?!.*(^|\/)\.\.?(\/|$))[A-Za-z0-9_-][A-Za-z0-9._-]*(\/[A-Za-z0-9._-]+)*$/,
+    );
     if (["manifest.json", "image.env", "bake-bootstrap.sh", "bake-kit.json.gz"].includes(f)) {
       throw new Error(`renderBakeKit: file path '${f}' is one of the bootstrap's own files`);
     }

@@ -1,13 +1,14 @@
 import { expect } from "chai";
 import { spawn } from "child_process";
+import * as crypto from "crypto";
 import * as fs from "fs";
 import * as os from "os";
 import * as path from "path";
 import * as zlib from "zlib";
-import { BAKE_DIR, BAKE_FILES, renderBakeUserData } from "../../infra/bake";
+import { BAKE_BOOTSTRAP, BAKE_DIR, BAKE_FILES, bakeKitKey, renderBakeKit, renderBakeUserData } from "../../infra/bake";
 import { HOST_PACKAGES } from "../../infra/hostSetup";
 import { sha256, sha256File } from "../support/disk";
-import { repoRoot, run, RunResult, runOk, runScript } from "../support/run";
+import { freePort, repoRoot, run, RunResult, runOk, runScript } from "../support/run";
 import { S3Server, startS3 } from "../support/s3";
 
 const NAMES = ["disk.qcow2", "QEMU_VARS.fd", "QEMU_EFI.fd"] as const;
@@ -372,58 +373,279 @@ describe("bake-image.sh (on the bake instance: published image -> AMI file syste
     expect(powerOffCount()).to.equal(1);
   });
 
-  it("the user data's files, written where cloud-init writes them, bake with the user data's own command", async () => {
-    const files: Record<string, string> = {};
-    for (const f of BAKE_FILES) files[f] = fs.readFileSync(path.join(repoRoot, f), "utf8");
-    const list = entries(pub, (n) => fileUri(path.join(pub, n)));
-    const ud = renderBakeUserData({
-      manifestJson: JSON.stringify(manifestOf(list)),
-      imageEnv: IMAGE_ENV,
-      statusUri: fileUri(statusFile),
-      files,
-      packages: HOST_PACKAGES,
-      timeoutS: 600,
+  describe("bake-bootstrap.sh (the user data's command: bake kit -> bake-image.sh)", () => {
+    let kit: { body: Buffer; sha256: string };
+    let kitDir: string;
+    let scratch: string;
+    const bakeDir = () => path.join(scratch, BAKE_DIR);
+    const repoFileMap = () =>
+      Object.fromEntries(BAKE_FILES.map((f) => [f, fs.readFileSync(path.join(repoRoot, f), "utf8")]));
+
+    beforeEach(() => {
+      kit = renderBakeKit(repoFileMap());
+      kitDir = path.join(dir, "kits", "bake-kit");
+      fs.mkdirSync(kitDir, { recursive: true });
+      scratch = path.join(dir, "instance");
     });
-    const text = zlib.gunzipSync(ud).toString("utf8");
-    const doc = JSON.parse(text.slice(text.indexOf("\n") + 1)) as {
-      write_files: Array<{ path: string; content: string; permissions: string }>;
-      runcmd: string[][];
-    };
-    // cloud-init's write_files, under a scratch folder instead of /.
-    const scratch = path.join(dir, "instance");
-    for (const w of doc.write_files) {
-      const f = path.join(scratch, w.path);
-      fs.mkdirSync(path.dirname(f), { recursive: true });
-      fs.writeFileSync(f, w.content, { mode: parseInt(w.permissions, 8) });
+
+    /** A kit file under kitDir; its file:// URI. */
+    function putKit(body: Buffer, name = `${crypto.createHash("sha256").update(body).digest("hex")}.json.gz`): string {
+      fs.writeFileSync(path.join(kitDir, name), body);
+      return fileUri(path.join(kitDir, name));
     }
-    const cmd = doc.runcmd[1];
-    expect(cmd[0]).to.equal("systemd-run");
-    const setenv = Object.fromEntries(
-      cmd.filter((a) => a.startsWith("--setenv=")).map((a) => a.slice(9).split(/=(.*)/s).slice(0, 2)),
-    ) as Record<string, string>;
-    const argv = cmd
-      .slice(cmd.indexOf("/bin/bash") + 1)
-      .map((a) => (a.startsWith(BAKE_DIR) ? path.join(scratch, a) : a));
-    expect(argv.map((a) => path.basename(a))).to.deep.equal(["bake-image.sh", "manifest.json", "image.env"]);
-    const r = await run("/bin/bash", argv, {
-      env: { ...setenv, BAKE_ROOT: root, BAKE_POWEROFF_COMMAND: `echo poweroff >>'${poweroffs}'` },
-      timeoutMs: 100000,
+
+    /**
+     * Renders the user data, writes its write_files where cloud-init writes
+     * them (under a scratch folder instead of /) and runs its systemd-run
+     * command there: its --setenv values, its argv with BAKE_DIR moved under
+     * the scratch folder.
+     */
+    async function boot(
+      k: { uri: string; sha256: string },
+      list: FileEntry[],
+      env: NodeJS.ProcessEnv = {},
+      statusUri = fileUri(statusFile),
+    ): Promise<{ r: RunResult; setenv: Record<string, string> }> {
+      const ud = renderBakeUserData({
+        manifestJson: JSON.stringify(manifestOf(list)),
+        imageEnv: IMAGE_ENV,
+        statusUri,
+        kit: k,
+        packages: HOST_PACKAGES,
+        timeoutS: 600,
+      });
+      const text = zlib.gunzipSync(ud).toString("utf8");
+      const doc = JSON.parse(text.slice(text.indexOf("\n") + 1)) as {
+        write_files: Array<{ path: string; content: string; permissions: string }>;
+        runcmd: string[][];
+      };
+      for (const w of doc.write_files) {
+        const f = path.join(scratch, w.path);
+        fs.mkdirSync(path.dirname(f), { recursive: true });
+        fs.writeFileSync(f, w.content, { mode: parseInt(w.permissions, 8) });
+      }
+      const cmd = doc.runcmd[1];
+      expect(cmd[0]).to.equal("systemd-run");
+      const setenv = Object.fromEntries(
+        cmd.filter((a) => a.startsWith("--setenv=")).map((a) => a.slice(9).split(/=(.*)/s).slice(0, 2)),
+      ) as Record<string, string>;
+      const argv = cmd
+        .slice(cmd.indexOf("/bin/bash") + 1)
+        .map((a) => (a.startsWith(BAKE_DIR) ? path.join(scratch, a) : a));
+      expect(argv).to.deep.equal([path.join(bakeDir(), "bake-bootstrap.sh")]);
+      const r = await run("/bin/bash", argv, {
+        env: { ...setenv, BAKE_ROOT: root, BAKE_POWEROFF_COMMAND: `echo poweroff >>'${poweroffs}'`, ...env },
+        timeoutMs: 100000,
+      });
+      return { r, setenv };
+    }
+
+    function expectKitFailure(error: RegExp | string, s: Status = status()) {
+      expect(s.status).to.equal("failed");
+      expect(s.stage).to.equal("bake kit");
+      if (typeof error === "string") expect(s.error).to.equal(error);
+      else expect(s.error).to.match(error);
+      expect(s.finishedAt).to.match(/^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$/);
+      expect(powerOffCount()).to.equal(1);
+      // bake-image.sh never ran: nothing fetched, nothing installed, not generalized.
+      expect(fs.existsSync(path.join(root, "var/lib/windows-vm"))).to.equal(false);
+      expect(fs.existsSync(path.join(root, "etc/ssh/ssh_host_ed25519_key"))).to.equal(true);
+      expect(fs.existsSync(path.join(bakeDir(), "provisioning"))).to.equal(false);
+      expect(fs.existsSync(path.join(bakeDir(), "bake-kit.json.gz")), "a refused kit is not kept").to.equal(false);
+    }
+
+    it("passes shellcheck", async () => {
+      const f = path.join(dir, "bake-bootstrap.sh");
+      fs.writeFileSync(f, BAKE_BOOTSTRAP);
+      const r = await run("shellcheck", ["-s", "bash", f]);
+      expect(r.code, r.stdout + r.stderr).to.equal(0);
     });
-    expect(r.code, r.stderr).to.equal(0);
-    expect(setenv.BAKE_TIMEOUT_S).to.equal("600");
-    expectOkStatus(status(), list);
-    expect(powerOffCount()).to.equal(1);
-    // The compacted launcher is what the image gets; it resolves the same settings as the repository's.
-    const installed = path.join(root, "usr/local/lib/windows-vm/run-vm.sh");
-    const envPath = path.join(root, "etc/windows-vm/vm.env");
-    const resolved = await runOk("bash", [installed, "--resolve", envPath]);
-    expect(resolved).to.equal(
-      await runOk("bash", [path.join(repoRoot, "provisioning/run-vm.sh"), "--resolve", envPath]),
-    );
-    expect(resolved).to.include("VM_HALT_ON_EXIT=1\n");
-    expect((await runOk("bash", [installed, "--help"])).split("\n")[0]).to.match(
-      /run-vm\.sh - runs the Windows ARM64 VM/,
-    );
+
+    it("file:// kit: unpacked byte for byte beside it, bake-image.sh bakes with the user data's manifest and env", async () => {
+      const list = entries(pub, (n) => fileUri(path.join(pub, n)));
+      const uri = putKit(kit.body);
+      const { r, setenv } = await boot({ uri, sha256: kit.sha256 }, list);
+      expect(r.code, r.stderr).to.equal(0);
+      expect(setenv.BAKE_TIMEOUT_S).to.equal("600");
+      expect(setenv.BAKE_KIT_URI).to.equal(uri);
+      expect(setenv.BAKE_KIT_SHA256).to.equal(kit.sha256);
+      expect(r.stderr).to.include(`bake-bootstrap: the bake kit is verified (sha256 ${kit.sha256}) and unpacked`);
+      for (const f of BAKE_FILES) {
+        const got = path.join(bakeDir(), f);
+        expect(fs.readFileSync(got).equals(fs.readFileSync(path.join(repoRoot, f))), f).to.equal(true);
+        expect(fs.statSync(got).mode & 0o777, f).to.equal(/\.(sh|py)$/.test(f) ? 0o755 : 0o644);
+      }
+      expect(fs.existsSync(path.join(bakeDir(), "bake-kit.json.gz"))).to.equal(false);
+      expectBaked(list);
+      expectOkStatus(status(), list);
+      expect(powerOffCount()).to.equal(1);
+      // The launcher the image gets is the repository's, header and all.
+      const installed = path.join(root, "usr/local/lib/windows-vm/run-vm.sh");
+      const envPath = path.join(root, "etc/windows-vm/vm.env");
+      expect(await runOk("bash", [installed, "--resolve", envPath])).to.include("VM_HALT_ON_EXIT=1\n");
+      expect((await runOk("bash", [installed, "--help"])).split("\n")[0]).to.match(
+        /run-vm\.sh - runs the Windows ARM64 VM/,
+      );
+
+      // A rerun (the same user data) unpacks the kit again and verifies what is in place.
+      const again = await boot({ uri, sha256: kit.sha256 }, list);
+      expect(again.r.code, again.r.stderr).to.equal(0);
+      expect(again.r.stderr.match(/is already in place and verified/g)).to.have.length(3);
+      expectOkStatus(status(), list);
+      expect(powerOffCount()).to.equal(2);
+    });
+
+    it("a kit whose SHA-256 is not BAKE_KIT_SHA256 is refused: status failed naming the kit, power off", async () => {
+      const uri = putKit(kit.body);
+      const other = renderBakeKit({ ...repoFileMap(), "provisioning/lib.sh": "# another lib.sh\n" });
+      const { r } = await boot(
+        { uri, sha256: other.sha256 },
+        entries(pub, (n) => fileUri(path.join(pub, n))),
+      );
+      expect(r.code).to.equal(1);
+      expectKitFailure(`the bake kit ${uri} has sha256 ${kit.sha256}, not ${other.sha256} (BAKE_KIT_SHA256): refused`);
+      expect(r.stderr).to.include("bake-bootstrap: powering off");
+    });
+
+    it("a missing file:// kit fails naming it and powers off", async () => {
+      const uri = fileUri(path.join(kitDir, `${kit.sha256}.json.gz`));
+      const { r } = await boot(
+        { uri, sha256: kit.sha256 },
+        entries(pub, (n) => fileUri(path.join(pub, n))),
+      );
+      expect(r.code).to.equal(1);
+      expectKitFailure(`cannot fetch the bake kit ${uri}: not a regular file (or a malformed file:// URI)`);
+    });
+
+    it("refuses a kit (with the right SHA-256) that would write outside its folder or is not a kit", async () => {
+      const list = entries(pub, (n) => fileUri(path.join(pub, n)));
+      const gz = (doc: unknown) => zlib.gzipSync(JSON.stringify(doc));
+      const cases: Array<[Buffer, RegExp]> = [
+        [
+          gz({ kitVersion: 1, files: [{ path: "../escaped.sh", mode: "0755", content: "echo out\n" }] }),
+          /refused path '\.\.\/escaped\.sh'/,
+        ],
+        [
+          gz({ kitVersion: 1, files: [{ path: path.join(dir, "abs.sh"), mode: "0755", content: "x\n" }] }),
+          /refused path '\//,
+        ],
+        [
+          gz({ kitVersion: 1, files: [{ path: "provisioning/../../up.sh", mode: "0755", content: "x\n" }] }),
+          /refused path/,
+        ],
+        [gz({ kitVersion: 2, files: [] }), /not a kitVersion 1 document/],
+        [Buffer.from("not gzip"), /cannot unpack the bake kit .*(gzip|Gzip)/],
+      ];
+      for (const [body, error] of cases) {
+        fs.rmSync(poweroffs, { force: true });
+        const sha = crypto.createHash("sha256").update(body).digest("hex");
+        const { r } = await boot({ uri: putKit(body), sha256: sha }, list);
+        expect(r.code, String(error)).to.equal(1);
+        expectKitFailure(error);
+      }
+      expect(fs.existsSync(path.join(scratch, "run/escaped.sh"))).to.equal(false);
+      expect(fs.existsSync(path.join(dir, "abs.sh"))).to.equal(false);
+      expect(fs.existsSync(path.join(scratch, "run/up.sh"))).to.equal(false);
+    });
+
+    it("without a valid BAKE_STATUS_URI it stops before anything, without a power-off", async () => {
+      const f = path.join(dir, "bake-bootstrap.sh");
+      fs.writeFileSync(f, BAKE_BOOTSTRAP);
+      const r = await run("/bin/bash", [f], {
+        env: { BAKE_STATUS_URI: "https://example.com/s.json", BAKE_POWEROFF_COMMAND: `echo poweroff >>'${poweroffs}'` },
+      });
+      expect(r.code).to.equal(2);
+      expect(r.stderr).to.include("BAKE_STATUS_URI 'https://example.com/s.json' must be s3://bucket/key");
+      expect(powerOffCount()).to.equal(0);
+    });
+
+    describe("from S3 (s3rver)", function () {
+      this.timeout(240000);
+      let s3: S3Server;
+      before(async () => {
+        s3 = await startS3("artifacts");
+      });
+      after(async () => s3.stop());
+
+      it("fetches the kit from s3://<bucket>/<prefix>bake-kit/, bakes from S3 and writes its status there", async () => {
+        const prefix = `windows-arm64/${"d".repeat(8)}/`;
+        for (const n of NAMES) {
+          const up = await s3.aws([
+            "s3",
+            "cp",
+            "--only-show-errors",
+            path.join(pub, n),
+            `s3://artifacts/${prefix}${n}`,
+          ]);
+          expect(up.code, up.stderr).to.equal(0);
+        }
+        const key = bakeKitKey("windows-arm64/", kit.sha256);
+        expect(key).to.equal(`windows-arm64/bake-kit/${kit.sha256}.json.gz`);
+        const kitFile = path.join(dir, "kit.json.gz");
+        fs.writeFileSync(kitFile, kit.body);
+        const up = await s3.aws(["s3", "cp", "--only-show-errors", kitFile, `s3://artifacts/${key}`]);
+        expect(up.code, up.stderr).to.equal(0);
+        const list = entries(pub, (n) => `s3://artifacts/${prefix}${n}`);
+        const statusKey = "windows-arm64/bake-status/kit-s3.json";
+        const { r } = await boot(
+          { uri: `s3://artifacts/${key}`, sha256: kit.sha256 },
+          list,
+          s3.env,
+          `s3://artifacts/${statusKey}`,
+        );
+        expect(r.code, r.stderr).to.equal(0);
+        for (const f of BAKE_FILES) {
+          expect(fs.readFileSync(path.join(bakeDir(), f), "utf8"), f).to.equal(repoFileMap()[f]);
+        }
+        expectBaked(list);
+        const body = await s3.getObject(statusKey);
+        expect(body, "status object").to.not.equal(undefined);
+        expectOkStatus(JSON.parse(String(body)) as Status, list);
+        expect(powerOffCount()).to.equal(1);
+      });
+
+      it("a missing kit object: not retried, status failed (in S3) naming the kit, power off", async () => {
+        const uri = `s3://artifacts/${bakeKitKey("windows-arm64/", kit.sha256)}`.replace("windows-arm64/", "gone/");
+        const statusKey = "windows-arm64/bake-status/kit-missing.json";
+        const { r } = await boot(
+          { uri, sha256: kit.sha256 },
+          entries(pub, (n) => fileUri(path.join(pub, n))),
+          s3.env,
+          `s3://artifacts/${statusKey}`,
+        );
+        expect(r.code).to.equal(1);
+        const body = await s3.getObject(statusKey);
+        expect(body, "status object").to.not.equal(undefined);
+        const s = JSON.parse(String(body)) as Status;
+        expect(fs.existsSync(statusFile)).to.equal(false);
+        expectKitFailure(
+          new RegExp(
+            `^cannot fetch the bake kit ${uri.replace(/[.*+?^${}()|[\]\\/]/g, "\\$&")} \\(attempt 1/3\\): .*(404|Not Found|NoSuchKey)`,
+          ),
+          s,
+        );
+        expect(r.stderr).to.not.include("retrying");
+      });
+
+      it("an unreachable S3 is retried, three attempts, then fails naming the kit", async () => {
+        const uri = `s3://artifacts/${bakeKitKey("windows-arm64/", kit.sha256)}`;
+        const port = await freePort();
+        const { r } = await boot(
+          { uri, sha256: kit.sha256 },
+          entries(pub, (n) => fileUri(path.join(pub, n))),
+          {
+            ...s3.env,
+            S3_ENDPOINT_URL: `http://127.0.0.1:${port}`,
+            AWS_MAX_ATTEMPTS: "1",
+          },
+        );
+        expect(r.code).to.equal(1);
+        expect(r.stderr.match(/retrying in 5 s/g)).to.have.length(2);
+        expectKitFailure(
+          /^cannot fetch the bake kit s3:\/\/artifacts\/windows-arm64\/bake-kit\/[0-9a-f]{64}\.json\.gz \(attempt 3\/3\): /,
+        );
+      });
+    });
   });
 });
 

@@ -10,14 +10,17 @@ import {
   BAKE_UNIT,
   bakeCostUsd,
   bakePolicyDocument,
+  BAKE_BOOTSTRAP,
+  bakeKitKey,
   bakeStatusUri,
-  compactScript,
   DEFAULT_BAKE_IMAGE_TIMEOUT_S,
   DEFAULT_BAKE_INSTANCE_HOURLY_USD,
   DEFAULT_BAKE_INSTANCE_TYPE,
   DEFAULT_BAKE_TIMEOUT_S,
   defaultAmiVolumeGiB,
+  renderBakeKit,
   renderBakeUserData,
+  USER_DATA_BUDGET_BYTES,
   USER_DATA_MAX_BYTES,
 } from "../../infra/bake";
 import { HOST_PACKAGES } from "../../infra/hostSetup";
@@ -63,12 +66,20 @@ interface CloudConfig {
   runcmd: string[][];
 }
 
+interface Kit {
+  kitVersion: number;
+  files: Array<{ path: string; mode: string; content: string }>;
+}
+
+const KIT_SHA = SHA("e");
+const KIT_URI = `s3://go-builder-data/windows-arm64/bake-kit/${KIT_SHA}.json.gz`;
+
 function render(over: Partial<Parameters<typeof renderBakeUserData>[0]> = {}): Buffer {
   return renderBakeUserData({
     manifestJson: JSON.stringify(MANIFEST),
     imageEnv: IMAGE_ENV,
     statusUri: STATUS_URI,
-    files: repoFiles(),
+    kit: { uri: KIT_URI, sha256: KIT_SHA },
     packages: HOST_PACKAGES,
     ...over,
   });
@@ -80,22 +91,151 @@ function decode(ud: Buffer): { text: string; doc: CloudConfig } {
   return { text, doc: yaml.load(text) as CloudConfig };
 }
 
+function unpack(body: Buffer): Kit {
+  return JSON.parse(zlib.gunzipSync(body).toString("utf8")) as Kit;
+}
+
+/** Incompressible, reproducible text of about `bytes` characters. */
+function noise(bytes: number, from = "filler"): string {
+  let out = "";
+  let seed = Buffer.from(from);
+  while (out.length < bytes) {
+    seed = crypto.createHash("sha256").update(seed).digest();
+    out += seed.toString("base64");
+  }
+  return out.slice(0, bytes);
+}
+
 describe("infra/bake.ts", () => {
+  describe("renderBakeKit", () => {
+    it("is a gzip'd kitVersion 1 JSON document with every file in full, byte for byte, paths sorted", () => {
+      const files = repoFiles();
+      const kit = renderBakeKit(files);
+      expect([kit.body[0], kit.body[1]]).to.deep.equal([0x1f, 0x8b]);
+      const doc = unpack(kit.body);
+      expect(doc.kitVersion).to.equal(1);
+      expect(Object.keys(doc)).to.deep.equal(["kitVersion", "files"]);
+      expect(doc.files.map((f) => f.path)).to.deep.equal([...BAKE_FILES].sort());
+      for (const f of doc.files) {
+        expect(Object.keys(f), f.path).to.deep.equal(["path", "mode", "content"]);
+        expect(f.content, f.path).to.equal(files[f.path]);
+        expect(Buffer.from(f.content, "utf8").equals(fs.readFileSync(path.join(repoRoot, f.path))), f.path).to.equal(
+          true,
+        );
+      }
+      const mode = Object.fromEntries(doc.files.map((f) => [f.path, f.mode]));
+      expect(mode).to.deep.equal({
+        "assets/windows-vm.service": "0644",
+        "provisioning/bake-image.sh": "0755",
+        "provisioning/imds-proxy.py": "0755",
+        "provisioning/lib.sh": "0755",
+        "provisioning/prepare-ami.sh": "0755",
+        "provisioning/run-vm.sh": "0755",
+      });
+      // The launcher keeps its header comment (its --help prints it).
+      expect(doc.files.find((f) => f.path === "provisioning/run-vm.sh")?.content).to.include(
+        "# run-vm.sh - runs the Windows ARM64 VM under QEMU in the foreground.",
+      );
+    });
+
+    it("is deterministic, whatever the order of the files; its sha256 is the body's", () => {
+      const files = repoFiles();
+      const kit = renderBakeKit(files);
+      const reversed = Object.fromEntries(Object.entries(files).reverse());
+      const again = renderBakeKit(reversed);
+      expect(again.body.equals(kit.body)).to.equal(true);
+      expect(again.sha256).to.equal(kit.sha256);
+      expect(kit.sha256).to.equal(crypto.createHash("sha256").update(kit.body).digest("hex"));
+      // Any change to a file is another kit.
+      const changed = renderBakeKit({ ...files, "provisioning/lib.sh": files["provisioning/lib.sh"] + "\n" });
+      expect(changed.sha256).to.not.equal(kit.sha256);
+      // Extra files travel too (0644 unless a script).
+      const extra = unpack(renderBakeKit({ ...files, "assets/note.txt": "x\n" }).body);
+      expect(extra.files.find((f) => f.path === "assets/note.txt")).to.deep.equal({
+        path: "assets/note.txt",
+        mode: "0644",
+        content: "x\n",
+      });
+    });
+
+    it("refuses a missing file, a path that is not plain and relative, and anything that looks like a secret", () => {
+      const files = repoFiles();
+      delete files["provisioning/lib.sh"];
+      expect(() => renderBakeKit(files)).to.throw(/files is missing provisioning\/lib\.sh/);
+      for (const bad of ["../etc/passwd", "/etc/passwd", "a/../b", "./a", "a//b", "a b", ".hidden", "a/./b"]) {
+        expect(() => renderBakeKit({ ...repoFiles(), [bad]: "x" }), bad).to.throw(/file path/);
+      }
+      expect(() => renderBakeKit({ ...repoFiles(), "manifest.json": "{}" })).to.throw(/bootstrap's own files/);
+      const key = "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAA\n-----END OPENSSH PRIVATE KEY-----\n";
+      expect(() =>
+        renderBakeKit({ ...repoFiles(), "provisioning/lib.sh": repoFiles()["provisioning/lib.sh"] + `k='${key}'\n` }),
+      ).to.throw(/provisioning\/lib\.sh holds something that looks like a secret/);
+      expect(() =>
+        renderBakeKit({ ...repoFiles(), "assets/windows-vm.service": "AWS_SECRET_ACCESS_KEY=abc\n" }),
+      ).to.throw(/looks like a secret/);
+      expect(() =>
+        renderBakeKit({
+          ...repoFiles(),
+          "assets/x.xml": "<AdministratorPassword><Value>p</Value></AdministratorPassword>",
+        }),
+      ).to.throw(/looks like a secret/);
+    });
+  });
+
+  describe("bakeKitKey", () => {
+    it("is <prefix>bake-kit/<sha256>.json.gz, under the prefix the bake role reads", () => {
+      expect(bakeKitKey("windows-arm64/", KIT_SHA)).to.equal(`windows-arm64/bake-kit/${KIT_SHA}.json.gz`);
+      expect(bakeKitKey("", KIT_SHA)).to.equal(`bake-kit/${KIT_SHA}.json.gz`);
+      const read = bakePolicyDocument("arn:aws:s3:::b", "windows-arm64/").Statement.find(
+        (s) => s.Sid === "ReadPublishedImage",
+      );
+      const pattern = read?.Resource[0].replace("arn:aws:s3:::b/", "") ?? "";
+      expect(pattern).to.equal("windows-arm64/*");
+      expect(bakeKitKey("windows-arm64/", KIT_SHA).startsWith(pattern.slice(0, -1))).to.equal(true);
+    });
+    it("refuses a prefix without its slash and a value that is not a SHA-256", () => {
+      expect(() => bakeKitKey("windows-arm64", KIT_SHA)).to.throw(/must end with \//);
+      expect(() => bakeKitKey("/abs/", KIT_SHA)).to.throw(/must not start with \//);
+      expect(() => bakeKitKey("p/", "abc")).to.throw(/not a SHA-256/);
+      expect(() => bakeKitKey("p/", SHA("A"))).to.throw(/not a SHA-256/);
+    });
+  });
+
   describe("renderBakeUserData", () => {
-    it("is gzip'd cloud-config within EC2's 16384 bytes, with the repository's files", () => {
-      const ud = render();
+    it(`is gzip'd cloud-config, under ${USER_DATA_BUDGET_BYTES} bytes (EC2 takes 16384), deterministic`, () => {
+      const ud = render({ region: "us-east-2" });
       expect([ud[0], ud[1]]).to.deep.equal([0x1f, 0x8b]);
-      expect(ud.length).to.be.at.most(USER_DATA_MAX_BYTES);
+      expect(ud.length).to.be.below(USER_DATA_BUDGET_BYTES);
+      expect(USER_DATA_BUDGET_BYTES).to.be.below(USER_DATA_MAX_BYTES);
       const { text, doc } = decode(ud);
       expect(text.startsWith("#cloud-config\n")).to.equal(true);
       expect(JSON.parse(text.slice("#cloud-config\n".length))).to.deep.equal(doc);
-      expect(render().equals(ud), "deterministic").to.equal(true);
+      expect(render({ region: "us-east-2" }).equals(ud), "deterministic").to.equal(true);
     });
 
-    it("installs the host packages and the AWS CLI, and runs bake-image.sh as a transient unit on the console", () => {
+    it("holds none of the scripts: its size does not depend on them, and it names the kit by URI and SHA-256", () => {
+      const { text } = decode(render());
+      for (const [f, content] of Object.entries(repoFiles())) {
+        // A distinctive line of each file (its longest) is not in the user data.
+        const line = content.split("\n").reduce((a, b) => (b.length > a.length ? b : a), "");
+        expect(line.length, f).to.be.above(40);
+        expect(text, f).to.not.include(line);
+        expect(text, f).to.not.include(JSON.stringify(line).slice(1, -1));
+      }
+      expect(text).to.include(`--setenv=BAKE_KIT_URI=${KIT_URI}`);
+      expect(text).to.include(`--setenv=BAKE_KIT_SHA256=${KIT_SHA}`);
+      // However large the kit gets, the user data is the same.
+      const big = renderBakeKit({ ...repoFiles(), "provisioning/lib.sh": noise(200000) });
+      expect(big.body.length).to.be.above(USER_DATA_MAX_BYTES);
+      const ud = render({ kit: { uri: `s3://b/p/bake-kit/${big.sha256}.json.gz`, sha256: big.sha256 } });
+      expect(ud.length).to.be.below(USER_DATA_BUDGET_BYTES);
+    });
+
+    it("installs the host packages and the AWS CLI, and runs the bootstrap as a transient unit on the console", () => {
       const { doc } = decode(render({ region: "us-east-2" }));
       expect(doc.package_update).to.equal(true);
       expect(doc.packages).to.deep.equal([...HOST_PACKAGES]);
+      expect(doc.runcmd).to.have.length(2);
       expect(doc.runcmd[0].join(" ")).to.include("snap install aws-cli --classic");
       const cmd = doc.runcmd[1];
       expect(cmd.slice(0, 3)).to.deep.equal(["systemd-run", `--unit=${BAKE_UNIT}`, "--no-block"]);
@@ -104,26 +244,27 @@ describe("infra/bake.ts", () => {
         "--property=StandardError=journal+console",
         `--setenv=BAKE_STATUS_URI=${STATUS_URI}`,
         `--setenv=BAKE_TIMEOUT_S=${DEFAULT_BAKE_IMAGE_TIMEOUT_S}`,
+        `--setenv=BAKE_KIT_URI=${KIT_URI}`,
+        `--setenv=BAKE_KIT_SHA256=${KIT_SHA}`,
         "--setenv=AWS_REGION=us-east-2",
         "--setenv=AWS_DEFAULT_REGION=us-east-2",
       ]);
-      expect(cmd.slice(-4)).to.deep.equal([
+      expect(cmd.slice(-2)).to.deep.equal(["/bin/bash", `${BAKE_DIR}/bake-bootstrap.sh`]);
+      expect(cmd.filter((a) => !a.startsWith("--")).slice(1)).to.deep.equal([
         "/bin/bash",
-        `${BAKE_DIR}/provisioning/bake-image.sh`,
-        `${BAKE_DIR}/manifest.json`,
-        `${BAKE_DIR}/image.env`,
+        `${BAKE_DIR}/bake-bootstrap.sh`,
       ]);
       expect(decode(render({ timeoutS: 900 })).doc.runcmd[1]).to.include("--setenv=BAKE_TIMEOUT_S=900");
+      expect(decode(render()).doc.runcmd[1].some((a) => a.includes("AWS_REGION"))).to.equal(false);
       expect(BAKE_DIR.startsWith("/run/"), "tmpfs: nothing of the bake stays in the AMI").to.equal(true);
       expect(DEFAULT_BAKE_IMAGE_TIMEOUT_S).to.be.below(DEFAULT_BAKE_TIMEOUT_S);
     });
 
-    it("writes every file under BAKE_DIR: scripts compacted (the launcher keeps its header), the unit as it is", () => {
+    it("writes only the bootstrap, the manifest and the env under BAKE_DIR", () => {
       const { doc } = decode(render());
-      const files = repoFiles();
       const byPath = new Map(doc.write_files.map((w) => [w.path, w]));
       expect([...byPath.keys()].sort()).to.deep.equal(
-        [...BAKE_FILES, "manifest.json", "image.env"].map((f) => `${BAKE_DIR}/${f}`).sort(),
+        ["bake-bootstrap.sh", "image.env", "manifest.json"].map((f) => `${BAKE_DIR}/${f}`),
       );
       for (const w of doc.write_files) {
         expect(w.owner).to.equal("root:root");
@@ -131,14 +272,13 @@ describe("infra/bake.ts", () => {
         expect(w.permissions).to.equal(w.path.endsWith(".sh") ? "0755" : "0644");
       }
       const at = (f: string) => byPath.get(`${BAKE_DIR}/${f}`)?.content ?? "";
-      expect(at("assets/windows-vm.service")).to.equal(files["assets/windows-vm.service"]);
+      expect(at("bake-bootstrap.sh")).to.equal(BAKE_BOOTSTRAP);
+      expect(BAKE_BOOTSTRAP.split("\n").slice(0, 2)).to.deep.equal([
+        "#!/usr/bin/env bash",
+        "# bake-bootstrap.sh - on the bake instance, from its user data: fetch the bake",
+      ]);
+      expect(BAKE_BOOTSTRAP).to.match(/^set -euo pipefail$/m);
       expect(at("image.env")).to.equal(IMAGE_ENV);
-      const launcher = at("provisioning/run-vm.sh");
-      expect(launcher).to.equal(compactScript(files["provisioning/run-vm.sh"], true));
-      expect(launcher).to.include("# run-vm.sh - runs the Windows ARM64 VM under QEMU in the foreground.");
-      const bake = at("provisioning/bake-image.sh");
-      expect(bake).to.equal(compactScript(files["provisioning/bake-image.sh"]));
-      expect(bake.split("\n").filter((l) => /^\s*#/.test(l))).to.deep.equal(["#!/usr/bin/env bash"]);
       // The manifest keeps only what bake-image.sh reads.
       expect(JSON.parse(at("manifest.json"))).to.deep.equal({
         manifestVersion: 2,
@@ -155,75 +295,41 @@ describe("infra/bake.ts", () => {
       expect(text).to.not.match(/password\s*[:=]|<Password>|AdministratorPassword|PlainText/i);
       expect(text).to.not.match(/AKIA[0-9A-Z]{16}|aws_secret_access_key|AWS_SECRET_ACCESS_KEY/i);
       // And it refuses to carry one.
-      const key = "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAA\n-----END OPENSSH PRIVATE KEY-----\n";
-      const files = { ...repoFiles(), "provisioning/lib.sh": repoFiles()["provisioning/lib.sh"] + `k='${key}'\n` };
-      expect(() => render({ files })).to.throw(/looks like a secret/);
       expect(() => render({ imageEnv: IMAGE_ENV + "VM_NOTE=<Password>x</Password>\n" })).to.throw(
-        /looks like a secret/,
+        /user data holds something that looks like a secret/,
       );
+      expect(() => render({ imageEnv: IMAGE_ENV + "AWS_SESSION_TOKEN=abc\n" })).to.throw(/looks like a secret/);
     });
 
-    it("refuses what must not or cannot go: the config ISO, a missing file, a manifest without files[], bad values", () => {
+    it("refuses what must not or cannot go: the config ISO, a manifest without files[], bad values", () => {
       expect(() => render({ imageEnv: IMAGE_ENV + "VM_CONFIG_ISO=/var/lib/windows-vm/config.iso\n" })).to.throw(
         /VM_CONFIG_ISO/,
       );
-      const files = repoFiles();
-      delete files["provisioning/lib.sh"];
-      expect(() => render({ files })).to.throw(/files is missing provisioning\/lib\.sh/);
-      expect(() => render({ files: { ...repoFiles(), "../etc/passwd": "x" } })).to.throw(/file path/);
       expect(() => render({ manifestJson: JSON.stringify({ ...MANIFEST, files: undefined }) })).to.throw(
         /manifestVersion 2/,
       );
       expect(() => render({ manifestJson: "{" })).to.throw(/not JSON/);
       expect(() => render({ statusUri: "https://example.com/s.json" })).to.throw(/statusUri/);
+      expect(() => render({ kit: { uri: "https://example.com/kit.json.gz", sha256: KIT_SHA } })).to.throw(/kit\.uri/);
+      expect(() => render({ kit: { uri: "s3://b/k it.json.gz", sha256: KIT_SHA } })).to.throw(/kit\.uri/);
+      expect(() => render({ kit: { uri: KIT_URI, sha256: "abc" } })).to.throw(/kit\.sha256/);
       expect(() => render({ timeoutS: 5 })).to.throw(/timeoutS/);
       expect(() => render({ region: "us east" })).to.throw(/region/);
       expect(() => render({ packages: ["qemu; rm -rf /"] })).to.throw(/package/);
     });
 
-    it("drops the launcher's header when only that makes the document fit", () => {
-      // Incompressible, reproducible filler, grown until the header has to go.
-      let noise = "";
-      let seed = Buffer.from("filler");
-      let launcher = "";
-      for (let i = 0; i < 100 && !launcher.startsWith("#!/usr/bin/env bash\nset -"); i++) {
-        for (let j = 0; j < 4; j++) {
-          seed = crypto.createHash("sha256").update(seed).digest();
-          noise += seed.toString("base64");
-        }
-        const files = { ...repoFiles(), "provisioning/lib.sh": `${repoFiles()["provisioning/lib.sh"]}x='${noise}'\n` };
-        const ud = render({ files });
-        expect(ud.length).to.be.at.most(USER_DATA_MAX_BYTES);
-        const w = decode(ud).doc.write_files.find((f) => f.path.endsWith("/run-vm.sh"));
-        launcher = w?.content ?? "";
-      }
-      expect(launcher).to.equal(compactScript(repoFiles()["provisioning/run-vm.sh"]));
-    });
-
-    it("throws when the result is over 16384 bytes", () => {
-      // Incompressible content.
-      const noise = crypto.randomBytes(12000).toString("base64");
-      const files = { ...repoFiles(), "provisioning/lib.sh": `${repoFiles()["provisioning/lib.sh"]}x='${noise}'\n` };
-      expect(() => render({ files })).to.throw(/is \d+ bytes gzip'd .*EC2 takes at most 16384/);
-    });
-  });
-
-  describe("compactScript", () => {
-    it("drops full-line comments, keeps the shebang, code and trailing comments; keepHeader keeps the header block", () => {
-      const text = [
-        "#!/usr/bin/env bash",
-        "# header 1",
-        "#",
-        "set -e",
-        "  # indented",
-        "x=1 # why",
-        "# later",
-        "y='#not'",
-        "",
-      ].join("\n");
-      expect(compactScript(text)).to.equal(["#!/usr/bin/env bash", "set -e", "x=1 # why", "y='#not'", ""].join("\n"));
-      expect(compactScript(text, true)).to.equal(
-        ["#!/usr/bin/env bash", "# header 1", "#", "set -e", "x=1 # why", "y='#not'", ""].join("\n"),
+    it("throws when the result is over 16384 bytes (a manifest that large)", () => {
+      const files = [
+        ...MANIFEST.files,
+        ...Array.from({ length: 40 }, (_, i) => ({
+          name: `extra-${i}.bin`,
+          uri: `${PREFIX}${noise(400, `uri ${i}`).replace(/[^A-Za-z0-9]/g, "x")}`,
+          sha256: crypto.createHash("sha256").update(String(i)).digest("hex"),
+          size: i,
+        })),
+      ];
+      expect(() => render({ manifestJson: JSON.stringify({ ...MANIFEST, files }) })).to.throw(
+        /is \d+ bytes gzip'd .*EC2 takes at most 16384/,
       );
     });
   });
