@@ -1,15 +1,37 @@
 /**
  * The one shared Pulumi mocks module: runs infra/index.ts under
  * pulumi.runtime.setMocks with a given config and records every resource
- * registration (type, name, inputs, order) and every provider function call.
+ * registration (type, name, URN, inputs, resource options, order) and every
+ * provider function call.
  */
 import * as pulumi from "@pulumi/pulumi";
 import * as path from "path";
+import { sampleManifest } from "./manifest";
+// eslint-disable-next-line @typescript-eslint/no-require-imports
+const mocksModule = require("@pulumi/pulumi/runtime/mocks") as {
+  MockMonitor: { prototype: { registerResource: (req: unknown, cb: unknown) => Promise<void> } };
+};
+
+/** The resource options the engine receives with a registration (the mock's newResource does not see them). */
+export interface RegisteredOptions {
+  ignoreChanges: string[];
+  customTimeouts: { create?: string; update?: string; delete?: string };
+  additionalSecretOutputs: string[];
+  /** undefined when the program did not set it. */
+  retainOnDelete?: boolean;
+  /** URNs of the resources this one waits for (dependsOn, components expanded, and its inputs' resources). */
+  dependencies: string[];
+  /** URN of the parent ("" for the stack's direct children). */
+  parent: string;
+}
 
 export interface Registered {
   type: string;
   name: string;
+  /** The URN the mock monitor gives it (parent types folded in). */
+  urn: string;
   inputs: Record<string, unknown>;
+  options: RegisteredOptions;
   /** Order in which the engine saw the registration. */
   seq: number;
 }
@@ -18,16 +40,93 @@ export interface ProgramRun {
   resources: Registered[];
   calls: Array<{ token: string; inputs: Record<string, unknown> }>;
   outputs: Record<string, unknown>;
+  /** The names of the stack outputs that are secrets. */
+  secretOutputs: string[];
   /** All resources of a type (token), in registration order. */
   ofType(type: string): Registered[];
   /** The single resource of a type and (optional) name suffix; throws if not exactly one. */
   one(type: string, nameSuffix?: string): Registered;
+  /** The resource with this URN; throws when there is none. */
+  byUrn(urn: string): Registered;
+  /** Whether `later` waits for `earlier`, directly or through other resources. */
+  waitsFor(later: Registered, earlier: Registered): boolean;
 }
 
 export const PROJECT = "windows-arm64-image";
 
 /** The registrations of the latest runProgram, even when the program threw. */
 export let lastRunResources: Registered[] = [];
+
+/** Pulumi's wire form of a secret input is an object holding this key (and `value`). */
+export const SECRET_SIG = "4dabf18193072939515e22adb298388d";
+
+/** Whether a registered input value arrived as a secret. */
+export function isSecret(v: unknown): boolean {
+  return typeof v === "object" && v !== null && SECRET_SIG in (v as Record<string, unknown>);
+}
+
+/** The value inside a secret-wrapped input (other values as they are). */
+export function unwrap(v: unknown): unknown {
+  return isSecret(v) ? (v as { value: unknown }).value : v;
+}
+
+/** The key pairs the tls mock returns: "guest-key" gets the guest's, any other the pipeline's. */
+export const MOCK_KEYS = {
+  pipeline: {
+    privateKey: "-----BEGIN OPENSSH PRIVATE KEY-----\nMOCKPRIVATEKEYDATA\n-----END OPENSSH PRIVATE KEY-----\n",
+    privateMaterial: "MOCKPRIVATEKEYDATA",
+    publicKey: "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIMockPublicKey pipeline",
+  },
+  guest: {
+    privateKey: "-----BEGIN OPENSSH PRIVATE KEY-----\nMOCKGUESTONLYKEYDATA\n-----END OPENSSH PRIVATE KEY-----\n",
+    privateMaterial: "MOCKGUESTONLYKEYDATA",
+    publicKey: "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIMockGuestOnlyKey guest",
+  },
+} as const;
+
+/** The password the random mock returns. */
+export const MOCK_PASSWORD = "Mock-Guest-Passw0rd!xyz";
+
+/** What the bake command prints on success (bake-instance.sh's status line). */
+export const MOCK_BAKE_INSTANCE_ID = "i-0bac0000000000001";
+
+// The mock monitor hands newResource no resource options: keep them per URN as requests arrive.
+const optionsByUrn = new Map<string, RegisteredOptions>();
+let patched = false;
+function urnOf(parent: string, type: string, name: string): string {
+  const t = parent ? `${parent.split("::")[2].split("$").pop()}$${type}` : type;
+  return `urn:pulumi:${pulumi.getStack()}::${pulumi.getProject()}::${t}::${name}`;
+}
+function patchMonitor(): void {
+  if (patched) return;
+  patched = true;
+  const original = mocksModule.MockMonitor.prototype.registerResource;
+  mocksModule.MockMonitor.prototype.registerResource = function (req: unknown, cb: unknown) {
+    const r = req as {
+      getType(): string;
+      getName(): string;
+      getParent(): string;
+      getIgnorechangesList(): string[];
+      getCustomtimeouts(): { getCreate(): string; getUpdate(): string; getDelete(): string } | undefined;
+      getAdditionalsecretoutputsList(): string[];
+      hasRetainondelete(): boolean;
+      getRetainondelete(): boolean | undefined;
+      getDependenciesList(): string[];
+    };
+    const t = r.getCustomtimeouts();
+    optionsByUrn.set(urnOf(r.getParent(), r.getType(), r.getName()), {
+      ignoreChanges: r.getIgnorechangesList(),
+      customTimeouts: t
+        ? { create: t.getCreate() || undefined, update: t.getUpdate() || undefined, delete: t.getDelete() || undefined }
+        : {},
+      additionalSecretOutputs: r.getAdditionalsecretoutputsList(),
+      retainOnDelete: r.hasRetainondelete() ? r.getRetainondelete() : undefined,
+      dependencies: r.getDependenciesList(),
+      parent: r.getParent(),
+    });
+    return original.call(this, req, cb);
+  };
+}
 
 /** A config that validates for the aws target. */
 export const BASE_CONFIG: Record<string, string> = {
@@ -62,16 +161,14 @@ function computedState(type: string, name: string, inputs: Record<string, unknow
     case "aws:ec2/keyPair:KeyPair":
       return { keyName: name };
     case "tls:index/privateKey:PrivateKey":
-      return {
-        privateKeyOpenssh:
-          "-----BEGIN OPENSSH PRIVATE KEY-----\nMOCKPRIVATEKEYDATA\n-----END OPENSSH PRIVATE KEY-----\n",
-        publicKeyOpenssh: "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIMockPublicKey pipeline",
-      };
+      // Each key its own material, so a test can tell the pipeline's key from the guest's.
+      return name === "guest-key"
+        ? { privateKeyOpenssh: MOCK_KEYS.guest.privateKey, publicKeyOpenssh: `${MOCK_KEYS.guest.publicKey}\n` }
+        : { privateKeyOpenssh: MOCK_KEYS.pipeline.privateKey, publicKeyOpenssh: MOCK_KEYS.pipeline.publicKey };
     case "random:index/randomPassword:RandomPassword":
-      return { result: "Mock-Guest-Passw0rd!xyz" };
-    case "command:remote:Command":
+      return { result: MOCK_PASSWORD };
     case "command:local:Command":
-      return { stdout: mockStdout(name, inputs), stderr: "" };
+      return { stdout: mockStdout(inputs), stderr: "" };
     case "aws:ec2/amiFromInstance:AmiFromInstance":
       return { arn: "arn:aws:ec2:us-east-2::image/ami-0123456789abcdef0" };
     default:
@@ -79,17 +176,18 @@ function computedState(type: string, name: string, inputs: Record<string, unknow
   }
 }
 
-/** What a command prints: the publish step prints its manifest as one JSON line. */
-function mockStdout(name: string, _inputs: Record<string, unknown>): string {
-  if (/publish/.test(name)) {
-    const sha = "c".repeat(64);
-    return JSON.stringify({
-      sha256: sha,
-      size: 12345,
-      imageUri: `s3://artifacts-bucket-123/windows-arm64/${sha}/disk.qcow2`,
-      manifestUri: `s3://artifacts-bucket-123/windows-arm64/${sha}/manifest.json`,
-      createdAt: "2026-11-26T08:00:00Z",
-    });
+/**
+ * What a command prints: the publish stage its manifestVersion 2 manifest as
+ * one JSON line (under the URI its command publishes to), the bake its status
+ * line with the bake instance's id.
+ */
+function mockStdout(inputs: Record<string, unknown>): string {
+  const create = String(unwrap(inputs.create) ?? "");
+  // The stage's command: publish-image.sh VM_DIR URI (quoted once, or twice inside host-exec.sh's).
+  const uri = /publish-image\.sh \S+ \S*?((?:s3|file):\/\/[^'\s\\]+)/.exec(create)?.[1];
+  if (uri) return JSON.stringify(sampleManifest(uri.replace(/\/$/, "")));
+  if (/bake-instance\.sh run/.test(create)) {
+    return JSON.stringify({ instanceId: MOCK_BAKE_INSTANCE_ID, status: "ok", imageSha256: "c".repeat(64) });
   }
   return "";
 }
@@ -124,6 +222,7 @@ export async function runProgram(
   config: Record<string, string>,
   opts: { secretKeys?: string[]; asyncDelayMs?: number; stack?: string } = {},
 ): Promise<ProgramRun> {
+  patchMonitor();
   const resources: Registered[] = [];
   lastRunResources = resources;
   const calls: ProgramRun["calls"] = [];
@@ -133,7 +232,16 @@ export async function runProgram(
   pulumi.runtime.setMocks(
     {
       newResource: async (args: pulumi.runtime.MockResourceArgs) => {
-        resources.push({ type: args.type, name: args.name, inputs: args.inputs, seq: seq++ });
+        // The monitor registered it just now: the last URN with this type and name.
+        const urn = [...optionsByUrn.keys()].filter((u) => u.endsWith(`${args.type}::${args.name}`)).pop() ?? "";
+        const options = optionsByUrn.get(urn) ?? {
+          ignoreChanges: [],
+          customTimeouts: {},
+          additionalSecretOutputs: [],
+          dependencies: [],
+          parent: "",
+        };
+        resources.push({ type: args.type, name: args.name, urn, inputs: args.inputs, options, seq: seq++ });
         if (delay > 0) await new Promise((r) => setTimeout(r, delay * Math.random()));
         const id =
           args.type === "aws:ec2/amiFromInstance:AmiFromInstance" ? "ami-0123456789abcdef0" : `${args.name}-id`;
@@ -159,17 +267,42 @@ export async function runProgram(
   const program = require(path.join(infraDir, "index")) as Record<string, unknown>;
 
   const outputs: Record<string, unknown> = {};
-  for (const [k, v] of Object.entries(program)) outputs[k] = await resolve(v);
+  const secretOutputs: string[] = [];
+  for (const [k, v] of Object.entries(program)) {
+    outputs[k] = await resolve(v);
+    if (pulumi.Output.isInstance(v) && (await pulumi.isSecret(v as pulumi.Output<unknown>))) secretOutputs.push(k);
+  }
   // Resources declared inside apply() callbacks register later: wait until none arrive.
   let last = -1;
   while (last !== resources.length) {
     last = resources.length;
     await new Promise((r) => setTimeout(r, 50 + delay * 2));
   }
+  const byUrn = (urn: string) => {
+    const r = resources.find((x) => x.urn === urn);
+    if (!r) throw new Error(`no resource ${urn}`);
+    return r;
+  };
+  const waitsFor = (later: Registered, earlier: Registered): boolean => {
+    const seen = new Set<string>();
+    const todo = [...later.options.dependencies];
+    while (todo.length) {
+      const u = todo.pop() as string;
+      if (u === earlier.urn) return true;
+      if (seen.has(u)) continue;
+      seen.add(u);
+      const r = resources.find((x) => x.urn === u);
+      if (r) todo.push(...r.options.dependencies);
+    }
+    return false;
+  };
   return {
     resources,
     calls,
     outputs,
+    secretOutputs,
+    byUrn,
+    waitsFor,
     ofType: (type) => resources.filter((r) => r.type === type),
     one: (type, suffix) => {
       const found = resources.filter((r) => r.type === type && (!suffix || r.name.endsWith(suffix)));
@@ -180,15 +313,12 @@ export async function runProgram(
   };
 }
 
-/** The value of an Output (or plain value); undefined for unknowns. */
+/**
+ * The value of an Output (or plain value); undefined for unknowns. Rejects
+ * when the output failed (an apply threw), rather than waiting forever.
+ */
 export function resolve<T>(v: T | pulumi.Output<T>): Promise<T | undefined> {
-  if (pulumi.Output.isInstance(v))
-    return new Promise((r) =>
-      (v as pulumi.Output<T>).apply((x) => {
-        r(x);
-        return x;
-      }),
-    );
+  if (pulumi.Output.isInstance(v)) return (v as unknown as { promise(): Promise<T | undefined> }).promise();
   return Promise.resolve(v as T);
 }
 

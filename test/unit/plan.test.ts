@@ -1,5 +1,4 @@
 import { expect } from "chai";
-import { spawnSync } from "child_process";
 import * as fs from "fs";
 import * as path from "path";
 import { BAKE_FILES } from "../../infra/bake";
@@ -23,6 +22,7 @@ import {
   TRANSPORT_FILES,
 } from "../../infra/pipeline/plan";
 import { renderVmEnv } from "../../infra/pipeline/vmEnv";
+import { bashWords, bashWordsOf } from "../support/bash";
 import { repoRoot } from "../support/run";
 
 const RAW: RawConfig = {
@@ -77,34 +77,6 @@ function localPlan(over: RawConfig = {}): Plan {
     layout: LOCAL_LAYOUT,
     fileHashes: HASHES,
   });
-}
-
-/**
- * The words bash makes of each command line (a real bash parse: quoting
- * mistakes show here). Nothing runs: each line is expanded as the arguments of
- * a function that prints them. One bash for all lines (spawning is slow here).
- */
-function bashWordsOf(cmds: string[]): string[][] {
-  const script =
-    'words() { printf "%s\\0" "$@"; }; while IFS= read -r -d "" cmd; do eval "words $cmd"; printf "\\1\\0"; done';
-  const r = spawnSync("bash", ["-c", script], {
-    env: { PATH: process.env.PATH },
-    input: cmds.map((c) => `${c}\0`).join(""),
-    encoding: "utf8",
-  });
-  if (r.status !== 0) throw new Error(`bash could not parse the commands: ${r.stderr}`);
-  const out: string[][] = [[]];
-  for (const w of r.stdout.split("\0").slice(0, -1)) {
-    if (w === "\u0001") out.push([]);
-    else (out.at(-1) as string[]).push(w);
-  }
-  out.pop();
-  if (out.length !== cmds.length) throw new Error(`bash parsed ${out.length} of ${cmds.length} commands: ${r.stderr}`);
-  return out;
-}
-
-function bashWords(cmd: string): string[] {
-  return bashWordsOf([cmd])[0];
 }
 
 /** The host stages from booting the VM to the publication (STAGE_IDS is the pipeline's order). */

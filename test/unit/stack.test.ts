@@ -1,6 +1,34 @@
 import { expect } from "chai";
+import * as fs from "fs";
+import { repoPath } from "../../infra/paths";
+import { bashWords } from "../support/bash";
 import * as mocks from "../support/mocks";
-import { allStrings, BASE_CONFIG, ProgramRun, runProgram } from "../support/mocks";
+import {
+  allStrings,
+  BASE_CONFIG,
+  isSecret,
+  MOCK_KEYS,
+  ProgramRun,
+  Registered,
+  runProgram,
+  unwrap,
+} from "../support/mocks";
+
+const GUARD = 'if [ -z "${AWS_PROFILE:-}" ]; then unset AWS_PROFILE; fi; exec ';
+
+/** The words after the profile guard of a command that runs host-exec.sh. */
+function hostExecWords(r: Registered): string[] {
+  const create = String(unwrap(r.inputs.create));
+  expect(create.startsWith(GUARD), create.slice(0, 100)).to.equal(true);
+  return bashWords(create.slice(GUARD.length));
+}
+
+/** The stdin of an SSH command after the pipeline's key. */
+function payload(r: Registered, key: string = MOCK_KEYS.pipeline.privateKey): string {
+  const stdin = String(unwrap(r.inputs.stdin));
+  expect(stdin.startsWith(`${key.trim()}\n`), `${r.name}: the key first`).to.equal(true);
+  return stdin.slice(key.trim().length + 1);
+}
 
 describe("stack foundation (mocks)", function () {
   this.timeout(60000);
@@ -47,8 +75,13 @@ describe("stack foundation (mocks)", function () {
     expect(r.ofType("aws:s3/bucketPolicy:BucketPolicy")).to.have.length(0);
     expect(r.calls.map((c) => c.token)).to.include("aws:s3/getBucket:getBucket");
     expect(r.outputs.bucketName).to.equal("go-builder-data");
-    const policy = JSON.parse(r.one("aws:iam/rolePolicy:RolePolicy").inputs.policy as string);
+    const policy = JSON.parse(r.one("aws:iam/rolePolicy:RolePolicy", "qemu-host-artifacts").inputs.policy as string);
     expect(JSON.stringify(policy)).to.contain("arn:aws:s3:::go-builder-data/windows-arm64/*");
+    const bake = JSON.parse(r.one("aws:iam/rolePolicy:RolePolicy", "bake-artifacts").inputs.policy as string);
+    expect(bake.Statement.map((st: { Resource: string[] }) => st.Resource[0])).to.deep.equal([
+      "arn:aws:s3:::go-builder-data/windows-arm64/*",
+      "arn:aws:s3:::go-builder-data/windows-arm64/bake-status/*",
+    ]);
   });
 
   it("the host requires IMDSv2 and has an encrypted gp3 root volume", () => {
@@ -73,7 +106,9 @@ describe("stack foundation (mocks)", function () {
   });
 
   it("allows SSH only from sshAllowedCidrs and no other ingress", () => {
-    const sg = run.one("aws:ec2/securityGroup:SecurityGroup").inputs as { ingress: Array<Record<string, unknown>> };
+    const sg = run.one("aws:ec2/securityGroup:SecurityGroup", "qemu-host-ssh").inputs as {
+      ingress: Array<Record<string, unknown>>;
+    };
     expect(sg.ingress).to.have.length(1);
     expect(sg.ingress[0]).to.deep.include({
       fromPort: 22,
@@ -83,10 +118,14 @@ describe("stack foundation (mocks)", function () {
     });
     expect(run.ofType("aws:ec2/securityGroupRule:SecurityGroupRule")).to.have.length(0);
     expect(run.ofType("aws:vpc/securityGroupIngressRule:SecurityGroupIngressRule")).to.have.length(0);
+    // The bake instance's group has no inbound rule at all.
+    const groups = run.ofType("aws:ec2/securityGroup:SecurityGroup").map((g) => g.name);
+    expect(groups).to.have.members(["qemu-host-ssh", "bake-egress"]);
+    expect(run.one("aws:ec2/securityGroup:SecurityGroup", "bake-egress").inputs.ingress ?? []).to.deep.equal([]);
   });
 
   it("grants the host only what the pipeline needs on the artifact prefix", () => {
-    const policy = JSON.parse(run.one("aws:iam/rolePolicy:RolePolicy").inputs.policy as string);
+    const policy = JSON.parse(run.one("aws:iam/rolePolicy:RolePolicy", "qemu-host-artifacts").inputs.policy as string);
     for (const st of policy.Statement) {
       for (const a of st.Action) expect(a).to.not.match(/\*/);
       for (const r of st.Resource) expect(r).to.not.equal("*");
@@ -107,7 +146,7 @@ describe("stack foundation (mocks)", function () {
     expect(list.Condition.StringLike["s3:prefix"]).to.deep.equal(["windows-arm64/*"]);
     const src = policy.Statement.find((s: { Sid: string }) => s.Sid === "ReadSourceImages");
     expect(src.Resource).to.deep.equal(["arn:aws:s3:::media-bucket/images/win11-23h2.vhdx"]);
-    const role = JSON.parse(run.one("aws:iam/role:Role").inputs.assumeRolePolicy as string);
+    const role = JSON.parse(run.one("aws:iam/role:Role", "qemu-host-role").inputs.assumeRolePolicy as string);
     expect(role.Statement[0].Principal).to.deep.equal({ Service: "ec2.amazonaws.com" });
   });
 
@@ -121,35 +160,58 @@ describe("stack foundation (mocks)", function () {
 
   it("sets operators' keys in place (not in user data): new keys neither replace the host nor re-run a stage", async () => {
     const alice = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIAliceKeyMaterialForTestsOnly1234567 alice";
+    // Back to back: the repository's files are hashed at each run.
+    const base = await runProgram(BASE_CONFIG);
     const r = await runProgram({ ...BASE_CONFIG, sshAuthorizedKeys: JSON.stringify([alice]) });
     expect(r.one("aws:ec2/instance:Instance").inputs.userData).to.equal(
       run.one("aws:ec2/instance:Instance").inputs.userData,
     );
-    const keys = r.one("command:remote:Command", "qemu-host-operator-keys");
-    expect(keys.inputs.create).to.equal(`bash -s -- '${Buffer.from(alice).toString("base64")}'`);
-    expect(keys.inputs.stdin).to.contain("windows-arm64-image operators: begin");
-    expect(keys.seq).to.be.greaterThan(r.one("command:remote:Command", "qemu-host-ready").seq);
-    const fw = (x: typeof r) => x.one("command:remote:Command", "firmware-build").inputs.triggers;
-    expect(fw(r)).to.deep.equal(fw(run));
-  });
-
-  it("uses the generated ED25519 key for the key pair and the connection", () => {
-    expect(run.one("tls:index/privateKey:PrivateKey").inputs.algorithm).to.equal("ED25519");
-    expect(run.one("aws:ec2/keyPair:KeyPair").inputs.publicKey).to.match(/^ssh-ed25519 /);
-  });
-
-  it("a given sshPrivateKey is read as a secret and no key is generated", async () => {
-    const r = await runProgram(
-      {
-        ...BASE_CONFIG,
-        sshPrivateKey: "-----BEGIN OPENSSH PRIVATE KEY-----\nGIVEN\n-----END OPENSSH PRIVATE KEY-----",
-      },
-      { secretKeys: ["sshPrivateKey"] },
+    const keys = r.one("command:local:Command", "host-files-operator-keys");
+    // Through the runner like every stage: host-exec.sh runs operator-keys.sh (on stdin after the key).
+    expect(hostExecWords(keys)).to.deep.equal([
+      "bash",
+      "provisioning/host-exec.sh",
+      "run",
+      `bash -s -- ${Buffer.from(alice).toString("base64")}`,
+    ]);
+    expect(payload(keys)).to.equal(fs.readFileSync(repoPath("provisioning/operator-keys.sh"), "utf8"));
+    expect(payload(keys)).to.contain("windows-arm64-image operators: begin");
+    expect(keys.options.dependencies).to.include(r.one("command:local:Command", "host-files-wait-host").urn);
+    expect(keys.inputs.triggers).to.not.deep.equal(
+      base.one("command:local:Command", "host-files-operator-keys").inputs.triggers,
     );
-    expect(r.ofType("tls:index/privateKey:PrivateKey")).to.have.length(0);
+    const triggers = (x: ProgramRun) =>
+      x
+        .ofType("command:local:Command")
+        .filter((c) => !["host-files-operator-keys", "stop-host"].includes(c.name))
+        .map((c) => [c.name, c.inputs.triggers]);
+    expect(triggers(r)).to.deep.equal(triggers(base));
+  });
+
+  it("uses a generated ED25519 key for the host's key pair and the stages, and another one for the guest", () => {
+    const keys = run.ofType("tls:index/privateKey:PrivateKey");
+    expect(keys.map((k) => [k.name, k.inputs.algorithm])).to.have.deep.members([
+      ["pipeline-key", "ED25519"],
+      ["guest-key", "ED25519"],
+    ]);
+    expect(run.one("aws:ec2/keyPair:KeyPair").inputs.publicKey).to.equal(MOCK_KEYS.pipeline.publicKey);
+    payload(run.one("command:local:Command", "firmware-build"));
+  });
+
+  it("a given sshPrivateKey is read as a secret and no pipeline key is generated (the guest still gets its own)", async () => {
+    const given = "-----BEGIN OPENSSH PRIVATE KEY-----\nGIVEN\n-----END OPENSSH PRIVATE KEY-----";
+    const r = await runProgram({ ...BASE_CONFIG, sshPrivateKey: given }, { secretKeys: ["sshPrivateKey"] });
+    expect(r.ofType("tls:index/privateKey:PrivateKey").map((k) => k.name)).to.deep.equal(["guest-key"]);
     expect(r.one("aws:ec2/keyPair:KeyPair").inputs.publicKey).to.contain("GivenKey");
-    const plain = r.resources.filter((x) => !x.type.startsWith("command:")).flatMap((x) => allStrings(x.inputs));
-    expect(plain.join("\n")).to.not.contain("GIVEN");
+    for (const x of r.resources) {
+      const { stdin, ...visible } = x.inputs;
+      expect(allStrings(visible).join("\n"), x.name).to.not.contain("GIVEN");
+      if (allStrings(stdin).join("\n").includes("GIVEN")) expect(isSecret(stdin), x.name).to.equal(true);
+    }
+    const fw = r.one("command:local:Command", "firmware-build");
+    expect(isSecret(fw.inputs.stdin)).to.equal(true);
+    payload(fw, given);
+    expect(allStrings(r.outputs).join("\n")).to.not.contain("GIVEN");
   });
 
   it("gives the host an Elastic IP: the address survives the stop after each build", () => {
@@ -158,18 +220,19 @@ describe("stack foundation (mocks)", function () {
     expect(run.one("aws:ec2/eip:Eip").inputs.domain).to.equal("vpc");
   });
 
-  it("starts the host if stopped and waits for SSH in a bounded local loop, then for cloud-init on the host", () => {
-    const up = run.one("command:local:Command", "ssh-up").inputs as Record<string, any>;
-    expect(up.create).to.equal("bash provisioning/host-power.sh start qemu-host-instance-id 198.51.100.10 1800");
-    // The stack stops the host after the build (keepHostRunning false): the AWS CLI is checked up front.
-    expect(up.environment).to.include({ AWS_REGION: "us-east-2", HOST_POWER_REQUIRE_CLI: "1" });
-    // Triggers: the instance, and the wake key (everything the host stages depend on).
-    expect(up.triggers[0]).to.equal("qemu-host-instance-id");
-    expect(up.triggers[1]).to.match(/^[0-9a-f]{64}$/);
-    expect(run.one("command:remote:Command", "qemu-host-ready").inputs.triggers).to.include(up.triggers[1]);
-    const ready = run.one("command:remote:Command", "qemu-host-ready");
-    expect(ready.inputs.stdin).to.contain("cloud-init status");
-    expect(ready.seq).to.be.greaterThan(run.one("command:local:Command", "ssh-up").seq);
+  it("wakes the host inside each stage (host-exec.sh), then waits for cloud-init on the host; no separate wake-up resource", () => {
+    for (const c of run.ofType("command:local:Command"))
+      expect(String(unwrap(c.inputs.create)), c.name).to.not.contain("host-power.sh start");
+    expect(run.resources.filter((x) => /ssh-up|host-ready$/.test(x.name))).to.have.length(0);
+    const wait = run.one("command:local:Command", "host-files-wait-host");
+    expect(wait.inputs.environment).to.include({
+      HOST_EXEC_ADDRESS: "198.51.100.10",
+      HOST_EXEC_INSTANCE_ID: "qemu-host-instance-id",
+      AWS_REGION: "us-east-2",
+    });
+    expect(payload(wait)).to.contain("cloud-init status");
+    expect(wait.options.dependencies).to.include(run.one("aws:ec2/eipAssociation:EipAssociation").urn);
+    expect(wait.seq).to.be.greaterThan(run.one("aws:ec2/eipAssociation:EipAssociation").seq);
   });
 
   it("merges the tags into every taggable resource", () => {
@@ -182,9 +245,16 @@ describe("stack foundation (mocks)", function () {
       "aws:ec2/instance:Instance",
       "aws:iam/role:Role",
       "aws:ec2/securityGroup:SecurityGroup",
+      "aws:ec2/amiFromInstance:AmiFromInstance",
     ]) {
-      expect(run.one(t).inputs.tags, t).to.deep.include({ team: "ci" });
+      expect(run.ofType(t), t).to.not.have.length(0);
+      for (const r of run.ofType(t)) expect(r.inputs.tags, `${t} ${r.name}`).to.deep.include({ team: "ci" });
     }
+    // The bake instance is launched by bake-instance.sh: it gets the tags through the environment.
+    const bakeTags = JSON.parse(
+      (run.one("command:local:Command", "bake-instance").inputs.environment as Record<string, string>).BAKE_TAGS_JSON,
+    );
+    expect(bakeTags).to.deep.include({ Key: "team", Value: "ci" });
   });
 
   it("exports the outputs operators need", () => {
