@@ -96,12 +96,12 @@ interface Spawned {
   killed: boolean;
 }
 
-/** Runs CMD in its own process group and SIGKILLs the whole group after MS ms (as stage.sh does at its bound). */
+/** Runs CMD in its own process group and sends the whole group SIGNAL (SIGKILL) after MS ms (as stage.sh does at its bound). */
 function runKilledAfter(
   cmd: string,
   args: string[],
   ms: number,
-  opts: { env?: NodeJS.ProcessEnv; input?: string } = {},
+  opts: { env?: NodeJS.ProcessEnv; input?: string; signal?: NodeJS.Signals } = {},
 ): Promise<Spawned> {
   return new Promise((resolve, reject) => {
     const child: ChildProcess = spawn(cmd, args, {
@@ -119,7 +119,7 @@ function runKilledAfter(
       if (done) return;
       killed = true;
       try {
-        process.kill(-child.pid!, "SIGKILL");
+        process.kill(-child.pid!, opts.signal ?? "SIGKILL");
       } catch {
         /* already gone */
       }
@@ -651,6 +651,24 @@ describe("fault table: host scripts fail cleanly (cause named, previous state in
       await noProcessesLeft(root);
     });
 
+    it("SIGTERM during a download (a stage's bound): DEST.partial removed, the earlier DEST intact", async () => {
+      dest = path.join(vm, "win.vhdx");
+      await earlierDownload();
+      const body = crypto.randomBytes(4 * MIB);
+      const server = await httpServer(slowBody(body, 64 * 1024, 100));
+      try {
+        const args = [script("fetch-image.sh"), server.url(), sha256(body), dest];
+        const k = await runKilledAfter("bash", args, 2500, { env: { ...retries, TMPDIR: tmp }, signal: "SIGTERM" });
+        expect(k.killed, "still downloading when the signal came").to.equal(true);
+        expect(k.code, k.stderr).to.equal(143);
+        expect(k.stderr).to.contain("downloading http://");
+      } finally {
+        await server.stop();
+      }
+      expectEarlierIntact();
+      await noProcessesLeft(root);
+    });
+
     it("SIGKILL at random points of a download, then a rerun: DEST is the earlier file or the new one, never a part", async () => {
       dest = path.join(vm, "win.vhdx");
       await earlierDownload();
@@ -888,6 +906,34 @@ describe("fault table: host scripts fail cleanly (cause named, previous state in
         }
       });
     }
+
+    it("SIGTERM during a conversion (a stage's bound): DEST.partial removed, the earlier disk intact", async () => {
+      disk = path.join(vm, "disk.qcow2");
+      await earlierDisk();
+      const src = path.join(root, "new.vhdx");
+      await randomVhdx(src, 96);
+      fs.writeFileSync(`${src}.sha256`, `${"d".repeat(64)} ${(await runOk("stat", ["-c", "%s %.9Y", src])).trim()}\n`);
+      // A qemu-img whose convert writes DEST.partial, marks it, then takes its time: the signal
+      // lands while the partial disk is there.
+      const bin = path.join(root, "bin");
+      fs.mkdirSync(bin);
+      const real = (await runOk("bash", ["-c", "command -v qemu-img"])).trim();
+      fs.writeFileSync(
+        path.join(bin, "qemu-img"),
+        `#!/usr/bin/env bash\nif [[ $1 == convert ]]; then ${real} "$@" || exit; touch ${root}/converted; sleep 30; exit 0; fi\nexec ${real} "$@"\n`,
+        { mode: 0o755 },
+      );
+      const k = await runKilledAfter("bash", [script("prepare-disk.sh"), src, disk], 5000, {
+        env: { PATH: `${bin}:${process.env.PATH}` },
+        signal: "SIGTERM",
+      });
+      expect(k.killed).to.equal(true);
+      expect(k.code, k.stderr).to.equal(143);
+      expect(k.stderr).to.contain("converting");
+      expect(fs.existsSync(path.join(root, "converted")), "DEST.partial was written before the signal").to.equal(true);
+      expectEarlierIntact();
+      await noProcessesLeft(root);
+    });
 
     it("SIGKILL at random points of a conversion, then a rerun: the earlier disk and stamp, or the new ones", async () => {
       disk = path.join(vm, "disk.qcow2");
