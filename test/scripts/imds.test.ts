@@ -20,10 +20,29 @@ import {
   StandinGuest,
 } from "../fixtures/standin";
 import { INSTANCE_ID, ImdsRequest, ImdsStandin, ROLE, startImdsStandin } from "../support/imds";
-import { freePort, pathWithout, readPid, repoRoot, run, RunResult, runOk, runScript, script } from "../support/run";
+import { freePort, pathWithout, readPid, repoRoot, run, RunResult, runOk, script } from "../support/run";
 
 const PYTHON = "/usr/bin/python3";
-const PROXY = script("imds-proxy.py");
+/**
+ * Copies of run-vm.sh and imds-proxy.py in a folder every account can read:
+ * QEMU runs the proxy as the VM's account and the gate runs as nobody, which
+ * may not reach a checkout under a private home.
+ */
+const shared = path.join(os.tmpdir(), `imds-scripts-${process.pid}`);
+const RUN_VM = path.join(shared, "run-vm.sh");
+const PROXY = path.join(shared, "imds-proxy.py");
+function copyScripts(): void {
+  fs.mkdirSync(shared, { recursive: true, mode: 0o755 });
+  fs.chmodSync(shared, 0o755);
+  for (const [from, to] of [
+    [script("run-vm.sh"), RUN_VM],
+    [script("imds-proxy.py"), PROXY],
+  ]) {
+    fs.copyFileSync(from, to);
+    fs.chmodSync(to, 0o755);
+  }
+}
+const runVm = (args: string[], env: NodeJS.ProcessEnv) => run("bash", [RUN_VM, ...args], { env });
 /** The unprivileged account the tests run QEMU (and the proxy) as; created when missing. */
 const ACCOUNT = "windows-vm-test";
 const CREDS_PATH = `/latest/meta-data/iam/security-credentials/${ROLE}`;
@@ -137,10 +156,12 @@ describe("the guest cannot reach the host's credentials (imds-proxy.py, run-vm.s
     accountUid = Number((await runOk("id", ["-u", ACCOUNT])).trim());
     nobodyUid = Number((await runOk("id", ["-u", "nobody"])).trim());
     work = fs.mkdtempSync(path.join(os.tmpdir(), "imds-test-"));
+    copyScripts();
   });
 
   after(async function () {
     fs.rmSync(work, { recursive: true, force: true });
+    fs.rmSync(shared, { recursive: true, force: true });
     if (createdAccount) await run("userdel", [ACCOUNT]);
   });
 
@@ -394,7 +415,7 @@ describe("the guest cannot reach the host's credentials (imds-proxy.py, run-vm.s
     const valuesOf = (args: string[], opt: string) => args.flatMap((a, i) => (a === opt ? [args[i + 1]] : []));
 
     it("VM_USER: QEMU drops to it (-runas) and the guestfwd runs the proxy through the gate as nobody", async function () {
-      const r = await runScript("run-vm.sh", ["--print", envFile], { env: { VM_USER: ACCOUNT, VM_IMDS_PROXY: "1" } });
+      const r = await runVm(["--print", envFile], { VM_USER: ACCOUNT, VM_IMDS_PROXY: "1" });
       expect(r.code, r.stderr).to.equal(0);
       const args = argsOf(r);
       expect(valuesOf(args, "-runas")).to.deep.equal([ACCOUNT]);
@@ -408,7 +429,7 @@ describe("the guest cannot reach the host's credentials (imds-proxy.py, run-vm.s
     });
 
     it("VM_USER=root: QEMU stays root, with a warning; the proxy then asks the metadata service itself", async function () {
-      const r = await runScript("run-vm.sh", ["--print", envFile], { env: { VM_USER: "root", VM_IMDS_PROXY: "1" } });
+      const r = await runVm(["--print", envFile], { VM_USER: "root", VM_IMDS_PROXY: "1" });
       expect(r.code, r.stderr).to.equal(0);
       expect(r.stderr).to.match(/WARNING: VM_USER=root: QEMU runs as root, and the guest can reach .*credentials/);
       const args = argsOf(r);
@@ -417,9 +438,9 @@ describe("the guest cannot reach the host's credentials (imds-proxy.py, run-vm.s
     });
 
     it("VM_USER unset as root: windows-vm when that account exists, else root with a warning naming useradd", async function () {
-      const r = await runScript("run-vm.sh", ["--print", envFile], { env: { VM_USER: "" } });
+      const r = await runVm(["--print", envFile], { VM_USER: "" });
       expect(r.code, r.stderr).to.equal(0);
-      const resolved = await runScript("run-vm.sh", ["--resolve", envFile], { env: { VM_USER: "" } });
+      const resolved = await runVm(["--resolve", envFile], { VM_USER: "" });
       expect(resolved.stdout).to.match(/^VM_USER=windows-vm$/m);
       if ((await run("id", ["-u", "windows-vm"])).code === 0) {
         expect(valuesOf(argsOf(r), "-runas")).to.deep.equal(["windows-vm"]);
@@ -436,7 +457,7 @@ describe("the guest cannot reach the host's credentials (imds-proxy.py, run-vm.s
         ["Not A Name", "VM_USER=Not A Name is not an account name"],
         ["nobody", "VM_USER=nobody: the metadata gate runs as nobody"],
       ]) {
-        const r = await runScript("run-vm.sh", [envFile], { env: { VM_USER: user } });
+        const r = await runVm([envFile], { VM_USER: user });
         expect(r.code, user).to.equal(2);
         expect(r.stderr).to.include(message);
         expect(fs.existsSync(path.join(dir, "qemu.pid"))).to.equal(false);
@@ -445,7 +466,7 @@ describe("the guest cannot reach the host's credentials (imds-proxy.py, run-vm.s
 
     it("refuses to drop privileges without nft (nftables): the guest could reach the credentials", async function () {
       const bin = pathWithout(["nft"], path.join(dir, "bin-no-nft"));
-      const r = await runScript("run-vm.sh", ["--check", envFile], { env: { VM_USER: ACCOUNT, PATH: bin } });
+      const r = await runVm(["--check", envFile], { VM_USER: ACCOUNT, PATH: bin });
       expect(r.code).to.equal(2);
       expect(r.stderr).to.include(`VM_USER=${ACCOUNT}: nft not found (install nftables)`);
     });
@@ -458,9 +479,7 @@ describe("the guest cannot reach the host's credentials (imds-proxy.py, run-vm.s
         "#!/bin/sh\necho '-run-with [async-teardown=on|off][,chroot=dir][user=username|uid:gid]'\n",
         { mode: 0o755 },
       );
-      const r = await runScript("run-vm.sh", ["--print", envFile], {
-        env: { VM_USER: ACCOUNT, PATH: `${bin}:${process.env.PATH}` },
-      });
+      const r = await runVm(["--print", envFile], { VM_USER: ACCOUNT, PATH: `${bin}:${process.env.PATH}` });
       expect(r.code, r.stderr).to.equal(0);
       expect(valuesOf(argsOf(r), "-run-with")).to.deep.equal([`user=${ACCOUNT}`]);
       expect(valuesOf(argsOf(r), "-runas")).to.deep.equal([]);
@@ -566,7 +585,7 @@ describe("the guest cannot reach the host's credentials (imds-proxy.py, run-vm.s
         ].join("\n"),
       );
       const serial = path.join(vmDir, "serial.log");
-      vm = start("ip", ["netns", "exec", ns, "bash", script("run-vm.sh"), envFile]);
+      vm = start("ip", ["netns", "exec", ns, "bash", RUN_VM, envFile]);
       const current = vm;
       const thisBoot = () =>
         fs.existsSync(serial) ? fs.readFileSync(serial, "latin1").split("=== run-vm:").pop()! : "";
