@@ -72,8 +72,9 @@
 #   (it stays after QEMU exits). The QEMU command line, the firewall's and the
 #   gate's lines ("imds-gate: GET /latest/user-data -> 200") go to stderr.
 # Exit: 2 when validation fails (every problem is listed first, QEMU is not
-#   started), or the firewall or the gate cannot be set up; otherwise QEMU's own exit status (QEMU replaces this script via
-#   exec unless VM_HALT_ON_EXIT=1, so systemd supervises QEMU directly). With
+#   started) or the firewall or the gate cannot be set up; otherwise QEMU's own
+#   exit status (QEMU replaces this script via exec unless VM_HALT_ON_EXIT=1,
+#   so systemd supervises QEMU directly). With
 #   VM_HALT_ON_EXIT=1 the host is powered off after QEMU exits by itself (the
 #   guest shut down, or QEMU quit or crashed); not when the service is being
 #   stopped: this script got SIGTERM/SIGINT/SIGHUP (forwarded to QEMU), or its
