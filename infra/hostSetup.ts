@@ -23,7 +23,15 @@ export const HOST_PACKAGES = Object.freeze([
   "curl",
   "ca-certificates",
   "ntfs-3g",
+  "fdisk",
+  "nftables",
+  "python3",
 ]);
+
+/** The unprivileged account QEMU runs the guest as (run-vm.sh VM_USER). */
+export const VM_USER = "windows-vm";
+/** Creates VM_USER when missing (host cloud-init and the bake instance). */
+export const VM_USER_ADD = `id -u ${VM_USER} >/dev/null 2>&1 || useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin ${VM_USER}`;
 
 /**
  * cloud-init user data for the host. It holds no secret: EC2 stores user
@@ -48,6 +56,8 @@ export function renderCloudInit(): string {
       (d) => `  - [install, -d, -o, ${HOST_USER}, -g, ${HOST_USER}, -m, "0755", ${HOST_HOME}${d}]`,
     ),
     `  - [install, -d, -o, root, -g, root, -m, "0700", /var/lib/windows-vm]`,
+    // QEMU runs the guest as this account (run-vm.sh VM_USER), behind a rule that keeps it off the metadata service.
+    `  - [bash, -c, "${VM_USER_ADD}"]`,
     "final_message: windows-arm64-image host ready after $UPTIME seconds",
   );
   return lines.join("\n") + "\n";

@@ -18,6 +18,7 @@
 #
 # Installs (written only when different):
 #   $SCRIPT_DIR/run-vm.sh                -> ROOT/usr/local/lib/windows-vm/run-vm.sh (0755)
+#   $SCRIPT_DIR/imds-proxy.py            -> ROOT/usr/local/lib/windows-vm/imds-proxy.py (0755)
 #   ENV_FILE                             -> ROOT/etc/windows-vm/vm.env (0644)
 #   $SCRIPT_DIR/../assets/windows-vm.service
 #                                        -> ROOT/etc/systemd/system/windows-vm.service (0644)
@@ -83,6 +84,8 @@ root=$(cd "$root_arg" && pwd -P)
 launcher_src=$SCRIPT_DIR/run-vm.sh
 unit_src=$SCRIPT_DIR/../assets/$UNIT
 [[ -f $launcher_src ]] || die "launcher $launcher_src not found"
+proxy_src=$SCRIPT_DIR/imds-proxy.py
+[[ -f $proxy_src ]] || die "metadata proxy $proxy_src not found (it goes beside the launcher)"
 bash -n "$launcher_src" || die "launcher $launcher_src has a syntax error"
 [[ -f $unit_src ]] || die "unit file $unit_src not found"
 [[ -f $env_src ]] || die "env file $env_src not found"
@@ -151,6 +154,8 @@ install_file() { # SRC DST MODE
 }
 
 install_file "$launcher_src" "$root/usr/local/lib/windows-vm/run-vm.sh" 0755
+# The guest's metadata proxy: run-vm.sh looks for it beside itself.
+install_file "$proxy_src" "$root/usr/local/lib/windows-vm/imds-proxy.py" 0755
 install_file "$env_out" "$root/etc/windows-vm/vm.env" 0644
 install_file "$unit_src" "$root/etc/systemd/system/$UNIT" 0644
 

@@ -17,7 +17,7 @@ apt-get update -q
 apt-get install -y -q --no-install-recommends \
   qemu-system-arm qemu-efi-aarch64 qemu-utils xorriso awscli shellcheck \
   openssh-client openssh-server mtools dosfstools cpio socat netcat-openbsd \
-  ca-certificates curl jq xxd ntfs-3g fdisk
+  ca-certificates curl jq xxd nftables ntfs-3g fdisk
 
 echo "==> PowerShell ${PWSH_VERSION} (.NET tool) and Pester ${PESTER_VERSION}"
 export PATH="$HOME/.dotnet/tools:$PATH"

@@ -6,6 +6,7 @@
  * shuts down).
  */
 import { StackConfig } from "../config";
+import { VM_USER } from "../hostSetup";
 
 export interface VmLayout {
   /** VM data folder on the host. */
@@ -33,6 +34,8 @@ export function renderVmEnv(c: StackConfig, L: VmLayout, kind: "build" | "image"
     ["VM_QMP_SOCKET", `${L.vmDir}/qmp.sock`],
     ["VM_SERIAL_LOG", `${L.vmDir}/serial.log`],
     ["VM_IMDS_PROXY", c.target === "aws" ? "1" : "0"],
+    // On AWS, QEMU runs the guest unprivileged (a missing account is an error, not a warning).
+    ["VM_USER", c.target === "aws" ? VM_USER : ""],
   ];
   if (kind === "build") {
     // The image VM has its drivers installed, and the bake publishes no drivers ISO.

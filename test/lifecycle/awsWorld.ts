@@ -93,6 +93,8 @@ export async function makeAwsWorld(dir: string, shims: string, faults: string): 
     HOME: path.join(disk, "root-home"),
     HOST_READY_NEED_KVM: "0",
     VM_ACCEL: "tcg",
+    // No windows-vm account on this machine: QEMU stays root here (run-vm.sh says so).
+    VM_USER: "root",
     IDLE_INSTANCE_ID: HOST_ID,
     IDLE_INSTALL_ROOT: path.join(disk, "idle-root"),
     IDLE_STATE_DIR: path.join(disk, "idle-state"),

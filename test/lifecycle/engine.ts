@@ -497,7 +497,7 @@ function resolveOutput(v: unknown): Promise<unknown> {
 function callResult(token: string, inputs: Record<string, unknown>): Record<string, unknown> {
   switch (token) {
     case "aws:ec2/getAmi:getAmi":
-      return { id: "ami-0ubuntu2404arm64", name: "ubuntu-noble-24.04-arm64-server-20261101" };
+      return { id: "ami-0a1b2c3d4e5f60718", name: "ubuntu-noble-24.04-arm64-server-20261101" };
     case "aws:ec2/getVpc:getVpc":
       return { id: "vpc-0default" };
     case "aws:ec2/getSubnet:getSubnet":

@@ -52,6 +52,11 @@ describe("prepare-ami.sh", function () {
     const launcher = file("usr/local/lib/windows-vm/run-vm.sh");
     expect(fs.readFileSync(launcher).equals(fs.readFileSync(LAUNCHER))).to.equal(true);
     expect(fs.statSync(launcher).mode & 0o777).to.equal(0o755);
+    const proxy = file("usr/local/lib/windows-vm/imds-proxy.py");
+    expect(
+      fs.readFileSync(proxy).equals(fs.readFileSync(path.join(repoRoot, "provisioning", "imds-proxy.py"))),
+    ).to.equal(true);
+    expect(fs.statSync(proxy).mode & 0o777).to.equal(0o755);
     expect(fs.readFileSync(file("etc/systemd/system/windows-vm.service")).equals(fs.readFileSync(UNIT))).to.equal(true);
     expect(fs.readlinkSync(wants())).to.equal("/etc/systemd/system/windows-vm.service");
     const env = fs.readFileSync(file("etc/windows-vm/vm.env"), "utf8");
@@ -80,7 +85,7 @@ describe("prepare-ami.sh", function () {
     const before = fs.statSync(file("etc/windows-vm/vm.env"));
     const r = await runScript("prepare-ami.sh", [root, envFile]);
     expect(r.code, r.stderr).to.equal(0);
-    expect(r.stderr.match(/is up to date/g)).to.have.length(3);
+    expect(r.stderr.match(/is up to date/g)).to.have.length(4);
     expect(fs.statSync(file("etc/windows-vm/vm.env")).ino).to.equal(before.ino);
     expectInstalled();
   });
@@ -120,7 +125,7 @@ describe("prepare-ami.sh", function () {
 
     const again = await runScript("prepare-ami.sh", ["--generalize", root, envFile]);
     expect(again.code, again.stderr).to.equal(0);
-    expect(again.stderr.match(/is up to date/g)).to.have.length(3);
+    expect(again.stderr.match(/is up to date/g)).to.have.length(4);
     expect(again.stderr).to.contain("done (generalized)");
   });
 

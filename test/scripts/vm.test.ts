@@ -263,7 +263,7 @@ describe("VM lifecycle scripts: run-vm, start-vm, wait-for-guest, stop-vm", func
       expect(imds.code, imds.stderr).to.equal(0);
       const imdsArgs = imds.stdout.trimEnd().split("\n");
       expect(values(imdsArgs, "-netdev")[0]).to.match(
-        /,guestfwd=tcp:10\.0\.2\.100:8173-cmd:(nc|netcat|ncat) 169\.254\.169\.254 80$|socat - TCP:169\.254\.169\.254:80$/,
+        /,guestfwd=tcp:10\.0\.2\.100:8173-cmd:\/usr\/bin\/python3 -I -S \S+\/imds-proxy\.py( --upstream unix:@windows-vm-imds-\d+ --upstream-uid \d+)?$/,
       );
       expect(values(imdsArgs, "-smp")).to.deep.equal(["2"]);
       // VM_VNC_DISPLAY set to empty in the environment wins too: no VNC, no display.
