@@ -156,7 +156,7 @@ describe("pipeline end to end (stand-in guest, TCG)", function () {
   let work: string;
   let s3: RestartableS3;
   let drivers: { iso: string; sha256: string };
-  const vmDirs: string[] = [];
+  const layouts: HostLayout[] = [];
   const timings: { main?: Timing[] } = {};
 
   before(async function () {
@@ -168,10 +168,16 @@ describe("pipeline end to end (stand-in guest, TCG)", function () {
   });
 
   afterEach(async function () {
-    this.timeout(30_000);
-    // Leave no VM behind, whatever happened.
-    for (const d of vmDirs.splice(0)) {
-      if (await killVm(d)) console.log(`      (cleanup: killed the QEMU of ${d})`);
+    this.timeout(60_000);
+    // Leave no VM (and no screen keeper of one) behind, whatever happened.
+    for (const L of layouts.splice(0)) {
+      if (await killVm(L.vmDir)) console.log(`      (cleanup: killed the QEMU of ${L.vmDir})`);
+      const keeper = path.join(L.home, "provisioning", "screen-keeper.sh");
+      if (fs.existsSync(path.join(L.vmDir, "screens", "screen-keeper.pid")) && fs.existsSync(keeper)) {
+        await run("bash", [keeper, "stop", path.join(L.vmDir, "qmp.sock"), path.join(L.vmDir, "screens")], {
+          timeoutMs: 40_000,
+        });
+      }
     }
     if (s3 && !s3.running) await s3.start();
   });
@@ -240,7 +246,7 @@ describe("pipeline end to end (stand-in guest, TCG)", function () {
       guestPrivateKey: fs.readFileSync(guest.privateKey, "utf8"),
       settings,
     };
-    vmDirs.push(layout.vmDir);
+    layouts.push(layout);
     const driver = new PipelineDriver(plan, runtime, inputs, stageEnv(s3.directory, s3.endpoint));
     return { dir, layout, config, plan, driver, answer, password, artifactUri, prefix };
   }
@@ -256,12 +262,17 @@ describe("pipeline end to end (stand-in guest, TCG)", function () {
     for (const id of PREPARE) await p.driver.mustHost(id, { timeoutMs: 400_000 });
   }
 
-  async function startVm(p: Pipeline, label?: string): Promise<StageResult> {
+  /** The build VM's env names VNC display 3: no other VM on this machine may hold it. */
+  async function expectVncFree(): Promise<void> {
     const vncPort = 5900 + BUILD_VNC_DISPLAY;
     expect(
       await portFree(vncPort),
       `port ${vncPort} (VNC display ${BUILD_VNC_DISPLAY} of the build VM's env) is in use: another VM is running`,
     ).to.equal(true);
+  }
+
+  async function startVm(p: Pipeline, label?: string): Promise<StageResult> {
+    await expectVncFree();
     const r = await p.driver.mustHost("startVm", { timeoutMs: 300_000, label });
     expect(r.stdout).to.match(/^start-vm: VM started \(QEMU pid \d+/);
     expect(qemuPid(p), "no live QEMU in vm/qemu.pid after startVm").to.be.a("number");
@@ -385,10 +396,11 @@ describe("pipeline end to end (stand-in guest, TCG)", function () {
     expect(fs.readdirSync(L.stageRunDir), "stage markers left").to.deep.equal([]);
     expect(fs.readFileSync(path.join(L.stageStateDir, "last-activity"), "utf8").split("\n")[0]).to.equal("publish");
 
-    // uploadFiles: every host file, byte for byte, 0644.
-    for (const f of p.plan.stage("uploadFiles").files) {
+    // uploadFiles: every host file, byte for byte (as the plan hashed it), 0644.
+    const uploadStage = p.plan.stage("uploadFiles");
+    for (const f of uploadStage.files) {
       const copy = path.join(L.home, f);
-      expect(sha256File(copy), f).to.equal(sha256File(path.join(repoRoot, f)));
+      expect(sha256File(copy), f).to.equal(uploadStage.inputs[`file:${f}`]);
       expect(fs.statSync(copy).mode & 0o777, f).to.equal(0o644);
     }
     // firmware: the 64 MiB pflash pair.
@@ -532,6 +544,8 @@ describe("pipeline end to end (stand-in guest, TCG)", function () {
     const onDisk = await inGuest(p, "cat /disk/provision-started.txt /disk/provisioned.txt");
     expect(onDisk.code, onDisk.stderr).to.equal(0);
     expect(onDisk.stdout).to.equal("started root\nroot\n");
+    // The pipeline goes on as after any provisioning.
+    await stopVm(p);
   });
 
   it("fault: QEMU killed during provisioning: guest-run.sh reports the VM exited; a rerun boots the VM itself and finishes", async function () {
@@ -565,6 +579,7 @@ describe("pipeline end to end (stand-in guest, TCG)", function () {
     expect(await readFileFromDisk(disk, "provisioned.txt", p.dir)).to.equal(undefined);
 
     // The rerun of the same stage (nothing before it) boots the VM, waits for it and provisions.
+    await expectVncFree();
     const done = await p.driver.mustHost("provisionGuest", { timeoutMs: 300_000, label: "provisionGuest (rerun)" });
     expect(done.stderr).to.include(
       `guest-run: the build VM is not running (no live QEMU in ${vm}/qemu.pid): starting it`,

@@ -165,6 +165,13 @@ describe("stand-in aarch64 guest fixture", function () {
     const param = await ssh(guest, port, "cat > /disk/param.txt", "value-from-stdin\n");
     expect(param.code, param.stderr).to.equal(0);
 
+    // The pipeline's guest command (powershell ... -EncodedCommand ...) runs the stand-in's provisioning.
+    const settings = JSON.stringify({ builderUser: "standin-user", builderPassword: "not-printed" });
+    const ps = await ssh(guest, port, "powershell -NoProfile -NonInteractive -EncodedCommand ZQBjAGgAbwA=", settings);
+    expect(ps.code, ps.stderr).to.equal(0);
+    expect(ps.stdout).to.equal("standin-provision: provisioned standin-user\n");
+    expect(`${ps.stdout}${ps.stderr}`).to.not.include("not-printed");
+
     const tDown = Date.now();
     await qmp(qmpSock, "system_powerdown");
     const ended = await within(current.exited, POWEROFF_TIMEOUT_MS);
@@ -177,6 +184,7 @@ describe("stand-in aarch64 guest fixture", function () {
 
     expect((await readFileFromDisk(disk, "marker.txt", work))?.trim()).to.equal(marker);
     expect(await readFileFromDisk(disk, "param.txt", work)).to.equal("value-from-stdin\n");
+    expect(await readFileFromDisk(disk, "provisioned.txt", work)).to.equal("standin-user\n");
     expect(await readFileFromDisk(disk, "absent.txt", work)).to.equal(undefined);
 
     console.log(

@@ -323,7 +323,12 @@ export class PipelineDriver {
       pid !== undefined && isQemu(pid)
         ? `the VM ${L.buildUnit} (QEMU pid ${pid}, ${L.vmDir}) is still running`
         : `the VM ${L.buildUnit} (${L.vmDir}) is not running${pid !== undefined ? `: QEMU pid ${pid} is gone` : ""}`;
-    return `(e2e) after ${id}: ${state}\nlast lines of the serial log ${L.vmDir}/serial.log:\n${serialTail(path.join(L.vmDir, "serial.log"), 15)}`;
+    const runLog = path.join(L.vmDir, "run-vm.log");
+    return (
+      `(e2e) after ${id}: ${state}\n` +
+      `last lines of the serial log ${L.vmDir}/serial.log:\n${serialTail(path.join(L.vmDir, "serial.log"), 15)}\n` +
+      `last lines of the launcher's log ${runLog}:\n${serialTail(runLog, 10)}`
+    );
   }
 
   /** Runs a stage and throws (with its command and output) unless it exits 0. */
