@@ -10,6 +10,8 @@
 #               at sector 16). Another name: the probed format is used, except
 #               raw (a file with no header qemu-img knows is garbage, not a
 #               disk, unless its name says raw).
+#             (A fixed-size .vhd, whose footer is only at its end, probes as
+#             raw: its "conectix" footer makes it vpc.)
 #             Refused: a probe that differs from the name (a .vhdx that probes
 #             as raw is truncated or corrupt), a backing file (any format), a
 #             qcow2 keeping its data in an external data file, a vmdk whose
@@ -171,6 +173,15 @@ else
   info=$(sed -n '/^{/,$p' <<<"$info")
   format=$(jq -r '.format // empty' <<<"$info")
   [[ -n $format ]] || die "qemu-img did not report a format for $source_img"
+  # A fixed-size VHD has its "conectix" footer only at the end, where qemu-img's
+  # probe does not look: it probes as raw.
+  if [[ $declared == vpc && $format == raw ]] &&
+    [[ "$(tail -c 512 -- "$source_img" | head -c 8 | tr -c '[:lower:]' '?')" == conectix ]]; then
+    info=$(qemu-img info -f vpc --output=json -- "$source_img" 2>&1) ||
+      die "qemu-img cannot read $source_img as a fixed-size VHD: $(one_line "$info")"
+    info=$(sed -n '/^{/,$p' <<<"$info")
+    format=vpc
+  fi
   if [[ -n $declared && $format != "$declared" ]]; then
     if [[ $format == raw ]]; then
       die "$source_img is named as $declared but qemu-img finds no $declared header in it (it probes as raw): truncated, corrupt or not a $declared image"

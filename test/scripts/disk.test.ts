@@ -144,6 +144,17 @@ describe("prepare-disk.sh", function () {
     }
   });
 
+  it("converts a fixed-size VHD (its footer only at the end: qemu-img probes it as raw)", async () => {
+    const src = path.join(dir, "fixed.vhd");
+    await runOk("qemu-img", ["create", "-q", "-f", "vpc", "-o", "subformat=fixed", src, "64M"]);
+    await runOk("qemu-io", ["-f", "vpc", "-c", "write -P 0x33 1M 1M", src]);
+    const dest = path.join(dir, "vhd.qcow2");
+    const r = await runScript("prepare-disk.sh", [src, dest]);
+    expect(r.code, r.stderr).to.equal(0);
+    expect(r.stderr).to.contain("(vpc, virtual size 64 MiB)");
+    expect((await run("qemu-img", ["compare", "-f", "vpc", "-F", "qcow2", src, dest])).code).to.equal(0);
+  });
+
   it("makes an empty qcow2 of SIZE_GIB (default 64) for an ISO, and grows but never shrinks it", async () => {
     const content = path.join(dir, "iso-content");
     fs.mkdirSync(content);
