@@ -58,8 +58,25 @@ mkdir -p -- "$dir" || fail 1 "cannot create the folder $dir"
 dir=$(cd -- "$dir" && pwd -P)
 out="$dir/$(basename -- "$out")"
 tmp="$dir/.$(basename -- "$out").tmp-$$"
-cleanup() { rm -f -- "$tmp"; }
+private=""
+cleanup() {
+  rm -f -- "$tmp"
+  [[ -z $private ]] || rm -rf -- "$private"
+}
 trap cleanup EXIT
+# QEMU writes the file itself. When it runs the guest as another account
+# (run-vm.sh VM_USER), it cannot write into this folder: it dumps into a
+# private folder of its own, and the PNG is moved into place from there.
+pid_file="$(dirname -- "$sock")/qemu.pid"
+qemu_uid=""
+if [[ -r $pid_file ]] && read -r qpid _ <"$pid_file" && [[ $qpid =~ ^[0-9]+$ ]]; then
+  qemu_uid=$(awk '/^Uid:/ { print $2 }' "/proc/$qpid/status" 2>/dev/null || true)
+fi
+if [[ -n $qemu_uid && $qemu_uid != "$(id -u)" ]]; then
+  private=$(mktemp -d "${TMPDIR:-/tmp}/vm-screenshot.XXXXXX") || fail 1 "cannot create a private folder for QEMU's screendump"
+  chown "$qemu_uid" -- "$private" || fail 1 "cannot give $private to QEMU's account (uid $qemu_uid): run as root"
+  tmp="$private/screen.png"
+fi
 
 # png_size FILE: "WIDTHxHEIGHT" when FILE starts with a PNG signature and an
 # IHDR chunk; status 1 otherwise.

@@ -593,7 +593,7 @@ export function buildPlan(p: PlanInputs): Plan {
     for (const u of uses ?? []) runtime.add(u);
     for (const u of d.dependsOn) for (const r of runtimes[u] ?? []) runtime.add(r);
     runtimes[d.id] = [...runtime].sort();
-    if (d.id === "waitHost") inputs[`file:${HOST_READY_SCRIPT}`] = fileHash(HOST_READY_SCRIPT);
+    // waitHost's script is its stdin: an edit runs waitHost again (an update), and no other stage.
     const hostCommand =
       d.command === undefined
         ? undefined

@@ -424,6 +424,11 @@ function cloudId(type: string, name: string, inputs: Record<string, unknown>): s
   if (type === "aws:ec2/amiFromInstance:AmiFromInstance")
     return `ami-${crypto.createHash("sha256").update(String(inputs.name)).digest("hex").slice(0, 17)}`;
   if (type === "aws:ec2/instance:Instance") return "i-0123456789abcdef0";
+  // Ids shaped as AWS shapes them (the scripts check them).
+  const hex = crypto.createHash("sha256").update(name).digest("hex");
+  if (type === "aws:ec2/securityGroup:SecurityGroup") return `sg-${hex.slice(0, 17)}`;
+  if (type === "aws:ec2/keyPair:KeyPair") return `key-${hex.slice(0, 17)}`;
+  if (type === "aws:ec2/eip:Eip") return `eipalloc-${hex.slice(0, 17)}`;
   return `${name}-id`;
 }
 
