@@ -375,6 +375,8 @@ describe("bake-image.sh (on the bake instance: published image -> AMI file syste
 
   describe("bake-bootstrap.sh (the user data's command: bake kit -> bake-image.sh)", () => {
     let kit: { body: Buffer; sha256: string };
+    /** What went into the kit (read once: the repository's files may change while a test runs). */
+    let kitFiles: Record<string, string>;
     let kitDir: string;
     let scratch: string;
     const bakeDir = () => path.join(scratch, BAKE_DIR);
@@ -382,7 +384,8 @@ describe("bake-image.sh (on the bake instance: published image -> AMI file syste
       Object.fromEntries(BAKE_FILES.map((f) => [f, fs.readFileSync(path.join(repoRoot, f), "utf8")]));
 
     beforeEach(() => {
-      kit = renderBakeKit(repoFileMap());
+      kitFiles = repoFileMap();
+      kit = renderBakeKit(kitFiles);
       kitDir = path.join(dir, "kits", "bake-kit");
       fs.mkdirSync(kitDir, { recursive: true });
       scratch = path.join(dir, "instance");
@@ -472,7 +475,7 @@ describe("bake-image.sh (on the bake instance: published image -> AMI file syste
       expect(r.stderr).to.include(`bake-bootstrap: the bake kit is verified (sha256 ${kit.sha256}) and unpacked`);
       for (const f of BAKE_FILES) {
         const got = path.join(bakeDir(), f);
-        expect(fs.readFileSync(got).equals(fs.readFileSync(path.join(repoRoot, f))), f).to.equal(true);
+        expect(fs.readFileSync(got).equals(Buffer.from(kitFiles[f], "utf8")), f).to.equal(true);
         expect(fs.statSync(got).mode & 0o777, f).to.equal(/\.(sh|py)$/.test(f) ? 0o755 : 0o644);
       }
       expect(fs.existsSync(path.join(bakeDir(), "bake-kit.json.gz"))).to.equal(false);
@@ -497,7 +500,7 @@ describe("bake-image.sh (on the bake instance: published image -> AMI file syste
 
     it("a kit whose SHA-256 is not BAKE_KIT_SHA256 is refused: status failed naming the kit, power off", async () => {
       const uri = putKit(kit.body);
-      const other = renderBakeKit({ ...repoFileMap(), "provisioning/lib.sh": "# another lib.sh\n" });
+      const other = renderBakeKit({ ...kitFiles, "provisioning/lib.sh": "# another lib.sh\n" });
       const { r } = await boot(
         { uri, sha256: other.sha256 },
         entries(pub, (n) => fileUri(path.join(pub, n))),
@@ -595,7 +598,7 @@ describe("bake-image.sh (on the bake instance: published image -> AMI file syste
         );
         expect(r.code, r.stderr).to.equal(0);
         for (const f of BAKE_FILES) {
-          expect(fs.readFileSync(path.join(bakeDir(), f), "utf8"), f).to.equal(repoFileMap()[f]);
+          expect(fs.readFileSync(path.join(bakeDir(), f), "utf8"), f).to.equal(kitFiles[f]);
         }
         expectBaked(list);
         const body = await s3.getObject(statusKey);
