@@ -32,7 +32,7 @@ export const BAKE_FILES = Object.freeze([
 
 /** Where the user data and the kit put the files on the bake instance (/run is tmpfs: never in the AMI). */
 export const BAKE_DIR = "/run/windows-image-bake";
-/** The transient systemd unit that runs bake-image.sh (journal and console). */
+/** The transient systemd unit that runs the bootstrap, then bake-image.sh (journal and console). */
 export const BAKE_UNIT = "windows-image-bake";
 /** EC2's user-data limit, in bytes before base64. */
 export const USER_DATA_MAX_BYTES = 16384;
