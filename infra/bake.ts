@@ -18,7 +18,7 @@
  */
 import * as crypto from "crypto";
 import * as zlib from "zlib";
-import { PolicyStatement } from "./hostSetup";
+import { PolicyStatement, VM_USER_ADD } from "./hostSetup";
 
 /** Repo-relative files the bake instance needs (pass them to renderBakeKit). */
 export const BAKE_FILES = Object.freeze([
@@ -382,6 +382,8 @@ export function renderBakeUserData(p: BakeUserDataParams): Buffer {
     runcmd: [
       // AWS CLI v2 is a snap on Ubuntu 24.04; retry since the store can be slow right after boot.
       ["bash", "-c", "for i in 1 2 3 4 5; do snap install aws-cli --classic && break; sleep 10; done"],
+      // The image's QEMU runs the guest as this account (run-vm.sh VM_USER): it stays in the AMI.
+      ["bash", "-c", VM_USER_ADD],
       [
         "systemd-run",
         `--unit=${BAKE_UNIT}`,

@@ -35,7 +35,7 @@ import {
   planFiles,
   RuntimeName,
 } from "./pipeline/plan";
-import { filesDigest, IGNORED_INPUTS, LocalRunner, Runner, SshRunner } from "./pipeline/runner";
+import { awsCommand, filesDigest, IGNORED_INPUTS, LocalRunner, Runner, SshRunner } from "./pipeline/runner";
 import { renderVmEnv } from "./pipeline/vmEnv";
 
 const { config, secrets } = loadConfig();
@@ -216,24 +216,22 @@ const publication = new ImagePublication("image", { ctx });
 if (host && awsCliEnv && !config.host.keepRunning) {
   const stop = plan.stage("stopHost");
   const hostStages = plan.stages.filter((st) => st.site === "host");
-  const wakeKey = pulumi
-    .all([hostStages.map((st) => st.digest), runtimeValues])
-    .apply(([digests, values]) =>
-      sha256Hex(
-        JSON.stringify({
-          digests,
-          values,
-          files: filesDigest(plan.stage("uploadFiles").files, fileHashes),
-          operatorKeys: config.host.sshAuthorizedKeys,
-        }),
-      ),
-    );
+  const wakeKey = pulumi.all([hostStages.map((st) => st.digest), runtimeValues]).apply(([digests, values]) =>
+    sha256Hex(
+      JSON.stringify({
+        digests,
+        values,
+        files: filesDigest(plan.stage("uploadFiles").files, fileHashes),
+        operatorKeys: config.host.sshAuthorizedKeys,
+      }),
+    ),
+  );
   ctx.record(
     "stopHost",
     new command.local.Command(
       "stop-host",
       {
-        create: pulumi.interpolate`bash provisioning/host-power.sh stop ${host.instanceId}`,
+        create: pulumi.interpolate`${awsCommand("exec bash provisioning/host-power.sh stop")} ${host.instanceId}`,
         environment: awsCliEnv.apply((env) => ({ AWS_PROFILE: "", ...env })),
         triggers: [host.instanceId, wakeKey],
         logging: "stdoutAndStderr",

@@ -16,7 +16,7 @@ import { WindowsVersion } from "../config";
 import { EC2_ASSUME_ROLE_POLICY, HOST_PACKAGES } from "../hostSetup";
 import { repoPath } from "../paths";
 import { PipelineContext } from "../pipeline/context";
-import { IGNORED_INPUTS, LOCAL_MARGIN_MINUTES } from "../pipeline/runner";
+import { awsCommand, IGNORED_INPUTS, LOCAL_MARGIN_MINUTES } from "../pipeline/runner";
 import { Manifest } from "../manifest";
 
 export interface AmiBakeArgs {
@@ -168,7 +168,7 @@ export class AmiBake extends pulumi.ComponentResource {
     const bake = new command.local.Command(
       `${name}-instance`,
       {
-        create: "bash provisioning/bake-instance.sh run",
+        create: awsCommand("exec bash provisioning/bake-instance.sh run"),
         // The user data (no secret in it) as base64 on stdin.
         stdin: userData,
         environment: pulumi.all([args.awsEnv, volumeGiB, statusUri]).apply(([env, vol, status]) => ({
@@ -238,7 +238,7 @@ export class AmiBake extends pulumi.ComponentResource {
     new command.local.Command(
       `${name}-terminate`,
       {
-        create: pulumi.interpolate`bash provisioning/bake-instance.sh terminate ${instanceId}`,
+        create: pulumi.interpolate`${awsCommand("exec bash provisioning/bake-instance.sh terminate")} ${instanceId}`,
         environment: pulumi.output(args.awsEnv).apply((env) => ({ AWS_PROFILE: "", ...env })),
         triggers: [instanceId],
         logging: "stdoutAndStderr",

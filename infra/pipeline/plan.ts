@@ -270,7 +270,9 @@ export function buildPlan(p: PlanInputs): Plan {
   const screens = `${vm}/screens`;
   const screenKeeper = (action: "start" | "stop" | "shot", label?: string) => {
     const cmd = run("screen-keeper.sh", action, `${vm}/qmp.sock`, screens, ...(label ? [label] : []));
-    return action === "shot" && isAws ? withEnv({ SCREENSHOT_FETCH_HINT: `scp ${HOST_LOGIN}@<hostPublicIp>:<path> .` }, cmd) : cmd;
+    return action === "shot" && isAws
+      ? withEnv({ SCREENSHOT_FETCH_HINT: `scp ${HOST_LOGIN}@<hostPublicIp>:<path> .` }, cmd)
+      : cmd;
   };
   const inject = c.image.format !== "iso" && c.image.answerFileInImage;
   const drafts: Draft[] = [];
@@ -653,10 +655,10 @@ function configMediaCommand(c: StackConfig, L: HostLayout): string {
   const S = `${L.home}/provisioning`;
   const stage = `${L.vmDir}/config`;
   // The names on the ISO are the ones the answer file and firstlogon.ps1 look for.
-  const answer = `${stage}/${ANSWER_FILE_NAME}`;
   const keys = `${stage}/${AUTHORIZED_KEYS_FILE}`;
   const files = [
-    `${answer}=${ANSWER_FILE_NAME}`,
+    // "-": the answer file (a secret) is read from stdin into the ISO: no plain copy on the host.
+    `-=${ANSWER_FILE_NAME}`,
     `${keys}=${AUTHORIZED_KEYS_FILE}`,
     `${S}/windows/${FIRSTLOGON_SCRIPT}`,
     `${S}/windows/provision.ps1`,
@@ -666,13 +668,13 @@ function configMediaCommand(c: StackConfig, L: HostLayout): string {
   ];
   const env: string[] = [`CONFIG_ISO_DRIVER_FOLDER=${driverFolder(c)}`];
   if (c.image.format === "iso") env.push(`CONFIG_ISO_DRIVERS_ISO=${shq(`${L.vmDir}/virtio-win.iso`)}`);
-  // The answer file (secret) arrives on stdin and is written 0600, never on a command line.
+  // The answer file (secret) arrives on stdin, never on a command line or a disk.
   return [
+    `${L.sudo}rm -rf -- ${shq(stage)}`,
     `${L.sudo}install -d -m 0700 ${shq(stage)}`,
-    `${L.sudo}bash -c ${shq(`umask 077 && cat > ${shq(answer)}`)}`,
     `${L.sudo}bash -c ${shq(`umask 077 && printf '%s\\n' ${word(RUNTIME.guestKey)} > ${shq(keys)}`)}`,
     `${L.sudo}env ${env.join(" ")} bash ${shq(`${S}/build-config-iso.sh`)} ${shq(`${L.vmDir}/config.iso`)} ${files.map(shq).join(" ")}`,
-    // The ISO holds them now; the plain copies do not stay on the host.
+    // The ISO holds the key now; its staging folder does not stay.
     `${L.sudo}rm -rf -- ${shq(stage)}`,
   ].join(" && ");
 }

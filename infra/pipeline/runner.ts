@@ -171,9 +171,18 @@ export class LocalRunner implements Runner {
   }
 }
 
-/** host-exec.sh as run where Pulumi runs; an empty AWS_PROFILE means none. */
+/**
+ * A command run where Pulumi runs with the AWS CLI: AWS_PROFILE is always in
+ * its environment (so ignoreChanges has a path to ignore), and empty means none
+ * (the CLI refuses an empty profile name).
+ */
+export function awsCommand(cmd: string): string {
+  return `if [ -z "\${AWS_PROFILE:-}" ]; then unset AWS_PROFILE; fi; ${cmd}`;
+}
+
+/** host-exec.sh as run where Pulumi runs. */
 export function hostExec(args: string): string {
-  return `if [ -z "\${AWS_PROFILE:-}" ]; then unset AWS_PROFILE; fi; exec bash provisioning/host-exec.sh ${args}`;
+  return awsCommand(`exec bash provisioning/host-exec.sh ${args}`);
 }
 
 /** One digest over a set of files' hashes. */

@@ -427,7 +427,7 @@ describe("bake-image.sh (on the bake instance: published image -> AMI file syste
         fs.mkdirSync(path.dirname(f), { recursive: true });
         fs.writeFileSync(f, w.content, { mode: parseInt(w.permissions, 8) });
       }
-      const cmd = doc.runcmd[1];
+      const cmd = doc.runcmd[2];
       expect(cmd[0]).to.equal("systemd-run");
       const setenv = Object.fromEntries(
         cmd.filter((a) => a.startsWith("--setenv=")).map((a) => a.slice(9).split(/=(.*)/s).slice(0, 2)),

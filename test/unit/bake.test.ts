@@ -232,9 +232,10 @@ describe("infra/bake.ts", () => {
       const { doc } = decode(render({ region: "us-east-2" }));
       expect(doc.package_update).to.equal(true);
       expect(doc.packages).to.deep.equal([...HOST_PACKAGES]);
-      expect(doc.runcmd).to.have.length(2);
+      expect(doc.runcmd).to.have.length(3);
       expect(doc.runcmd[0].join(" ")).to.include("snap install aws-cli --classic");
-      const cmd = doc.runcmd[1];
+      expect(doc.runcmd[1].join(" ")).to.include("useradd --system").and.include("windows-vm");
+      const cmd = doc.runcmd[2];
       expect(cmd.slice(0, 3)).to.deep.equal(["systemd-run", `--unit=${BAKE_UNIT}`, "--no-block"]);
       expect(cmd).to.include.members([
         "--property=StandardOutput=journal+console",
@@ -251,8 +252,8 @@ describe("infra/bake.ts", () => {
         "/bin/bash",
         `${BAKE_DIR}/bake-bootstrap.sh`,
       ]);
-      expect(decode(render({ timeoutS: 900 })).doc.runcmd[1]).to.include("--setenv=BAKE_TIMEOUT_S=900");
-      expect(decode(render()).doc.runcmd[1].some((a) => a.includes("AWS_REGION"))).to.equal(false);
+      expect(decode(render({ timeoutS: 900 })).doc.runcmd[2]).to.include("--setenv=BAKE_TIMEOUT_S=900");
+      expect(decode(render()).doc.runcmd[2].some((a) => a.includes("AWS_REGION"))).to.equal(false);
       expect(BAKE_DIR.startsWith("/run/"), "tmpfs: nothing of the bake stays in the AMI").to.equal(true);
       expect(DEFAULT_BAKE_IMAGE_TIMEOUT_S).to.be.below(DEFAULT_BAKE_TIMEOUT_S);
     });

@@ -408,8 +408,11 @@ describe("pipeline plan", () => {
       expect(s.stdin, s.id).to.be.oneOf(["answerFile", "guestKeyAndSettings"]);
     for (const id of ["renderEnv", "waitHost", "publish", "firmware"] as StageId[])
       expect(p.stage(id).secretStdin, id).to.equal(false);
-    expect(p.stage("configMedia").command).to.contain("cat > /var/lib/windows-vm/config/autounattend.xml");
-    // Once the ISO is built, the staged plain copies are removed.
+    // The answer file goes from stdin straight into build-config-iso.sh: no plain copy on the host.
+    expect(p.stage("configMedia").command).to.not.contain("cat >");
+    expect(p.stage("configMedia").command).to.contain(" -=autounattend.xml ");
+    // A killed run's staging folder is cleared first; once the ISO is built, the staged key is removed.
+    expect(p.stage("configMedia").command).to.match(/^sudo -n rm -rf -- \/var\/lib\/windows-vm\/config && /);
     expect(p.stage("configMedia").command).to.match(
       /build-config-iso\.sh .* && sudo -n rm -rf -- \/var\/lib\/windows-vm\/config$/,
     );
