@@ -16,8 +16,9 @@
 #                        as run-vm.sh reads them). Its VM_MACHINE_OPTS, VM_CPUS,
 #                        VM_MEMORY_GIB, VM_ACCEL (and VM_MACHINE_TYPE,
 #                        VM_GIC_VERSION when set) are recorded as "machine";
-#                        its VM_DISK, VM_EFI_CODE and VM_EFI_VARS, when set, must
-#                        be the files in VM_DIR. Unset: "machine" is null.
+#                        its VM_DIR, VM_DISK, VM_EFI_CODE and VM_EFI_VARS, when
+#                        set, must be VM_DIR and its files. Unset: "machine" is
+#                        null.
 #   S3_ENDPOINT_URL      passed to aws as --endpoint-url (S3-compatible servers)
 #   IMAGE_SOURCE_URL     recorded in the manifest as sourceUrl (null when unset)
 #   IMAGE_SOURCE_SHA256  recorded as sourceSha256 (64 hex digits, null when unset)
@@ -209,11 +210,11 @@ if [[ -n ${PUBLISH_VM_ENV:-} ]]; then
     [[ -z ${venv[$k]:-} || ${venv[$k]} =~ ^[0-9]+$ ]] ||
       die "PUBLISH_VM_ENV $vm_env: $k '${venv[$k]}' is not a whole number"
   done
-  for pair in "VM_DISK:$disk" "VM_EFI_CODE:$efi" "VM_EFI_VARS:$vars"; do
+  for pair in "VM_DIR:$vm_dir" "VM_DISK:$disk" "VM_EFI_CODE:$efi" "VM_EFI_VARS:$vars"; do
     k=${pair%%:*}
     file=${pair#*:}
     [[ -z ${venv[$k]:-} || ${venv[$k]} -ef $file ]] ||
-      die "PUBLISH_VM_ENV $vm_env sets $k=${venv[$k]}, but the file published is $file: the manifest would not describe what the image ran with"
+      die "PUBLISH_VM_ENV $vm_env sets $k=${venv[$k]}, but what is published is $file: the manifest would not describe what the image ran with"
   done
   machine_json=$(jq -cn \
     --arg opts "${venv[VM_MACHINE_OPTS]:-}" --arg cpus "${venv[VM_CPUS]:-}" --arg mem "${venv[VM_MEMORY_GIB]:-}" \

@@ -352,15 +352,15 @@ exec "$REAL_AWS" "$@"
       expectTmpClean();
     });
 
-    it("uploads nothing on a rerun with the same disk, and repairs latest.json", async () => {
+    it("uploads no disk on a rerun with the same disk: repairs latest.json, and turns a manifestVersion 1 into 2", async () => {
       const r1 = await publish("s3://images/rerun");
       expect(r1.code, r1.stderr).to.equal(0);
       const m1 = parseStdout(r1);
+      const sha = m1.sha256;
       expect(m1.machine, "no PUBLISH_VM_ENV").to.equal(null);
-      const imageModified = await lastModified(`rerun/${m1.sha256}/disk.qcow2`);
+      const imageModified = await lastModified(`rerun/${sha}/disk.qcow2`);
       // Someone pointed latest.json elsewhere meanwhile.
       await putS3Json("rerun/latest.json", { sha256: "other" });
-      await new Promise((res) => setTimeout(res, 1100));
 
       const r2 = await publish("s3://images/rerun/");
       expect(r2.code, r2.stderr).to.equal(0);
@@ -368,7 +368,6 @@ exec "$REAL_AWS" "$@"
       expect(r2.stderr).to.not.contain("uploading");
       expect(r2.stderr).to.contain("holds no manifest this publish can compare; replacing it");
       expect(parseStdout(r2)).to.deep.equal(m1);
-      expect(await lastModified(`rerun/${m1.sha256}/disk.qcow2`)).to.equal(imageModified);
       expect(await s3Json("rerun/latest.json")).to.deep.equal(m1);
 
       // Without the local hash stamp the disk is streamed again (that is the hash),
@@ -379,42 +378,36 @@ exec "$REAL_AWS" "$@"
       expect(r3.stderr).to.contain("already published");
       expect(parseStdout(r3)).to.deep.equal(m1);
       expect(await s3.listKeys("rerun/")).to.not.satisfy((keys: string[]) => keys.some((k) => k.includes("staging")));
-      expectTmpClean();
-    });
 
-    it("turns a published manifestVersion 1 into version 2 without uploading the disk again", async () => {
-      const r1 = await publish("s3://images/v1/");
-      expect(r1.code, r1.stderr).to.equal(0);
-      const m1 = parseStdout(r1);
-      const sha = m1.sha256;
       // What an earlier release published: no firmware, a v1 manifest.
-      await putS3Json(`v1/${sha}/manifest.json`, toV1(m1));
-      await putS3Json("v1/latest.json", toV1(m1));
-      expect((await s3.aws(["s3", "rm", "--only-show-errors", `s3://images/v1/${sha}/QEMU_EFI.fd`])).code).to.equal(0);
-      const imageModified = await lastModified(`v1/${sha}/disk.qcow2`);
-
-      const r2 = await publish("s3://images/v1/");
-      expect(r2.code, r2.stderr).to.equal(0);
-      expect(r2.stderr).to.contain("is already published; writing its variables, firmware and a manifestVersion 2");
-      expect(r2.stderr).to.not.match(/uploading \S+disk\.qcow2/);
-      expect(r2.stderr).to.not.match(/uploading \S+QEMU_VARS\.fd/);
-      expect(r2.stderr).to.match(/uploading \S+\/QEMU_EFI\.fd to s3:\/\/images\/v1\/[0-9a-f]{64}\/QEMU_EFI\.fd/);
-      // The same image, so the same manifest as a fresh v2 publish would have written then.
-      expect(parseStdout(r2)).to.deep.equal(m1);
-      expect(await lastModified(`v1/${sha}/disk.qcow2`)).to.equal(imageModified);
-      expect(await s3Json("v1/latest.json")).to.deep.equal(m1);
+      await putS3Json(`rerun/${sha}/manifest.json`, toV1(m1));
+      await putS3Json("rerun/latest.json", toV1(m1));
+      expect((await s3.aws(["s3", "rm", "--only-show-errors", `s3://images/rerun/${sha}/QEMU_EFI.fd`])).code).to.equal(
+        0,
+      );
+      const r4 = await publish("s3://images/rerun/");
+      expect(r4.code, r4.stderr).to.equal(0);
+      expect(r4.stderr).to.contain("is already published; writing its variables, firmware and a manifestVersion 2");
+      expect(r4.stderr).to.not.match(/uploading \S+disk\.qcow2/);
+      expect(r4.stderr).to.not.match(/uploading \S+QEMU_VARS\.fd/);
+      expect(r4.stderr).to.match(/uploading \S+\/QEMU_EFI\.fd to s3:\/\/images\/rerun\/[0-9a-f]{64}\/QEMU_EFI\.fd/);
+      // The same image, so the same manifest as a fresh v2 publish wrote then.
+      expect(parseStdout(r4)).to.deep.equal(m1);
+      expect(await s3Json("rerun/latest.json")).to.deep.equal(m1);
       await expectComplete(m1);
+      // The disk was never uploaded again.
+      expect(await lastModified(`rerun/${sha}/disk.qcow2`)).to.equal(imageModified);
       expectTmpClean();
     });
 
-    it("an interrupted publish leaves the previous latest.json pointing at a complete image, and no staging", async () => {
+    it("interrupted publishes (SIGTERM while uploading; SIGKILL of the whole group after the copy) keep the previous latest.json and image; reruns complete", async () => {
       const r1 = await publish("s3://images/crash/");
       expect(r1.code, r1.stderr).to.equal(0);
       const old = parseStdout(r1);
 
       // The VM ran again: a bigger, different disk.
       await runOk("qemu-io", ["-f", "qcow2", "-c", "write -P 0x66 16M 200M", disk]);
-      const newSha = sha256File(disk);
+      const shaA = sha256File(disk);
       const p = start("s3://images/crash/");
       expect(await p.reached(/uploading .*disk\.qcow2/), p.out.stderr).to.equal(true);
       await new Promise((res) => setTimeout(res, 700));
@@ -425,72 +418,52 @@ exec "$REAL_AWS" "$@"
       expect(p.out.stderr).to.contain("terminated");
       expect(p.out.stdout).to.equal("");
       expect(processesWith("s3://images/crash/staging/"), "uploader still running").to.deep.equal([]);
-
       expect(await s3Json("crash/latest.json")).to.deep.equal(old);
       await expectComplete(old);
-      expect(await s3.getObject(`crash/${newSha}/manifest.json`)).to.equal(undefined);
-      const keys = await s3.listKeys("crash/");
-      expect(
-        keys.filter((k) => k.includes("staging")),
-        "the failing run deleted its staging object",
-      ).to.deep.equal([]);
+      expect(await s3.getObject(`crash/${shaA}/manifest.json`)).to.equal(undefined);
+      expect((await s3.listKeys("crash/")).filter((k) => k.includes("staging"))).to.deep.equal([]);
       expectTmpClean();
 
       // A rerun finishes the job and only then moves latest.json.
       const r2 = await publish("s3://images/crash/");
       expect(r2.code, r2.stderr).to.equal(0);
-      const m2 = parseStdout(r2);
-      expect(m2.sha256).to.equal(newSha);
-      expect(await s3Json("crash/latest.json")).to.deep.equal(m2);
-      await expectComplete(m2);
-      await expectComplete(old);
-    });
+      const mA = parseStdout(r2);
+      expect(mA.sha256).to.equal(shaA);
+      expect(await s3Json("crash/latest.json")).to.deep.equal(mA);
 
-    it("a publish killed (SIGKILL, whole process group) after the server-side copy loses nothing; a rerun completes", async () => {
-      const r1 = await publish("s3://images/kill/");
-      expect(r1.code, r1.stderr).to.equal(0);
-      const old = parseStdout(r1);
+      // Again, killed without a chance to clean up, after the disk's server-side copy.
       await runOk("qemu-io", ["-f", "qcow2", "-c", "write -P 0x67 16M 20M", disk]);
-      const newSha = sha256File(disk);
-
-      const p = start("s3://images/kill/");
-      expect(await p.reached(/uploading \S+\/QEMU_VARS\.fd to /), p.out.stderr).to.equal(true);
+      const shaB = sha256File(disk);
+      const k = start("s3://images/crash/");
+      expect(await k.reached(/uploading \S+\/QEMU_VARS\.fd to /), k.out.stderr).to.equal(true);
       const delay = Math.floor(Math.random() * 300);
       await new Promise((res) => setTimeout(res, delay));
-      p.killGroup("SIGKILL");
-      const end = await p.closed;
-      const at = `killed ${delay} ms after the variables upload began; ${p.out.stderr}`;
-      expect(end.signal, at).to.equal("SIGKILL");
-
-      expect(await s3Json("kill/latest.json"), at).to.deep.equal(old);
-      await expectComplete(old);
-      const oldKeys = folderLayout(old.sha256)
-        .filter((k) => k !== ".publish.lock")
-        .map((k) => `kill/${k}`);
-      const left = (await s3.listKeys("kill/")).filter((k) => !oldKeys.includes(k));
+      k.killGroup("SIGKILL");
+      const at = `killed ${delay} ms after the variables upload began; ${k.out.stderr}`;
+      expect((await k.closed).signal, at).to.equal("SIGKILL");
+      expect(await s3Json("crash/latest.json"), at).to.deep.equal(mA);
+      await expectComplete(mA);
+      const imageKeys = (...shas: string[]) =>
+        folderLayout(...shas)
+          .filter((f) => f !== ".publish.lock")
+          .map((f) => `crash/${f}`);
       // Only staging (expired by the bucket's lifecycle rule) and the new image's objects
       // without a manifest (incomplete, named by no latest.json) can remain.
-      for (const k of left)
-        expect(k, at).to.match(new RegExp(`^kill/(staging/|${newSha}/(disk\\.qcow2|QEMU_VARS\\.fd)$)`));
+      for (const key of (await s3.listKeys("crash/")).filter((x) => !imageKeys(old.sha256, shaA).includes(x))) {
+        expect(key, at).to.match(new RegExp(`^crash/(staging/|${shaB}/(disk\\.qcow2|QEMU_VARS\\.fd)$)`));
+      }
 
-      const r2 = await publish("s3://images/kill/");
-      expect(r2.code, r2.stderr).to.equal(0);
-      const m2 = parseStdout(r2);
-      expect(m2.sha256).to.equal(newSha);
-      expect(await s3Json("kill/latest.json")).to.deep.equal(m2);
-      await expectComplete(m2);
-      const keys = await s3.listKeys("kill/");
-      expect(keys.filter((k) => !k.startsWith("kill/staging/"))).to.deep.equal(
-        [
-          ...oldKeys,
-          ...[`${newSha}/QEMU_EFI.fd`, `${newSha}/QEMU_VARS.fd`, `${newSha}/disk.qcow2`, `${newSha}/manifest.json`].map(
-            (k) => `kill/${k}`,
-          ),
-        ].sort(),
-      );
+      const r3 = await publish("s3://images/crash/");
+      expect(r3.code, r3.stderr).to.equal(0);
+      const mB = parseStdout(r3);
+      expect(mB.sha256).to.equal(shaB);
+      expect(await s3Json("crash/latest.json")).to.deep.equal(mB);
+      await expectComplete(mB);
+      const keys = await s3.listKeys("crash/");
+      expect(keys.filter((x) => !x.startsWith("crash/staging/"))).to.deep.equal(imageKeys(old.sha256, shaA, shaB));
       expect(
-        keys.filter((k) => k.startsWith("kill/staging/")).length,
-        "at most the killed run's staging object",
+        keys.filter((x) => x.startsWith("crash/staging/")).length,
+        "the killed run's staging object",
       ).to.be.at.most(1);
       // The killed run's work folder went with the rerun.
       expectTmpClean();
@@ -698,6 +671,11 @@ exec "$REAL_AWS" "$@"
       const r2 = await publishTo(`file://${dir}/machine`, { PUBLISH_VM_ENV: envFile });
       expect(r2.code).to.equal(1);
       expect(r2.stderr).to.match(/PUBLISH_VM_ENV .*vm\.env: VM_CPUS 'four' is not a whole number/);
+      // The env file of another VM folder does not describe this one.
+      fs.writeFileSync(envFile, "VM_DIR=/var/lib/windows-vm\n");
+      const r3 = await publishTo(`file://${dir}/machine`, { PUBLISH_VM_ENV: envFile });
+      expect(r3.code).to.equal(1);
+      expect(r3.stderr).to.contain(`sets VM_DIR=/var/lib/windows-vm, but what is published is ${vmDir}:`);
     });
 
     it("keeps the manifest line under 4 KiB with long URIs", async () => {
@@ -992,6 +970,8 @@ exec "$REAL_AWS" "$@"
     }
     let shared: string;
     const olds: Record<string, Manifest> = {};
+    /** Each backend's published objects as the last row left them. */
+    const current: Record<string, Record<string, string>> = {};
     const backends: Backend[] = [
       {
         name: "s3",
@@ -1093,7 +1073,7 @@ exec "$REAL_AWS" "$@"
           return { env: { PUBLISH_VM_ENV: f } };
         },
         error: () =>
-          /sets VM_EFI_CODE=\/usr\/share\/AAVMF\/AAVMF_CODE\.fd, but the file published is \S+QEMU_EFI\.fd: the manifest would not describe what the image ran with/,
+          /sets VM_EFI_CODE=\/usr\/share\/AAVMF\/AAVMF_CODE\.fd, but what is published is \S+QEMU_EFI\.fd: the manifest would not describe what the image ran with/,
       },
       {
         name: "the VM env file has a line run-vm.sh would refuse",
@@ -1152,6 +1132,7 @@ exec "$REAL_AWS" "$@"
         expect(r.code, r.stderr).to.equal(0);
         olds[b.name] = parseStdout(r);
         await expectComplete(olds[b.name]);
+        current[b.name] = await b.snapshot();
       }
     });
     after(() => fs.rmSync(shared, { recursive: true, force: true }));
@@ -1159,7 +1140,7 @@ exec "$REAL_AWS" "$@"
     for (const b of backends) {
       for (const f of faults.filter((x) => !x.only || x.only === b.name)) {
         it(`${b.name}: ${f.name}`, async () => {
-          const before = await b.snapshot();
+          const before = current[b.name];
           const newSha = sha256File(disk);
           const { env, undo } = await f.prepare(b);
           let r: RunResult;
@@ -1171,9 +1152,10 @@ exec "$REAL_AWS" "$@"
           expect(r.code, r.stderr).to.equal(1);
           expect(r.stdout).to.equal("");
           expect(r.stderr).to.match(f.error(b));
-          expect(await b.latest(), "latest.json").to.deep.equal(olds[b.name]);
-          // Every object as it was (the old image among them), plus what the fault is documented to leave.
+          // Every object as it was (latest.json and the old image among them: on S3 the ETag is the
+          // MD5 of the content), plus what the fault is documented to leave.
           const after = await b.snapshot();
+          current[b.name] = { ...after };
           for (const k of b.name === "s3" && f.leaves ? f.leaves(newSha) : []) {
             if (!(k in before)) {
               expect(after, "documented leftover").to.have.property(k);
@@ -1181,6 +1163,8 @@ exec "$REAL_AWS" "$@"
             }
           }
           expect(after, "what is published").to.deep.equal(before);
+          if (b.name === "folder") await expectComplete(olds[b.name]);
+          expect(await b.latest(), "latest.json").to.deep.equal(olds[b.name]);
           expectTmpClean();
         });
       }
