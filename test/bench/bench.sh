@@ -134,7 +134,7 @@ printf '%s %s\n' "$img_sha" "$(stat -c '%s %.9Y' "$img")" >"$img.sha256"
 mkdir -p "$work/vm"
 measure prepare-disk "$img_bytes" bash "$PROV/prepare-disk.sh" "$img" "$work/vm/disk.qcow2"
 qcow_bytes=$(stat -c %s "$work/vm/disk.qcow2")
-truncate -s 64M "$work/vm/QEMU_VARS.fd"
+truncate -s 64M "$work/vm/QEMU_VARS.fd" "$work/vm/QEMU_EFI.fd"
 rm -f "$img" "$img.sha256"
 
 # --- s3rver in its own process --------------------------------------------------
