@@ -147,6 +147,21 @@ export async function makeAwsWorld(dir: string, shims: string, faults: string): 
     root,
     keys: { "pipeline-key": pipelineKey, "guest-key": guestKey(guest) },
     env: engineEnv,
+    // S3 objects the program declares land in the local S3 server.
+    async onCloudResource(type, _name, inputs) {
+      if (type !== "aws:s3/bucketObjectv2:BucketObjectv2") return;
+      const file = path.join(dir, "object.tmp");
+      fs.writeFileSync(file, Buffer.from(String(inputs.contentBase64 ?? ""), "base64"));
+      const r = await s3.aws([
+        "s3",
+        "cp",
+        "--only-show-errors",
+        file,
+        `s3://${String(inputs.bucket)}/${String(inputs.key)}`,
+      ]);
+      fs.rmSync(file);
+      if (r.code !== 0) throw new Error(`stand-in S3: cannot store ${String(inputs.key)}: ${r.stderr}`);
+    },
   });
   const hostSh = (action: string) =>
     runOk("bash", [path.join(STANDIN, "host.sh"), action, HOST_ID], { env: { ...process.env, ...engineEnv } });

@@ -383,6 +383,7 @@ export class Engine {
         outputs: { ...inputs, stdout: res.stdout, stderr: res.stderr },
       };
     }
+    await this.cfg.onCloudResource?.(type, name, inputs);
     return {
       id: old?.id && op !== "replace" ? old.id : cloudId(type, name, inputs),
       outputs: { ...inputs, ...this.computed(type, name, inputs, old) },
