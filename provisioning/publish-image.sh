@@ -289,7 +289,7 @@ lock_fd=
 # would otherwise live on, holding the output open).
 kill_tree() { # PID
   local c kids=()
-  read -r -a kids <"/proc/$1/task/$1/children" 2>/dev/null || true
+  { read -r -a kids <"/proc/$1/task/$1/children"; } 2>/dev/null || true
   for c in "${kids[@]}"; do kill_tree "$c"; done
   kill "$1" 2>/dev/null || true
 }

@@ -154,6 +154,8 @@ if [[ $cmd == _loop ]]; then
       unanswered=0
     else
       log "$(utc) no screenshot (exit $rc): $(printf '%s' "$out" | tail -n 1 | cut -c1-300)"
+      # The screenshot script or the folder gone (the VM folder removed): nothing more to keep.
+      [[ -f $shooter && -d $dir ]] || finish "$shooter or $dir is gone: ending"
       if ((rc == 3)); then
         unanswered=$((unanswered + 1))
         ((unanswered < give_up)) || finish "QEMU did not answer $unanswered times in a row (the VM is gone?): ending"
