@@ -16,8 +16,11 @@ ns_pids() { # the pids in the namespace of the running sshd
   local pid ns p
   pid=$(cat "$inst/sshd.pid" 2>/dev/null) || return 0
   ns=$(readlink "/proc/$pid/ns/mnt" 2>/dev/null) || return 0
-  [[ $ns != "$(readlink /proc/self/ns/mnt)" ]] || return 0
+  # Never the machine's own namespace (the host runs in one of its own).
+  [[ $ns != "$(readlink /proc/1/ns/mnt)" ]] || return 0
   for p in /proc/[0-9]*; do
+    # Not this script (a power-off from inside the host: it goes last).
+    [[ ${p#/proc/} != "$$" ]] || continue
     [[ $(readlink "$p/ns/mnt" 2>/dev/null) == "$ns" ]] && echo "${p#/proc/}"
   done
   return 0
@@ -39,11 +42,15 @@ case $action in
     echo "host.sh: $id started" >&2
     ;;
   stop)
+    inside=0
+    [[ $(readlink /proc/self/ns/mnt) != "$(readlink "/proc/$(cat "$inst/sshd.pid" 2>/dev/null || echo 1)/ns/mnt" 2>/dev/null)" ]] || inside=1
     mapfile -t pids < <(ns_pids)
-    ((${#pids[@]} == 0)) || kill -9 "${pids[@]}" 2>/dev/null || true
-    rm -f "$inst/sshd.pid"
     echo stopped >"$inst/state"
+    rm -f "$inst/sshd.pid"
     echo "host.sh: $id powered off (${#pids[@]} processes)" >&2
+    ((${#pids[@]} == 0)) || kill -9 "${pids[@]}" 2>/dev/null || true
+    # Powered off from inside (the idle guard): this process goes with the host.
+    ((inside == 0)) || kill -9 $$
     ;;
   *) exit 2 ;;
 esac
