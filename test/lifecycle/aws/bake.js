@@ -34,7 +34,10 @@ const inst = path.join(d, "instances", id);
 const root = path.join(inst, "root");
 fs.mkdirSync(root, { recursive: true });
 fs.writeFileSync(path.join(inst, "state"), "running\n");
-fs.writeFileSync(path.join(inst, "launch.json"), JSON.stringify({ args, userDataBytes: fs.statSync(ud.slice(8)).size }));
+fs.writeFileSync(
+  path.join(inst, "launch.json"),
+  JSON.stringify({ args, userDataBytes: fs.statSync(ud.slice(8)).size }),
+);
 for (const f of doc.write_files) {
   const p = path.join(root, f.path);
   fs.mkdirSync(path.dirname(p), { recursive: true });
