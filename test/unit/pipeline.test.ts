@@ -19,6 +19,7 @@ import {
   Stage,
   StageId,
 } from "../../infra/pipeline/plan";
+import { awsCommand } from "../../infra/pipeline/runner";
 import { bashWords, bashWordsOf } from "../support/bash";
 import { sampleManifest } from "../support/manifest";
 import {
@@ -429,7 +430,7 @@ describe("image pipeline (mocks)", function () {
   it("stops the host after the publication and every host command (operator keys too), triggered by the wake key", () => {
     const stop = get("stopHost");
     const i = inputs(stop);
-    expect(i.create).to.equal(`bash provisioning/host-power.sh stop ${HOST_ID}`);
+    expect(i.create).to.equal(awsCommand(`exec bash provisioning/host-power.sh stop ${HOST_ID}`));
     expect(i.environment).to.deep.equal({ AWS_PROFILE: "", AWS_REGION: "us-east-2", AWS_DEFAULT_REGION: "us-east-2" });
     expect(i.triggers).to.have.length(2);
     expect(i.triggers[0]).to.equal(HOST_ID);
@@ -514,7 +515,7 @@ describe("image pipeline (mocks)", function () {
   it("launches the bake instance from the host AMI with the bake type, the volume from the image, the status under the prefix", () => {
     const bake = get("bakeImage");
     const i = inputs(bake);
-    expect(i.create).to.equal("bash provisioning/bake-instance.sh run");
+    expect(i.create).to.equal(awsCommand("exec bash provisioning/bake-instance.sh run"));
     const digest = p.stage("bakeImage").digest;
     expect(i.triggers).to.deep.equal([digest, SHA]);
     expect(i.environment).to.include({
@@ -582,7 +583,9 @@ describe("image pipeline (mocks)", function () {
     expect(i.tags.SourceImage).to.equal("s3://media-bucket/images/win11-23h2.vhdx");
     // Then the bake instance goes.
     const term = run.one("command:local:Command", "bake-terminate");
-    expect(inputs(term).create).to.equal(`bash provisioning/bake-instance.sh terminate ${MOCK_BAKE_INSTANCE_ID}`);
+    expect(inputs(term).create).to.equal(
+      awsCommand(`exec bash provisioning/bake-instance.sh terminate ${MOCK_BAKE_INSTANCE_ID}`),
+    );
     expect(inputs(term).triggers).to.deep.equal([MOCK_BAKE_INSTANCE_ID]);
     expect(term.options.dependencies).to.include(ami.urn);
     expect(term.seq).to.be.greaterThan(ami.seq);
