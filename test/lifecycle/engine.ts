@@ -28,6 +28,7 @@ import * as fs from "fs";
 import * as os from "os";
 import * as path from "path";
 import * as pulumi from "@pulumi/pulumi";
+import { callResult } from "../support/mocks";
 // eslint-disable-next-line @typescript-eslint/no-require-imports
 const mocksModule = require("@pulumi/pulumi/runtime/mocks") as {
   MockMonitor: { prototype: { registerResource: (req: unknown, cb: unknown) => Promise<void> } };
@@ -498,25 +499,4 @@ function resolveOutput(v: unknown): Promise<unknown> {
       });
     });
   return Promise.resolve(v);
-}
-
-function callResult(token: string, inputs: Record<string, unknown>): Record<string, unknown> {
-  switch (token) {
-    case "aws:ec2/getAmi:getAmi":
-      return { id: "ami-0a1b2c3d4e5f60718", name: "ubuntu-noble-24.04-arm64-server-20261101" };
-    case "aws:ec2/getVpc:getVpc":
-      return { id: "vpc-0default" };
-    case "aws:ec2/getSubnet:getSubnet":
-      return { id: inputs.id, vpcId: "vpc-0fromsubnet" };
-    case "aws:index/getRegion:getRegion":
-      return { region: "us-east-2", name: "us-east-2" };
-    case "aws:index/getPartition:getPartition":
-      return { partition: "aws", dnsSuffix: "amazonaws.com" };
-    case "aws:s3/getBucket:getBucket":
-      return { id: inputs.bucket, bucket: inputs.bucket, arn: `arn:aws:s3:::${inputs.bucket}` };
-    case "tls:index/getPublicKey:getPublicKey":
-      return { publicKeyOpenssh: "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGivenKey given" };
-    default:
-      return {};
-  }
 }

@@ -88,6 +88,8 @@ export const MOCK_KEYS = {
 export const MOCK_PASSWORD = "Mock-Guest-Passw0rd!xyz";
 
 /** What the bake command prints on success (bake-instance.sh's status line). */
+/** The Ubuntu AMI getAmi finds (shaped as AWS shapes ids: the scripts check them). */
+export const MOCK_HOST_AMI_ID = "ami-0a1b2c3d4e5f60718";
 export const MOCK_BAKE_INSTANCE_ID = "i-0bac0000000000001";
 
 // The mock monitor hands newResource no resource options: keep them per URN as requests arrive.
@@ -192,10 +194,11 @@ function mockStdout(inputs: Record<string, unknown>): string {
   return "";
 }
 
-function callResult(token: string, inputs: Record<string, unknown>): Record<string, unknown> {
+/** What the provider functions the program calls return (the lifecycle engine uses the same). */
+export function callResult(token: string, inputs: Record<string, unknown>): Record<string, unknown> {
   switch (token) {
     case "aws:ec2/getAmi:getAmi":
-      return { id: "ami-0ubuntu2404arm64", name: "ubuntu-noble-24.04-arm64-server-20261101" };
+      return { id: MOCK_HOST_AMI_ID, name: "ubuntu-noble-24.04-arm64-server-20261101" };
     case "aws:ec2/getVpc:getVpc":
       return { id: "vpc-0default" };
     case "aws:ec2/getSubnet:getSubnet":

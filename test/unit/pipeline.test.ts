@@ -528,7 +528,7 @@ describe("image pipeline (mocks)", function () {
       BAKE_INSTANCE_PROFILE: "bake-profile",
       BAKE_STATUS_URI: `${ARTIFACT_URI}bake-status/${SHA.slice(0, 16)}-${digest.slice(0, 8)}.json`,
     });
-    expect(i.environment.BAKE_AMI_ID).to.equal("ami-0ubuntu2404arm64");
+    expect(i.environment.BAKE_AMI_ID).to.equal("ami-0a1b2c3d4e5f60718");
     // A 64 GiB image: the OS and headroom on top.
     expect(i.environment.BAKE_VOLUME_GIB).to.equal("79");
     expect(Object.keys(i.environment).filter((k) => k.startsWith("HOST_EXEC"))).to.deep.equal([]);

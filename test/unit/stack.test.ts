@@ -89,7 +89,7 @@ describe("stack foundation (mocks)", function () {
     expect(inst.instanceType).to.equal("a1.metal");
     expect(inst.metadataOptions.httpTokens).to.equal("required");
     expect(inst.rootBlockDevice).to.include({ volumeType: "gp3", encrypted: true, volumeSize: 150, iops: 3000 });
-    expect(inst.ami).to.equal("ami-0ubuntu2404arm64");
+    expect(inst.ami).to.equal("ami-0a1b2c3d4e5f60718");
   });
 
   it("looks up the newest Canonical Ubuntu 24.04 arm64 AMI with owners set", () => {
