@@ -124,7 +124,7 @@ describe("stand-in aarch64 guest fixture", function () {
     const t0 = Date.now();
     vm = startProcess("qemu-system-aarch64", [
       "-machine", "virt",
-      "-cpu", "max",
+      "-cpu", "max,pauth=off",
       "-accel", "tcg",
       "-smp", "2",
       "-m", "1G",

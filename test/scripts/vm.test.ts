@@ -204,7 +204,7 @@ describe("VM lifecycle scripts: run-vm, start-vm, wait-for-guest, stop-vm", func
       expect(args[0]).to.equal("qemu-system-aarch64");
       expect(values(args, "-machine")).to.deep.equal(["virt,gic-version=max"]);
       expect(values(args, "-accel")).to.deep.equal(["tcg"]);
-      expect(values(args, "-cpu")).to.deep.equal(["max"]);
+      expect(values(args, "-cpu")).to.deep.equal(["max,pauth=off"]);
       expect(values(args, "-smp")).to.deep.equal(["1"]);
       expect(values(args, "-m")).to.deep.equal(["1G"]);
       expect(args).to.include.members(["-nodefaults", "-no-user-config"]);
