@@ -24,7 +24,7 @@ import {
   WINDOWS_VERSIONS,
   WindowsVersion,
 } from "./configRules";
-import { CONFIG_KEYS, KeySpec, PROJECT } from "./configSchema";
+import { CONFIG_KEYS, KeySpec, PROJECT, VARIANT_KEYS, VARIANT_REQUIRED } from "./configSchema";
 import { findHostType, HostType } from "./hostTypes";
 
 export {
@@ -130,6 +130,18 @@ export interface StackConfig {
   tags: Record<string, string>;
   /** Which secret keys are set (their values are read as Pulumi secrets, never here). */
   secretsSet: { sshPrivateKey: boolean; windowsProductKey: boolean };
+  /**
+   * The image matrix, when `images` is set: one full config per variant (its artifacts.prefix is
+   * `<artifactPrefix><name>/`). The settings the variants share (target, artifacts, network,
+   * tags, lifecycle) are the same in each and in this config, which otherwise mirrors the first variant.
+   */
+  images?: readonly ImageVariant[];
+}
+
+/** One variant of the image matrix: its name (DNS-safe, unique) and its whole validated config. */
+export interface ImageVariant {
+  name: string;
+  config: StackConfig;
 }
 
 export interface Problem {
@@ -166,6 +178,22 @@ export function validateConfig(
   storedAsSecret: ReadonlySet<string> = new Set(),
   machine: Machine = thisMachine(),
 ): { config?: StackConfig; problems: Problem[]; warnings: Problem[] } {
+  const stack = validateKeys(raw, storedAsSecret, machine);
+  const list = stack.ctx.values["images"];
+  if (list === undefined || stack.ctx.tainted.has("images")) {
+    const { problems, warnings } = stack;
+    if (problems.length > 0) return { problems, warnings };
+    return { config: deepFreeze(buildConfig(stack.ctx)), problems, warnings };
+  }
+  return validateMatrix(raw, storedAsSecret, machine, stack, list as unknown[]);
+}
+
+/** Every key of one flat config (the stack's, or one variant's merged onto it), with the rules. */
+function validateKeys(
+  raw: RawConfig,
+  storedAsSecret: ReadonlySet<string>,
+  machine: Machine,
+): { ctx: Ctx; problems: Problem[]; warnings: Problem[] } {
   const problems: Problem[] = [];
   const warnings: Problem[] = [];
   const add = (key: string, message: string) => problems.push({ key, message });
@@ -216,8 +244,11 @@ export function validateConfig(
     add("target", `${JSON.stringify(target)} is not a target. Fix: set target to aws or local.`);
   }
   const isAws = target === "aws";
+  // With images, each variant names its own image (checked per variant).
+  const matrix = values["images"] !== undefined || tainted.has("images");
   for (const spec of CONFIG_KEYS) {
     if (values[spec.key] !== undefined || tainted.has(spec.key)) continue;
+    if (matrix && VARIANT_REQUIRED.includes(spec.key)) continue;
     if (spec.requiredFor === "all" || (spec.requiredFor === "aws" && isAws)) {
       add(spec.key, `is required but not set. Fix: pulumi config set ${spec.key} <value> (${spec.description})`);
     }
@@ -269,9 +300,7 @@ export function validateConfig(
   }
   const c = ctx();
   for (const rules of Object.values(RULE_SETS)) run(rules, c);
-
-  if (problems.length > 0) return { problems, warnings };
-  return { config: deepFreeze(buildConfig(c)), problems, warnings };
+  return { ctx: c, problems, warnings };
 }
 
 /** The typed config, from values that passed every rule. */
@@ -368,6 +397,165 @@ export function parseConfig(
   const { config, problems } = validateConfig(raw, storedAsSecret, machine);
   if (!config) throw new ConfigError(problems);
   return config;
+}
+
+// ---------------------------------------------------------------- image matrix
+
+/** Longest variant name: it prefixes the variant's resource names (IAM names hold 64), S3 keys and AMI name. */
+export const VARIANT_NAME_MAX = 24;
+const VARIANT_NAME = /^[a-z0-9]([a-z0-9-]*[a-z0-9])?$/;
+
+/** Why a variant name is not usable (not a short DNS label), or undefined. */
+export function variantNameProblem(name: unknown): string | undefined {
+  const fix = "Fix: e.g. win11-24h2.";
+  if (typeof name !== "string") return `${JSON.stringify(name)} is not text. ${fix}`;
+  if (name.length > VARIANT_NAME_MAX)
+    return `${JSON.stringify(name)} is ${name.length} characters long; a variant name holds at most ${VARIANT_NAME_MAX} (it prefixes the variant's resource names, and IAM names hold 64). ${fix}`;
+  return VARIANT_NAME.test(name)
+    ? undefined
+    : `${JSON.stringify(name)} is not DNS-safe: only lower-case letters, digits and hyphens, starting and ending with a letter or digit (it names the variant's resources, its folder in the bucket and its AMI). ${fix}`;
+}
+
+/** A variant's value as the string Pulumi would store for a stack key (null: unset). */
+export function variantRawValue(v: unknown): string | undefined {
+  if (v === null || v === undefined) return undefined;
+  return typeof v === "string" ? v : JSON.stringify(v);
+}
+
+/**
+ * The image matrix: every variant is its settings merged onto the stack's and validated with the
+ * same rules (its artifact prefix is `<artifactPrefix><name>/`). A variant's problem is named
+ * `images[i].<key>`; one it inherits unchanged from the stack is named once, by the stack's key. A
+ * stack problem of a key a variant may set is reported only if some variant inherits it.
+ */
+function validateMatrix(
+  raw: RawConfig,
+  storedAsSecret: ReadonlySet<string>,
+  machine: Machine,
+  stack: { ctx: Ctx; problems: Problem[]; warnings: Problem[] },
+  list: unknown[],
+): { config?: StackConfig; problems: Problem[]; warnings: Problem[] } {
+  const problems: Problem[] = [];
+  const warnings: Problem[] = [];
+  const q = JSON.stringify;
+  const overridable = new Set(VARIANT_KEYS);
+  if (!stack.ctx.isAws) {
+    problems.push({
+      key: "images",
+      message:
+        "applies to the aws target only (each variant builds on its own metal host); the local target builds the stack's one image. Fix: unset images (pulumi config rm images), or set target to aws.",
+    });
+    return { problems: [...stack.problems, ...problems], warnings: stack.warnings };
+  }
+  if (list.length === 0)
+    problems.push({
+      key: "images",
+      message: "is an empty list. Fix: list at least one variant, or unset images (pulumi config rm images).",
+    });
+  for (const k of VARIANT_REQUIRED) {
+    if (raw[k] !== undefined && raw[k] !== "")
+      problems.push({
+        key: k,
+        message: `is not used: with images set, every variant names its own image. Fix: unset it (pulumi config rm ${k}) and set ${k} in each variant.`,
+      });
+  }
+  const prefix = (stack.ctx.values["artifactPrefix"] as string | undefined) ?? "windows-arm64/";
+  const prefixOk = !stack.problems.some((p) => p.key === "artifactPrefix");
+  const usedProblems = new Set<number>();
+  const usedWarnings = new Set<number>();
+  const names = new Map<string, number>();
+  const variants: ImageVariant[] = [];
+
+  list.forEach((item, i) => {
+    const at = (k: string) => `images[${i}].${k}`;
+    if (typeof item !== "object" || item === null || Array.isArray(item)) {
+      problems.push({
+        key: `images[${i}]`,
+        message: `${q(item)} is not a variant (an object of settings). Fix: e.g. {name: win11-24h2, windowsImageUrl: ..., windowsImageSha256: ..., windowsVersion: 11-24h2}.`,
+      });
+      return;
+    }
+    const v = item as Record<string, unknown>;
+    const before = problems.length;
+    const add = (k: string, message: string) => problems.push({ key: at(k), message });
+
+    const name = v["name"];
+    const nameWhy = variantNameProblem(name);
+    if (name === undefined || name === null || name === "")
+      add(
+        "name",
+        "is required: it names the variant's resources, its folder in the bucket and its entry in the images output. Fix: e.g. name: win11-24h2.",
+      );
+    else if (nameWhy) add("name", nameWhy);
+    else {
+      const first = names.get(name as string);
+      if (first !== undefined)
+        add("name", `${q(name)} repeats images[${first}].name; every variant needs its own. Fix: rename one.`);
+      else names.set(name as string, i);
+    }
+
+    const own: RawConfig = {};
+    for (const [k, value] of Object.entries(v)) {
+      if (k === "name") continue;
+      if (!overridable.has(k)) {
+        if (CONFIG_KEYS.some((spec) => spec.key === k))
+          add(
+            k,
+            `is a setting of the whole stack, which every variant shares; a variant sets only its image, host, vm* and guest* keys. Fix: move it out of images[${i}] (pulumi config set ${k} <value>).`,
+          );
+        else {
+          const near = closest(k, ["name", ...VARIANT_KEYS]);
+          add(
+            k,
+            `is not a setting a variant takes.${near ? ` Did you mean ${near}?` : ""} Fix: remove it${near ? ` or rename it to ${near}` : ""}.`,
+          );
+        }
+        continue;
+      }
+      const text = variantRawValue(value);
+      if (text !== undefined && text !== "") own[k] = text;
+    }
+    const missing = VARIANT_REQUIRED.filter((k) => own[k] === undefined);
+    for (const k of missing)
+      add(k, `is required in every variant (each names its own image). Fix: add ${k} to images[${i}].`);
+
+    // The variant: the stack's values, the variant's own on top, its own folder in the bucket.
+    const merged: RawConfig = { ...raw, images: undefined, ...own };
+    const named = typeof name === "string" && nameWhy === undefined;
+    if (named && prefixOk) merged["artifactPrefix"] = `${prefix}${name}/`;
+    const res = validateKeys(merged, storedAsSecret, machine);
+    const place = (p: Problem, stackList: Problem[], used: Set<number>, out: Problem[]) => {
+      if (missing.includes(p.key)) return;
+      if (p.key === "artifactPrefix" && named && prefixOk) {
+        out.push({
+          key: at("name"),
+          message: `makes the variant's artifact prefix ${q(merged["artifactPrefix"])}, which ${p.message}`,
+        });
+        return;
+      }
+      if (!(p.key in own)) {
+        const j = stackList.findIndex((s) => s.key === p.key && s.message === p.message);
+        if (j >= 0) {
+          used.add(j);
+          return;
+        }
+      }
+      out.push({ key: at(p.key), message: p.message });
+    };
+    for (const p of res.problems) place(p, stack.problems, usedProblems, problems);
+    for (const w of res.warnings) place(w, stack.warnings, usedWarnings, warnings);
+    if (problems.length === before && res.problems.length === 0)
+      variants.push({ name: name as string, config: buildConfig(res.ctx) });
+  });
+
+  // A stack value a variant may set counts only where a variant inherits it.
+  const kept = (list: Problem[], used: Set<number>) => list.filter((p, j) => !overridable.has(p.key) || used.has(j));
+  const allProblems = [...kept(stack.problems, usedProblems), ...problems];
+  const allWarnings = [...kept(stack.warnings, usedWarnings), ...warnings];
+  if (allProblems.length > 0 || variants.length === 0) return { problems: allProblems, warnings: allWarnings };
+  const first = variants[0].config;
+  const config: StackConfig = { ...first, artifacts: { ...first.artifacts, prefix }, images: variants };
+  return { config: deepFreeze(config), problems: allProblems, warnings: allWarnings };
 }
 
 // ---------------------------------------------------------------- helpers

@@ -17,6 +17,8 @@ export interface KeySpec {
   secret?: boolean;
   /** Must be set for this target (the other target ignores it). */
   requiredFor?: "aws" | "all";
+  /** An array of objects (Pulumi's project schema types array items only as scalars: the key gets no type). */
+  items?: "object";
 }
 
 export const PROJECT = "windows-arm64-image";
@@ -342,6 +344,15 @@ export const CONFIG_KEYS: readonly KeySpec[] = Object.freeze([
     description:
       "Root volume of the baked AMI in GiB (16 to 16384). Unset: derived from the image's virtual size at bake time.",
   },
+  // ---- image matrix
+  {
+    key: "images",
+    type: "array",
+    items: "object",
+    default: "",
+    description:
+      "Image matrix: a list of variants, each built on its own host in parallel, published under artifactPrefix + name + / and baked to its own AMI. Each is {name, windowsImageUrl, windowsImageSha256, windowsVersion, ...} and may override the stack's image, host type and volume, VM and guest keys. Unset: the stack's own single image.",
+  },
   // ---- lifecycle
   {
     key: "retainAmiOnDelete",
@@ -365,11 +376,71 @@ export function projectConfigBlock(): Record<string, Record<string, unknown>> {
     const entry: Record<string, unknown> = {};
     // Pulumi's project schema types are string, integer, boolean and array; an object key has no type.
     // Nor has an integer or boolean that is unset by default: Pulumi refuses a typed default of "".
-    if (k.type !== "object" && !(k.default === "" && k.type !== "string")) entry.type = k.type;
-    if (k.type === "array") entry.items = { type: "string" };
+    // Nor has a list of objects (images): the schema types array items only as scalars.
+    if (k.type !== "object" && !k.items && !(k.default === "" && k.type !== "string")) entry.type = k.type;
+    if (k.type === "array" && !k.items) entry.items = { type: "string" };
     entry.description = k.description + (k.secret ? " Set it with --secret." : "");
     entry.default = k.default;
     block[k.key] = entry;
   }
   return block;
 }
+
+/**
+ * The keys an `images` variant may set (its image, host, vm* and guest* settings); the rest
+ * (network, bucket, tags, lifecycle, secrets) are the stack's and shared by every variant.
+ */
+export const VARIANT_KEYS: readonly string[] = Object.freeze([
+  // image
+  "windowsImageUrl",
+  "windowsImageSha256",
+  "windowsVersion",
+  "windowsEdition",
+  "virtioIsoUrl",
+  "virtioIsoSha256",
+  "openSshZipUrl",
+  "openSshZipSha256",
+  "answerFileInImage",
+  // host
+  "hostInstanceType",
+  "hostAmiId",
+  "hostVolumeGiB",
+  "hostVolumeIops",
+  "hostVolumeThroughputMiBps",
+  // vm
+  "vmCpus",
+  "vmMemoryGiB",
+  "allowUnsafeCpuCount",
+  "vmMachineOptions",
+  "vmDiskGiB",
+  "vmBuildletPort",
+  // guest
+  "guestAdminUser",
+  "guestLocale",
+  "guestTimeZone",
+  "guestDisableWindowsUpdate",
+  "guestDisableErrorReportingUi",
+  "guestDisableUac",
+  "guestDisableFirewall",
+  "guestDisableDefenderRealtime",
+  "guestDisableServices",
+  "guestInstallBuildlet",
+  "buildletStage0Url",
+  "buildletStage0Sha256",
+  "buildletEnv",
+  "guestInstallLlvmMingw",
+  "llvmMingwUrl",
+  "llvmMingwSha256",
+  "guestInstallVsBuildTools",
+  "vsBuildToolsUrl",
+  "vsBuildToolsSha256",
+  "vsVersion",
+  "guestAutoLogon",
+]);
+
+/** What every variant sets itself (its image): the stack's own values of these are not used with images. */
+export const VARIANT_REQUIRED: readonly string[] = Object.freeze([
+  "windowsImageUrl",
+  "windowsImageSha256",
+  "windowsVersion",
+]);

@@ -1,0 +1,259 @@
+import { expect } from "chai";
+import {
+  parseConfig,
+  Problem,
+  RawConfig,
+  validateConfig,
+  VARIANT_NAME_MAX,
+  variantNameProblem,
+  variantRawValue,
+} from "../../infra/config";
+import { S3_MAX_KEY_BYTES } from "../../infra/configChecks";
+import { CONFIG_KEYS, projectConfigBlock, VARIANT_KEYS, VARIANT_REQUIRED } from "../../infra/configSchema";
+
+/** The stack's shared keys (no image of its own: each variant names one). */
+const STACK: RawConfig = {
+  sshAllowedCidrs: '["203.0.113.7/32"]',
+  guestInstallBuildlet: "false",
+  guestInstallLlvmMingw: "false",
+  guestInstallVsBuildTools: "false",
+};
+const WIN10 = {
+  name: "win10",
+  windowsImageUrl: "s3://my-windows-media/Windows10_ARM64_22H2.vhdx",
+  windowsImageSha256: "b".repeat(64),
+  windowsVersion: "10",
+  vsVersion: "2019",
+};
+const WIN11 = {
+  name: "win11-24h2",
+  windowsImageUrl: "s3://my-windows-media/Win11_24H2_English_Arm64.iso",
+  windowsImageSha256: "c".repeat(64),
+  windowsVersion: "11-24h2",
+  hostInstanceType: "c7g.metal",
+  hostVolumeGiB: 200,
+  vmCpus: 8,
+  vmMemoryGiB: 32,
+  vmDiskGiB: 128,
+};
+
+const withImages = (images: unknown, over: RawConfig = {}): RawConfig => ({
+  ...STACK,
+  ...over,
+  images: JSON.stringify(images),
+});
+const keys = (ps: Problem[]) => ps.map((p) => p.key);
+const problemAt = (ps: Problem[], key: string): string => {
+  const found = ps.filter((p) => p.key === key);
+  expect(found, `${key} in ${JSON.stringify(ps)}`).to.have.length(1);
+  return found[0].message;
+};
+
+describe("image matrix config", () => {
+  it("schema: every variant key is a stack key that is not a secret; each variant names its image", () => {
+    for (const k of VARIANT_KEYS) {
+      const spec = CONFIG_KEYS.find((s) => s.key === k);
+      expect(spec, k).to.not.equal(undefined);
+      expect(spec?.secret, k).to.not.equal(true);
+    }
+    for (const k of VARIANT_REQUIRED) expect(VARIANT_KEYS).to.include(k);
+    // Shared by every variant: the network, the bucket, the tags.
+    for (const k of ["sshAllowedCidrs", "hostSubnetId", "artifactPrefix", "artifactBucketName", "tags", "target"])
+      expect(VARIANT_KEYS).to.not.include(k);
+  });
+
+  it("schema: images has no type in Pulumi.yaml (the project schema types array items only as scalars)", () => {
+    const entry = projectConfigBlock()["images"];
+    expect(entry).to.not.have.property("type");
+    expect(entry).to.not.have.property("items");
+    expect(entry.default).to.equal("");
+  });
+
+  it("builds one full config per variant, each under <prefix><name>/, with its own overrides", () => {
+    const { config, problems, warnings } = validateConfig(withImages([WIN10, WIN11]));
+    expect(problems).to.deep.equal([]);
+    expect(warnings).to.deep.equal([]);
+    const images = config?.images ?? [];
+    expect(images.map((v) => v.name)).to.deep.equal(["win10", "win11-24h2"]);
+    const [w10, w11] = images.map((v) => v.config);
+    expect(w10.artifacts.prefix).to.equal("windows-arm64/win10/");
+    expect(w11.artifacts.prefix).to.equal("windows-arm64/win11-24h2/");
+    expect(w10.host.instanceType).to.equal("a1.metal");
+    expect(w11.host).to.include({ instanceType: "c7g.metal", volumeGiB: 200 });
+    expect(w10.image).to.include({ windowsVersion: "10", format: "vhdx", sha256: "b".repeat(64) });
+    expect(w11.image).to.include({ windowsVersion: "11-24h2", format: "iso" });
+    expect(w10.vm).to.include({ cpus: 4, memoryGiB: 24 });
+    expect(w11.vm).to.include({ cpus: 8, memoryGiB: 32, diskGiB: 128 });
+    expect(w10.guest.vsVersion).to.equal("2019");
+    expect(w11.guest.vsVersion).to.equal("2022");
+    // What the variants share stays the stack's.
+    expect(config?.artifacts.prefix).to.equal("windows-arm64/");
+    expect(w10.host.sshAllowedCidrs).to.deep.equal(["203.0.113.7/32"]);
+    expect(w11.host.sshAllowedCidrs).to.deep.equal(["203.0.113.7/32"]);
+    expect(Object.isFrozen(w11.vm)).to.equal(true);
+  });
+
+  it("a variant inherits the stack's value of a key it does not set", () => {
+    const c = parseConfig(withImages([WIN10, WIN11], { guestTimeZone: "Pacific Standard Time", vmMemoryGiB: "16" }));
+    const [w10, w11] = (c.images ?? []).map((v) => v.config);
+    expect(w10.guest.timeZone).to.equal("Pacific Standard Time");
+    expect(w11.guest.timeZone).to.equal("Pacific Standard Time");
+    expect(w10.vm.memoryGiB).to.equal(16);
+    expect(w11.vm.memoryGiB).to.equal(32);
+  });
+
+  it("a stack without images keeps its single image and still needs its own image keys", () => {
+    const { config, problems } = validateConfig(STACK);
+    expect(config).to.equal(undefined);
+    expect(keys(problems)).to.include.members(["windowsImageUrl", "windowsImageSha256", "windowsVersion"]);
+    const single = parseConfig({
+      ...STACK,
+      windowsImageUrl: WIN10.windowsImageUrl,
+      windowsImageSha256: WIN10.windowsImageSha256,
+      windowsVersion: "10",
+    });
+    expect(single.images).to.equal(undefined);
+    expect(single.artifacts.prefix).to.equal("windows-arm64/");
+  });
+
+  it("names each variant's problem images[i].<key>, every problem at once", () => {
+    const { config, problems } = validateConfig(
+      withImages([
+        { ...WIN10, windowsVersion: "11-24h2", windowsImageSha256: "xyz" },
+        { ...WIN11, vmCpus: 65, vmMemoryGiB: "lots" },
+      ]),
+    );
+    expect(config).to.equal(undefined);
+    expect(keys(problems)).to.have.members([
+      "images[0].windowsVersion",
+      "images[0].windowsImageSha256",
+      "images[1].vmCpus",
+      "images[1].vmMemoryGiB",
+    ]);
+    expect(problemAt(problems, "images[0].windowsVersion")).to.contain("a1.metal").and.contain("LSE atomics");
+    expect(problemAt(problems, "images[0].windowsImageSha256")).to.contain('"xyz" is not a SHA-256');
+    expect(problemAt(problems, "images[1].vmCpus")).to.contain("64 cores of c7g.metal");
+    expect(problemAt(problems, "images[1].vmMemoryGiB")).to.contain("is not a whole number");
+  });
+
+  it("checks names: required, DNS-safe, short, unique", () => {
+    const { problems } = validateConfig(
+      withImages([
+        { ...WIN10, name: undefined },
+        { ...WIN10, name: "Win_10" },
+        { ...WIN10, name: "a".repeat(VARIANT_NAME_MAX + 1) },
+        { ...WIN10, name: "win10" },
+        { ...WIN11, name: "win10" },
+        { ...WIN10, name: 7 },
+      ]),
+    );
+    expect(problemAt(problems, "images[0].name")).to.contain("is required");
+    expect(problemAt(problems, "images[1].name")).to.contain("not DNS-safe");
+    expect(problemAt(problems, "images[2].name")).to.contain(`at most ${VARIANT_NAME_MAX}`);
+    expect(problems.filter((p) => p.key === "images[3].name")).to.deep.equal([]);
+    expect(problemAt(problems, "images[4].name")).to.contain("repeats images[3].name");
+    expect(problemAt(problems, "images[5].name")).to.contain("is not text");
+  });
+
+  it("variantNameProblem accepts DNS labels only", () => {
+    for (const ok of ["win10", "w", "win11-24h2", "a1", "0x"]) expect(variantNameProblem(ok), ok).to.equal(undefined);
+    for (const bad of ["", "-win", "win-", "Win10", "win_10", "win.10", "win 10", "wïn"])
+      expect(variantNameProblem(bad), bad).to.be.a("string");
+  });
+
+  it("variant values become the strings Pulumi would store", () => {
+    expect(variantRawValue("x")).to.equal("x");
+    expect(variantRawValue(8)).to.equal("8");
+    expect(variantRawValue(false)).to.equal("false");
+    expect(variantRawValue(["a"])).to.equal('["a"]');
+    expect(variantRawValue(null)).to.equal(undefined);
+  });
+
+  it("refuses keys a variant cannot set: the stack's shared keys and unknown ones (with the nearest)", () => {
+    const { problems } = validateConfig(
+      withImages([{ ...WIN10, tags: { team: "x" }, sshAllowedCidrs: ["198.51.100.0/24"], vmCpu: 4 }]),
+    );
+    expect(problemAt(problems, "images[0].tags")).to.contain("setting of the whole stack");
+    expect(problemAt(problems, "images[0].sshAllowedCidrs")).to.contain("setting of the whole stack");
+    expect(problemAt(problems, "images[0].vmCpu")).to.contain("Did you mean vmCpus?");
+  });
+
+  it("needs each variant's image; the stack's own image keys are then unused and refused", () => {
+    const { problems } = validateConfig(
+      withImages([{ name: "bare" }, WIN11], { windowsImageUrl: WIN10.windowsImageUrl, windowsVersion: "10" }),
+    );
+    for (const k of VARIANT_REQUIRED)
+      expect(problemAt(problems, `images[0].${k}`)).to.contain("required in every variant");
+    expect(problemAt(problems, "windowsImageUrl")).to.contain("is not used");
+    expect(problemAt(problems, "windowsVersion")).to.contain("is not used");
+    expect(keys(problems).filter((k) => k.startsWith("images[1]"))).to.deep.equal([]);
+  });
+
+  it("refuses a list that is empty, holds a non-object, or is set on the local target", () => {
+    expect(keys(validateConfig(withImages([])).problems)).to.deep.equal(["images"]);
+    expect(problemAt(validateConfig(withImages([WIN10, "oops"])).problems, "images[1]")).to.contain("not a variant");
+    const local = validateConfig(withImages([WIN10], { target: "local" }));
+    expect(problemAt(local.problems, "images")).to.contain("aws target only");
+    expect(problemAt(validateConfig({ ...STACK, images: "{not json" }).problems, "images")).to.contain(
+      "not valid list",
+    );
+  });
+
+  it("a stack value every variant inherits is reported once, by the stack's key", () => {
+    const { problems } = validateConfig(
+      withImages(
+        [
+          WIN10,
+          {
+            ...WIN11,
+            name: "w11",
+            hostInstanceType: "a1.metal",
+            windowsVersion: "11-23h2",
+            vmCpus: undefined,
+            vmMemoryGiB: undefined,
+          },
+        ],
+        {
+          vmCpus: "8",
+        },
+      ),
+    );
+    expect(keys(problems)).to.deep.equal(["vmCpus"]);
+    expect(problems[0].message).to.contain("Graviton1 (a1.metal)");
+  });
+
+  it("a stack value no variant uses (every variant sets its own) is not a problem", () => {
+    // 8 vCPUs would crash Windows on the stack's a1.metal, but both variants are on Graviton3.
+    const { problems } = validateConfig(
+      withImages([{ ...WIN10, hostInstanceType: "c7g.metal" }, WIN11], { vmCpus: "8" }),
+    );
+    expect(problems).to.deep.equal([]);
+  });
+
+  it("a stack value one variant's own settings make wrong is named by that variant", () => {
+    // The stack's 8 vCPUs are fine on its c7g.metal, not on the variant's a1.metal.
+    const { problems } = validateConfig(
+      withImages([{ ...WIN10, hostInstanceType: "a1.metal" }, WIN11], { hostInstanceType: "c7g.metal", vmCpus: "8" }),
+    );
+    expect(keys(problems)).to.deep.equal(["images[0].vmCpus"]);
+    expect(problems[0].message).to.contain("Graviton1 (a1.metal)");
+  });
+
+  it("a variant's name that makes its artifact prefix too long is named by images[i].name", () => {
+    const prefix = `${"p".repeat(S3_MAX_KEY_BYTES - 64 - "/QEMU_VARS.fd".length - 1)}/`;
+    const single = {
+      windowsImageUrl: WIN10.windowsImageUrl,
+      windowsImageSha256: WIN10.windowsImageSha256,
+      windowsVersion: "10",
+    };
+    expect(validateConfig({ ...STACK, ...single, artifactPrefix: prefix }).problems).to.deep.equal([]);
+    const { problems } = validateConfig(withImages([WIN10], { artifactPrefix: prefix }));
+    expect(keys(problems)).to.deep.equal(["images[0].name"]);
+    expect(problems[0].message).to.contain(`${prefix}win10/`);
+  });
+
+  it("checks a variant's text like any value (control characters, placeholders)", () => {
+    const { problems } = validateConfig(withImages([{ ...WIN10, guestAdminUser: "go\u0007pher" }]));
+    expect(problemAt(problems, "images[0].guestAdminUser")).to.contain("control character");
+  });
+});
