@@ -43,7 +43,9 @@ describe("lifecycle: the program run after run with the provider's semantics", f
   });
   after(function () {
     console.log("\n" + table(rows).replace(/^/gm, "    "));
-    fs.writeFileSync(path.join(repoRoot, ".cache", "lifecycle-table.md"), table(rows) + "\n");
+    // LIFECYCLE_PART (local or aws): one part of the run (test/lanes.sh runs the two side by side).
+    const part = process.env.LIFECYCLE_PART ? `-${process.env.LIFECYCLE_PART}` : "";
+    fs.writeFileSync(path.join(repoRoot, ".cache", `lifecycle-table${part}.md`), table(rows) + "\n");
     console.log(`\nlifecycle: ${passed} scenarios passed`);
   });
 
