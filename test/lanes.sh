@@ -62,6 +62,7 @@ run_lane() {
   {
     echo "lane $name: $cmd"
     if ((isolate)); then
+      # shellcheck disable=SC2016 # $1 is expanded by the inner bash
       unshare --net bash -c 'ip link set lo up && eval "$1"' lane "$cmd" || rc=$?
     else
       bash -c "$cmd" || rc=$?
