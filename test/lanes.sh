@@ -74,6 +74,14 @@ run_lane() {
 
 declare -A PID=() RC=()
 names=()
+# Each lane in a process group of its own, so an interrupted run ends every lane's processes.
+set -m
+on_signal() {
+  echo "lanes: interrupted: stopping ${!PID[*]}"
+  for name in "${!PID[@]}"; do kill -TERM -- "-${PID[$name]}" 2>/dev/null || true; done
+  exit 130
+}
+trap on_signal INT TERM HUP
 for ((i = 0; i < ${#LANES[@]}; i += 2)); do
   name=${LANES[i]}
   names+=("$name")
