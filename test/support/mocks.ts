@@ -70,7 +70,7 @@ export function unwrap(v: unknown): unknown {
   return isSecret(v) ? (v as { value: unknown }).value : v;
 }
 
-/** The key pairs the tls mock returns: "guest-key" gets the guest's, any other the pipeline's. */
+/** The key pairs the tls mock returns: "guest-key" (and a variant's "<name>-guest-key") gets the guest's, any other the pipeline's. */
 export const MOCK_KEYS = {
   pipeline: {
     privateKey: "-----BEGIN OPENSSH PRIVATE KEY-----\nMOCKPRIVATEKEYDATA\n-----END OPENSSH PRIVATE KEY-----\n",
@@ -164,7 +164,7 @@ function computedState(type: string, name: string, inputs: Record<string, unknow
       return { keyName: name };
     case "tls:index/privateKey:PrivateKey":
       // Each key its own material, so a test can tell the pipeline's key from the guest's.
-      return name === "guest-key"
+      return name === "guest-key" || name.endsWith("-guest-key")
         ? { privateKeyOpenssh: MOCK_KEYS.guest.privateKey, publicKeyOpenssh: `${MOCK_KEYS.guest.publicKey}\n` }
         : { privateKeyOpenssh: MOCK_KEYS.pipeline.privateKey, publicKeyOpenssh: MOCK_KEYS.pipeline.publicKey };
     case "random:index/randomPassword:RandomPassword":
