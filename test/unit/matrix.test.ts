@@ -1,4 +1,7 @@
 import { expect } from "chai";
+import * as fs from "fs";
+import * as yaml from "js-yaml";
+import * as path from "path";
 import {
   parseConfig,
   Problem,
@@ -320,6 +323,35 @@ const SINGLE_IMAGE_URNS = [
 
 /** The resources every variant shares (the stack's pipeline key, its bucket). */
 const SHARED = /^(pipeline-key|artifacts(-[a-z-]+)?)$/;
+
+/** A stack file's project keys, as the strings Pulumi hands the program. */
+function stackFileRaw(file: string): RawConfig {
+  const doc = yaml.load(fs.readFileSync(path.resolve(__dirname, "..", "..", file), "utf8")) as {
+    config: Record<string, unknown>;
+  };
+  const raw: RawConfig = {};
+  for (const [k, v] of Object.entries(doc.config)) {
+    if (k.startsWith("windows-arm64-image:"))
+      raw[k.slice("windows-arm64-image:".length)] = typeof v === "string" ? v : JSON.stringify(v);
+  }
+  return raw;
+}
+
+describe("Pulumi.matrix.yaml", () => {
+  it("builds Windows 10 on a1.metal and Windows 11 24H2 on Graviton3 metal, each under its own prefix", () => {
+    const c = parseConfig(stackFileRaw("Pulumi.matrix.yaml"));
+    const byName = Object.fromEntries((c.images ?? []).map((v) => [v.name, v.config]));
+    expect(Object.keys(byName)).to.deep.equal(["win10", "win11-24h2"]);
+    expect(byName["win10"].image.windowsVersion).to.equal("10");
+    expect(byName["win10"].host.instanceType).to.equal("a1.metal");
+    expect(byName["win10"].vm.cpus).to.be.at.most(4);
+    expect(byName["win11-24h2"].image).to.include({ windowsVersion: "11-24h2", format: "iso" });
+    expect(byName["win11-24h2"].host.instanceType).to.equal("c7g.metal");
+    expect(byName["win11-24h2"].host.type).to.include({ generation: 3, lseAtomics: true });
+    expect(byName["win10"].artifacts.prefix).to.equal("windows-arm64/win10/");
+    expect(byName["win11-24h2"].artifacts.prefix).to.equal("windows-arm64/win11-24h2/");
+  });
+});
 
 describe("image matrix (mocks)", function () {
   this.timeout(120000);
