@@ -206,7 +206,13 @@ describe("pipeline plan", () => {
     ["the buildlet port (baked image only)", { vmBuildletPort: "8443" }, undefined, BAKE],
     ["the guest admin user", { guestAdminUser: "builder" }, undefined, ["provisionGuest", "stopVm", "publish"]],
     // In-place host changes keep the host's disk and work (a replaced host is a new runtime hostId).
-    ["the host type (changed in place)", { hostInstanceType: "c6g.metal" }, undefined, []],
+    // a1.metal -> c6g.metal also moves the VM from GICv2 to GICv3 (gicVersionFor): install-affecting.
+    [
+      "the host type (changed in place)",
+      { hostInstanceType: "c6g.metal" },
+      undefined,
+      ["renderEnv", ...AFTER_START, ...BAKE],
+    ],
     ["the host volume's IOPS", { hostVolumeIops: "6000" }, undefined, []],
     ["hostIdleMinutes", { hostIdleMinutes: "90" }, undefined, ["idleGuard"]],
     // The stop itself goes (see the mock tests); the idle guard is turned off.
