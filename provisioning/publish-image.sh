@@ -15,7 +15,9 @@
 #   PUBLISH_VM_ENV       the VM env file the image ran with (KEY=value lines,
 #                        as run-vm.sh reads them). Its VM_MACHINE_OPTS, VM_CPUS,
 #                        VM_MEMORY_GIB, VM_ACCEL (and VM_MACHINE_TYPE,
-#                        VM_GIC_VERSION when set) are recorded as "machine";
+#                        VM_GIC_VERSION when set; VM_DIR/vm-resolved.env, which
+#                        run-vm.sh writes at each start, overrides these two)
+#                        are recorded as "machine";
 #                        its VM_DIR, VM_DISK, VM_EFI_CODE and VM_EFI_VARS, when
 #                        set, must be VM_DIR and its files. Unset: "machine" is
 #                        null.
@@ -206,6 +208,12 @@ if [[ -n ${PUBLISH_VM_ENV:-} ]]; then
       die "PUBLISH_VM_ENV $vm_env:$n is not a KEY=value line: '${line:0:80}'"
     venv[${BASH_REMATCH[1]}]=${BASH_REMATCH[2]}
   done <"$vm_env"
+  # The machine type and GIC version run-vm.sh resolved at the VM's last start win.
+  if [[ -r $vm_dir/vm-resolved.env ]]; then
+    while IFS= read -r line || [[ -n $line ]]; do
+      if [[ $line =~ ^(VM_MACHINE_TYPE|VM_GIC_VERSION)=([A-Za-z0-9._-]+)$ ]]; then venv[${BASH_REMATCH[1]}]=${BASH_REMATCH[2]}; fi
+    done <"$vm_dir/vm-resolved.env"
+  fi
   for k in VM_CPUS VM_MEMORY_GIB; do
     [[ -z ${venv[$k]:-} || ${venv[$k]} =~ ^[0-9]+$ ]] ||
       die "PUBLISH_VM_ENV $vm_env: $k '${venv[$k]}' is not a whole number"

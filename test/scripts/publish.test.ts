@@ -667,6 +667,26 @@ exec "$REAL_AWS" "$@"
         accel: "kvm",
         machineType: "virt-7.2",
       });
+      // What run-vm.sh resolved at the VM's last start (VM_DIR/vm-resolved.env) wins, for these two keys only.
+      const resolved = path.join(vmDir, "vm-resolved.env");
+      fs.writeFileSync(
+        resolved,
+        "# run-vm.sh\nVM_MACHINE_TYPE=virt-8.2\nVM_GIC_VERSION=2\nVM_DISK_CACHE=none\nVM_CPUS=99\n",
+      );
+      try {
+        const rr = await publishTo(`file://${dir}/machine-resolved`, { PUBLISH_VM_ENV: envFile });
+        expect(rr.code, rr.stderr).to.equal(0);
+        expect(parseStdout(rr).machine).to.deep.equal({
+          machineOptions: "",
+          cpus: null,
+          memoryGiB: 8,
+          accel: "kvm",
+          machineType: "virt-8.2",
+          gicVersion: "2",
+        });
+      } finally {
+        fs.rmSync(resolved, { force: true });
+      }
       fs.writeFileSync(envFile, "VM_CPUS=four\n");
       const r2 = await publishTo(`file://${dir}/machine`, { PUBLISH_VM_ENV: envFile });
       expect(r2.code).to.equal(1);
