@@ -126,6 +126,8 @@ export interface StackConfig {
     buildletPort: number;
   };
   guest: GuestConfig;
+  /** The smoke test of each baked AMI before it is promoted. */
+  smokeTest: { enabled: boolean; timeoutMinutes: number };
   retainAmiOnDelete: boolean;
   tags: Record<string, string>;
   /** Which secret keys are set (their values are read as Pulumi secrets, never here). */
@@ -379,6 +381,7 @@ function buildConfig(c: Ctx): StackConfig {
       ...(c.installs.buildlet && buildletEnv !== undefined ? { buildletEnv } : {}),
       vsVersion: (str("vsVersion") ?? "2022") as VsVersion,
     },
+    smokeTest: { enabled: bool("smokeTest"), timeoutMinutes: num("smokeTestTimeoutMinutes") },
     retainAmiOnDelete: bool("retainAmiOnDelete"),
     tags: (v["tags"] as Record<string, string> | undefined) ?? {},
     secretsSet: {

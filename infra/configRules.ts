@@ -757,6 +757,15 @@ export const AMI_RULES: readonly Rule[] = Object.freeze([
     },
   },
   {
+    key: "smokeTestTimeoutMinutes",
+    check: (c) => {
+      const v = int(c, "smokeTestTimeoutMinutes");
+      return v !== undefined && (v < 10 || v > 240)
+        ? `${v} minutes is out of range for the smoke test (a metal instance alone takes minutes to boot, and a longer bound only costs more when the VM never answers). Fix: use 10 to 240.`
+        : undefined;
+    },
+  },
+  {
     key: "tags",
     check: (c) => {
       const tags = (c.values["tags"] as Record<string, unknown> | undefined) ?? {};
