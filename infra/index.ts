@@ -20,12 +20,14 @@ import { GuestProvisioning } from "./components/guestProvisioning";
 import { HostFiles } from "./components/hostFiles";
 import { ImagePublication } from "./components/imagePublication";
 import { QemuHost } from "./components/qemuHost";
+import { SmokeTest } from "./components/smokeTest";
 import { WindowsDisk } from "./components/windowsDisk";
 import { WindowsVm } from "./components/windowsVm";
 import { HOST_USER } from "./hostSetup";
 import { fileSha256, sha256Hex } from "./paths";
 import { PipelineContext } from "./pipeline/context";
-import { guestSettings } from "./pipeline/guest";
+import { guestSettings, guestSmokeCheckCommand } from "./pipeline/guest";
+import { DEFAULT_VARIANT, promotedAmiParameterName } from "./smokeTest";
 import {
   AWS_LAYOUT,
   buildPlan,
@@ -290,7 +292,30 @@ function buildImage(variant: string | undefined, config: StackConfig): ImageBuil
         })
       : undefined;
 
-  return { host, publication, bake };
+  // The baked AMI is promoted (SSM parameter) only once it passed its smoke test (or right away with smokeTest: false).
+  const smoke =
+    host && bake && awsCliEnv
+      ? new SmokeTest(named("smoke-test"), {
+          amiId: bake.amiId,
+          enabled: config.smokeTest.enabled,
+          parameterName: promotedAmiParameterName(PROJECT, stack, variant ?? DEFAULT_VARIANT),
+          instanceType: config.host.instanceType,
+          subnetId: host.instance.subnetId,
+          vpcId: host.vpcId,
+          sshAllowedCidrs: config.host.sshAllowedCidrs,
+          guestUser: config.guest.adminUser,
+          guestPrivateKey: pulumi.secret(guestKey.privateKeyOpenssh),
+          guestCommand: guestSmokeCheckCommand(),
+          guestSettings: settingsJson,
+          guestPort: layout.sshPort,
+          vmDir: layout.vmDir,
+          timeoutMinutes: config.smokeTest.timeoutMinutes,
+          awsEnv: awsCliEnv,
+          tags,
+        })
+      : undefined;
+
+  return { host, publication, bake, promotedAmiId: smoke?.promotedAmiId };
 }
 
 /** Every image: the variants of `images`, built in parallel (a host each), or the stack's one image. */
@@ -311,6 +336,10 @@ export const amiId = bake?.amiId;
 export const amiName = bake?.amiName;
 export const amiArn = bake?.ami.arn;
 export const amiRegion = region;
+/** The AMI the smoke test promoted (also in the SSM parameter promotedAmiParameter names). */
+export const promotedAmiId = single?.promotedAmiId;
+export const promotedAmiParameter =
+  single?.promotedAmiId !== undefined ? promotedAmiParameterName(PROJECT, stack, DEFAULT_VARIANT) : undefined;
 export const imageUri = publication?.imageUri;
 export const imageSha256 = publication?.imageSha256;
 export const manifestUri = publication?.manifestUri;
