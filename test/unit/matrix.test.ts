@@ -460,7 +460,8 @@ describe("image matrix (mocks)", function () {
       expect(String(out.imageUri)).to.match(new RegExp(`^s3://artifacts-bucket-123/windows-arm64/${v}/[0-9a-f]{64}/`));
       expect(String(out.manifestUri)).to.match(new RegExp(`^s3://artifacts-bucket-123/windows-arm64/${v}/`));
       expect(out.imageSha256).to.match(/^[0-9a-f]{64}$/);
-      expect(out.promotedAmiId).to.equal(undefined);
+      // The smoke test's promoted AMI where the program has one (as the single image's), else unset.
+      expect(out.promotedAmiId).to.equal(single.outputs.promotedAmiId);
     }
     for (const k of ["amiId", "imageUri", "imageSha256", "manifestUri", "windowsVersion", "hostInstanceId"])
       expect(matrix.outputs[k], k).to.equal(undefined);
