@@ -13,7 +13,9 @@ import {
 } from "../../infra/config";
 import { S3_MAX_KEY_BYTES } from "../../infra/configChecks";
 import { CONFIG_KEYS, projectConfigBlock, VARIANT_KEYS, VARIANT_REQUIRED } from "../../infra/configSchema";
+import { policies } from "../../policy/policies";
 import { BASE_CONFIG, lastRunResources, ProgramRun, Registered, runProgram, unwrap } from "../support/mocks";
+import { checkAll, fromRegistered } from "../support/policy";
 
 /** The stack's shared keys (no image of its own: each variant names one). */
 const STACK: RawConfig = {
@@ -467,6 +469,12 @@ describe("image matrix (mocks)", function () {
       expect(matrix.outputs[k], k).to.equal(undefined);
     expect(matrix.outputs.artifactPrefix).to.equal("windows-arm64/");
     expect(matrix.outputs.bucketName).to.equal("artifacts-bucket-123");
+  });
+
+  it("the matrix stack's resources pass every policy of the pack", async () => {
+    expect(await checkAll(policies, fromRegistered(matrix.resources))).to.deep.equal([]);
+    // Not vacuous: both hosts and both AMIs are among what the policies saw.
+    expect(matrix.ofType("aws:ec2/instance:Instance")).to.have.length(2);
   });
 
   it("a bad variant fails before any resource, naming images[i].<key>", async () => {
