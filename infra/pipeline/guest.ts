@@ -79,19 +79,11 @@ const WRITE_SETTINGS_FILE: readonly string[] = Object.freeze([
 ]);
 
 /**
- * The prefix of the stdout line that carries the guest's software report
- * (base64 of software-report.json) to the host: guest-run.sh with
- * GUEST_RUN_REPORT saves it there and does not print the line.
- */
-export const SOFTWARE_REPORT_TAG = "windows-arm64-image-software-report: ";
-
-/**
  * The PowerShell run in the guest: reads the settings JSON from stdin (as
  * UTF-8 bytes) into a file only Administrators can read (UTF-8, no byte order
  * mark), runs provision.ps1 and then check.ps1 from the config media, keeps
  * check.ps1 and common.psm1 in GUEST_CHECK_DIR (for the smoke test), deletes
- * the file, and exits with the first failure. Once the check passed it prints
- * the software report check.ps1 wrote as one SOFTWARE_REPORT_TAG line.
+ * the file, and exits with the first failure.
  */
 export const GUEST_PROVISION_SCRIPT = [
   "$ErrorActionPreference = 'Stop'",
@@ -111,11 +103,8 @@ export const GUEST_PROVISION_SCRIPT = [
   "  [IO.File]::WriteAllText($cfg, $json, (New-Object System.Text.UTF8Encoding($false)))",
   "  & powershell.exe -NoProfile -NonInteractive -ExecutionPolicy Bypass -File (Join-Path $media.Root 'provision.ps1') -ConfigPath $cfg",
   '  if ($LASTEXITCODE -ne 0) { Fail "provision.ps1 failed with exit code $LASTEXITCODE (log: $dir\\provision.log)" $LASTEXITCODE }',
-  "  $report = Join-Path $dir '${SOFTWARE_REPORT_FILE}'",
-  "  & powershell.exe -NoProfile -NonInteractive -ExecutionPolicy Bypass -File (Join-Path $media.Root 'check.ps1') -ConfigPath $cfg -ReportPath $report",
+  "  & powershell.exe -NoProfile -NonInteractive -ExecutionPolicy Bypass -File (Join-Path $media.Root 'check.ps1') -ConfigPath $cfg",
   '  if ($LASTEXITCODE -ne 0) { Fail "check.ps1 found settings that are not as configured (exit $LASTEXITCODE)" $LASTEXITCODE }',
-  // The software report travels to the host on stdout, as one tagged base64 line (guest-run.sh saves it).
-  `  [Console]::Out.WriteLine('${SOFTWARE_REPORT_TAG}' + [Convert]::ToBase64String([IO.File]::ReadAllBytes($report)))`,
   // The smoke test of the baked image runs the same check from here.
   "  $keep = Join-Path $dir 'check'",
   "  try {",
