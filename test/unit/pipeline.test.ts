@@ -395,7 +395,8 @@ describe("image pipeline (mocks)", function () {
 
   it("the guest gets its own key: the config ISO authorizes it, guest-run sends its private half, the pipeline's key stays out", () => {
     const keys = run.ofType("tls:index/privateKey:PrivateKey");
-    expect(keys.map((k) => k.name)).to.have.members(["pipeline-key", "guest-key"]);
+    // The smoke test has a key of its own (test/unit/smokeTest.test.ts).
+    expect(keys.map((k) => k.name)).to.have.members(["pipeline-key", "guest-key", "smoke-test-key"]);
     for (const k of keys) expect(k.inputs.algorithm).to.equal("ED25519");
     expect(run.one("aws:ec2/keyPair:KeyPair").inputs.publicKey).to.equal(PIPELINE_PUBLIC);
 
