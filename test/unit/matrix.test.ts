@@ -396,7 +396,7 @@ describe("image matrix (mocks)", function () {
       expect(SHARED.test(r.name) || /^(win10|win11-24h2)-/.test(r.name), r.name).to.equal(true);
     // One bucket, one pipeline key for all; one of each per-image resource per variant.
     expect(matrix.ofType("aws:s3/bucket:Bucket")).to.have.length(1);
-    expect(matrix.ofType("tls:index/privateKey:PrivateKey").map((r) => r.name)).to.have.members([
+    expect(matrix.ofType("tls:index/privateKey:PrivateKey").map((r) => r.name)).to.include.members([
       "pipeline-key",
       "win10-guest-key",
       "win11-24h2-guest-key",
@@ -462,10 +462,24 @@ describe("image matrix (mocks)", function () {
       expect(String(out.imageUri)).to.match(new RegExp(`^s3://artifacts-bucket-123/windows-arm64/${v}/[0-9a-f]{64}/`));
       expect(String(out.manifestUri)).to.match(new RegExp(`^s3://artifacts-bucket-123/windows-arm64/${v}/`));
       expect(out.imageSha256).to.match(/^[0-9a-f]{64}$/);
-      // The smoke test's promoted AMI where the program has one (as the single image's), else unset.
+      // The AMI the variant's smoke test promoted, as for the single image.
       expect(out.promotedAmiId).to.equal(single.outputs.promotedAmiId);
+      expect(out.promotedAmiId).to.match(/^ami-/);
     }
-    for (const k of ["amiId", "imageUri", "imageSha256", "manifestUri", "windowsVersion", "hostInstanceId"])
+    // Each variant promotes into its own SSM parameter.
+    expect(matrix.ofType("aws:ssm/parameter:Parameter").map((r) => r.inputs.name)).to.have.members([
+      "/windows-arm64-image/test/win10/ami-id",
+      "/windows-arm64-image/test/win11-24h2/ami-id",
+    ]);
+    for (const k of [
+      "amiId",
+      "imageUri",
+      "imageSha256",
+      "manifestUri",
+      "windowsVersion",
+      "hostInstanceId",
+      "promotedAmiId",
+    ])
       expect(matrix.outputs[k], k).to.equal(undefined);
     expect(matrix.outputs.artifactPrefix).to.equal("windows-arm64/");
     expect(matrix.outputs.bucketName).to.equal("artifacts-bucket-123");
