@@ -43,9 +43,9 @@ export interface ManifestMachine {
   memoryGiB: number | null;
   /** VM_ACCEL: kvm or tcg (null: not in the env file). */
   accel: string | null;
-  /** VM_MACHINE_TYPE, only when the env file sets it. */
+  /** VM_MACHINE_TYPE (virt-X.Y) from VM_DIR/vm-resolved.env, else from the env file; absent when neither has it. */
   machineType?: string;
-  /** VM_GIC_VERSION, only when the env file sets it. */
+  /** VM_GIC_VERSION from VM_DIR/vm-resolved.env, else from the env file; absent when neither has it. */
   gicVersion?: string;
 }
 
