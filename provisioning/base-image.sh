@@ -45,8 +45,9 @@
 # Refused (exit 1, naming the cause): freeze, overlay or claim's overlay while
 #   a QEMU of this VM runs (qemu.pid), freeze without install.qcow2, overlay
 #   without a complete base-<d>, a disk qemu-img cannot read.
-# Output: one outcome line on stdout (freeze, overlay, claim); progress on
-#   stderr, prefixed "base-image:". Exit: 0 done; 1 refused or failed; 2 bad
+# Output: one outcome line on stdout (freeze, overlay); claim writes only to
+#   stderr (the provisioning's stdout is the guest's); progress on stderr,
+#   prefixed "base-image:". Exit: 0 done; 1 refused or failed; 2 bad
 #   usage. Idempotent: each command can be run again.
 set -euo pipefail
 # shellcheck source=SCRIPTDIR/lib.sh
@@ -167,7 +168,7 @@ case $action in
   claim)
     if [[ -f $fresh && -f $disk ]] && complete && [[ $(backing_of "$disk") == "$name.qcow2" ]]; then
       rm -f -- "$fresh"
-      say "disk.qcow2 is a fresh overlay on $name.qcow2: this provisioning starts from the base"
+      log "disk.qcow2 is a fresh overlay on $name.qcow2: this provisioning starts from the base"
       exit 0
     fi
     log "disk.qcow2 is not a fresh overlay on $name.qcow2 (an earlier provisioning used it): making a fresh one"
@@ -177,6 +178,6 @@ case $action in
     fi
     make_overlay
     rm -f -- "$fresh"
-    say "fresh overlay disk.qcow2 on $name.qcow2: this provisioning starts from the base"
+    log "fresh overlay disk.qcow2 on $name.qcow2: this provisioning starts from the base"
     ;;
 esac

@@ -122,7 +122,8 @@ describe("base-image.sh (real qcow2 images)", function () {
     const overlayInode = fs.statSync(f("disk.qcow2")).ino;
     const c1 = await base("claim", key);
     expect(c1.code, c1.stderr).to.equal(0);
-    expect(c1.stdout).to.equal(
+    expect(c1.stdout, "the provisioning's stdout is the guest's").to.equal("");
+    expect(c1.stderr).to.equal(
       `base-image: disk.qcow2 is a fresh overlay on ${name}: this provisioning starts from the base\n`,
     );
     expect(fs.statSync(f("disk.qcow2")).ino, "the fresh overlay is kept").to.equal(overlayInode);
