@@ -491,6 +491,22 @@ describe("image matrix (mocks)", function () {
     expect(matrix.ofType("aws:ec2/instance:Instance")).to.have.length(2);
   });
 
+  it("a variant name of the longest length keeps every IAM name within IAM's 64 characters", async () => {
+    const { windowsImageUrl, windowsImageSha256, windowsVersion, ...shared } = BASE_CONFIG;
+    const name = "w".repeat(VARIANT_NAME_MAX);
+    const run = await runProgram({
+      ...shared,
+      images: JSON.stringify([{ name, windowsImageUrl, windowsImageSha256, windowsVersion }]),
+    });
+    const roles = run.ofType("aws:iam/role:Role");
+    expect(roles.length).to.be.greaterThan(1);
+    // Pulumi's auto-name appends "-" and 7 random characters.
+    for (const r of roles) {
+      expect(r.name.startsWith(`${name}-`), r.name).to.equal(true);
+      expect(r.name.length + 8, r.name).to.be.at.most(64);
+    }
+  });
+
   it("a bad variant fails before any resource, naming images[i].<key>", async () => {
     const { windowsImageUrl, windowsImageSha256, windowsVersion, ...shared } = BASE_CONFIG;
     void [windowsImageUrl, windowsImageSha256, windowsVersion];
