@@ -419,7 +419,8 @@ guest_opts=(-F /dev/null -T -p "$guest_port" -o BatchMode=yes -o "ConnectTimeout
   -o "ProxyCommand=$proxy")
 guest="127.0.0.1:$guest_port"
 attempt=0
-last_log=$SECONDS
+# The first refusal is said at once, then one line a minute.
+last_log=$((SECONDS - 60))
 while :; do
   attempt=$((attempt + 1))
   remaining=$(left)
