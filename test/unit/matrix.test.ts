@@ -440,7 +440,11 @@ describe("image matrix (mocks)", function () {
       const bakePolicy = policyOf(named(matrix, `${v}-bake-artifacts`));
       expect(bakePolicy).to.contain(`windows-arm64/${v}/`);
       expect(bakePolicy).to.not.contain(`windows-arm64/${other}/`);
-      expect(String(named(matrix, `${v}-bake-kit`).inputs.key)).to.match(new RegExp(`^windows-arm64/${v}/`));
+      expect(String(named(matrix, `${v}-bake-kit`).inputs.key)).to.match(new RegExp(`^windows-arm64/${v}/bake-kit/`));
+      const bakeEnv = unwrap(named(matrix, `${v}-bake-instance`).inputs.environment) as Record<string, string>;
+      expect(bakeEnv.BAKE_STATUS_URI).to.match(
+        new RegExp(`^s3://artifacts-bucket-123/windows-arm64/${v}/bake-status/`),
+      );
       expect(String(named(matrix, `${v}-bake-ami`).inputs.name)).to.contain(`-test-${v}-`);
     }
     const rules = (named(matrix, "artifacts-lifecycle").inputs as { rules: Array<{ filter: { prefix?: string } }> })
