@@ -26,6 +26,7 @@ import {
 } from "./configRules";
 import { CONFIG_KEYS, KeySpec, PROJECT, VARIANT_KEYS, VARIANT_REQUIRED } from "./configSchema";
 import { findHostType, HostType } from "./hostTypes";
+import { ImageCompression } from "./manifest";
 
 export {
   FLIGHTED_IMAGE_NAME,
@@ -104,6 +105,8 @@ export interface StackConfig {
     /** Local target: where to publish (file:// or s3://). */
     uri?: string;
     endpointUrl?: string;
+    /** How the published disk.qcow2 stores its clusters (imageCompression). */
+    compression: ImageCompression;
   };
   localWorkDir: string;
   image: {
@@ -344,6 +347,7 @@ function buildConfig(c: Ctx): StackConfig {
       noncurrentDays: num("artifactNoncurrentDays"),
       uri: str("artifactUri"),
       endpointUrl: str("artifactEndpointUrl"),
+      compression: (str("imageCompression") ?? "none") as ImageCompression,
     },
     localWorkDir: str("localWorkDir") ?? ".work/local",
     image: {

@@ -40,6 +40,7 @@ import {
   HostType,
   typesWithAtomics,
 } from "./hostTypes";
+import { IMAGE_COMPRESSIONS } from "./manifest";
 import { AWS_LAYOUT, RUNTIME } from "./pipeline/plan";
 import { BUILD_VNC_DISPLAY } from "./pipeline/vmEnv";
 import TIME_ZONE_DATA from "./windowsTimeZones.json";
@@ -413,6 +414,15 @@ export const ARTIFACT_RULES: readonly Rule[] = Object.freeze([
       if (Buffer.byteLength(p) + LONGEST_ARTIFACT_NAME > S3_MAX_KEY_BYTES)
         return `is ${Buffer.byteLength(p)} bytes; with <sha256>/QEMU_VARS.fd after it the keys exceed S3's ${S3_MAX_KEY_BYTES}. Fix: use at most ${S3_MAX_KEY_BYTES - LONGEST_ARTIFACT_NAME} bytes.`;
       return undefined;
+    },
+  },
+  {
+    key: "imageCompression",
+    check: (c) => {
+      const v = str(c, "imageCompression") ?? "none";
+      return (IMAGE_COMPRESSIONS as readonly string[]).includes(v)
+        ? undefined
+        : `${q(v)} is not a compression publish knows. Fix: use one of ${IMAGE_COMPRESSIONS.join(", ")}.`;
     },
   },
   {

@@ -153,6 +153,13 @@ export const CONFIG_KEYS: readonly KeySpec[] = Object.freeze([
     description: "Local target only: S3-compatible endpoint for an s3:// artifactUri (e.g. http://127.0.0.1:9000).",
   },
   {
+    key: "imageCompression",
+    type: "string",
+    default: "none",
+    description:
+      "How the published disk.qcow2 stores its clusters: none or zstd (smaller to store and fetch). The bake and the local VM always run an uncompressed copy.",
+  },
+  {
     key: "localWorkDir",
     type: "string",
     default: ".work/local",

@@ -583,13 +583,14 @@ export function buildPlan(p: PlanInputs): Plan {
           IMAGE_SOURCE_SHA256: c.image.sha256,
           WINDOWS_VERSION: c.image.windowsVersion,
           PUBLISH_VM_ENV: buildEnvFile,
+          IMAGE_COMPRESSION: c.artifacts.compression,
           S3_ENDPOINT_URL: s3Endpoint,
         },
         run("publish-image.sh", vm, RUNTIME.artifactUri),
       ),
-      waitsFor: "the upload of the image",
+      waitsFor: "the flattening and upload of the image",
       timeoutMinutes: 120,
-      configKeys: ["artifactBucketName", "artifactPrefix", "artifactUri"],
+      configKeys: ["artifactBucketName", "artifactPrefix", "artifactUri", "imageCompression"],
     },
   );
   if (isAws) {
