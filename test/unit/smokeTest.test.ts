@@ -1,4 +1,6 @@
 import { expect } from "chai";
+import * as fs from "fs";
+import * as path from "path";
 import { validateConfig } from "../../infra/config";
 import {
   DEFAULT_VARIANT,
@@ -8,7 +10,7 @@ import {
   SMOKE_TEST_FILES,
   smokeTestCostUsd,
 } from "../../infra/smokeTest";
-import { guestSmokeCheckCommand } from "../../infra/pipeline/guest";
+import { GUEST_CHECK_FILES, guestSmokeCheckCommand } from "../../infra/pipeline/guest";
 import {
   BASE_CONFIG,
   isSecret,
@@ -52,6 +54,17 @@ describe("smoke test: pure decisions", () => {
     expect(smokeTestCostUsd(0.408, 45)).to.equal(0.38);
     expect(smokeTestCostUsd(2.32, 45)).to.equal(2.13);
     expect(smokeTestCostUsd(2.32, 240)).to.equal(9.67);
+  });
+});
+
+describe("smoke test: the check kept in the image", () => {
+  it("GUEST_CHECK_FILES holds check.ps1 and every file it loads from its own folder", () => {
+    const check = fs.readFileSync(path.join(__dirname, "..", "..", "provisioning", "windows", "check.ps1"), "utf8");
+    const loaded = [...check.matchAll(/Join-Path \$PSScriptRoot '([^']+)'/g)].map((m) => m[1]);
+    expect(loaded).to.include("common.psm1");
+    expect(GUEST_CHECK_FILES).to.include.members(["check.ps1", ...loaded]);
+    const common = fs.readFileSync(path.join(__dirname, "..", "..", "provisioning", "windows", "common.psm1"), "utf8");
+    expect([...common.matchAll(/Join-Path \$PSScriptRoot '([^']+)'/g)].map((m) => m[1])).to.deep.equal([]);
   });
 });
 
