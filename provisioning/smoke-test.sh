@@ -269,16 +269,12 @@ bounded() { # SECONDS OUT ERR CMD...
   fi
   child=$!
   note_agent_child "$child"
+  # The watchdog: ends the command at its bound, or at once when this script is gone (killed).
   (
-    sp=''
-    trap 'kill "$sp" 2>/dev/null; exit 0' TERM
-    sleep "$s" &
-    sp=$!
-    wait "$sp"
+    end=$((SECONDS + s))
+    while ((SECONDS < end)) && kill -0 "$$" 2>/dev/null && kill -0 "$child" 2>/dev/null; do sleep 1; done
     kill -TERM "$child" 2>/dev/null || exit 0
-    sleep 5 &
-    sp=$!
-    wait "$sp"
+    sleep 5
     kill -KILL "$child" 2>/dev/null || true
   ) </dev/null >/dev/null 2>&1 &
   w=$!

@@ -350,6 +350,22 @@ describe("smoke-test.sh (boot the baked AMI, reach the VM through the instance, 
     expect(terminations()).to.deep.equal([]);
   });
 
+  /** Live processes whose environment names this test's stand-in EC2 folder. */
+  function processesOfRun(): string[] {
+    const mark = Buffer.from(`FAKE_AWS_DIR=${awsDir}\0`);
+    const found: string[] = [];
+    for (const pid of fs.readdirSync("/proc").filter((p) => /^\d+$/.test(p))) {
+      try {
+        if (fs.readFileSync(`/proc/${pid}/stat`, "utf8").split(") ")[1]?.startsWith("Z")) continue;
+        if (fs.readFileSync(`/proc/${pid}/environ`).includes(mark))
+          found.push(`${pid} ${fs.readFileSync(`/proc/${pid}/cmdline`, "utf8").replace(/\0/g, " ")}`);
+      } catch {
+        // gone meanwhile
+      }
+    }
+    return found;
+  }
+
   async function startAndSignal(signal: NodeJS.Signals): Promise<{ code: number | null; stderr: string }> {
     const silent = await freePort();
     const child = spawn("bash", [path.join(repoRoot, "provisioning/smoke-test.sh"), "run"], {
@@ -377,12 +393,17 @@ describe("smoke-test.sh (boot the baked AMI, reach the VM through the instance, 
     expect(r.code).to.equal(143);
     expect(r.stderr).to.include("interrupted by SIGTERM");
     expect(terminations()).to.deep.equal([`ec2 terminate-instances --instance-ids ${ID}`]);
+    for (let i = 0; i < 150 && processesOfRun().length > 0; i++) await new Promise((res) => setTimeout(res, 100));
+    expect(processesOfRun()).to.deep.equal([]);
   });
 
-  it("SIGKILL: the watcher terminates the instance once the script is gone", async () => {
+  it("SIGKILL: the watcher terminates the instance once the script is gone, and nothing of the run stays", async () => {
     await startAndSignal("SIGKILL");
     for (let i = 0; i < 100 && terminations().length === 0; i++) await new Promise((res) => setTimeout(res, 100));
     expect(terminations()).to.deep.equal([`ec2 terminate-instances --instance-ids ${ID}`]);
+    // Every process of the run (watchers, the bounded ssh and its watchdog, the agent) ends soon after.
+    for (let i = 0; i < 150 && processesOfRun().length > 0; i++) await new Promise((res) => setTimeout(res, 100));
+    expect(processesOfRun()).to.deep.equal([]);
   });
 
   it("rejects bad arguments, environment and stdin before calling EC2", async () => {
