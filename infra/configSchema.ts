@@ -422,6 +422,7 @@ export const VARIANT_KEYS: readonly string[] = Object.freeze([
   "openSshZipUrl",
   "openSshZipSha256",
   "answerFileInImage",
+  "imageCompression",
   // host
   "hostInstanceType",
   "hostAmiId",

@@ -108,6 +108,19 @@ describe("image matrix config", () => {
     expect(w11.vm.memoryGiB).to.equal(32);
   });
 
+  it("a variant may store its published disk otherwise than the stack (imageCompression)", () => {
+    const c = parseConfig(withImages([WIN10, { ...WIN11, imageCompression: "zstd" }]));
+    const [w10, w11] = (c.images ?? []).map((v) => v.config);
+    expect(w10.artifacts.compression).to.equal("none");
+    expect(w11.artifacts.compression).to.equal("zstd");
+    expect(
+      problemAt(
+        validateConfig(withImages([{ ...WIN10, imageCompression: "xz" }])).problems,
+        "images[0].imageCompression",
+      ),
+    ).to.contain('"xz"');
+  });
+
   it("a stack without images keeps its single image and still needs its own image keys", () => {
     const { config, problems } = validateConfig(STACK);
     expect(config).to.equal(undefined);
