@@ -24,7 +24,8 @@
 #   present  exit 0 when base-<d> is complete ("base-image: base-<d> is
 #            present: ..." on stderr), 1 when it is not.
 #   freeze   the install is done and its VM is off: install.qcow2 becomes
-#            base-<d>.qcow2 (renamed, no copy) and QEMU_VARS.fd is copied to
+#            base-<d>.qcow2 (renamed, no copy; prepare-disk.sh's stamp
+#            install.qcow2.source-sha256 removed) and QEMU_VARS.fd is copied to
 #            base-<d>.vars.fd. A base-<d> already complete is kept (a leftover
 #            install.qcow2 is removed). Retention: only the current base is
 #            kept; every other base-*.{qcow2,vars.fd,json} is removed, and so
@@ -136,7 +137,7 @@ case $action in
   freeze)
     if complete; then
       if [[ -e $install ]]; then
-        rm -f -- "$install"
+        rm -f -- "$install" "$install.source-sha256"
         log "removed install.qcow2: $name already holds this install"
       fi
       prune
@@ -155,6 +156,8 @@ case $action in
     mv -f -- "$base_key.tmp" "$base_key"
     # Last: the disk itself (renamed, not copied), so a complete base is one that is all there.
     mv -f -- "$install" "$base"
+    # prepare-disk.sh's stamp names a disk that is gone: the next prepareDisk converts again.
+    rm -f -- "$install.source-sha256"
     sync -- "$base" "$base_vars" "$base_key" 2>/dev/null || sync
     size=$(stat -c %s -- "$base")
     log "froze the installed disk as $name.qcow2 ($(mib "$size") MiB, read-only) with $name.vars.fd"

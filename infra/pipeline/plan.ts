@@ -417,7 +417,13 @@ export function buildPlan(p: PlanInputs): Plan {
       title: "Convert the image to qcow2 (or create the install disk for an ISO)",
       site: "host",
       dependsOn: ["fetchImage"],
-      inputs: { format: c.image.format, ...(c.image.format === "iso" ? { diskGiB: String(c.vm.diskGiB) } : {}) },
+      // baseImage consumes the install disk (renames it to the base): a new base needs a new one.
+      inputs: {
+        format: c.image.format,
+        ...(c.image.format === "iso" ? { diskGiB: String(c.vm.diskGiB) } : {}),
+        base: baseKey(baseParts(c, L, p.fileHashes)),
+      },
+      uses: ["answerFile"],
       command: run("prepare-disk.sh", source, installDisk, String(c.vm.diskGiB)),
       waitsFor: "the conversion to qcow2",
       timeoutMinutes: 60,

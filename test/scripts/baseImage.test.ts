@@ -78,6 +78,7 @@ describe("base-image.sh (real qcow2 images)", function () {
     const d = baseDigest(parts, ANSWER);
 
     await install("0xab");
+    fs.writeFileSync(f("install.qcow2.source-sha256"), `${"a".repeat(64)}\n`);
     const inode = fs.statSync(f("install.qcow2")).ino;
     const absent = await base("present", key);
     expect(absent.code, absent.stderr).to.equal(1);
@@ -87,6 +88,7 @@ describe("base-image.sh (real qcow2 images)", function () {
     expect(r.stdout).to.equal(`base-image: base-${d} frozen\n`);
     // Renamed, not copied; read-only; the variable store and the key beside it.
     expect(fs.existsSync(f("install.qcow2"))).to.equal(false);
+    expect(fs.existsSync(f("install.qcow2.source-sha256")), "prepare-disk's stamp of the gone disk").to.equal(false);
     expect(fs.statSync(f(`base-${d}.qcow2`)).ino).to.equal(inode);
     for (const n of [`base-${d}.qcow2`, `base-${d}.vars.fd`, `base-${d}.json`])
       expect(fs.statSync(f(n)).mode & 0o777, n).to.equal(0o444);

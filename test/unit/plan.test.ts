@@ -91,6 +91,8 @@ const INSTALL: StageId[] = ["startVm", "waitGuest", "baseImage"];
 const PROVISION: StageId[] = ["overlayDisk", "provisionGuest", "stopVm", "publish"];
 /** The host stages from booting the install disk to the publication (STAGE_IDS is the pipeline's order). */
 const AFTER_START: StageId[] = [...INSTALL, ...PROVISION];
+/** A new base: baseImage consumed the last install disk, so a new one is made from the source, then installed. */
+const NEW_BASE: StageId[] = ["prepareDisk", "injectAnswerFile", ...AFTER_START];
 /** The bake: a new AMI when what it installs around the image changes. */
 const BAKE: StageId[] = ["bakeImage", "bakeAmi"];
 
@@ -185,7 +187,7 @@ describe("pipeline plan", () => {
     ["guest-run.sh", {}, "provisioning/guest-run.sh", ["provisionGuest", "stopVm", "publish"]],
     // A guest-script edit re-provisions from the base: Windows is not installed again.
     ["the guest provisioning script", {}, "provisioning/windows/provision.ps1", ["configMedia", ...PROVISION]],
-    ["the first-logon script", {}, "provisioning/windows/firstlogon.ps1", ["configMedia", ...AFTER_START]],
+    ["the first-logon script", {}, "provisioning/windows/firstlogon.ps1", ["configMedia", ...NEW_BASE]],
     ["the guest check script", {}, "provisioning/windows/check.ps1", ["configMedia", ...PROVISION]],
     ["the guest scripts' module", {}, "provisioning/windows/common.psm1", ["configMedia", ...PROVISION]],
     ["build-config-iso.sh", {}, "provisioning/build-config-iso.sh", ["configMedia", ...PROVISION]],
@@ -213,7 +215,7 @@ describe("pipeline plan", () => {
       "the virtio ISO hash",
       { virtioIsoSha256: "c".repeat(64) },
       undefined,
-      ["fetchDrivers", "configMedia", ...AFTER_START],
+      ["fetchDrivers", "configMedia", ...NEW_BASE],
     ],
     // The VM's size is not install-affecting: a new overlay, the same base.
     ["vCPUs (build VM and baked image)", { vmCpus: "3" }, undefined, ["renderEnv", ...PROVISION, ...BAKE]],
@@ -222,7 +224,7 @@ describe("pipeline plan", () => {
       "the machine options (install-affecting)",
       { vmMachineOptions: "gic-version=3" },
       undefined,
-      ["renderEnv", ...AFTER_START, ...BAKE],
+      ["renderEnv", ...NEW_BASE, ...BAKE],
     ],
     ["the buildlet port (baked image only)", { vmBuildletPort: "8443" }, undefined, BAKE],
     ["the guest admin user", { guestAdminUser: "builder" }, undefined, ["provisionGuest", "stopVm", "publish"]],
@@ -232,7 +234,7 @@ describe("pipeline plan", () => {
       "the host type (changed in place)",
       { hostInstanceType: "c6g.metal" },
       undefined,
-      ["renderEnv", ...AFTER_START, ...BAKE],
+      ["renderEnv", ...NEW_BASE, ...BAKE],
     ],
     ["the host volume's IOPS", { hostVolumeIops: "6000" }, undefined, []],
     ["hostIdleMinutes", { hostIdleMinutes: "90" }, undefined, ["idleGuard"]],
@@ -283,7 +285,7 @@ describe("pipeline plan", () => {
     );
     expect(p.stage("configMedia").command).to.contain("/var/lib/windows-vm/OpenSSH-ARM64.zip=OpenSSH-ARM64.zip");
     expect(plan().stage("configMedia").command).to.not.contain("OpenSSH");
-    expect(changedStages(plan(), p)).to.have.members(["fetchDrivers", "configMedia", ...AFTER_START]);
+    expect(changedStages(plan(), p)).to.have.members(["fetchDrivers", "configMedia", ...NEW_BASE]);
   });
 
   it("the uploadFiles stage lists every file a host stage runs, and its digest is their hashes", () => {
@@ -569,13 +571,16 @@ describe("base checkpoint (baseImage)", () => {
       expect(digestOf(over, hashes) !== digestOf(), "base digest changed").to.equal(newBase);
       const changed = changedStages(plan(), plan(over, hashes));
       // A new base is a new install: every install stage re-runs. The same base: provisioning may re-run.
-      if (newBase) expect(changed).to.include.members(["startVm", "waitGuest", "baseImage", "overlayDisk"]);
+      // The install disk as well: the last one became the old base.
+      if (newBase)
+        expect(changed).to.include.members(["prepareDisk", "startVm", "waitGuest", "baseImage", "overlayDisk"]);
     });
   }
 
   it("a new answer file (admin user, locale, password, guest key: its SHA-256 at runtime) makes a new base", () => {
     expect(digestOf({}, HASHES, "f".repeat(64))).to.not.equal(digestOf());
-    expect(plan().stage("baseImage").runtime).to.include("answerFile");
+    for (const id of ["prepareDisk", "baseImage"] as StageId[])
+      expect(plan().stage(id).runtime).to.include("answerFile");
   });
 
   it("a guest-script or guest-settings change re-runs no install stage; an install-affecting one re-runs baseImage", () => {
