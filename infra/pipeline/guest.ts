@@ -5,6 +5,7 @@
  */
 import { StackConfig } from "../config";
 import { CONFIG_MEDIA_MARKER, GUEST_LOG_DIR } from "../answerFile";
+import { SOFTWARE_REPORT_FILE } from "../manifest";
 
 export const SERVICES_TO_DISABLE = Object.freeze([
   "NlaSvc",
@@ -79,11 +80,19 @@ const WRITE_SETTINGS_FILE: readonly string[] = Object.freeze([
 ]);
 
 /**
+ * The prefix of the stdout line that carries the guest's software report
+ * (base64 of software-report.json) to the host: guest-run.sh with
+ * GUEST_RUN_REPORT saves it there and does not print the line.
+ */
+export const SOFTWARE_REPORT_TAG = "windows-arm64-image-software-report: ";
+
+/**
  * The PowerShell run in the guest: reads the settings JSON from stdin (as
  * UTF-8 bytes) into a file only Administrators can read (UTF-8, no byte order
  * mark), runs provision.ps1 and then check.ps1 from the config media, keeps
  * check.ps1 and common.psm1 in GUEST_CHECK_DIR (for the smoke test), deletes
- * the file, and exits with the first failure.
+ * the file, and exits with the first failure. Once the check passed it prints
+ * the software report check.ps1 wrote as one SOFTWARE_REPORT_TAG line.
  */
 export const GUEST_PROVISION_SCRIPT = [
   "$ErrorActionPreference = 'Stop'",
@@ -103,8 +112,12 @@ export const GUEST_PROVISION_SCRIPT = [
   "  [IO.File]::WriteAllText($cfg, $json, (New-Object System.Text.UTF8Encoding($false)))",
   "  & powershell.exe -NoProfile -NonInteractive -ExecutionPolicy Bypass -File (Join-Path $media.Root 'provision.ps1') -ConfigPath $cfg",
   '  if ($LASTEXITCODE -ne 0) { Fail "provision.ps1 failed with exit code $LASTEXITCODE (log: $dir\\provision.log)" $LASTEXITCODE }',
-  "  & powershell.exe -NoProfile -NonInteractive -ExecutionPolicy Bypass -File (Join-Path $media.Root 'check.ps1') -ConfigPath $cfg",
+  `  $report = Join-Path $dir '${SOFTWARE_REPORT_FILE}'`,
+  "  & powershell.exe -NoProfile -NonInteractive -ExecutionPolicy Bypass -File (Join-Path $media.Root 'check.ps1') -ConfigPath $cfg -ReportPath $report",
   '  if ($LASTEXITCODE -ne 0) { Fail "check.ps1 found settings that are not as configured (exit $LASTEXITCODE)" $LASTEXITCODE }',
+  // The software report travels to the host on stdout, as one tagged base64 line (guest-run.sh saves it).
+  '  if (-not (Test-Path -LiteralPath $report -PathType Leaf)) { Fail "check.ps1 wrote no software report ($report)" 6 }',
+  `  [Console]::Out.WriteLine('${SOFTWARE_REPORT_TAG}' + [Convert]::ToBase64String([IO.File]::ReadAllBytes($report)))`,
   // The smoke test of the baked image runs the same check from here.
   "  $keep = Join-Path $dir 'check'",
   "  try {",

@@ -9,6 +9,7 @@ import * as url from "url";
 import { BAKE_FILES } from "../bake";
 import { ANSWER_FILE_NAME, AUTHORIZED_KEYS_FILE, FIRSTLOGON_SCRIPT, OPENSSH_ZIP_FILE } from "../answerFile";
 import { StackConfig } from "../config";
+import { SOFTWARE_REPORT_FILE } from "../manifest";
 import { sha256Hex } from "../paths";
 import { guestProvisionCommand } from "./guest";
 import { renderVmEnv, VmLayout } from "./vmEnv";
@@ -548,7 +549,8 @@ export function buildPlan(p: PlanInputs): Plan {
       // A failure saves a screenshot of the VM and names it.
       // base-image.sh claim first: an overlay an earlier provisioning used is replaced by a fresh one.
       command: `${baseCmd("claim")} && ${withEnv(
-        { GUEST_RUN_BOOT_TIMEOUT_S: String(GUEST_BOOT_TIMEOUT_S) },
+        // check.ps1's software report comes back on stdout; publish puts it next to the manifest.
+        { GUEST_RUN_BOOT_TIMEOUT_S: String(GUEST_BOOT_TIMEOUT_S), GUEST_RUN_REPORT: `${vm}/${SOFTWARE_REPORT_FILE}` },
         run("guest-run.sh", buildEnvFile, L.buildUnit, String(L.sshPort), c.guest.adminUser, guestProvisionCommand()),
       )} || { rc=$?; ${screenKeeper("shot", "provisionGuest")} >&2 || true; exit $rc; }`,
       stdin: "guestKeyAndSettings",

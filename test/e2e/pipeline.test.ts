@@ -36,7 +36,7 @@ import * as os from "os";
 import * as path from "path";
 import { DEFAULT_CONFIG_MEDIA_LABEL, DEFAULT_DRIVER_NAMES, renderAnswerFile } from "../../infra/answerFile";
 import { parseConfig, StackConfig } from "../../infra/config";
-import { MANIFEST_FILES, parseManifest } from "../../infra/manifest";
+import { MANIFEST_FILES, parseManifest, SOFTWARE_REPORT_FILE } from "../../infra/manifest";
 import { guestProvisionCommand, guestSettings } from "../../infra/pipeline/guest";
 import {
   baseDigest,
@@ -168,6 +168,18 @@ fi
 kill -9 "$s" "$p"
 echo "e2e: killed the dropbear session $s of the provisioning (pid $p)"
 `;
+
+/** The SHA-256 publish gives DISK: that of its flattened copy (`qemu-img convert -O qcow2` is deterministic). */
+async function flattenedSha(disk: string, scratch: string): Promise<string> {
+  const flat = path.join(scratch, `flattened-${process.pid}.qcow2`);
+  try {
+    const r = await run("qemu-img", ["convert", "-O", "qcow2", disk, flat]);
+    expect(r.code, r.stderr).to.equal(0);
+    return sha256File(flat);
+  } finally {
+    fs.rmSync(flat, { force: true });
+  }
+}
 
 describe("pipeline end to end (stand-in guest, TCG)", function () {
   let guest: StandinGuest;
@@ -510,14 +522,16 @@ describe("pipeline end to end (stand-in guest, TCG)", function () {
     expect(await readFileFromDisk(path.join(vm, "disk.qcow2"), "run1.txt", p.dir)).to.equal("run 1\n");
     const baseSha = sha256File(path.join(vm, baseName));
 
-    // publish: the manifest on stdout (as the component parses it); the objects are the VM's files.
+    // publish: the manifest on stdout (as the component parses it); the objects are the VM's files,
+    // the disk flattened (qemu-img convert -O qcow2 of the VM's disk: the same bytes, the same SHA-256).
     const manifest = parseManifest(outputs.publish?.stdout ?? "");
-    const localSha = sha256File(path.join(vm, "disk.qcow2"));
+    const localSha = await flattenedSha(path.join(vm, "disk.qcow2"), p.dir);
     const base = `${p.artifactUri}${localSha}/`;
     expect(manifest).to.include({
       manifestVersion: 2,
       sha256: localSha,
       format: "qcow2",
+      compression: "none",
       imageUri: `${base}disk.qcow2`,
       manifestUri: `${base}manifest.json`,
       sourceUrl: p.config.image.url,
@@ -525,8 +539,23 @@ describe("pipeline end to end (stand-in guest, TCG)", function () {
       windowsVersion: "11-23h2",
     });
     expect(manifest.files.map((f) => [f.name, f.uri, f.sha256])).to.deep.equal(
-      MANIFEST_FILES.map((n) => [n, `${base}${n}`, sha256File(path.join(vm, n))]),
+      MANIFEST_FILES.map((n) => [n, `${base}${n}`, n === "disk.qcow2" ? localSha : sha256File(path.join(vm, n))]),
     );
+    // The stand-in's software report came back from the guest command and was published with the image.
+    const report = path.join(vm, SOFTWARE_REPORT_FILE);
+    expect(manifest.softwareReport).to.deep.equal({
+      name: SOFTWARE_REPORT_FILE,
+      uri: `${base}${SOFTWARE_REPORT_FILE}`,
+      sha256: sha256File(report),
+      size: fs.statSync(report).size,
+    });
+    expect(
+      JSON.parse((await s3.text(`${p.prefix}${localSha}/${SOFTWARE_REPORT_FILE}`, p.dir)) ?? "null"),
+    ).to.deep.include({
+      settings: [
+        { step: "create-builder-user", setting: "builderUser", expected: "root", actual: "root", result: "PASS" },
+      ],
+    });
     expect(manifest.machine).to.include({ cpus: 2, memoryGiB: 4, accel: "tcg", machineOptions: "" });
     const downloaded = path.join(p.dir, "published.qcow2");
     expect(await s3.download(`${p.prefix}${localSha}/disk.qcow2`, downloaded), "download published disk").to.equal(
@@ -540,7 +569,7 @@ describe("pipeline end to end (stand-in guest, TCG)", function () {
     const latest = JSON.parse((await s3.text(`${p.prefix}latest.json`, p.dir)) ?? "null") as unknown;
     expect(latest).to.deep.equal(JSON.parse(outputs.publish?.stdout ?? ""));
     expect(await s3.keys(p.prefix)).to.deep.equal(
-      [...MANIFEST_FILES, "manifest.json"]
+      [...MANIFEST_FILES, "manifest.json", SOFTWARE_REPORT_FILE]
         .map((n) => `${p.prefix}${localSha}/${n}`)
         .concat(`${p.prefix}latest.json`)
         .sort(),
@@ -763,7 +792,7 @@ describe("pipeline end to end (stand-in guest, TCG)", function () {
     // A new disk to publish (as after a provisioning run), then S3 goes away.
     const grow = await run("qemu-img", ["resize", "-q", "-f", "qcow2", path.join(vm, "disk.qcow2"), "+1M"]);
     expect(grow.code, grow.stderr).to.equal(0);
-    const newSha = sha256File(path.join(vm, "disk.qcow2"));
+    const newSha = await flattenedSha(path.join(vm, "disk.qcow2"), p.dir);
     expect(newSha).to.not.equal(first.sha256);
     await s3.stop();
     const down = await p.driver.runHost("publish", { timeoutMs: 400_000, label: "publish (S3 down)" });

@@ -19,6 +19,7 @@ import {
   guestProvisionCommand,
   guestSmokeCheckCommand,
   guestSettings,
+  SOFTWARE_REPORT_TAG,
 } from "../../infra/pipeline/guest";
 import { repoRoot } from "../support/run";
 
@@ -98,6 +99,18 @@ describe("guest settings", () => {
     );
     expect(m).to.not.equal(null);
     expect(Buffer.from((m as RegExpExecArray)[1], "base64").toString("utf16le")).to.equal(GUEST_PROVISION_SCRIPT);
+  });
+
+  it("the wrapper has check.ps1 write the software report and sends it as the one tagged line guest-run.sh saves", () => {
+    expect(GUEST_PROVISION_SCRIPT).to.contain("$report = Join-Path $dir 'software-report.json'");
+    expect(GUEST_PROVISION_SCRIPT).to.match(/check\.ps1'\) -ConfigPath \$cfg -ReportPath \$report\n/);
+    const send = `[Console]::Out.WriteLine('${SOFTWARE_REPORT_TAG}' + [Convert]::ToBase64String([IO.File]::ReadAllBytes($report)))`;
+    // Only once the check passed.
+    const lines = GUEST_PROVISION_SCRIPT.split("\n").map((l) => l.trim());
+    expect(lines.indexOf(send)).to.be.above(lines.findIndex((l) => l.includes("check.ps1 found settings")));
+    // guest-run.sh looks for the same tag.
+    const guestRun = fs.readFileSync(path.join(repoRoot, "provisioning/guest-run.sh"), "utf8");
+    expect(guestRun).to.contain(`readonly REPORT_TAG="${SOFTWARE_REPORT_TAG}"`);
   });
 
   it("the wrapper reads stdin as bytes and decodes UTF-8, not through [Console]::In", () => {
@@ -182,8 +195,9 @@ describe("guest settings over stdin, decoded by pwsh with an OEM console", funct
       path.join(bin, "powershell.exe"),
       [
         "#!/bin/sh",
-        `cfg=""; f=""; while [ $# -gt 0 ]; do [ "$1" = -ConfigPath ] && cfg=$2; [ "$1" = -File ] && f=$(basename "$2"); shift; done`,
+        `cfg=""; f=""; rp=""; while [ $# -gt 0 ]; do [ "$1" = -ConfigPath ] && cfg=$2; [ "$1" = -ReportPath ] && rp=$2; [ "$1" = -File ] && f=$(basename "$2"); shift; done`,
         `[ "$f" = provision.ps1 ] && cp "$cfg" '${seen}'`,
+        `[ "$f" = check.ps1 ] && [ -z "$NO_REPORT" ] && printf '{"reportVersion":1}' >"$rp"`,
         "exit 0",
       ].join("\n") + "\n",
       { mode: 0o755 },
@@ -210,6 +224,17 @@ describe("guest settings over stdin, decoded by pwsh with an OEM console", funct
         `# ${f} from the media\n`,
       );
     }
+    // The report check.ps1 wrote, as the one tagged line on stdout.
+    expect(r.stdout).to.contain(`${SOFTWARE_REPORT_TAG}${Buffer.from('{"reportVersion":1}').toString("base64")}`);
+    // A check that passed but wrote no report fails the run.
+    fs.rmSync(path.join(data, "windows-arm64-image", "software-report.json"));
+    const none = pwshWithOemConsole(script, Buffer.from(JSON.stringify(settings), "utf8"), {
+      PATH: `${bin}:${process.env.PATH}`,
+      ProgramData: data,
+      NO_REPORT: "1",
+    });
+    expect(none.code, none.stdout + none.stderr).to.equal(6);
+    expect(none.stderr).to.contain("provision: check.ps1 wrote no software report");
   });
   it("the smoke check runs the kept check.ps1 with the settings (UTF-8), deletes them, and exits with its code", () => {
     const bin = path.join(dir, "bin");
