@@ -26,6 +26,7 @@ import {
 } from "./configRules";
 import { CONFIG_KEYS, KeySpec, PROJECT, VARIANT_KEYS, VARIANT_REQUIRED } from "./configSchema";
 import { findHostType, HostType } from "./hostTypes";
+import { ImageCompression } from "./manifest";
 
 export {
   FLIGHTED_IMAGE_NAME,
@@ -104,6 +105,8 @@ export interface StackConfig {
     /** Local target: where to publish (file:// or s3://). */
     uri?: string;
     endpointUrl?: string;
+    /** How the published disk.qcow2 stores its clusters (imageCompression). */
+    compression: ImageCompression;
   };
   localWorkDir: string;
   image: {
@@ -126,6 +129,8 @@ export interface StackConfig {
     buildletPort: number;
   };
   guest: GuestConfig;
+  /** The smoke test of each baked AMI before it is promoted. */
+  smokeTest: { enabled: boolean; timeoutMinutes: number };
   retainAmiOnDelete: boolean;
   tags: Record<string, string>;
   /** Which secret keys are set (their values are read as Pulumi secrets, never here). */
@@ -342,6 +347,7 @@ function buildConfig(c: Ctx): StackConfig {
       noncurrentDays: num("artifactNoncurrentDays"),
       uri: str("artifactUri"),
       endpointUrl: str("artifactEndpointUrl"),
+      compression: (str("imageCompression") ?? "none") as ImageCompression,
     },
     localWorkDir: str("localWorkDir") ?? ".work/local",
     image: {
@@ -379,6 +385,7 @@ function buildConfig(c: Ctx): StackConfig {
       ...(c.installs.buildlet && buildletEnv !== undefined ? { buildletEnv } : {}),
       vsVersion: (str("vsVersion") ?? "2022") as VsVersion,
     },
+    smokeTest: { enabled: bool("smokeTest"), timeoutMinutes: num("smokeTestTimeoutMinutes") },
     retainAmiOnDelete: bool("retainAmiOnDelete"),
     tags: (v["tags"] as Record<string, string> | undefined) ?? {},
     secretsSet: {

@@ -40,6 +40,7 @@ import {
   HostType,
   typesWithAtomics,
 } from "./hostTypes";
+import { IMAGE_COMPRESSIONS } from "./manifest";
 import { AWS_LAYOUT, RUNTIME } from "./pipeline/plan";
 import { BUILD_VNC_DISPLAY } from "./pipeline/vmEnv";
 import TIME_ZONE_DATA from "./windowsTimeZones.json";
@@ -416,6 +417,15 @@ export const ARTIFACT_RULES: readonly Rule[] = Object.freeze([
     },
   },
   {
+    key: "imageCompression",
+    check: (c) => {
+      const v = str(c, "imageCompression") ?? "none";
+      return (IMAGE_COMPRESSIONS as readonly string[]).includes(v)
+        ? undefined
+        : `${q(v)} is not a compression publish knows. Fix: use one of ${IMAGE_COMPRESSIONS.join(", ")}.`;
+    },
+  },
+  {
     key: "artifactNoncurrentDays",
     check: (c) => {
       const v = int(c, "artifactNoncurrentDays");
@@ -753,6 +763,15 @@ export const AMI_RULES: readonly Rule[] = Object.freeze([
       const v = int(c, "amiVolumeGiB");
       return v !== undefined && (v < 16 || v > 16384)
         ? `${v} GiB is out of range for the AMI's root volume. Fix: use 16 to 16384, or unset it to size the volume from the image.`
+        : undefined;
+    },
+  },
+  {
+    key: "smokeTestTimeoutMinutes",
+    check: (c) => {
+      const v = int(c, "smokeTestTimeoutMinutes");
+      return v !== undefined && (v < 10 || v > 240)
+        ? `${v} minutes is out of range for the smoke test (a metal instance alone takes minutes to boot, and a longer bound only costs more when the VM never answers). Fix: use 10 to 240.`
         : undefined;
     },
   },

@@ -153,6 +153,13 @@ export const CONFIG_KEYS: readonly KeySpec[] = Object.freeze([
     description: "Local target only: S3-compatible endpoint for an s3:// artifactUri (e.g. http://127.0.0.1:9000).",
   },
   {
+    key: "imageCompression",
+    type: "string",
+    default: "none",
+    description:
+      "How the published disk.qcow2 stores its clusters: none or zstd (smaller to store and fetch). The bake and the local VM always run an uncompressed copy.",
+  },
+  {
     key: "localWorkDir",
     type: "string",
     default: ".work/local",
@@ -353,6 +360,20 @@ export const CONFIG_KEYS: readonly KeySpec[] = Object.freeze([
     description:
       "Image matrix: a list of variants, each built on its own host in parallel, published under artifactPrefix + name + / and baked to its own AMI. Each is {name, windowsImageUrl, windowsImageSha256, windowsVersion, ...} and may override the stack's image, host type and volume, VM and guest keys. Unset: the stack's own single image.",
   },
+  {
+    key: "smokeTest",
+    type: "boolean",
+    default: true,
+    description:
+      "After each bake, boot the new AMI on a metal instance of the host type and promote it (the SSM parameter /<project>/<stack>/<variant>/ami-id, output promotedAmiId) only once its VM answered SSH and the guest check passed. false: promote right after the bake.",
+  },
+  {
+    key: "smokeTestTimeoutMinutes",
+    type: "integer",
+    default: 45,
+    description:
+      "Bound of the smoke test, from the instance's launch to the guest check passing (10 to 240); a metal instance takes minutes to boot.",
+  },
   // ---- lifecycle
   {
     key: "retainAmiOnDelete",
@@ -401,6 +422,7 @@ export const VARIANT_KEYS: readonly string[] = Object.freeze([
   "openSshZipUrl",
   "openSshZipSha256",
   "answerFileInImage",
+  "imageCompression",
   // host
   "hostInstanceType",
   "hostAmiId",

@@ -137,3 +137,20 @@ export function gravitonCounterpart(name: string): string {
   const size = m && family.sizes.includes(m[2]) ? m[2] : "large";
   return `${family.family}.${size}`;
 }
+
+/** The GIC version the VM is given (run-vm.sh VM_GIC_VERSION). */
+export type GicVersion = "2" | "3";
+
+/**
+ * The interrupt controller the VM gets on a host type, set explicitly so that
+ * neither a QEMU upgrade nor a host change switches it under an installed
+ * Windows. With KVM and no gic-version, QEMU picks GICv2 when the host's GIC
+ * can emulate one and the VM has at most 8 vCPUs, else GICv3 with ITS:
+ * a1.metal (Graviton1) got GICv2 from the original launcher's 4 vCPUs, and
+ * keeps it; more vCPUs there, and every later Graviton, get GICv3. Under TCG
+ * (no host GIC) GICv3, which QEMU emulates with its ITS (MSI-X for NVMe).
+ */
+export function gicVersionFor(host: HostType, accel: "kvm" | "tcg", cpus: number): GicVersion {
+  if (accel === "tcg") return "3";
+  return host.generation === 1 && cpus <= 8 ? "2" : "3";
+}

@@ -23,6 +23,21 @@ export interface ManifestFile {
   size: number;
 }
 
+/** How the published qcow2's clusters are stored (config imageCompression). */
+export const IMAGE_COMPRESSIONS = ["none", "zstd"] as const;
+export type ImageCompression = (typeof IMAGE_COMPRESSIONS)[number];
+
+/** The file the guest's check step writes, published next to the manifest. */
+export const SOFTWARE_REPORT_FILE = "software-report.json";
+
+/** The software report published with the image (`<prefix>/<sha256>/software-report.json`). */
+export interface ManifestSoftwareReport {
+  name: typeof SOFTWARE_REPORT_FILE;
+  uri: string;
+  sha256: string;
+  size: number;
+}
+
 /** The host's QEMU and firmware the image ran with (null: not known on that host). */
 export interface ManifestHost {
   /** First line of `qemu-system-aarch64 --version`. */
@@ -43,9 +58,9 @@ export interface ManifestMachine {
   memoryGiB: number | null;
   /** VM_ACCEL: kvm or tcg (null: not in the env file). */
   accel: string | null;
-  /** VM_MACHINE_TYPE, only when the env file sets it. */
+  /** VM_MACHINE_TYPE (virt-X.Y) from VM_DIR/vm-resolved.env, else from the env file; absent when neither has it. */
   machineType?: string;
-  /** VM_GIC_VERSION, only when the env file sets it. */
+  /** VM_GIC_VERSION from VM_DIR/vm-resolved.env, else from the env file; absent when neither has it. */
   gicVersion?: string;
 }
 
@@ -59,6 +74,12 @@ export interface Manifest {
   format: string;
   /** The disk's virtual size in bytes. */
   virtualSize: number;
+  /** How disk.qcow2's clusters are stored: none or zstd. */
+  compression: ImageCompression;
+  /** Guest data the image holds: its `qemu-img map` extents with data that are not zero. */
+  allocatedBytes: number;
+  /** Bytes of the published (flattened, compacted) disk.qcow2: equals size. */
+  publishedBytes: number;
   imageUri: string;
   varsUri: string;
   varsSha256: string;
@@ -69,6 +90,8 @@ export interface Manifest {
   manifestUri: string;
   /** Every file of the image: disk.qcow2, QEMU_VARS.fd, QEMU_EFI.fd. */
   files: ManifestFile[];
+  /** The guest's software report next to the manifest (null: the VM folder had none). */
+  softwareReport: ManifestSoftwareReport | null;
   host: ManifestHost;
   /** null when the publish was not told the VM env file. */
   machine: ManifestMachine | null;
@@ -136,6 +159,33 @@ export function parseManifest(stdout: string): Manifest {
   const disk = named("disk.qcow2")[0];
   if (disk.sha256 !== m.sha256 || disk.uri !== m.imageUri) {
     throw new Error("publish-image.sh manifest files entry disk.qcow2 disagrees with sha256/imageUri");
+  }
+  if (!(IMAGE_COMPRESSIONS as readonly unknown[]).includes(m.compression)) {
+    throw new Error(
+      `publish-image.sh manifest compression is not ${IMAGE_COMPRESSIONS.join(" or ")}: ${JSON.stringify(m.compression)}`,
+    );
+  }
+  for (const k of ["allocatedBytes", "publishedBytes"] as const) {
+    if (!isSize(m[k])) throw new Error(`publish-image.sh manifest ${k} is not a byte count: ${JSON.stringify(m[k])}`);
+  }
+  if (m.publishedBytes !== disk.size) {
+    throw new Error("publish-image.sh manifest publishedBytes disagrees with the size of disk.qcow2");
+  }
+  const r = m.softwareReport;
+  if (r !== null) {
+    const e = (typeof r === "object" && !Array.isArray(r) ? r : {}) as Record<string, unknown>;
+    if (
+      e.name !== SOFTWARE_REPORT_FILE ||
+      typeof e.uri !== "string" ||
+      e.uri === "" ||
+      typeof e.sha256 !== "string" ||
+      !SHA256.test(e.sha256) ||
+      !isSize(e.size)
+    ) {
+      throw new Error(
+        `publish-image.sh manifest softwareReport needs name ${SOFTWARE_REPORT_FILE}, a uri, a 64-hex sha256 and a size, or null: ${JSON.stringify(r)?.slice(0, 200)}`,
+      );
+    }
   }
   return m as unknown as Manifest;
 }

@@ -27,7 +27,12 @@
 #      <mtime>") records it, so a rerun skips a verified file. s3:// downloads
 #      are tried BAKE_FETCH_ATTEMPTS times unless the object is missing or
 #      access is denied; file:// sources are copied;
-#   3. check disk.qcow2 with qemu-img (format, virtual size), and that every
+#   3. check disk.qcow2 with qemu-img (format, virtual size); a compressed one
+#      (publish's IMAGE_COMPRESSION=zstd: clusters without a host offset in
+#      `qemu-img map`) is converted once into an uncompressed qcow2 (free
+#      space checked with `qemu-img measure`), since the image VM always
+#      runs an uncompressed disk, and its NAME.sha256 then records the
+#      converted file as derived from the verified download; check that every
 #      file ENV_FILE names (VM_DISK, VM_EFI_*, VM_DRIVERS_ISO, VM_INSTALL_ISO)
 #      is now in place, since run-vm.sh would refuse to start without it;
 #   4. wait for cloud-init to finish (BAKE_ROOT=/ only), then prepare-ami.sh
@@ -296,6 +301,29 @@ worker() { # STATE_DIR MANIFEST_JSON ENV_FILE
   got_vsize=$(jq -r '."virtual-size"' <<<"$info")
   [[ -z $vsize || $got_vsize == "$vsize" ]] ||
     die "disk.qcow2 has a virtual size of $got_vsize bytes, the manifest says $vsize"
+
+  # The image VM runs an uncompressed disk: a compressed one is converted once.
+  qemu-img map -f qcow2 --output=json -- "$dir/disk.qcow2" >"$state/map.json" 2>"$state/map.err" ||
+    die "qemu-img map of disk.qcow2 failed: $(grep -v '^[[:space:]]*$' "$state/map.err" | tail -n 1)"
+  if jq -e 'any(.[]; .data and (has("offset") | not))' "$state/map.json" >/dev/null; then
+    stage "decompressing disk.qcow2 (the image VM runs an uncompressed copy)"
+    need=$(qemu-img measure --output=json -O qcow2 -f qcow2 -- "$dir/disk.qcow2" 2>"$state/map.err" | jq -r '.required') ||
+      die "qemu-img measure of disk.qcow2 failed: $(grep -v '^[[:space:]]*$' "$state/map.err" | tail -n 1)"
+    avail=$(df -B1 --output=avail -- "$dir" | tail -n 1 | tr -d ' ')
+    if [[ $avail =~ ^[0-9]+$ && $need =~ ^[0-9]+$ ]] && ((avail < need + 268435456)); then
+      die "not enough space in $vm_dir to decompress disk.qcow2: it needs $(mib "$need") MiB (+256 MiB), $(mib "$avail") MiB are free; give the bake instance a larger volume"
+    fi
+    t0=$SECONDS
+    rm -f -- "$dir/disk.qcow2.plain"
+    qemu-img convert -f qcow2 -O qcow2 -- "$dir/disk.qcow2" "$dir/disk.qcow2.plain" 2>"$state/map.err" || {
+      rm -f -- "$dir/disk.qcow2.plain"
+      die "decompressing disk.qcow2 failed: $(grep -v '^[[:space:]]*$' "$state/map.err" | tail -n 1)"
+    }
+    chmod 0600 -- "$dir/disk.qcow2.plain"
+    mv -f -- "$dir/disk.qcow2.plain" "$dir/disk.qcow2"
+    printf '%s %s\n' "$image_sha" "$(stamp_of "$dir/disk.qcow2")" >"$dir/disk.qcow2.sha256"
+    log "decompressed disk.qcow2 in $((SECONDS - t0)) s: $(mib "$(stat -c %s -- "$dir/disk.qcow2")") MiB"
+  fi
 
   # run-vm.sh refuses to start when a file the env names is missing: check now.
   stage "checking that the files $env_file names are in place"

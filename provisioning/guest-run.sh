@@ -38,6 +38,13 @@
 #
 # Env: GUEST_RUN_RETRIES [3] attempts in all; GUEST_RUN_BOOT_TIMEOUT_S
 #   [3600] the wait for the guest's SSH after a start or a drop;
+#   GUEST_RUN_REPORT (a file on this host, e.g. $VM_DIR/software-report.json):
+#   the guest's software report arrives as one stdout line
+#   "windows-arm64-image-software-report: <base64 of the JSON>"; that line is
+#   not printed but decoded, checked to be a JSON object (jq) and written
+#   there (through a temporary file). The file is removed before the guest
+#   command runs, so a report is always this run's; a guest command that
+#   succeeds without sending one fails (exit 4);
 #   VM_* variables override the env file (as for run-vm.sh).
 # Output: the guest command's stdout and stderr; guest-run's own lines
 #   (each attempt, the VM start) on stderr, prefixed "guest-run:".
@@ -45,7 +52,7 @@
 #   ("guest-run: the guest command failed with exit code N"); 255 SSH
 #   failed on every attempt; 3 the VM is not running or exited; 1 the VM
 #   could not be started or its SSH did not come up; 2 bad usage or no key
-#   on stdin.
+#   on stdin; 4 GUEST_RUN_REPORT is set and no valid report arrived.
 set -euo pipefail
 # shellcheck source=SCRIPTDIR/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -71,6 +78,27 @@ retries=${GUEST_RUN_RETRIES:-3}
 [[ $retries =~ ^[1-9][0-9]?$ ]] || usage "GUEST_RUN_RETRIES='$retries' is not a number of attempts (1-99)"
 boot_timeout_s=${GUEST_RUN_BOOT_TIMEOUT_S:-3600}
 [[ $boot_timeout_s =~ ^[1-9][0-9]*$ ]] || usage "GUEST_RUN_BOOT_TIMEOUT_S='$boot_timeout_s' is not a positive number of seconds"
+report=${GUEST_RUN_REPORT:-}
+readonly REPORT_TAG="windows-arm64-image-software-report: "
+if [[ -n $report ]]; then
+  [[ -d $(dirname -- "$report") ]] || usage "GUEST_RUN_REPORT '$report': its folder does not exist"
+  command -v jq >/dev/null || usage "GUEST_RUN_REPORT needs jq (install the jq package)"
+  rm -f -- "$report" "$report.tmp" || usage "GUEST_RUN_REPORT '$report' cannot be removed"
+fi
+
+# Passes the guest command's stdout through, except the report line, which
+# (with GUEST_RUN_REPORT) is decoded into $report.tmp.
+report_filter() {
+  local line
+  while IFS= read -r line || [[ -n $line ]]; do
+    if [[ -n $report && $line == "$REPORT_TAG"* ]]; then
+      line=${line#"$REPORT_TAG"}
+      printf '%s' "${line%$'\r'}" | base64 -d >"$report.tmp" 2>/dev/null || printf 'not base64\n' >"$report.tmp"
+    else
+      printf '%s\n' "$line"
+    fi
+  done
+}
 
 # The VM's files, from the launcher itself (one parser, one set of defaults).
 pid_file="" serial_log=""
@@ -118,10 +146,24 @@ attempt=1
 while :; do
   log "attempt $attempt/$retries: running the guest command as $guest_user@127.0.0.1:$port"
   rc=0
+  [[ -z $report ]] || rm -f -- "$report.tmp"
   # shellcheck disable=SC2029 # the command is for the guest's shell, as given
-  ssh "${ssh_opts[@]}" "$guest_user@127.0.0.1" "$guest_command" < <(printf '%s' "$payload") || rc=$?
+  ssh "${ssh_opts[@]}" "$guest_user@127.0.0.1" "$guest_command" < <(printf '%s' "$payload") | report_filter || rc=$?
   if ((rc == 0)); then
     log "the guest command succeeded (attempt $attempt/$retries)"
+    if [[ -n $report ]]; then
+      if [[ ! -s $report.tmp ]]; then
+        log "the guest command sent no software report (a \"$REPORT_TAG...\" line); $report not written"
+        exit 4
+      fi
+      if ! jq -e 'type == "object"' "$report.tmp" >/dev/null 2>&1; then
+        rm -f -- "$report.tmp"
+        log "the software report the guest sent is not a JSON object; $report not written"
+        exit 4
+      fi
+      mv -f -- "$report.tmp" "$report"
+      log "software report saved to $report ($(stat -c %s -- "$report") bytes)"
+    fi
     exit 0
   fi
   if ((rc != 255)); then

@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
 # publish-image.sh - publish the provisioned VM (disk, EFI variable store and
 # the firmware it boots from) to S3 or to a folder, content-addressed, with a
-# manifest.
+# manifest. The disk is published flattened and compacted: one self-contained
+# qcow2 written by `qemu-img convert -O qcow2` (no backing file, no zeroed or
+# discarded clusters), zstd-compressed when IMAGE_COMPRESSION=zstd. The VM's
+# own disk is only read.
 #
 # Usage: publish-image.sh VM_DIR DEST_URI
 #
-#   VM_DIR    directory holding disk.qcow2, QEMU_VARS.fd and QEMU_EFI.fd (the
-#             VM must be off)
+#   VM_DIR    directory holding disk.qcow2 (standalone, or an overlay on a
+#             backing chain), QEMU_VARS.fd and QEMU_EFI.fd (the VM must be
+#             off), and software-report.json when the guest wrote one
 #   DEST_URI  s3://bucket/prefix/ (trailing slash optional; the prefix may be
 #             empty), or file:///absolute/dir/ (percent-encoding allowed; the
 #             folder is created when missing)
@@ -15,11 +19,15 @@
 #   PUBLISH_VM_ENV       the VM env file the image ran with (KEY=value lines,
 #                        as run-vm.sh reads them). Its VM_MACHINE_OPTS, VM_CPUS,
 #                        VM_MEMORY_GIB, VM_ACCEL (and VM_MACHINE_TYPE,
-#                        VM_GIC_VERSION when set) are recorded as "machine";
+#                        VM_GIC_VERSION when set; VM_DIR/vm-resolved.env, which
+#                        run-vm.sh writes at each start, overrides these two)
+#                        are recorded as "machine";
 #                        its VM_DIR, VM_DISK, VM_EFI_CODE and VM_EFI_VARS, when
 #                        set, must be VM_DIR and its files. Unset: "machine" is
 #                        null.
 #   S3_ENDPOINT_URL      passed to aws as --endpoint-url (S3-compatible servers)
+#   IMAGE_COMPRESSION    none (default) or zstd: how the published qcow2's
+#                        clusters are stored (recorded as compression)
 #   IMAGE_SOURCE_URL     recorded in the manifest as sourceUrl (null when unset)
 #   IMAGE_SOURCE_SHA256  recorded as sourceSha256 (64 hex digits, null when unset)
 #   WINDOWS_VERSION      recorded as windowsVersion (null when unset)
@@ -33,15 +41,19 @@
 # disk or variable store held by a running QEMU (qemu-img cannot take the
 # shared lock); a disk that `qemu-img check` finds corrupt or cannot check
 # (leaked clusters only warn: they waste space, they lose nothing); a disk with
-# a backing file or an external data file (a published image is
-# self-contained); a QEMU_EFI.fd that is not 64 MiB; a manifest that would not
-# fit its stdout line (under 4 KiB: a very long DEST_URI, which appears in
-# seven URIs, or IMAGE_SOURCE_URL). Fails if the disk changes during the upload.
+# an external data file; a software-report.json that is not a JSON object; a
+# QEMU_EFI.fd that is not 64 MiB; a manifest that would not fit its stdout line
+# (under 4 KiB: a very long DEST_URI, which appears in seven URIs, eight with a
+# software report, or IMAGE_SOURCE_URL); too little free space for the
+# flattened copy (`qemu-img measure`). Fails if the disk or a file of its
+# backing chain changes while it is converted.
 #
 # Layout (<p> = the prefix or folder, <sha> = SHA-256 of disk.qcow2):
 #   <p>/<sha>/disk.qcow2     the image, content-addressed
 #   <p>/<sha>/QEMU_VARS.fd   the EFI variable store that goes with it
 #   <p>/<sha>/QEMU_EFI.fd    the 64 MiB firmware it was booted from
+#   <p>/<sha>/software-report.json  the guest's software report (when VM_DIR
+#                            has one), named in the manifest with its SHA-256
 #   <p>/<sha>/manifest.json  written last in <p>/<sha>/: present = complete
 #   <p>/latest.json          the newest manifest; written only after everything
 #                            above is verified, and never replaced by an older
@@ -50,7 +62,7 @@
 #                            the streamed disk; the bucket's lifecycle rule
 #                            expires <p>/staging/ and incomplete multipart
 #                            uploads, for runs killed before they could delete
-#                            it. Folder: the streamed disk and every temporary
+#                            it. Folder: the flattened disk and every temporary
 #                            file, owned by a run through a lock on <id>/lock;
 #                            the next run removes those whose lock nobody holds
 #                            (and unlocked ones older than a day).
@@ -60,32 +72,43 @@
 # staging). On S3 a run killed after the server-side copy can leave <sha>/
 # objects without manifest.json: incomplete by the rule above, never named by
 # latest.json, completed by the next publish of the same disk.
-# Local temporary files live in a private mktemp folder under TMPDIR, removed
-# on exit; one left by a killed run is removed by the next run (same lock).
+# Local temporary files (for S3 also the flattened disk, so TMPDIR needs its
+# size free) live in a private mktemp folder under TMPDIR, removed on exit; one
+# left by a killed run is removed by the next run (same lock).
 #
 # Manifest (manifestVersion 2): stdout is exactly one line, the manifest as
 # compact JSON, under 4 KiB:
 #   {"manifestVersion":2,"sha256":...,"size":...,"format":"qcow2","virtualSize":...,
+#    "compression":"none"|"zstd","allocatedBytes":...,"publishedBytes":...,
 #    "imageUri":...,"varsUri":...,"varsSha256":...,"varsSize":...,
 #    "efiUri":...,"efiSha256":...,"efiSize":...,"manifestUri":...,
 #    "files":[{"name":"disk.qcow2","uri":...,"sha256":...,"size":...},
 #             {"name":"QEMU_VARS.fd",...},{"name":"QEMU_EFI.fd",...}],
+#    "softwareReport":{"name":"software-report.json","uri":...,"sha256":...,"size":...}|null,
 #    "host":{"qemuVersion":...,"qemuPackage":...,"firmwarePackage":...},
 #    "machine":{"machineOptions":...,"cpus":...,"memoryGiB":...,"accel":...}|null,
 #    "sourceUrl":...,"sourceSha256":...,"windowsVersion":...,"createdAt":"...Z"}
 # host: first line of `qemu-system-aarch64 --version`, and the dpkg versions of
 # qemu-system-arm and qemu-efi-aarch64 (each null when not known here).
+# virtualSize: the disk's size as the guest sees it; allocatedBytes: the guest
+# data the image holds (its `qemu-img map` extents with data that are not
+# zero); publishedBytes (= size): the bytes of the published disk.qcow2.
 #
-# How: the disk is read once. It is hashed while it streams to staging (tee to
-# openssl/sha256sum and `aws s3 cp -`, or to the staging file), then copied
-# server-side to its content-addressed key (in a folder: renamed), sizes
-# checked, the manifest written and read back, and latest.json written last.
-# In a folder every file is flushed to disk before it is renamed into place,
-# and the free space is checked before the copy.
-# $VM_DIR/disk.qcow2.sha256 ("<sha256> <size> <mtime>") records the hash;
-# while it matches the disk and <p>/<sha>/ holds it, a rerun uploads no disk:
-# a complete manifestVersion 2 set is kept as it is; an older manifest (or
-# other variables or firmware) gets the small files and a new manifest.
+# How: the disk (through its backing chain) is converted once into a new
+# qcow2 (in a folder: in its staging folder; S3: in the work folder), which is
+# checked (`qemu-img check`), hashed while it streams to staging (tee to
+# openssl/sha256sum and `aws s3 cp -`; in a folder hashed where it is), then
+# copied server-side to its content-addressed key (in a folder: renamed),
+# sizes checked, the manifest written and read back, and latest.json written
+# last. In a folder every file is flushed to disk before it is renamed into
+# place. The conversion is deterministic: the same disk and compression give
+# the same bytes, hence the same <sha>.
+# $VM_DIR/disk.qcow2.sha256 ("<sha256> <size> <compression> <chain digest>
+# <allocated>") records the published hash for this disk (the chain digest
+# covers the size, mtime and inode of every file of its backing chain); while
+# it matches and <p>/<sha>/ holds the disk, a rerun converts and uploads no
+# disk: a complete set is kept as it is; an older manifest (or other
+# variables, firmware or report) gets the small files and a new manifest.
 #
 # latest.json never moves backwards: of two manifests the newer is the one
 # with the larger (createdAt, sha256). latest.json is written only when it is
@@ -175,10 +198,17 @@ source_sha=${source_sha,,}
 windows_version=${WINDOWS_VERSION:-}
 [[ -z $source_sha || $source_sha =~ ^[0-9a-f]{64}$ ]] ||
   die "IMAGE_SOURCE_SHA256 '$IMAGE_SOURCE_SHA256' is not 64 hex digits"
+compression=${IMAGE_COMPRESSION:-none}
+case $compression in
+  none) convert_opts=() ;;
+  zstd) convert_opts=(-c -o compression_type=zstd) ;;
+  *) die "IMAGE_COMPRESSION '$compression' is not none or zstd" ;;
+esac
 
 disk=$vm_dir/disk.qcow2
 vars=$vm_dir/QEMU_VARS.fd
 efi=$vm_dir/QEMU_EFI.fd
+report=$vm_dir/software-report.json
 stamp=$disk.sha256
 [[ -f $disk ]] || die "$disk not found"
 [[ -f $vars ]] || die "$vars not found"
@@ -206,6 +236,12 @@ if [[ -n ${PUBLISH_VM_ENV:-} ]]; then
       die "PUBLISH_VM_ENV $vm_env:$n is not a KEY=value line: '${line:0:80}'"
     venv[${BASH_REMATCH[1]}]=${BASH_REMATCH[2]}
   done <"$vm_env"
+  # The machine type and GIC version run-vm.sh resolved at the VM's last start win.
+  if [[ -r $vm_dir/vm-resolved.env ]]; then
+    while IFS= read -r line || [[ -n $line ]]; do
+      if [[ $line =~ ^(VM_MACHINE_TYPE|VM_GIC_VERSION)=([A-Za-z0-9._-]+)$ ]]; then venv[${BASH_REMATCH[1]}]=${BASH_REMATCH[2]}; fi
+    done <"$vm_dir/vm-resolved.env"
+  fi
   for k in VM_CPUS VM_MEMORY_GIB; do
     [[ -z ${venv[$k]:-} || ${venv[$k]} =~ ^[0-9]+$ ]] ||
       die "PUBLISH_VM_ENV $vm_env: $k '${venv[$k]}' is not a whole number"
@@ -337,15 +373,17 @@ s3_absent() { # KEY
   [[ $found != "$1" ]]
 }
 
-# Sets SZ_DISK, SZ_VARS and SZ_EFI to the sizes of <SHA>/disk.qcow2,
-# QEMU_VARS.fd and QEMU_EFI.fd ("" for a missing one): on S3 one listing.
+# Sets SZ_DISK, SZ_VARS, SZ_EFI and SZ_REPORT to the sizes of <SHA>/disk.qcow2,
+# QEMU_VARS.fd, QEMU_EFI.fd and software-report.json ("" for a missing one):
+# on S3 one listing.
 sizes_of() { # SHA
   local k s
-  SZ_DISK='' SZ_VARS='' SZ_EFI=''
+  SZ_DISK='' SZ_VARS='' SZ_EFI='' SZ_REPORT=''
   if [[ $backend == file ]]; then
     [[ ! -f $root/$1/disk.qcow2 ]] || SZ_DISK=$(stat -c %s -- "$root/$1/disk.qcow2")
     [[ ! -f $root/$1/QEMU_VARS.fd ]] || SZ_VARS=$(stat -c %s -- "$root/$1/QEMU_VARS.fd")
     [[ ! -f $root/$1/QEMU_EFI.fd ]] || SZ_EFI=$(stat -c %s -- "$root/$1/QEMU_EFI.fd")
+    [[ ! -f $root/$1/software-report.json ]] || SZ_REPORT=$(stat -c %s -- "$root/$1/software-report.json")
     return 0
   fi
   s3 s3api list-objects-v2 --bucket "$bucket" --prefix "$(key "$1/")" \
@@ -356,16 +394,20 @@ sizes_of() { # SHA
       "$(key "$1/disk.qcow2")") SZ_DISK=$s ;;
       "$(key "$1/QEMU_VARS.fd")") SZ_VARS=$s ;;
       "$(key "$1/QEMU_EFI.fd")") SZ_EFI=$s ;;
+      "$(key "$1/software-report.json")") SZ_REPORT=$s ;;
     esac
   done <"$work/sizes"
 }
 
-# Dies unless <SHA>/ holds the three files with this run's sizes.
+# Dies unless <SHA>/ holds the three files (and the report, when there is
+# one) with this run's sizes.
 verify_sizes() { # SHA
   sizes_of "$1"
   [[ $SZ_DISK == "$size" ]] || die "$(uri "$1/disk.qcow2") is ${SZ_DISK:-missing}, expected $size bytes"
   [[ $SZ_VARS == "$vars_size" ]] || die "$(uri "$1/QEMU_VARS.fd") is ${SZ_VARS:-missing}, expected $vars_size bytes"
   [[ $SZ_EFI == "$efi_size" ]] || die "$(uri "$1/QEMU_EFI.fd") is ${SZ_EFI:-missing}, expected $efi_size bytes"
+  [[ -z $report_sha || $SZ_REPORT == "$report_size" ]] ||
+    die "$(uri "$1/software-report.json") is ${SZ_REPORT:-missing}, expected $report_size bytes"
 }
 
 # Copies KEY to FILE; status 1 when it does not exist. S3: sets ETAG to its ETag.
@@ -454,21 +496,27 @@ ensure_not_in_use() { # FILE FORMAT
   fi
 }
 
-# --- the disk: not in use, self-contained, consistent -----------------------------
+# --- the disk: not in use, its backing chain, consistent ----------------------------
 ensure_not_in_use "$disk" qcow2
 ensure_not_in_use "$vars" raw
 
-disk_stat=$(stat -c '%s %.9Y' -- "$disk")
-size=${disk_stat%% *}
-qemu-img info -U --output=json -f qcow2 -- "$disk" >"$work/info.json" 2>"$work/op.err" ||
-  die "qemu-img cannot read $disk: $(op_error)"
-vsize=$(jq -r '."virtual-size"' "$work/info.json")
-backing=$(jq -r '."backing-filename" // empty' "$work/info.json")
-[[ -z $backing ]] ||
-  die "$disk has a backing file ($backing): publish writes a self-contained image; flatten it first (qemu-img convert -O qcow2)"
-data_file=$(jq -r '."format-specific".data."data-file" // empty' "$work/info.json")
+disk_abs=$(realpath -- "$disk") || die "cannot resolve the path of $disk"
+qemu-img info -U --backing-chain --output=json -f qcow2 -- "$disk_abs" >"$work/info.json" 2>"$work/op.err" ||
+  die "qemu-img cannot read $disk (or a file of its backing chain): $(op_error)"
+vsize=$(jq -r '.[0]."virtual-size"' "$work/info.json")
+data_file=$(jq -r '[.[]."format-specific".data."data-file" // empty] | first // empty' "$work/info.json")
 [[ -z $data_file ]] ||
   die "$disk keeps its data in an external file ($data_file): publish writes a self-contained image; convert it first (qemu-img convert -O qcow2)"
+mapfile -t chain < <(jq -r '.[].filename' "$work/info.json")
+((${#chain[@]} > 0)) || die "qemu-img info names no file for $disk"
+# chain_state: size, mtime and inode of every file of the chain (a change
+# while publish reads them, or since the stamp, shows there).
+chain_state() { stat -c '%s %.9Y %i %n' -- "${chain[@]}" 2>/dev/null || echo gone; }
+chain_stat=$(chain_state)
+chain_digest=$(printf '%s\n%s\n' "$compression" "$chain_stat" | sha256_of) || die "could not hash the chain's state"
+if ((${#chain[@]} > 1)); then
+  log "$disk is an overlay on ${chain[*]:1}: it is published flattened"
+fi
 log "checking $disk (qemu-img check)"
 check_rc=0
 timeout 1800 qemu-img check -f qcow2 --output=json -- "$disk" >"$work/check.json" 2>"$work/check.err" || check_rc=$?
@@ -484,11 +532,30 @@ esac
 vars_size=$(stat -c %s -- "$vars")
 vars_sha=$(sha256_of "$vars") || die "could not read $vars"
 efi_sha=$(sha256_of "$efi") || die "could not read $efi"
+report_sha=
+report_size=
+if [[ -e $report ]]; then
+  jq -e 'type == "object"' >/dev/null 2>&1 <"$report" ||
+    die "$report is not a JSON object (the check step writes it); remove it or provision again"
+  report_size=$(stat -c %s -- "$report")
+  report_sha=$(sha256_of "$report") || die "could not read $report"
+fi
+
+# Placeholders until the flattened disk exists: the line-length check before
+# anything is written uses them (the real numbers have no more digits).
+size=$(stat -c %s -- "$disk")
+allocated=$vsize
 
 # Sets MANIFEST to the manifest for SHA, created at CREATED_AT.
 build_manifest() { # SHA CREATED_AT
+  local report_json=null
+  if [[ -n $report_sha ]]; then
+    report_json=$(jq -cn --arg uri "$(uri "$1/software-report.json")" --arg sha "$report_sha" \
+      --argjson size "$report_size" '{name: "software-report.json", uri: $uri, sha256: $sha, size: $size}')
+  fi
   MANIFEST=$(jq -cn \
     --arg sha "$1" --argjson size "$size" --argjson vsize "$vsize" \
+    --arg compression "$compression" --argjson allocated "$allocated" --argjson report "$report_json" \
     --arg image "$(uri "$1/disk.qcow2")" --arg varsUri "$(uri "$1/QEMU_VARS.fd")" --arg efiUri "$(uri "$1/QEMU_EFI.fd")" \
     --arg varsSha "$vars_sha" --argjson varsSize "$vars_size" --arg efiSha "$efi_sha" --argjson efiSize "$efi_size" \
     --arg manifestUri "$(uri "$1/manifest.json")" --argjson host "$host_json" --argjson machine "$machine_json" \
@@ -496,12 +563,13 @@ build_manifest() { # SHA CREATED_AT
     --arg createdAt "$2" \
     'def orNull: if . == "" then null else . end;
      {manifestVersion: 2, sha256: $sha, size: $size, format: "qcow2", virtualSize: $vsize,
+      compression: $compression, allocatedBytes: $allocated, publishedBytes: $size,
       imageUri: $image, varsUri: $varsUri, varsSha256: $varsSha, varsSize: $varsSize,
       efiUri: $efiUri, efiSha256: $efiSha, efiSize: $efiSize, manifestUri: $manifestUri,
       files: [{name: "disk.qcow2", uri: $image, sha256: $sha, size: $size},
               {name: "QEMU_VARS.fd", uri: $varsUri, sha256: $varsSha, size: $varsSize},
               {name: "QEMU_EFI.fd", uri: $efiUri, sha256: $efiSha, size: $efiSize}],
-      host: $host, machine: $machine,
+      softwareReport: $report, host: $host, machine: $machine,
       sourceUrl: ($sourceUrl | orNull), sourceSha256: ($sourceSha | orNull),
       windowsVersion: ($winver | orNull), createdAt: $createdAt}')
 }
@@ -511,7 +579,7 @@ ensure_fits() { # JSON
   local n
   n=$(printf '%s\n' "$1" | wc -c)
   ((n < MAX_LINE)) ||
-    die "the manifest would be a $n-byte line, and it must stay under $MAX_LINE bytes: DEST_URI is ${#dest_uri} characters (it appears in 7 URIs), IMAGE_SOURCE_URL ${#source_url}; use a shorter prefix or folder"
+    die "the manifest would be a $n-byte line, and it must stay under $MAX_LINE bytes: DEST_URI is ${#dest_uri} characters (it appears in $((${#report_sha} ? 8 : 7)) URIs), IMAGE_SOURCE_URL ${#source_url}; use a shorter prefix or folder"
 }
 build_manifest "$(printf '%064d' 0)" "1970-01-01T00:00:00Z"
 ensure_fits "$MANIFEST"
@@ -521,12 +589,15 @@ ensure_fits "$MANIFEST"
 #                <sha>/disk.qcow2 has its size; PUB_JSON is that manifest
 #   PUB_VARS_OK, PUB_EFI_OK  the manifest records this QEMU_VARS.fd /
 #                QEMU_EFI.fd (sha256) and the object has its size
-#   PUB_COMPLETE all three, in a manifestVersion 2 that names this location
+#   PUB_REPORT_OK the manifest records this software report (sha256, and the
+#                object has its size), or none when there is none
+#   PUB_COMPLETE all of them, in a manifestVersion 2 that names this location
+#                and records the compaction (publishedBytes)
 #   PUB_CREATED  its createdAt when every file it records is this run's (a
 #                manifestVersion 1 records no firmware), else ""
 published_state() { # SHA
   local m=$work/published.json
-  PUB_JSON='' PUB_DISK_OK=0 PUB_VARS_OK=0 PUB_EFI_OK=0 PUB_COMPLETE=0 PUB_CREATED=''
+  PUB_JSON='' PUB_DISK_OK=0 PUB_VARS_OK=0 PUB_EFI_OK=0 PUB_REPORT_OK=0 PUB_COMPLETE=0 PUB_CREATED=''
   get_object "$(key "$1/manifest.json")" "$m" || return 0
   jq -e --arg sha "$1" --argjson size "$size" 'type == "object" and .sha256 == $sha and .size == $size' \
     >/dev/null 2>&1 <"$m" || return 0
@@ -540,13 +611,19 @@ published_state() { # SHA
   if [[ $SZ_EFI == "$efi_size" ]] && jq -e --arg s "$efi_sha" '.efiSha256 == $s' >/dev/null <"$m"; then
     PUB_EFI_OK=1
   fi
-  if ((PUB_VARS_OK)) && { ((PUB_EFI_OK)) || jq -e '.efiSha256 == null' >/dev/null <"$m"; }; then
+  if [[ -z $report_sha ]]; then
+    jq -e '.softwareReport == null' >/dev/null <"$m" && PUB_REPORT_OK=1
+  elif [[ $SZ_REPORT == "$report_size" ]] && jq -e --arg s "$report_sha" '.softwareReport.sha256? == $s' >/dev/null <"$m"; then
+    PUB_REPORT_OK=1
+  fi
+  if ((PUB_VARS_OK && PUB_REPORT_OK)) && { ((PUB_EFI_OK)) || jq -e '.efiSha256 == null' >/dev/null <"$m"; }; then
     PUB_CREATED=$(jq -r '.createdAt // empty' <"$m")
     [[ $PUB_CREATED =~ $ISO_TIME ]] || PUB_CREATED=
   fi
-  if ((PUB_VARS_OK && PUB_EFI_OK)) &&
+  if ((PUB_VARS_OK && PUB_EFI_OK && PUB_REPORT_OK)) &&
     jq -e --arg u "$(uri "$1/manifest.json")" --arg i "$(uri "$1/disk.qcow2")" \
-      '.manifestVersion == 2 and .manifestUri == $u and .imageUri == $i and (.files | length) == 3' \
+      '.manifestVersion == 2 and .manifestUri == $u and .imageUri == $i and (.files | length) == 3
+       and (.publishedBytes | type) == "number"' \
       >/dev/null <"$m"; then
     PUB_COMPLETE=1
   fi
@@ -662,80 +739,134 @@ manifest=
 sha=
 PUB_DISK_OK=0
 if [[ -f $stamp ]]; then
-  read -r st_sha st_size st_mtime _ <"$stamp" || true
-  if [[ ${st_sha:-} =~ ^[0-9a-f]{64}$ && "${st_size:-} ${st_mtime:-}" == "$disk_stat" ]]; then
+  read -r st_sha st_size st_mode st_digest st_alloc _ <"$stamp" || true
+  if [[ ${st_sha:-} =~ ^[0-9a-f]{64}$ && ${st_size:-} =~ ^[0-9]+$ && ${st_alloc:-} =~ ^[0-9]+$ &&
+    ${st_mode:-} == "$compression" && ${st_digest:-} == "$chain_digest" ]]; then
     sha=$st_sha
+    size=$st_size
+    allocated=$st_alloc
     published_state "$sha"
   fi
 fi
 
-streamed=0
-if ((!PUB_DISK_OK)); then
-  if [[ $backend == file ]]; then
-    avail=$(df -B1 --output=avail -- "$root" | tail -n 1)
-    need=$((size + vars_size + efi_size + 1048576))
-    [[ ! $avail =~ ^[0-9]+$ ]] || ((avail >= need)) ||
-      die "not enough free space in $root: publishing needs $(mib "$need") MiB, $(mib "$avail") MiB are free"
-    stage_uri="file://$stage_dir/disk.qcow2"
-  else
-    staging_key=$(key "staging/$(date -u +%Y%m%dT%H%M%SZ)-$$-$RANDOM/disk.qcow2")
-    stage_uri=$(at "$staging_key")
-  fi
-  # --- stream the disk to staging, hashing it on the way -----------------------
-  log "uploading $disk ($(mib "$size") MiB) to $stage_uri, computing its SHA-256 on the way"
-  mkfifo "$work/hash.fifo" "$work/upload.fifo"
-  t0=$SECONDS
-  sha256_of <"$work/hash.fifo" >"$work/disk.sha" &
-  hasher=$!
-  put_stream "$size" <"$work/upload.fifo" 2>"$work/upload.err" &
-  uploader=$!
-  tee "$work/hash.fifo" <"$disk" >"$work/upload.fifo" &
-  reader=$!
-  pids=("$reader" "$uploader" "$hasher")
+# Runs COMMAND... in the background (its stderr to ERR_FILE), logging every
+# $interval s how much of FILE it has written (of about TOTAL bytes); returns
+# its exit status.
+with_progress() { # WHAT FILE TOTAL ERR_FILE COMMAND...
+  local what=$1 file=$2 total=$3 err=$4 pid rc=0 t0=$SECONDS
+  shift 4
+  "$@" 2>"$err" &
+  pid=$!
+  pids=("$pid")
   (
-    # Progress: how far tee has read the disk.
     sleeper=
     trap '[[ -z $sleeper ]] || kill "$sleeper" 2>/dev/null; exit 0' TERM
     while :; do
       sleep "$interval" >/dev/null 2>&1 &
       sleeper=$!
       wait "$sleeper"
-      pos=$(awk '/^pos:/ {print $2}' "/proc/$reader/fdinfo/0" 2>/dev/null) || exit 0
-      [[ -n $pos ]] || exit 0
-      el=$((SECONDS - t0))
-      log "uploaded $(mib "$pos") of $(mib "$size") MiB ($((size > 0 ? pos * 100 / size : 100))%), $((el > 0 ? pos / 1048576 / el : 0)) MiB/s"
+      pos=$(stat -c %s -- "$file" 2>/dev/null) || pos=0
+      log "$what: $(mib "$pos") of about $(mib "$total") MiB written, $((SECONDS - t0)) s"
     done
   ) &
   pids+=("$!")
-  rc_reader=0 rc_uploader=0 rc_hasher=0
-  wait "$reader" || rc_reader=$?
-  wait "$uploader" || rc_uploader=$?
-  wait "$hasher" || rc_hasher=$?
-  # Those three are reaped (their pids may be reused): only the progress loop is left to stop.
-  pids=("${pids[@]:3}")
+  wait "$pid" || rc=$?
+  pids=("${pids[@]:1}")
   kill_children
-  if ((rc_uploader != 0)); then
-    die "upload of $disk to $stage_uri failed: $(grep -v '^[[:space:]]*$' "$work/upload.err" | tail -n 1 | cut -c1-400)"
-  fi
-  staging_done=1
-  ((rc_reader == 0)) || die "reading $disk failed (tee exit $rc_reader)"
-  ((rc_hasher == 0)) || die "hashing $disk failed (exit $rc_hasher)"
-  read -r sha _ <"$work/disk.sha"
-  [[ $sha =~ ^[0-9a-f]{64}$ ]] || die "could not compute the SHA-256 of $disk"
-  el=$((SECONDS - t0))
-  log "uploaded $(mib "$size") MiB in ${el} s; sha256 $sha"
+  return "$rc"
+}
 
-  # The disk must not have changed while it was read.
-  [[ "$(stat -c '%s %.9Y' -- "$disk")" == "$disk_stat" ]] ||
-    die "$disk changed during the upload (was the VM started?); nothing was published"
-  ensure_not_in_use "$disk" qcow2
-  # (S3: the content-addressed copy's size is checked after the copy.)
+streamed=0
+if ((!PUB_DISK_OK)); then
+  # --- flatten and compact: one new qcow2, no backing file ---------------------------
   if [[ $backend == file ]]; then
-    staged_size=$(stat -c %s -- "$stage_dir/disk.qcow2")
-    [[ $staged_size == "$size" ]] || die "staging copy $stage_uri is $staged_size bytes, expected $size"
+    conv=$stage_dir/disk.qcow2
+    space_at=$root
+  else
+    conv=$work/disk.qcow2
+    space_at=$work
+  fi
+  qemu-img measure --output=json -O qcow2 "${convert_opts[@]:1}" -- "$disk_abs" >"$work/measure.json" 2>"$work/op.err" ||
+    die "qemu-img measure of $disk failed: $(op_error)"
+  required=$(jq -r '.required' "$work/measure.json")
+  [[ $required =~ ^[0-9]+$ ]] || die "qemu-img measure gave no required size for $disk"
+  need=$((required + 1048576))
+  [[ $backend != file ]] || need=$((need + vars_size + efi_size + ${report_size:-0}))
+  avail=$(df -B1 --output=avail -- "$space_at" | tail -n 1)
+  [[ ! $avail =~ ^[0-9]+$ ]] || ((avail >= need)) ||
+    die "not enough free space in $space_at: publishing needs $(mib "$need") MiB, $(mib "$avail") MiB are free (the flattened disk as qemu-img measure counts it, and the small files)"
+  log "flattening $disk into $conv (qemu-img convert -O qcow2${convert_opts[*]:+ ${convert_opts[*]}}; at most $(mib "$required") MiB)"
+  t0=$SECONDS
+  with_progress "flattening" "$conv" "$required" "$work/convert.err" \
+    qemu-img convert -O qcow2 "${convert_opts[@]}" -- "$disk_abs" "$conv" ||
+    die "qemu-img convert of $disk failed: $(grep -v '^[[:space:]]*$' "$work/convert.err" | tail -n 1 | cut -c1-400)"
+  # Neither the disk nor a file of its chain may have changed meanwhile.
+  [[ "$(chain_state)" == "$chain_stat" ]] ||
+    die "$disk (or its backing chain) changed while it was converted (was the VM started?); nothing was published"
+  ensure_not_in_use "$disk" qcow2
+  qemu-img check -f qcow2 -- "$conv" >/dev/null 2>"$work/op.err" ||
+    die "the flattened copy $conv does not pass qemu-img check: $(op_error)"
+  qemu-img map -f qcow2 --output=json -- "$conv" >"$work/map.json" 2>"$work/op.err" ||
+    die "qemu-img map of $conv failed: $(op_error)"
+  allocated=$(jq '[.[] | select(.data and (.zero | not)) | .length] | add // 0' "$work/map.json")
+  size=$(stat -c %s -- "$conv")
+  log "flattened in $((SECONDS - t0)) s: $(mib "$size") MiB published for $(mib "$allocated") MiB of data ($(mib "$vsize") MiB virtual, compression $compression)"
+
+  if [[ $backend == file ]]; then
+    log "computing the SHA-256 of $conv"
+    sha=$(sha256_of "$conv") || die "hashing $conv failed"
+    [[ $sha =~ ^[0-9a-f]{64}$ ]] || die "could not compute the SHA-256 of $conv"
+    sync -- "$conv" 2>/dev/null || true
+  else
+    staging_key=$(key "staging/$(date -u +%Y%m%dT%H%M%SZ)-$$-$RANDOM/disk.qcow2")
+    stage_uri=$(at "$staging_key")
+    # --- stream the flattened disk to staging, hashing it on the way ---------------
+    log "uploading the flattened disk.qcow2 ($(mib "$size") MiB) to $stage_uri, computing its SHA-256 on the way"
+    mkfifo "$work/hash.fifo" "$work/upload.fifo"
+    t0=$SECONDS
+    sha256_of <"$work/hash.fifo" >"$work/disk.sha" &
+    hasher=$!
+    put_stream "$size" <"$work/upload.fifo" 2>"$work/upload.err" &
+    uploader=$!
+    tee "$work/hash.fifo" <"$conv" >"$work/upload.fifo" &
+    reader=$!
+    pids=("$reader" "$uploader" "$hasher")
+    (
+      # Progress: how far tee has read the disk.
+      sleeper=
+      trap '[[ -z $sleeper ]] || kill "$sleeper" 2>/dev/null; exit 0' TERM
+      while :; do
+        sleep "$interval" >/dev/null 2>&1 &
+        sleeper=$!
+        wait "$sleeper"
+        pos=$(awk '/^pos:/ {print $2}' "/proc/$reader/fdinfo/0" 2>/dev/null) || exit 0
+        [[ -n $pos ]] || exit 0
+        el=$((SECONDS - t0))
+        log "uploaded $(mib "$pos") of $(mib "$size") MiB ($((size > 0 ? pos * 100 / size : 100))%), $((el > 0 ? pos / 1048576 / el : 0)) MiB/s"
+      done
+    ) &
+    pids+=("$!")
+    rc_reader=0 rc_uploader=0 rc_hasher=0
+    wait "$reader" || rc_reader=$?
+    wait "$uploader" || rc_uploader=$?
+    wait "$hasher" || rc_hasher=$?
+    # Those three are reaped (their pids may be reused): only the progress loop is left to stop.
+    pids=("${pids[@]:3}")
+    kill_children
+    if ((rc_uploader != 0)); then
+      die "upload of $conv to $stage_uri failed: $(grep -v '^[[:space:]]*$' "$work/upload.err" | tail -n 1 | cut -c1-400)"
+    fi
+    staging_done=1
+    ((rc_reader == 0)) || die "reading $conv failed (tee exit $rc_reader)"
+    ((rc_hasher == 0)) || die "hashing $conv failed (exit $rc_hasher)"
+    read -r sha _ <"$work/disk.sha"
+    [[ $sha =~ ^[0-9a-f]{64}$ ]] || die "could not compute the SHA-256 of $conv"
+    el=$((SECONDS - t0))
+    log "uploaded $(mib "$size") MiB in ${el} s; sha256 $sha"
+    rm -f -- "$conv"
   fi
   # A partial stamp (a run killed while writing it) does not parse and is ignored.
-  printf '%s %s\n' "$sha" "$disk_stat" >"$stamp"
+  printf '%s %s %s %s %s\n' "$sha" "$size" "$compression" "$chain_digest" "$allocated" >"$stamp"
   streamed=1
   published_state "$sha"
 fi
@@ -756,7 +887,7 @@ install_in_folder() { # FULL
     log "published $(uri "$sha/")"
   elif ((PUB_DISK_OK)); then
     local f
-    for f in QEMU_VARS.fd QEMU_EFI.fd manifest.json; do
+    for f in QEMU_VARS.fd QEMU_EFI.fd software-report.json manifest.json; do
       [[ ! -e $stage_dir/$sha/$f ]] || fs_rename "$stage_dir/$sha/$f" "$root/$sha/$f"
     done
     log "published $(uri "$sha/") (manifestVersion 2)"
@@ -794,6 +925,7 @@ elif ((PUB_DISK_OK)); then
     mkdir -- "$stage_dir/$sha"
     ((PUB_VARS_OK)) || stage_copy "$vars" "$stage_dir/$sha/QEMU_VARS.fd"
     ((PUB_EFI_OK)) || stage_copy "$efi" "$stage_dir/$sha/QEMU_EFI.fd"
+    ((PUB_REPORT_OK)) || [[ -z $report_sha ]] || stage_copy "$report" "$stage_dir/$sha/software-report.json"
     printf '%s\n' "$manifest" >"$work/put.json"
     stage_copy "$work/put.json" "$stage_dir/$sha/manifest.json"
     install_in_folder 0
@@ -805,6 +937,10 @@ elif ((PUB_DISK_OK)); then
     if ((!PUB_EFI_OK)); then
       log "uploading $efi to $(uri "$sha/QEMU_EFI.fd")"
       put_file "$efi" "$(key "$sha/QEMU_EFI.fd")"
+    fi
+    if ((!PUB_REPORT_OK)) && [[ -n $report_sha ]]; then
+      log "uploading $report to $(uri "$sha/software-report.json")"
+      put_file "$report" "$(key "$sha/software-report.json")" application/json
     fi
     verify_sizes "$sha"
     put_json "$manifest" "$(key "$sha/manifest.json")"
@@ -823,6 +959,7 @@ else
     fs_rename "$stage_dir/disk.qcow2" "$stage_dir/$sha/disk.qcow2"
     stage_copy "$vars" "$stage_dir/$sha/QEMU_VARS.fd"
     stage_copy "$efi" "$stage_dir/$sha/QEMU_EFI.fd"
+    [[ -z $report_sha ]] || stage_copy "$report" "$stage_dir/$sha/software-report.json"
     printf '%s\n' "$manifest" >"$work/put.json"
     stage_copy "$work/put.json" "$stage_dir/$sha/manifest.json"
     sync -- "$stage_dir/$sha" 2>/dev/null || true
@@ -835,6 +972,10 @@ else
     put_file "$vars" "$(key "$sha/QEMU_VARS.fd")"
     log "uploading $efi to $(uri "$sha/QEMU_EFI.fd")"
     put_file "$efi" "$(key "$sha/QEMU_EFI.fd")"
+    if [[ -n $report_sha ]]; then
+      log "uploading $report to $(uri "$sha/software-report.json")"
+      put_file "$report" "$(key "$sha/software-report.json")" application/json
+    fi
 
     verify_sizes "$sha"
     put_json "$manifest" "$(key "$sha/manifest.json")"

@@ -25,8 +25,22 @@
 #   VM_CPUS [4]                       vCPUs (more than 4 crashed Windows on a1.metal)
 #   VM_MEMORY_GIB [8]                 guest memory in GiB
 #   VM_ACCEL [kvm]                    kvm (-cpu host) or tcg (-cpu max,pauth=off, tests only)
-#   VM_MACHINE_OPTS []                extra -machine virt options, e.g. gic-version=max
+#   VM_MACHINE_TYPE [auto]            virt-X.Y machine type; auto: the versioned type
+#                                     this QEMU's "virt" stands for (-machine help),
+#                                     so the virtual hardware stays put across QEMU
+#                                     upgrades of a running image's host
+#   VM_GIC_VERSION [3]                interrupt controller: 2, 3, 4, host or max (the
+#                                     stack sets it per host type; a gic-version= in
+#                                     VM_MACHINE_OPTS counts as this and must agree)
+#   VM_MACHINE_OPTS []                extra -machine options, e.g. its=off
 #   VM_DISK [$VM_DIR/disk.qcow2]      qcow2 system disk, attached as NVMe
+#   VM_DISK_CACHE [auto]              auto, none, writeback or writethrough. auto:
+#                                     none (O_DIRECT, with aio=io_uring, else native)
+#                                     when the disk's file system takes O_DIRECT and
+#                                     this QEMU opens the disk that way, else
+#                                     writeback. Every mode but writethrough gives
+#                                     the guest a write cache and honours its flushes;
+#                                     discard=unmap,detect-zeroes=unmap always
 #   VM_EFI_CODE [$VM_DIR/QEMU_EFI.fd] 64 MiB firmware, read-only pflash
 #   VM_EFI_VARS [$VM_DIR/QEMU_VARS.fd] 64 MiB EFI variable store, writable pflash
 #   VM_DRIVERS_ISO []                 virtio-win ISO, read-only USB CD (optional)
@@ -87,6 +101,7 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 readonly efi_size=$((64 * 1024 * 1024))
 
 log() { printf '%s: %s\n' "$me" "$*" >&2; }
+q() { printf '%s' "${1//,/,,}"; } # escape a value inside a QEMU option list
 die() {
   log "$*"
   exit 2
@@ -113,7 +128,8 @@ while (($#)); do
 done
 if [[ $mode == run && ${RUN_VM_DRY_RUN:-0} == 1 ]]; then mode=print; fi
 
-readonly known_vars=(VM_DIR VM_CPUS VM_MEMORY_GIB VM_ACCEL VM_MACHINE_OPTS VM_DISK VM_EFI_CODE VM_EFI_VARS
+readonly known_vars=(VM_DIR VM_CPUS VM_MEMORY_GIB VM_ACCEL VM_MACHINE_TYPE VM_GIC_VERSION VM_MACHINE_OPTS VM_DISK
+  VM_DISK_CACHE VM_EFI_CODE VM_EFI_VARS
   VM_DRIVERS_ISO VM_CONFIG_ISO VM_INSTALL_ISO VM_SSH_PORT VM_BUILDLET_PORT VM_VNC_DISPLAY VM_QMP_SOCKET VM_SERIAL_LOG
   VM_HALT_ON_EXIT VM_MAC VM_IMDS_PROXY VM_USER)
 
@@ -159,8 +175,16 @@ VM_DIR=${VM_DIR:-/var/lib/windows-vm}
 VM_CPUS=${VM_CPUS:-4}
 VM_MEMORY_GIB=${VM_MEMORY_GIB:-8}
 VM_ACCEL=${VM_ACCEL:-kvm}
+VM_MACHINE_TYPE=${VM_MACHINE_TYPE:-auto}
+VM_GIC_VERSION=${VM_GIC_VERSION:-}
 VM_MACHINE_OPTS=${VM_MACHINE_OPTS:-}
 VM_DISK=${VM_DISK:-$VM_DIR/disk.qcow2}
+VM_DISK_CACHE=${VM_DISK_CACHE:-auto}
+# A gic-version= in VM_MACHINE_OPTS is the GIC version; VM_GIC_VERSION, when
+# set, must agree with it. Neither: GICv3, which every Graviton host has.
+opts_gic=""
+if [[ ,$VM_MACHINE_OPTS, =~ ,gic-version=([^,]*), ]]; then opts_gic=${BASH_REMATCH[1]}; fi
+VM_GIC_VERSION=${VM_GIC_VERSION:-${opts_gic:-3}}
 VM_EFI_CODE=${VM_EFI_CODE:-$VM_DIR/QEMU_EFI.fd}
 VM_EFI_VARS=${VM_EFI_VARS:-$VM_DIR/QEMU_VARS.fd}
 VM_DRIVERS_ISO=${VM_DRIVERS_ISO:-}
@@ -178,6 +202,7 @@ vm_user_explicit=0
 [[ -z ${VM_USER:-} ]] || vm_user_explicit=1
 if ((EUID == 0)); then VM_USER=${VM_USER:-windows-vm}; else VM_USER=${VM_USER:-}; fi
 pid_file="$VM_DIR/qemu.pid"
+resolved_file="$VM_DIR/vm-resolved.env"
 
 if [[ $mode == resolve ]]; then
   for k in "${known_vars[@]}"; do printf '%s=%s\n' "$k" "${!k}"; done
@@ -203,6 +228,14 @@ fi
 [[ $VM_MAC =~ ^([0-9A-Fa-f]{2}:){5}[0-9A-Fa-f]{2}$ ]] || problem "VM_MAC=$VM_MAC is not a MAC address (xx:xx:xx:xx:xx:xx)"
 [[ $VM_MACHINE_OPTS =~ ^[A-Za-z0-9=,._-]*$ ]] ||
   problem "VM_MACHINE_OPTS=$VM_MACHINE_OPTS may only hold -machine options like gic-version=max,its=off"
+
+[[ $VM_GIC_VERSION =~ ^(2|3|4|host|max)$ ]] || problem "VM_GIC_VERSION=$VM_GIC_VERSION must be 2, 3, 4, host or max"
+[[ -z $opts_gic || $opts_gic == "$VM_GIC_VERSION" ]] ||
+  problem "VM_MACHINE_OPTS sets gic-version=$opts_gic but VM_GIC_VERSION=$VM_GIC_VERSION: set it in one place (VM_GIC_VERSION)"
+[[ $VM_MACHINE_TYPE == auto || $VM_MACHINE_TYPE =~ ^virt-[0-9]+\.[0-9]+$ ]] ||
+  problem "VM_MACHINE_TYPE=$VM_MACHINE_TYPE must be auto or a versioned virt machine type like virt-8.2"
+[[ $VM_DISK_CACHE =~ ^(auto|none|writeback|writethrough)$ ]] ||
+  problem "VM_DISK_CACHE=$VM_DISK_CACHE must be auto, none, writeback or writethrough"
 
 if is_uint "$VM_CPUS" 1 512; then
   ((10#$VM_CPUS <= 4)) || warn "VM_CPUS=$VM_CPUS: more than 4 vCPUs crashed Windows on a1.metal (CLOCK_WATCHDOG_TIMEOUT)"
@@ -235,7 +268,33 @@ case "$VM_ACCEL" in
   *) problem "VM_ACCEL=$VM_ACCEL must be kvm or tcg" ;;
 esac
 
-command -v "$qemu_bin" >/dev/null 2>&1 || problem "$qemu_bin not found on PATH (install the qemu-system-arm package)"
+# resolve_machine_type sets machine_type (and machine_why) from VM_MACHINE_TYPE
+# and `qemu-system-aarch64 -machine help`, whose line for "virt" reads
+# "virt  QEMU 8.2 ARM Virtual Machine (alias of virt-8.2)".
+machine_type="" machine_why=""
+resolve_machine_type() {
+  local help
+  if ! help=$(timeout 30 "$qemu_bin" -machine help 2>/dev/null); then
+    problem "$qemu_bin -machine help failed: cannot tell its machine types"
+    return
+  fi
+  if [[ $VM_MACHINE_TYPE == auto ]]; then
+    machine_type=$(sed -n 's/^virt[[:space:]].*(alias of \(virt-[0-9][0-9]*\.[0-9][0-9]*\))[[:space:]]*$/\1/p' <<<"$help" | head -n 1)
+    machine_why="the versioned type this QEMU's virt stands for"
+    [[ -n $machine_type ]] ||
+      problem "$qemu_bin -machine help shows no versioned type behind virt (no 'alias of virt-X.Y'): set VM_MACHINE_TYPE=virt-X.Y"
+  elif awk -v t="$VM_MACHINE_TYPE" '$1 == t { found = 1 } END { exit !found }' <<<"$help"; then
+    machine_type=$VM_MACHINE_TYPE machine_why="VM_MACHINE_TYPE"
+  else
+    problem "VM_MACHINE_TYPE=$VM_MACHINE_TYPE is not a machine type of this QEMU (its virt types: $(awk '$1 ~ /^virt-[0-9]/ { printf "%s ", $1 }' <<<"$help"))"
+  fi
+}
+
+if ! command -v "$qemu_bin" >/dev/null 2>&1; then
+  problem "$qemu_bin not found on PATH (install the qemu-system-arm package)"
+elif [[ $VM_MACHINE_TYPE == auto || $VM_MACHINE_TYPE =~ ^virt-[0-9]+\.[0-9]+$ ]]; then
+  resolve_machine_type
+fi
 
 [[ -d $VM_DIR ]] || problem "VM_DIR=$VM_DIR is not a directory"
 
@@ -267,9 +326,56 @@ if check_file VM_EFI_VARS "run build-efi.sh first" writable; then
   size=$(file_size "$VM_EFI_VARS")
   ((size == efi_size)) || problem "VM_EFI_VARS=$VM_EFI_VARS is $size bytes, the virt machine's pflash needs exactly $efi_size (64 MiB; run build-efi.sh)"
 fi
+disk_ok=0
 if check_file VM_DISK "run prepare-disk.sh first" writable; then
   magic=$(head -c 4 -- "$VM_DISK" | od -An -tx1 | tr -d ' \n')
-  [[ $magic == 514649fb ]] || problem "VM_DISK=$VM_DISK is not a qcow2 image (convert it with qemu-img convert -O qcow2)"
+  if [[ $magic == 514649fb ]]; then disk_ok=1; else
+    problem "VM_DISK=$VM_DISK is not a qcow2 image (convert it with qemu-img convert -O qcow2)"
+  fi
+fi
+
+# qemu_opens_disk AIO: this QEMU opens VM_DISK with O_DIRECT and aio=AIO (read-only,
+# without taking its lock, so a running VM's disk can be probed too).
+qemu_opens_disk() {
+  printf '%s\n' '{"execute":"qmp_capabilities"}' '{"execute":"quit"}' |
+    timeout 30 "$qemu_bin" -machine none -nodefaults -no-user-config -display none -qmp stdio \
+      -blockdev "driver=file,node-name=probe,filename=$(q "$VM_DISK"),cache.direct=on,aio=$1,read-only=on,locking=off" \
+      >/dev/null 2>&1
+}
+
+# choose_disk_mode sets disk_cache, disk_aio ("" for QEMU's default) and
+# disk_why. cache=none is O_DIRECT: no host page cache, and the guest's FLUSH
+# still reaches the disk; writethrough (what this launcher used before) syncs
+# the host file after every write.
+disk_cache="" disk_aio="" disk_why=""
+choose_disk_mode() {
+  if [[ $VM_DISK_CACHE == writeback || $VM_DISK_CACHE == writethrough ]]; then
+    disk_cache=$VM_DISK_CACHE disk_why="VM_DISK_CACHE=$VM_DISK_CACHE"
+    return
+  fi
+  if ! dd if="$VM_DISK" of=/dev/null bs=4096 count=1 iflag=direct status=none 2>/dev/null; then
+    if [[ $VM_DISK_CACHE == none ]]; then
+      problem "VM_DISK_CACHE=none, but the file system of VM_DISK=$VM_DISK does not take O_DIRECT: set VM_DISK_CACHE=auto or writeback"
+    fi
+    disk_cache=writeback disk_why="the file system of $VM_DISK does not take O_DIRECT"
+    return
+  fi
+  local aio
+  for aio in io_uring native; do
+    if qemu_opens_disk "$aio"; then
+      disk_cache=none disk_aio=$aio
+      disk_why="O_DIRECT works on the file system of $VM_DISK, and this QEMU opens it with aio=$aio"
+      return
+    fi
+  done
+  if [[ $VM_DISK_CACHE == none ]]; then
+    disk_cache=none disk_why="VM_DISK_CACHE=none; this QEMU opens $VM_DISK with neither aio=io_uring nor aio=native"
+  else
+    disk_cache=writeback disk_why="this QEMU opens $VM_DISK with O_DIRECT and neither aio=io_uring nor aio=native"
+  fi
+}
+if ((disk_ok)) && [[ $VM_DISK_CACHE =~ ^(auto|none|writeback|writethrough)$ ]] && command -v "$qemu_bin" >/dev/null 2>&1; then
+  choose_disk_mode
 fi
 [[ -z $VM_DRIVERS_ISO ]] || check_file VM_DRIVERS_ISO "fetch the virtio-win ISO, or leave VM_DRIVERS_ISO empty" || true
 [[ -z $VM_CONFIG_ISO ]] || check_file VM_CONFIG_ISO "run build-config-iso.sh, or leave VM_CONFIG_ISO empty" || true
@@ -402,6 +508,8 @@ if ((${#problems[@]})); then
   for p in "${problems[@]}"; do printf '  - %s\n' "$p" >&2; done
   exit 2
 fi
+log "machine $machine_type ($machine_why), GIC version $VM_GIC_VERSION"
+log "disk cache=$disk_cache${disk_aio:+,aio=$disk_aio},discard=unmap,detect-zeroes=unmap ($disk_why)"
 if [[ $mode == check ]]; then
   log "configuration OK"
   exit 0
@@ -470,10 +578,14 @@ start_imds_gate() {
 }
 
 # --- command line --------------------------------------------------------------
-q() { printf '%s' "${1//,/,,}"; } # escape a value inside a QEMU option list
 
-machine="virt"
-[[ -z $VM_MACHINE_OPTS ]] || machine+=",$VM_MACHINE_OPTS"
+# The versioned machine type and the GIC version first, then the other options.
+machine="$machine_type,gic-version=$VM_GIC_VERSION"
+IFS=, read -r -a machine_opts <<<"$VM_MACHINE_OPTS"
+for o in "${machine_opts[@]}"; do
+  [[ -z $o || $o == gic-version=* ]] || machine+=",$o"
+done
+disk_opts="cache=$disk_cache${disk_aio:+,aio=$disk_aio},discard=unmap,detect-zeroes=unmap"
 # Under TCG, emulating pointer authentication's QARMA5 cipher costs about half
 # of the boot time (the stand-in guest: ~23 s with it, ~12 s without).
 if [[ $VM_ACCEL == kvm ]]; then cpu=host; else cpu=max,pauth=off; fi
@@ -490,7 +602,9 @@ cmd=(
   -smp "$((10#$VM_CPUS))" -m "$((10#$VM_MEMORY_GIB))G"
   -drive "if=pflash,unit=0,format=raw,readonly=on,file=$(q "$VM_EFI_CODE")"
   -drive "if=pflash,unit=1,format=raw,file=$(q "$VM_EFI_VARS")"
-  -device nec-usb-xhci,id=xhci
+  # 8 USB 2 and 8 USB 3 ports: the default 4 cannot take keyboard, mouse and
+  # three USB CDs, and QEMU would then put two CDs behind a 12 Mb/s hub.
+  -device nec-usb-xhci,id=xhci,p2=8,p3=8
   -device usb-kbd,bus=xhci.0
   -device usb-mouse,bus=xhci.0
   -device ramfb
@@ -506,7 +620,7 @@ fi
 disk_boot="" install_boot=""
 if [[ -n $VM_INSTALL_ISO ]]; then disk_boot=",bootindex=1" install_boot=",bootindex=0"; fi
 cmd+=(
-  -drive "if=none,id=disk0,format=qcow2,cache=writethrough,discard=unmap,file=$(q "$VM_DISK")"
+  -drive "if=none,id=disk0,format=qcow2,$disk_opts,file=$(q "$VM_DISK")"
   -device "nvme,drive=disk0,serial=windows-disk0$disk_boot"
 )
 if [[ -n $VM_INSTALL_ISO ]]; then
@@ -550,6 +664,12 @@ if [[ -f $VM_SERIAL_LOG ]] && (($(file_size "$VM_SERIAL_LOG") > 16 * 1024 * 1024
   tail -c $((1024 * 1024)) -- "$VM_SERIAL_LOG" >"$VM_SERIAL_LOG.tmp" && mv -f -- "$VM_SERIAL_LOG.tmp" "$VM_SERIAL_LOG"
 fi
 printf '\n=== run-vm: starting QEMU at %s ===\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)" >>"$VM_SERIAL_LOG"
+# What this start resolved, for publish-image.sh's manifest.
+if ! printf '%s\n' "# run-vm.sh, $(date -u +%Y-%m-%dT%H:%M:%SZ): the settings QEMU was last started with" \
+  "VM_MACHINE_TYPE=$machine_type" "VM_GIC_VERSION=$VM_GIC_VERSION" "VM_DISK_CACHE=$disk_cache" "VM_DISK_AIO=$disk_aio" \
+  >"$resolved_file.tmp" 2>/dev/null || ! mv -f -- "$resolved_file.tmp" "$resolved_file" 2>/dev/null; then
+  log "WARNING: cannot write $resolved_file: the published manifest will not name the machine type and GIC version"
+fi
 
 if [[ -n $run_as ]]; then
   install_metadata_firewall

@@ -5,7 +5,8 @@
 #
 #   QMP_SOCKET  the VM's QMP socket (VM_QMP_SOCKET, default /var/lib/windows-vm/qmp.sock)
 #   TIMEOUT_S   seconds the guest gets to power off after the ACPI power button
-#               (default 300); then QEMU is told to quit, and killed with
+#               (default 600: the pipeline's GUEST_SHUTDOWN_TIMEOUT_S, which is
+#               also the image unit's TimeoutStopSec); then QEMU is told to quit, and killed with
 #               SIGKILL if it is still there 15 s later.
 #
 # Env:
@@ -49,7 +50,7 @@ usage() {
 
 (($# >= 1 && $# <= 2)) || usage "expected 1 or 2 arguments, got $#"
 sock=$1
-timeout_s=${2:-300}
+timeout_s=${2:-600}
 [[ -n $sock ]] || usage "QMP_SOCKET is empty"
 [[ $timeout_s =~ ^[0-9]+$ ]] || usage "TIMEOUT_S='$timeout_s' is not a whole number of seconds"
 timeout_s=$((10#$timeout_s))

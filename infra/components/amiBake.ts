@@ -41,6 +41,8 @@ export interface AmiBakeArgs {
   windowsVersion: WindowsVersion;
   sourceImageUrl: string;
   stack: string;
+  /** The image matrix variant this AMI is of (its name goes into the AMI name after the stack's). */
+  variant?: string;
   retainOnDelete: boolean;
   /** AWS_REGION (and AWS_PROFILE when set) for the AWS CLI where Pulumi runs. */
   awsEnv: pulumi.Input<Record<string, string>>;
@@ -204,7 +206,8 @@ export class AmiBake extends pulumi.ComponentResource {
     const instanceId = bake.stdout.apply((out) => parseBakeResult(out).instanceId);
 
     const amiStage = ctx.plan.stage("bakeAmi");
-    const nameOut = args.manifest.apply((m) => amiName(args.stack, args.windowsVersion, m, bakeStage.digest));
+    const amiStack = args.variant ? `${args.stack}-${args.variant}` : args.stack;
+    const nameOut = args.manifest.apply((m) => amiName(amiStack, args.windowsVersion, m, bakeStage.digest));
     this.ami = new aws.ec2.AmiFromInstance(
       `${name}-ami`,
       {

@@ -8,6 +8,8 @@ export interface ArtifactBucketArgs {
   prefix: string;
   /** Days before a noncurrent object version expires. */
   noncurrentDays: number;
+  /** The image matrix's prefixes (`<prefix><name>/`): each gets its own staging rule. */
+  variantPrefixes?: readonly string[];
   tags: Record<string, string>;
 }
 
@@ -79,7 +81,7 @@ export class ArtifactBucket extends pulumi.ComponentResource {
     );
     new aws.s3.BucketLifecycleConfiguration(
       `${name}-lifecycle`,
-      { bucket: bucket.id, rules: lifecycleRules(args.prefix, args.noncurrentDays) },
+      { bucket: bucket.id, rules: lifecycleRules(args.prefix, args.noncurrentDays, args.variantPrefixes) },
       child,
     );
 
@@ -106,7 +108,7 @@ export function denyInsecureTransportPolicy(bucketArn: string) {
   };
 }
 
-export function lifecycleRules(prefix: string, noncurrentDays: number) {
+export function lifecycleRules(prefix: string, noncurrentDays: number, variantPrefixes: readonly string[] = []) {
   return [
     {
       id: "expire-noncurrent-versions",
@@ -126,5 +128,12 @@ export function lifecycleRules(prefix: string, noncurrentDays: number) {
       filter: { prefix: `${prefix}staging/` },
       expiration: { days: ABANDONED_UPLOAD_DAYS },
     },
+    // Each variant of the image matrix publishes under its own prefix, with its own staging.
+    ...variantPrefixes.map((p) => ({
+      id: `expire-abandoned-staging-${p.slice(prefix.length, -1)}`,
+      status: "Enabled",
+      filter: { prefix: `${p}staging/` },
+      expiration: { days: ABANDONED_UPLOAD_DAYS },
+    })),
   ];
 }

@@ -11,7 +11,8 @@ export interface GuestProvisioningArgs {
 }
 
 /**
- * Runs the provisioning in the guest over SSH from the host (guest-run.sh):
+ * A fresh qcow2 overlay on the base, booted (overlayDisk); then the
+ * provisioning in the guest over SSH from the host (guest-run.sh):
  * bounded on the host, retried when the guest's sshd drops, and the VM booted
  * again first when a stopped host lost it.
  */
@@ -21,6 +22,16 @@ export class GuestProvisioning extends pulumi.ComponentResource {
   constructor(name: string, args: GuestProvisioningArgs, opts?: pulumi.ComponentResourceOptions) {
     super("windows-arm64-image:pipeline:GuestProvisioning", name, {}, opts);
     const { ctx } = args;
+    const overlay = ctx.plan.stage("overlayDisk");
+    ctx.record(
+      "overlayDisk",
+      runHostStage(
+        ctx.runner,
+        overlay,
+        { name: `${name}-overlay` },
+        { parent: this, dependsOn: ctx.dependencies(overlay) },
+      ),
+    );
     const stage = ctx.plan.stage("provisionGuest");
     const stdin = pulumi
       .all([args.guestPrivateKey, args.parameters])

@@ -10,7 +10,11 @@ export interface WindowsVmArgs {
   buildEnv: string;
 }
 
-/** The config ISO and env file, then the build VM booted and answering SSH. */
+/**
+ * The config ISO and env file, then Windows installed on the install disk
+ * (booted until its SSH answers, once per base) and frozen as the read-only
+ * base-<digest>.qcow2.
+ */
 export class WindowsVm extends pulumi.ComponentResource {
   constructor(name: string, args: WindowsVmArgs, opts?: pulumi.ComponentResourceOptions) {
     super("windows-arm64-image:pipeline:WindowsVm", name, {}, opts);
@@ -44,6 +48,10 @@ export class WindowsVm extends pulumi.ComponentResource {
     ctx.record(
       "waitGuest",
       runHostStage(ctx.runner, ctx.plan.stage("waitGuest"), { name: `${name}-wait-guest` }, child("waitGuest")),
+    );
+    ctx.record(
+      "baseImage",
+      runHostStage(ctx.runner, ctx.plan.stage("baseImage"), { name: `${name}-base` }, child("baseImage")),
     );
     this.registerOutputs({});
   }

@@ -5,6 +5,7 @@
  */
 import { StackConfig } from "../config";
 import { CONFIG_MEDIA_MARKER, GUEST_LOG_DIR } from "../answerFile";
+import { SOFTWARE_REPORT_FILE } from "../manifest";
 
 export const SERVICES_TO_DISABLE = Object.freeze([
   "NlaSvc",
@@ -63,10 +64,35 @@ export const GUEST_READ_STDIN_UTF8: readonly string[] = Object.freeze([
 ]);
 
 /**
+ * Where the guest keeps check.ps1 and common.psm1 (copied from the config
+ * media once the check passed): the baked image's smoke test runs the same
+ * check there, with no config media attached.
+ */
+export const GUEST_CHECK_DIR = `${GUEST_LOG_DIR}\\check`;
+/** The files kept in GUEST_CHECK_DIR. */
+export const GUEST_CHECK_FILES = Object.freeze(["check.ps1", "common.psm1"]);
+
+/** PowerShell that writes $json to $cfg, a file only Administrators and SYSTEM can read (created before it is written). */
+const WRITE_SETTINGS_FILE: readonly string[] = Object.freeze([
+  "New-Item -ItemType File -Force -Path $cfg | Out-Null",
+  "& icacls.exe $cfg /inheritance:r /grant '*S-1-5-32-544:F' /grant '*S-1-5-18:F' | Out-Null",
+  'if ($LASTEXITCODE -ne 0) { Fail "icacls on $cfg failed with exit code $LASTEXITCODE" 4 }',
+]);
+
+/**
+ * The prefix of the stdout line that carries the guest's software report
+ * (base64 of software-report.json) to the host: guest-run.sh with
+ * GUEST_RUN_REPORT saves it there and does not print the line.
+ */
+export const SOFTWARE_REPORT_TAG = "windows-arm64-image-software-report: ";
+
+/**
  * The PowerShell run in the guest: reads the settings JSON from stdin (as
  * UTF-8 bytes) into a file only Administrators can read (UTF-8, no byte order
- * mark), runs provision.ps1 and then check.ps1 from the config media, deletes
- * the file, and exits with the first failure.
+ * mark), runs provision.ps1 and then check.ps1 from the config media, keeps
+ * check.ps1 and common.psm1 in GUEST_CHECK_DIR (for the smoke test), deletes
+ * the file, and exits with the first failure. Once the check passed it prints
+ * the software report check.ps1 wrote as one SOFTWARE_REPORT_TAG line.
  */
 export const GUEST_PROVISION_SCRIPT = [
   "$ErrorActionPreference = 'Stop'",
@@ -79,16 +105,48 @@ export const GUEST_PROVISION_SCRIPT = [
   "New-Item -ItemType Directory -Force -Path $dir | Out-Null",
   "$cfg = Join-Path $dir 'settings.json'",
   // The settings hold a password: only Administrators and SYSTEM may read the file, before it is written.
-  "New-Item -ItemType File -Force -Path $cfg | Out-Null",
-  "& icacls.exe $cfg /inheritance:r /grant '*S-1-5-32-544:F' /grant '*S-1-5-18:F' | Out-Null",
-  'if ($LASTEXITCODE -ne 0) { Fail "icacls on $cfg failed with exit code $LASTEXITCODE" 4 }',
+  ...WRITE_SETTINGS_FILE,
   // Native commands' stderr must not turn into terminating errors: their exit codes decide.
   "$ErrorActionPreference = 'Continue'",
   "try {",
   "  [IO.File]::WriteAllText($cfg, $json, (New-Object System.Text.UTF8Encoding($false)))",
   "  & powershell.exe -NoProfile -NonInteractive -ExecutionPolicy Bypass -File (Join-Path $media.Root 'provision.ps1') -ConfigPath $cfg",
   '  if ($LASTEXITCODE -ne 0) { Fail "provision.ps1 failed with exit code $LASTEXITCODE (log: $dir\\provision.log)" $LASTEXITCODE }',
-  "  & powershell.exe -NoProfile -NonInteractive -ExecutionPolicy Bypass -File (Join-Path $media.Root 'check.ps1') -ConfigPath $cfg",
+  `  $report = Join-Path $dir '${SOFTWARE_REPORT_FILE}'`,
+  "  & powershell.exe -NoProfile -NonInteractive -ExecutionPolicy Bypass -File (Join-Path $media.Root 'check.ps1') -ConfigPath $cfg -ReportPath $report",
+  '  if ($LASTEXITCODE -ne 0) { Fail "check.ps1 found settings that are not as configured (exit $LASTEXITCODE)" $LASTEXITCODE }',
+  // The software report travels to the host on stdout, as one tagged base64 line (guest-run.sh saves it).
+  '  if (-not (Test-Path -LiteralPath $report -PathType Leaf)) { Fail "check.ps1 wrote no software report ($report)" 6 }',
+  `  [Console]::Out.WriteLine('${SOFTWARE_REPORT_TAG}' + [Convert]::ToBase64String([IO.File]::ReadAllBytes($report)))`,
+  // The smoke test of the baked image runs the same check from here.
+  "  $keep = Join-Path $dir 'check'",
+  "  try {",
+  "    New-Item -ItemType Directory -Force -Path $keep -ErrorAction Stop | Out-Null",
+  `    foreach ($f in ${GUEST_CHECK_FILES.map((f) => `'${f}'`).join(", ")}) { Copy-Item -LiteralPath (Join-Path $media.Root $f) -Destination (Join-Path $keep $f) -Force -ErrorAction Stop }`,
+  '  } catch { Fail "cannot keep the check scripts in ${keep} for the smoke test: $($_.Exception.Message)" 5 }',
+  "} finally { Remove-Item -LiteralPath $cfg -Force -ErrorAction SilentlyContinue }",
+].join("\n");
+
+/**
+ * The smoke test's check, run in the baked image's guest over SSH: reads the
+ * settings JSON from stdin (UTF-8 bytes) into a file only Administrators can
+ * read, runs the kept GUEST_CHECK_DIR\\check.ps1 with it, deletes the file,
+ * and exits with check.ps1's exit code (3: the check is not kept in the
+ * image; 4: icacls failed). The check's table goes to stdout.
+ */
+export const GUEST_SMOKE_CHECK_SCRIPT = [
+  "$ErrorActionPreference = 'Stop'",
+  ...GUEST_READ_STDIN_UTF8,
+  "function Fail([string]$m, [int]$code) { [Console]::Error.WriteLine('smoke-check: ' + $m); exit $code }",
+  "$dir = Join-Path $env:ProgramData 'windows-arm64-image'",
+  "$check = Join-Path (Join-Path $dir 'check') 'check.ps1'",
+  'if (-not (Test-Path -LiteralPath $check -PathType Leaf)) { Fail "$check is not in the image: the guest provisioning keeps it there" 3 }',
+  "$cfg = Join-Path $dir 'smoke-settings.json'",
+  ...WRITE_SETTINGS_FILE,
+  "$ErrorActionPreference = 'Continue'",
+  "try {",
+  "  [IO.File]::WriteAllText($cfg, $json, (New-Object System.Text.UTF8Encoding($false)))",
+  "  & powershell.exe -NoProfile -NonInteractive -ExecutionPolicy Bypass -File $check -ConfigPath $cfg",
   '  if ($LASTEXITCODE -ne 0) { Fail "check.ps1 found settings that are not as configured (exit $LASTEXITCODE)" $LASTEXITCODE }',
   "} finally { Remove-Item -LiteralPath $cfg -Force -ErrorAction SilentlyContinue }",
 ].join("\n");
@@ -100,4 +158,9 @@ export function encodedPowerShell(script: string): string {
 
 export function guestProvisionCommand(): string {
   return encodedPowerShell(GUEST_PROVISION_SCRIPT);
+}
+
+/** The smoke test's guest command (cmd.exe runs it). */
+export function guestSmokeCheckCommand(): string {
+  return encodedPowerShell(GUEST_SMOKE_CHECK_SCRIPT);
 }

@@ -9,6 +9,7 @@ import * as url from "url";
 import { BAKE_FILES } from "../bake";
 import { ANSWER_FILE_NAME, AUTHORIZED_KEYS_FILE, FIRSTLOGON_SCRIPT, OPENSSH_ZIP_FILE } from "../answerFile";
 import { StackConfig } from "../config";
+import { SOFTWARE_REPORT_FILE } from "../manifest";
 import { sha256Hex } from "../paths";
 import { guestProvisionCommand } from "./guest";
 import { renderVmEnv, VmLayout } from "./vmEnv";
@@ -26,6 +27,8 @@ export const STAGE_IDS = [
   "renderEnv",
   "startVm",
   "waitGuest",
+  "baseImage",
+  "overlayDisk",
   "provisionGuest",
   "stopVm",
   "publish",
@@ -174,7 +177,9 @@ export const STAGE_FILES: Partial<Record<StageId, string[]>> = {
     "provisioning/windows/common.psm1",
   ],
   injectAnswerFile: ["provisioning/inject-answer-file.sh", "provisioning/lib.sh"],
+  // startVm and waitGuest boot the install disk only while its base is missing (base-image.sh present).
   startVm: [
+    "provisioning/base-image.sh",
     "provisioning/start-vm.sh",
     "provisioning/run-vm.sh",
     "provisioning/imds-proxy.py",
@@ -182,9 +187,34 @@ export const STAGE_FILES: Partial<Record<StageId, string[]>> = {
     "provisioning/vm-screenshot.sh",
     "provisioning/lib.sh",
   ],
-  waitGuest: ["provisioning/wait-for-guest.sh", "provisioning/vm-screenshot.sh", "provisioning/lib.sh"],
+  waitGuest: [
+    "provisioning/base-image.sh",
+    "provisioning/wait-for-guest.sh",
+    "provisioning/vm-screenshot.sh",
+    "provisioning/lib.sh",
+  ],
+  baseImage: [
+    "provisioning/base-image.sh",
+    "provisioning/stop-vm.sh",
+    "provisioning/screen-keeper.sh",
+    "provisioning/lib.sh",
+  ],
+  overlayDisk: [
+    "provisioning/base-image.sh",
+    "provisioning/stop-vm.sh",
+    "provisioning/start-vm.sh",
+    "provisioning/run-vm.sh",
+    "provisioning/imds-proxy.py",
+    "provisioning/wait-for-guest.sh",
+    "provisioning/screen-keeper.sh",
+    "provisioning/vm-screenshot.sh",
+    "provisioning/lib.sh",
+  ],
+  // base-image.sh claim: a fresh overlay unless this run's overlayDisk made it (the VM stopped first).
   // guest-run.sh boots the VM again when it is not running (a host stopped after a failed run).
   provisionGuest: [
+    "provisioning/base-image.sh",
+    "provisioning/stop-vm.sh",
     "provisioning/guest-run.sh",
     "provisioning/ssh-key.sh",
     "provisioning/start-vm.sh",
@@ -275,6 +305,24 @@ export function buildPlan(p: PlanInputs): Plan {
       : cmd;
   };
   const inject = c.image.format !== "iso" && c.image.answerFileInImage;
+  // The install disk (Windows Setup and the first logon run on it) becomes the base; the build VM's
+  // VM_DISK, disk.qcow2, is the overlay on it that provisioning runs on and publish reads.
+  const installDisk = `${vm}/${INSTALL_DISK}`;
+  const baseCmd = (action: "present" | "freeze" | "overlay" | "claim") =>
+    run("base-image.sh", action, vm, baseKey(baseParts(c, L, p.fileHashes)));
+  const qmpSock = `${vm}/qmp.sock`;
+  const waitForGuest = () =>
+    withEnv(
+      {
+        SERIAL_LOG: `${vm}/serial.log`,
+        VM_PID_FILE: `${vm}/qemu.pid`,
+        // A timeout saves a screenshot and names it (and, on AWS, how to fetch it).
+        WAIT_GUEST_QMP_SOCKET: qmpSock,
+        WAIT_GUEST_SCREEN_DIR: screens,
+        WAIT_GUEST_FETCH_HINT: isAws ? `scp ${HOST_LOGIN}@<hostPublicIp>:<path> .` : undefined,
+      },
+      run("wait-for-guest.sh", "127.0.0.1", String(L.sshPort), String(GUEST_BOOT_TIMEOUT_S)),
+    );
   const drafts: Draft[] = [];
   if (isAws) {
     drafts.push(
@@ -370,8 +418,14 @@ export function buildPlan(p: PlanInputs): Plan {
       title: "Convert the image to qcow2 (or create the install disk for an ISO)",
       site: "host",
       dependsOn: ["fetchImage"],
-      inputs: { format: c.image.format, ...(c.image.format === "iso" ? { diskGiB: String(c.vm.diskGiB) } : {}) },
-      command: run("prepare-disk.sh", source, `${vm}/disk.qcow2`, String(c.vm.diskGiB)),
+      // baseImage consumes the install disk (renames it to the base): a new base needs a new one.
+      inputs: {
+        format: c.image.format,
+        ...(c.image.format === "iso" ? { diskGiB: String(c.vm.diskGiB) } : {}),
+        base: baseKey(baseParts(c, L, p.fileHashes)),
+      },
+      uses: ["answerFile"],
+      command: run("prepare-disk.sh", source, installDisk, String(c.vm.diskGiB)),
       waitsFor: "the conversion to qcow2",
       timeoutMinutes: 60,
       configKeys: ["windowsImageUrl", "vmDiskGiB"],
@@ -385,7 +439,7 @@ export function buildPlan(p: PlanInputs): Plan {
             dependsOn: ["prepareDisk" as const],
             inputs: {},
             uses: ["answerFile" as const],
-            command: run("inject-answer-file.sh", `${vm}/disk.qcow2`, "-"),
+            command: run("inject-answer-file.sh", installDisk, "-"),
             stdin: "answerFile" as const,
             secretStdin: true,
             waitsFor: "the answer file written into the image",
@@ -423,57 +477,80 @@ export function buildPlan(p: PlanInputs): Plan {
     },
     {
       id: "startVm",
-      title: "Boot the VM (transient systemd unit) with the config ISO attached",
+      title: "Boot the install disk (transient systemd unit) with the config ISO attached, unless its base exists",
       site: "host",
-      dependsOn: [
-        "firmware",
-        "prepareDisk",
-        ...(inject ? ["injectAnswerFile" as const] : []),
-        "fetchDrivers",
-        "configMedia",
-        "renderEnv",
-      ],
+      // The guest scripts and the VM's size are not inputs: they shape the provisioning, not the install.
+      dependsOn: ["firmware", "prepareDisk", ...(inject ? ["injectAnswerFile" as const] : []), "fetchDrivers"],
+      after: ["configMedia", "renderEnv"],
+      // What shaped the install is in the base key the command carries (baseParts).
       inputs: {},
-      // New guest settings re-provision a VM the last run shut down: boot it again first.
-      uses: ["guestSettings"],
-      // The screen keeper saves a screenshot a minute while Windows installs and is provisioned.
-      command: `${run("start-vm.sh", buildEnvFile, L.buildUnit)} && { ${screenKeeper("start")} || true; }`,
+      uses: ["answerFile"],
+      // The screen keeper saves a screenshot a minute while Windows installs.
+      command: `${baseCmd("present")} || { ${withEnv({ VM_DISK: installDisk }, run("start-vm.sh", buildEnvFile, L.buildUnit))} && { ${screenKeeper("start")} || true; }; }`,
       waitsFor: "QEMU to start",
       timeoutMinutes: 5,
-      configKeys: ["vmCpus", "vmMemoryGiB"],
+      configKeys: ["windowsImageSha256", "windowsProductKey", "windowsEdition", "guestAdminUser", "vmMachineOptions"],
     },
     {
       id: "waitGuest",
-      title: "Wait for the guest's SSH through the host's loopback forward",
+      title: "Wait for the installed guest's SSH (Setup, OOBE and the first logon done), unless its base exists",
       site: "host",
       dependsOn: ["startVm"],
       inputs: {},
-      command: withEnv(
-        {
-          SERIAL_LOG: `${vm}/serial.log`,
-          VM_PID_FILE: `${vm}/qemu.pid`,
-          // A timeout saves a screenshot and names it (and, on AWS, how to fetch it).
-          WAIT_GUEST_QMP_SOCKET: `${vm}/qmp.sock`,
-          WAIT_GUEST_SCREEN_DIR: screens,
-          WAIT_GUEST_FETCH_HINT: isAws ? `scp ${HOST_LOGIN}@<hostPublicIp>:<path> .` : undefined,
-        },
-        run("wait-for-guest.sh", "127.0.0.1", String(L.sshPort), String(GUEST_BOOT_TIMEOUT_S)),
-      ),
+      uses: ["answerFile"],
+      command: `${baseCmd("present")} || ${waitForGuest()}`,
       waitsFor: "Windows to answer SSH (first boot runs Setup and OOBE)",
       timeoutMinutes: Math.ceil(GUEST_BOOT_TIMEOUT_S / 60) + 5,
       configKeys: [],
     },
     {
+      id: "baseImage",
+      title:
+        "Shut the installed Windows down and freeze its disk as the read-only base-<digest>.qcow2 (older bases removed)",
+      site: "host",
+      dependsOn: ["waitGuest"],
+      inputs: {},
+      uses: ["answerFile"],
+      // A base must come from a clean shutdown: a forced one fails the stage.
+      command: `{ ${screenKeeper("stop")} || true; } && ${withEnv({ VM_DISK: installDisk, STOP_VM_REQUIRE_GRACEFUL: "1" }, run("stop-vm.sh", qmpSock, String(GUEST_SHUTDOWN_TIMEOUT_S)))} && ${baseCmd("freeze")}`,
+      waitsFor: "Windows to shut down and its disk to be frozen",
+      timeoutMinutes: Math.ceil(GUEST_SHUTDOWN_TIMEOUT_S / 60) + 5,
+      configKeys: [],
+    },
+    {
+      id: "overlayDisk",
+      title: "A fresh qcow2 overlay on the base (disk.qcow2), booted until its SSH answers",
+      site: "host",
+      dependsOn: ["baseImage", "configMedia", "renderEnv"],
+      inputs: {},
+      // New guest settings re-provision: from a fresh overlay.
+      uses: ["guestSettings", "answerFile"],
+      // A VM still running (a failed run's) is stopped first: its overlay is discarded.
+      command: [
+        `{ ${screenKeeper("stop")} || true; }`,
+        run("stop-vm.sh", qmpSock, String(GUEST_SHUTDOWN_TIMEOUT_S)),
+        baseCmd("overlay"),
+        run("start-vm.sh", buildEnvFile, L.buildUnit),
+        `{ ${screenKeeper("start")} || true; }`,
+        waitForGuest(),
+      ].join(" && "),
+      waitsFor: "the VM on the fresh overlay to answer SSH",
+      timeoutMinutes: Math.ceil((GUEST_SHUTDOWN_TIMEOUT_S + GUEST_BOOT_TIMEOUT_S) / 60) + 5,
+      configKeys: ["vmCpus", "vmMemoryGiB"],
+    },
+    {
       id: "provisionGuest",
       title: "Provision Windows over SSH from the host (retried over a dropped connection) and check it",
       site: "host",
-      dependsOn: ["waitGuest"],
+      dependsOn: ["overlayDisk"],
       inputs: { user: c.guest.adminUser },
-      uses: ["guestSettings"],
+      uses: ["guestSettings", "answerFile"],
       // The guest-only key and the settings (a password) arrive on stdin, never on a disk.
       // A failure saves a screenshot of the VM and names it.
-      command: `${withEnv(
-        { GUEST_RUN_BOOT_TIMEOUT_S: String(GUEST_BOOT_TIMEOUT_S) },
+      // base-image.sh claim first: an overlay an earlier provisioning used is replaced by a fresh one.
+      command: `${baseCmd("claim")} && ${withEnv(
+        // check.ps1's software report comes back on stdout; publish puts it next to the manifest.
+        { GUEST_RUN_BOOT_TIMEOUT_S: String(GUEST_BOOT_TIMEOUT_S), GUEST_RUN_REPORT: `${vm}/${SOFTWARE_REPORT_FILE}` },
         run("guest-run.sh", buildEnvFile, L.buildUnit, String(L.sshPort), c.guest.adminUser, guestProvisionCommand()),
       )} || { rc=$?; ${screenKeeper("shot", "provisionGuest")} >&2 || true; exit $rc; }`,
       stdin: "guestKeyAndSettings",
@@ -514,13 +591,14 @@ export function buildPlan(p: PlanInputs): Plan {
           IMAGE_SOURCE_SHA256: c.image.sha256,
           WINDOWS_VERSION: c.image.windowsVersion,
           PUBLISH_VM_ENV: buildEnvFile,
+          IMAGE_COMPRESSION: c.artifacts.compression,
           S3_ENDPOINT_URL: s3Endpoint,
         },
         run("publish-image.sh", vm, RUNTIME.artifactUri),
       ),
-      waitsFor: "the upload of the image",
+      waitsFor: "the flattening and upload of the image",
       timeoutMinutes: 120,
-      configKeys: ["artifactBucketName", "artifactPrefix", "artifactUri"],
+      configKeys: ["artifactBucketName", "artifactPrefix", "artifactUri", "imageCompression"],
     },
   );
   if (isAws) {
@@ -677,6 +755,76 @@ function configMediaCommand(c: StackConfig, L: HostLayout): string {
     // The ISO holds the key now; its staging folder does not stay.
     `${L.sudo}rm -rf -- ${shq(stage)}`,
   ].join(" && ");
+}
+
+/** The disk prepare-disk.sh writes and Windows installs on; baseImage renames it to the base. */
+export const INSTALL_DISK = "install.qcow2";
+
+/**
+ * Build-env variables that do not shape the installed Windows: a new value
+ * re-provisions from the base and never installs Windows again. Every other
+ * variable (the machine options, the disk and firmware paths, the attached
+ * media, and any variable added later) is install-affecting.
+ */
+export const NOT_INSTALL_AFFECTING_ENV = Object.freeze([
+  "VM_CPUS",
+  "VM_MEMORY_GIB",
+  "VM_SSH_PORT",
+  "VM_BUILDLET_PORT",
+  "VM_VNC_DISPLAY",
+  "VM_QMP_SOCKET",
+  "VM_SERIAL_LOG",
+  "VM_HALT_ON_EXIT",
+]);
+
+/** The build env's install-affecting KEY=value lines (comments and NOT_INSTALL_AFFECTING_ENV dropped). */
+export function installVmSettings(buildEnv: string): string {
+  return buildEnv
+    .split("\n")
+    .filter((l) => /^[A-Z_][A-Z0-9_]*=/.test(l) && !NOT_INSTALL_AFFECTING_ENV.includes(l.slice(0, l.indexOf("="))))
+    .join("\n");
+}
+
+/**
+ * Exactly what shapes the installed Windows that becomes the base: the source
+ * image (its SHA-256 and format; for an ISO the disk size), the answer file
+ * (its SHA-256, a runtime token: it holds the admin password and the guest
+ * key), the drivers (virtio-win ISO, WinPE driver folder, OpenSSH zip), the
+ * first-logon script, the scripts that write the install disk, and the
+ * install-affecting VM settings. The guest provisioning scripts, the guest
+ * settings, the VM's CPUs and memory are not in it.
+ */
+export function baseParts(c: StackConfig, L: VmLayout, fileHashes: Record<string, string>): Record<string, string> {
+  const hash = (f: string) => {
+    const h = fileHashes[f];
+    if (h === undefined) throw new Error(`baseParts: no hash for ${f}`);
+    return h;
+  };
+  const inject = c.image.format !== "iso" && c.image.answerFileInImage;
+  return {
+    sourceSha256: c.image.sha256,
+    sourceFormat: c.image.format,
+    ...(c.image.format === "iso" ? { diskGiB: String(c.vm.diskGiB) } : {}),
+    answerFileSha256: RUNTIME.answerFile,
+    answerFileInImage: String(inject),
+    virtioSha256: c.image.virtioSha256,
+    driverFolder: driverFolder(c),
+    ...(c.image.openSshZip ? { openSshSha256: c.image.openSshZip.sha256 } : {}),
+    firstLogon: hash(`provisioning/windows/${FIRSTLOGON_SCRIPT}`),
+    prepareDisk: hash("provisioning/prepare-disk.sh"),
+    ...(inject ? { injectAnswerFile: hash("provisioning/inject-answer-file.sh") } : {}),
+    vmSettings: sha256Hex(installVmSettings(renderVmEnv(c, L, "build"))),
+  };
+}
+
+/** The base key: baseParts as one line of JSON, its names sorted (base-image.sh hashes these bytes). */
+export function baseKey(parts: Record<string, string>): string {
+  return JSON.stringify(Object.fromEntries(Object.entries(parts).sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0))));
+}
+
+/** The base's digest: SHA-256 of the base key with the answer file's SHA-256 in it (base-<digest>.qcow2). */
+export function baseDigest(parts: Record<string, string>, answerFileSha256: string): string {
+  return sha256Hex(resolveCommand(baseKey(parts), { answerFile: answerFileSha256 }));
 }
 
 /** Stage ids whose digest differs between two plans: what a `pulumi up` would re-run. */

@@ -7,6 +7,7 @@
  */
 import { StackConfig } from "../config";
 import { VM_USER } from "../hostSetup";
+import { gicVersionFor } from "../hostTypes";
 
 export interface VmLayout {
   /** VM data folder on the host. */
@@ -20,12 +21,24 @@ export interface VmLayout {
 /** VNC display for the build VM, loopback only (port 5900 + 3 = 5903, as the original runbook). */
 export const BUILD_VNC_DISPLAY = 3;
 
+/**
+ * VM_GIC_VERSION: a gic-version= in vmMachineOptions, else the host type's
+ * (gicVersionFor). run-vm.sh pins the machine type itself (VM_MACHINE_TYPE
+ * auto: the versioned virt-X.Y of the host's QEMU) and writes what it used to
+ * vm-resolved.env in VM_DIR.
+ */
+export function vmGicVersion(c: StackConfig, L: VmLayout): string {
+  const fromOptions = /(?:^|,)gic-version=([^,]*)/.exec(c.vm.machineOptions)?.[1];
+  return fromOptions ?? gicVersionFor(c.host.type, L.accel, c.vm.cpus);
+}
+
 export function renderVmEnv(c: StackConfig, L: VmLayout, kind: "build" | "image"): string {
   const vars: Array<[string, string]> = [
     ["VM_DIR", L.vmDir],
     ["VM_CPUS", String(c.vm.cpus)],
     ["VM_MEMORY_GIB", String(c.vm.memoryGiB)],
     ["VM_ACCEL", L.accel],
+    ["VM_GIC_VERSION", vmGicVersion(c, L)],
     ["VM_MACHINE_OPTS", c.vm.machineOptions],
     ["VM_DISK", `${L.vmDir}/disk.qcow2`],
     ["VM_EFI_CODE", `${L.vmDir}/QEMU_EFI.fd`],

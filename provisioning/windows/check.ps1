@@ -13,18 +13,30 @@
     real-time monitoring off, or, when Tamper Protection keeps it on, one row
     per build folder that must be excluded from scanning. The answer-file row
     (always checked) lists every unattend.xml or autounattend.xml still under
-    C:\Windows\Panther or C:\Windows\System32\Sysprep. Changes nothing.
+    C:\Windows\Panther or C:\Windows\System32\Sysprep. Changes nothing
+    but ReportPath.
+    Then writes the software report to ReportPath (JSON, UTF-8): Windows
+    edition and build, the drivers not from Microsoft with their versions,
+    the OpenSSH server's version, every installed tool with its version and
+    the SHA-256 of its download, each step on or off and the rows of the
+    table (the settings applied; passwords only as matching or not). The
+    publish stage puts it next to the image's manifest.
 .PARAMETER ConfigPath
     Path of the JSON settings file given to provision.ps1.
+.PARAMETER ReportPath
+    Where the software report goes; default software-report.json in the
+    folder of the settings' logPath.
 .OUTPUTS
     The table (strings on the output stream). Exit code 0 when every check
-    passed; 1 when any failed; 2 when the settings are invalid.
+    passed; 1 when any failed or the report could not be written; 2 when the
+    settings are invalid.
 .EXAMPLE
     powershell -NoProfile -ExecutionPolicy Bypass -File C:\provisioning\check.ps1 -ConfigPath C:\Windows\Temp\settings.json
 #>
 [CmdletBinding()]
 param(
-    [Parameter(Mandatory = $true)][string]$ConfigPath
+    [Parameter(Mandatory = $true)][string]$ConfigPath,
+    [string]$ReportPath = ''
 )
 Set-StrictMode -Version Latest
 $ErrorActionPreference = 'Stop'
@@ -238,6 +250,16 @@ foreach ($step in Get-StepCatalog) {
 }
 
 if ($rows.Count -gt 0) { Format-CheckTable -Rows $rows.ToArray() }
+if (-not $ReportPath) { $ReportPath = Join-Path (Split-Path -Parent $settings.logPath) 'software-report.json' }
+$reportWritten = $false
+try {
+    Write-SoftwareReport -Report (New-SoftwareReport -Settings $settings -Rows $rows.ToArray()) -Path $ReportPath
+    $reportWritten = $true
+    Write-Output ('check: software report written to {0}' -f $ReportPath)
+}
+catch {
+    Write-Output ('check: could not write the software report {0}: {1}' -f $ReportPath, $_.Exception.Message)
+}
 $failedRows = @($rows | Where-Object { $_.Result -ne 'PASS' })
 if ($skipped.Count -gt 0) { Write-Output ('check: switched off, not checked: {0}' -f ($skipped -join ', ')) }
 Write-Output ('check: {0} of {1} checks passed, {2} failed' -f ($rows.Count - $failedRows.Count), $rows.Count, $failedRows.Count)
@@ -245,4 +267,5 @@ if ($failedRows.Count -gt 0) {
     Write-Output ('check: FAILED: {0}' -f (($failedRows | ForEach-Object { '{0} ({1})' -f $_.Setting, $_.Step }) -join '; '))
     exit 1
 }
+if (-not $reportWritten) { exit 1 }
 exit 0

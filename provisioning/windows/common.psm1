@@ -923,6 +923,196 @@ function Remove-AnswerFileCopies {
     }
 }
 
+# ---------------------------------------------------------------------------
+# Free space
+# ---------------------------------------------------------------------------
+
+function Invoke-FreeSpaceRelease {
+    <#
+    .SYNOPSIS
+        Tells the disk which blocks of C: are free (Optimize-Volume -DriveLetter C
+        -ReTrim), so that TRIM reaches the qcow2 (the VM's drive discards, with
+        discard=unmap and detect-zeroes=unmap) and the published image carries no
+        deleted data. Returns $true when it ran; a volume or disk that cannot trim
+        only warns (the image is then larger, not wrong), and returns $false.
+    #>
+    try {
+        Optimize-Volume -DriveLetter C -ReTrim -ErrorAction Stop
+        Write-Log 'provision: free space of C: released (Optimize-Volume -ReTrim)'
+        return $true
+    }
+    catch {
+        Write-Log -Level WARN ("provision: could not release the free space of C: (Optimize-Volume -ReTrim): {0}; the image keeps the deleted blocks" -f $_.Exception.Message)
+        return $false
+    }
+}
+
+# ---------------------------------------------------------------------------
+# Software report (check.ps1 writes it; publish puts it next to the manifest)
+# ---------------------------------------------------------------------------
+
+$script:RegCurrentVersion = 'HKLM:\SOFTWARE\Microsoft\Windows NT\CurrentVersion'
+$script:SoftwareReportVersion = 1
+
+function Get-WindowsBuildInfo {
+    <# Product name, edition, display version and build (CurrentBuild.UBR) of the running Windows, from the registry. #>
+    $values = @{}
+    foreach ($name in 'ProductName', 'EditionID', 'DisplayVersion', 'CurrentBuild', 'UBR') {
+        $value = Get-RegistryValue -Path $script:RegCurrentVersion -Name $name
+        if ($null -eq $value) { $values[$name] = $null } else { $values[$name] = [string]$value }
+    }
+    $build = $values['CurrentBuild']
+    if ($build -and $values['UBR']) { $build = '{0}.{1}' -f $build, $values['UBR'] }
+    return [ordered]@{
+        productName    = $values['ProductName']
+        edition        = $values['EditionID']
+        displayVersion = $values['DisplayVersion']
+        build          = $build
+    }
+}
+
+function Get-SignedDriverList {
+    <# Every signed PnP driver Windows knows (Win32_PnPSignedDriver). #>
+    return @(Get-CimInstance -ClassName Win32_PnPSignedDriver -ErrorAction Stop)
+}
+
+function Get-InstalledDrivers {
+    <#
+    .SYNOPSIS
+        The drivers that did not come with Windows (the virtio drivers): one entry per
+        device and INF, with provider and version, sorted by device name.
+    #>
+    $seen = @{}
+    $list = New-Object System.Collections.Generic.List[object]
+    foreach ($driver in @(Get-SignedDriverList)) {
+        $provider = [string]$driver.DriverProviderName
+        $inf = [string]$driver.InfName
+        if (-not $provider -or $provider -eq 'Microsoft' -or -not $inf) { continue }
+        $device = [string]$driver.DeviceName
+        $key = '{0}|{1}' -f $device, $inf
+        if ($seen.ContainsKey($key)) { continue }
+        $seen[$key] = $true
+        $list.Add([ordered]@{ device = $device; provider = $provider; version = [string]$driver.DriverVersion; inf = $inf })
+    }
+    return @($list | Sort-Object -Property { $_.device }, { $_.inf })
+}
+
+function Get-OpenSshServerInfo {
+    <# The sshd service's executable and its product version, or nulls when there is no sshd. #>
+    $service = Get-CimInstance -ClassName Win32_Service -Filter "Name='sshd'" -ErrorAction SilentlyContinue
+    $info = [ordered]@{ version = $null; path = $null }
+    if ($null -eq $service -or -not $service.PathName) { return $info }
+    $path = ([string]$service.PathName).Trim()
+    if ($path.StartsWith('"')) { $path = $path.Substring(1, $path.IndexOf('"', 1) - 1) } else { $path = ($path -split ' ')[0] }
+    $info.path = $path
+    if (Test-Path -LiteralPath $path -PathType Leaf) { $info.version = [string](Get-Item -LiteralPath $path).VersionInfo.ProductVersion }
+    return $info
+}
+
+function Get-VsBuildToolsVersion {
+    <# installationVersion of the Visual Studio instance Get-VsBuildToolsPath finds, or $null. #>
+    param([Parameter(Mandatory = $true)][string]$Version)
+    $path = Get-VsBuildToolsPath -Version $Version
+    if (-not $path) { return $null }
+    $vswhere = Join-Path ${env:ProgramFiles(x86)} 'Microsoft Visual Studio\Installer\vswhere.exe'
+    $found = & $vswhere -products '*' -path $path -property installationVersion -format value -nologo
+    $first = @($found | Where-Object { $_ }) | Select-Object -First 1
+    if ($first) { return [string]$first }
+    return $null
+}
+
+function Get-InstalledTools {
+    <#
+    .SYNOPSIS
+        Every tool provisioning installed (switched on): name, version, where it is,
+        the download's URL (query hidden) and the SHA-256 it was verified against, and
+        the SHA-256 of what is installed where that is a single file or a recorded stamp.
+    #>
+    param([Parameter(Mandatory = $true)]$Settings)
+    $tools = New-Object System.Collections.Generic.List[object]
+    if ($Settings.installBuildlet) {
+        $installed = $null
+        $version = $null
+        if (Test-Path -LiteralPath $Settings.buildletPath -PathType Leaf) {
+            $installed = Get-FileSha256 -Path $Settings.buildletPath
+            $fileVersion = (Get-Item -LiteralPath $Settings.buildletPath).VersionInfo.FileVersion
+            if ($fileVersion) { $version = [string]$fileVersion }
+        }
+        $tools.Add([ordered]@{
+                name = 'buildlet-stage0'; version = $version; path = $Settings.buildletPath
+                url = (ConvertTo-LogUrl -Url $Settings.buildletStage0Url); downloadSha256 = $Settings.buildletStage0Sha256.ToLowerInvariant()
+                installedSha256 = $installed
+            })
+    }
+    if ($Settings.installLlvmMingw) {
+        $stamp = Join-Path $Settings.llvmMingwDir '.source-sha256'
+        $installed = $null
+        if (Test-Path -LiteralPath $stamp -PathType Leaf) { $installed = (Get-Content -LiteralPath $stamp -Raw).Trim() }
+        # Releases are named llvm-mingw-<date>-<crt>-<arch>.zip; the date is the version.
+        $version = $null
+        if ($Settings.llvmMingwUrl -match 'llvm-mingw-([0-9]{8})') { $version = $Matches[1] }
+        $tools.Add([ordered]@{
+                name = 'llvm-mingw'; version = $version; path = $Settings.llvmMingwDir
+                url = (ConvertTo-LogUrl -Url $Settings.llvmMingwUrl); downloadSha256 = $Settings.llvmMingwSha256.ToLowerInvariant()
+                installedSha256 = $installed
+            })
+    }
+    if ($Settings.installVsBuildTools) {
+        $tools.Add([ordered]@{
+                name = ('vs-build-tools-{0}' -f $Settings.vsVersion); version = (Get-VsBuildToolsVersion -Version $Settings.vsVersion)
+                path = (Get-VsBuildToolsPath -Version $Settings.vsVersion)
+                url = (ConvertTo-LogUrl -Url $Settings.vsBuildToolsUrl); downloadSha256 = $Settings.vsBuildToolsSha256.ToLowerInvariant()
+                installedSha256 = $null
+            })
+    }
+    return $tools.ToArray()
+}
+
+function New-SoftwareReport {
+    <#
+    .SYNOPSIS
+        What the image holds, for software-report.json: Windows edition and build, the
+        drivers with their versions, OpenSSH's version, every installed tool with its
+        version and the SHA-256 of its download, and the settings applied (each step
+        on or off, and check.ps1's rows, where passwords show only as matching or not).
+        A part that cannot be read holds {error} instead, so the rest is still reported.
+    #>
+    param([Parameter(Mandatory = $true)]$Settings, [object[]]$Rows = @())
+    $part = {
+        param([scriptblock]$Read)
+        try { & $Read } catch { [ordered]@{ error = $_.Exception.Message } }
+    }
+    $steps = @(foreach ($step in Get-StepCatalog) {
+            $applied = $true
+            if ($null -ne $step.Switch) { $applied = ($Settings[$step.Switch] -eq $true) }
+            [ordered]@{ step = $step.Name; applied = $applied }
+        })
+    $checked = @(foreach ($row in $Rows) {
+            [ordered]@{ step = $row.Step; setting = $row.Setting; expected = $row.Expected; actual = $row.Actual; result = $row.Result }
+        })
+    return [ordered]@{
+        reportVersion = $script:SoftwareReportVersion
+        windows       = (& $part { Get-WindowsBuildInfo })
+        drivers       = (& $part { , @(Get-InstalledDrivers) })
+        openSsh       = (& $part { Get-OpenSshServerInfo })
+        tools         = (& $part { , @(Get-InstalledTools -Settings $Settings) })
+        steps         = $steps
+        settings      = $checked
+    }
+}
+
+function Write-SoftwareReport {
+    <# Writes the report as JSON (UTF-8, no byte order mark) to Path, through a temporary file. #>
+    param([Parameter(Mandatory = $true)]$Report, [Parameter(Mandatory = $true)][string]$Path)
+    if (Test-Path -LiteralPath $Path -PathType Container) { throw ("{0} is a folder" -f $Path) }
+    $folder = Split-Path -Parent $Path
+    if ($folder -and -not (Test-Path -LiteralPath $folder -PathType Container)) { New-Item -ItemType Directory -Path $folder -Force | Out-Null }
+    $json = ConvertTo-Json -InputObject $Report -Depth 8
+    $temp = '{0}.tmp' -f $Path
+    [IO.File]::WriteAllText($temp, $json, (New-Object System.Text.UTF8Encoding($false)))
+    Move-Item -LiteralPath $temp -Destination $Path -Force
+}
+
 Export-ModuleMember -Function @(
     'Get-SettingSchema', 'Get-StepCatalog', 'Assert-StepNames', 'Read-ProvisionSettings', 'Format-SettingsForLog',
     'Initialize-Log', 'Add-LogSecret', 'Write-Log', 'Add-ChangeRecord', 'Get-ChangeCount', 'ConvertTo-LogUrl',
@@ -934,5 +1124,8 @@ Export-ModuleMember -Function @(
     'Get-VsBuildToolsRequiredComponents', 'Get-VsBuildToolsVersionRange', 'Get-VsBuildToolsArguments', 'Get-VsBuildToolsPath',
     'Wait-ProcessExit', 'Get-MachineEnvironmentVariable', 'Set-MachineEnvironmentVariable',
     'Get-DefenderExclusionPaths', 'Test-DefenderExclusion', 'Get-BuildletEnvName',
-    'Get-WindowsFolder', 'Get-AnswerFileFolders', 'Find-AnswerFileCopies', 'Remove-AnswerFileCopies'
+    'Get-WindowsFolder', 'Get-AnswerFileFolders', 'Find-AnswerFileCopies', 'Remove-AnswerFileCopies',
+    'Get-WindowsBuildInfo', 'Get-SignedDriverList', 'Get-InstalledDrivers', 'Get-OpenSshServerInfo',
+    'Get-VsBuildToolsVersion', 'Get-InstalledTools', 'New-SoftwareReport', 'Write-SoftwareReport',
+    'Invoke-FreeSpaceRelease'
 )

@@ -28,6 +28,9 @@
                                                            subfolders: Setup's cached answer files hold the
                                                            administrator and autologon passwords, and the
                                                            image is published
+    After the steps, the free space of C: is released (Optimize-Volume
+    -DriveLetter C -ReTrim: TRIM reaches the VM's qcow2, so the published
+    image carries no deleted data; a disk that cannot trim only warns).
     Every step checks the machine first and changes only what differs, so a
     second run changes nothing. Every download is checked against its SHA-256
     before use. Every step is logged with a UTC timestamp to the host and to
@@ -329,5 +332,7 @@ if (-not $result.Success) {
     Write-Log -Level ERROR ("provision: FAILED at step '{0}': {1}" -f $result.FailedStep, $result.Error)
     exit 1
 }
+# Last, before the VM is shut down: TRIM every free block, so the published image holds only data.
+[void](Invoke-FreeSpaceRelease)
 Write-Log ("provision: done; {0} step(s) ran, {1} switched off, {2} change(s) made" -f $result.Ran.Count, $result.Skipped.Count, $result.Changes)
 exit 0

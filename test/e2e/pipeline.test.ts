@@ -23,6 +23,10 @@
  *   the forced stop;
  * - S3 down at publish (from the start, or midway): the stage fails and the
  *   previous latest.json stays.
+ * The main run also freezes the install as the base (a marker written at the
+ * first boot, before baseImage, is in every image), and then runs what a
+ * guest-script edit re-runs: a fresh overlay on the same base, so the second
+ * image has none of the first provisioning's files.
  *
  * Writes the main run's stage timings to .cache/e2e-timings.md.
  */
@@ -32,11 +36,14 @@ import * as os from "os";
 import * as path from "path";
 import { DEFAULT_CONFIG_MEDIA_LABEL, DEFAULT_DRIVER_NAMES, renderAnswerFile } from "../../infra/answerFile";
 import { parseConfig, StackConfig } from "../../infra/config";
-import { MANIFEST_FILES, parseManifest } from "../../infra/manifest";
+import { MANIFEST_FILES, parseManifest, SOFTWARE_REPORT_FILE } from "../../infra/manifest";
 import { guestProvisionCommand, guestSettings } from "../../infra/pipeline/guest";
 import {
+  baseDigest,
+  baseParts,
   bounded,
   buildPlan,
+  changedStages,
   driverFolder,
   GUEST_BOOT_TIMEOUT_S,
   GUEST_SHUTDOWN_TIMEOUT_S,
@@ -88,6 +95,17 @@ const LOCAL_ORDER: StageId[] = [
   "renderEnv",
   "startVm",
   "waitGuest",
+  "baseImage",
+  "overlayDisk",
+  "provisionGuest",
+  "stopVm",
+  "publish",
+];
+/** What a guest-script edit re-runs: the config media and one provisioning run from the base, no install. */
+const GUEST_SCRIPT_EDIT: StageId[] = [
+  "uploadFiles",
+  "configMedia",
+  "overlayDisk",
   "provisionGuest",
   "stopVm",
   "publish",
@@ -150,6 +168,18 @@ fi
 kill -9 "$s" "$p"
 echo "e2e: killed the dropbear session $s of the provisioning (pid $p)"
 `;
+
+/** The SHA-256 publish gives DISK: that of its flattened copy (`qemu-img convert -O qcow2` is deterministic). */
+async function flattenedSha(disk: string, scratch: string): Promise<string> {
+  const flat = path.join(scratch, `flattened-${process.pid}.qcow2`);
+  try {
+    const r = await run("qemu-img", ["convert", "-O", "qcow2", disk, flat]);
+    expect(r.code, r.stderr).to.equal(0);
+    return sha256File(flat);
+  } finally {
+    fs.rmSync(flat, { force: true });
+  }
+}
 
 describe("pipeline end to end (stand-in guest, TCG)", function () {
   let guest: StandinGuest;
@@ -285,6 +315,14 @@ describe("pipeline end to end (stand-in guest, TCG)", function () {
     return r;
   }
 
+  /** After the install's waitGuest: the base frozen, a fresh overlay on it booted until its SSH answers. */
+  async function toOverlay(p: Pipeline): Promise<void> {
+    await p.driver.mustHost("baseImage", { timeoutMs: 400_000 });
+    await expectVncFree();
+    const r = await p.driver.mustHost("overlayDisk", { timeoutMs: 600_000 });
+    expect(r.stdout).to.match(/^start-vm: VM started \(QEMU pid \d+/m);
+  }
+
   async function stopVm(p: Pipeline, label?: string): Promise<StageResult> {
     const r = await p.driver.mustHost("stopVm", { timeoutMs: 400_000, label });
     expect(r.stdout, "stop-vm must report a graceful power-off").to.match(
@@ -292,6 +330,19 @@ describe("pipeline end to end (stand-in guest, TCG)", function () {
     );
     expect(qemuPid(p), "QEMU still running after stopVm").to.equal(undefined);
     return r;
+  }
+
+  /** Writes LINE (no quotes in it) to FILE on the running stand-in guest's own disk (/disk), synced. */
+  async function mark(p: Pipeline, file: string, line: string): Promise<void> {
+    const r = await inGuest(p, `echo '${line}' > /disk/${file} && sync`);
+    expect(r.code, `writing /disk/${file} in the guest: ${r.stderr}`).to.equal(0);
+  }
+
+  /** The backing file a qcow2 names (undefined when it is self-contained). */
+  async function backingFile(qcow2: string): Promise<string | undefined> {
+    const r = await run("qemu-img", ["info", "--output=json", "-U", qcow2]);
+    expect(r.code, r.stderr).to.equal(0);
+    return (JSON.parse(r.stdout) as { "backing-filename"?: string })["backing-filename"];
   }
 
   /** The live QEMU of the pipeline's VM, if any. */
@@ -376,6 +427,13 @@ describe("pipeline end to end (stand-in guest, TCG)", function () {
           continue;
         case "waitGuest":
           outputs.waitGuest = await waitGuest(p);
+          // The stand-in's "first logon": a marker written on the install disk before it is frozen.
+          await mark(p, "firstboot.txt", "first boot");
+          continue;
+        case "provisionGuest":
+          outputs.provisionGuest = await driver.mustHost("provisionGuest", { timeoutMs: 600_000 });
+          // A step of provisioning run 1 that a later version of the guest scripts no longer has.
+          await mark(p, "run1.txt", "run 1");
           continue;
         case "stopVm":
           outputs.stopVm = await stopVm(p);
@@ -443,15 +501,37 @@ describe("pipeline end to end (stand-in guest, TCG)", function () {
     expect(filesHolding(p.dir, p.password, [iso, isoDir]), "files holding the password").to.deep.equal([]);
     // stopVm: the marker survived the shutdown, on the host's disk.
     expect(await readFileFromDisk(path.join(vm, "disk.qcow2"), "provisioned.txt", p.dir)).to.equal("root\n");
+    // baseImage: the install disk, renamed to the one base its key names, read-only, holding the first boot only.
+    const baseName = `base-${baseDigest(baseParts(p.config, L, repoFileHashes()), driver.runtime.answerFile)}.qcow2`;
+    expect(fs.readdirSync(vm).filter((n) => n.startsWith("base-") || n === "install.qcow2")).to.have.members([
+      baseName,
+      baseName.replace(/\.qcow2$/, ".vars.fd"),
+      baseName.replace(/\.qcow2$/, ".json"),
+    ]);
+    expect(outputs.baseImage?.stdout).to.match(/^stop-vm: powered off gracefully after \d+s$/m);
+    expect(outputs.baseImage?.stdout).to.include(`base-image: ${baseName.replace(/\.qcow2$/, "")} frozen`);
+    expect(fs.statSync(path.join(vm, baseName)).mode & 0o222, "the base is read-only").to.equal(0);
+    expect(await readFileFromDisk(path.join(vm, baseName), "firstboot.txt", p.dir)).to.equal("first boot\n");
+    expect(await readFileFromDisk(path.join(vm, baseName), "provisioned.txt", p.dir)).to.equal(undefined);
+    // overlayDisk: disk.qcow2 is an overlay on it, booted; provisioning claimed it and wrote on it only.
+    expect(await backingFile(path.join(vm, "disk.qcow2"))).to.equal(baseName);
+    expect(outputs.overlayDisk?.stdout).to.include(`base-image: fresh overlay disk.qcow2 on ${baseName}`);
+    expect(outputs.overlayDisk?.stdout).to.match(/^start-vm: VM started \(QEMU pid \d+/m);
+    expect(outputs.provisionGuest?.stderr).to.include(`base-image: disk.qcow2 is a fresh overlay on ${baseName}`);
+    expect(await readFileFromDisk(path.join(vm, "disk.qcow2"), "firstboot.txt", p.dir)).to.equal("first boot\n");
+    expect(await readFileFromDisk(path.join(vm, "disk.qcow2"), "run1.txt", p.dir)).to.equal("run 1\n");
+    const baseSha = sha256File(path.join(vm, baseName));
 
-    // publish: the manifest on stdout (as the component parses it); the objects are the VM's files.
+    // publish: the manifest on stdout (as the component parses it); the objects are the VM's files,
+    // the disk flattened (qemu-img convert -O qcow2 of the VM's disk: the same bytes, the same SHA-256).
     const manifest = parseManifest(outputs.publish?.stdout ?? "");
-    const localSha = sha256File(path.join(vm, "disk.qcow2"));
+    const localSha = await flattenedSha(path.join(vm, "disk.qcow2"), p.dir);
     const base = `${p.artifactUri}${localSha}/`;
     expect(manifest).to.include({
       manifestVersion: 2,
       sha256: localSha,
       format: "qcow2",
+      compression: "none",
       imageUri: `${base}disk.qcow2`,
       manifestUri: `${base}manifest.json`,
       sourceUrl: p.config.image.url,
@@ -459,8 +539,23 @@ describe("pipeline end to end (stand-in guest, TCG)", function () {
       windowsVersion: "11-23h2",
     });
     expect(manifest.files.map((f) => [f.name, f.uri, f.sha256])).to.deep.equal(
-      MANIFEST_FILES.map((n) => [n, `${base}${n}`, sha256File(path.join(vm, n))]),
+      MANIFEST_FILES.map((n) => [n, `${base}${n}`, n === "disk.qcow2" ? localSha : sha256File(path.join(vm, n))]),
     );
+    // The stand-in's software report came back from the guest command and was published with the image.
+    const report = path.join(vm, SOFTWARE_REPORT_FILE);
+    expect(manifest.softwareReport).to.deep.equal({
+      name: SOFTWARE_REPORT_FILE,
+      uri: `${base}${SOFTWARE_REPORT_FILE}`,
+      sha256: sha256File(report),
+      size: fs.statSync(report).size,
+    });
+    expect(
+      JSON.parse((await s3.text(`${p.prefix}${localSha}/${SOFTWARE_REPORT_FILE}`, p.dir)) ?? "null"),
+    ).to.deep.include({
+      settings: [
+        { step: "create-builder-user", setting: "builderUser", expected: "root", actual: "root", result: "PASS" },
+      ],
+    });
     expect(manifest.machine).to.include({ cpus: 2, memoryGiB: 4, accel: "tcg", machineOptions: "" });
     const downloaded = path.join(p.dir, "published.qcow2");
     expect(await s3.download(`${p.prefix}${localSha}/disk.qcow2`, downloaded), "download published disk").to.equal(
@@ -468,16 +563,51 @@ describe("pipeline end to end (stand-in guest, TCG)", function () {
     );
     expect(sha256File(downloaded), "sha256 of the published object").to.equal(manifest.sha256);
     expect(await readFileFromDisk(downloaded, "provisioned.txt", p.dir)).to.equal("root\n");
+    // The first boot's marker is in the published image (the base under the provisioning).
+    expect(await readFileFromDisk(downloaded, "firstboot.txt", p.dir)).to.equal("first boot\n");
+    expect(await backingFile(downloaded), "the published image is self-contained").to.equal(undefined);
     const latest = JSON.parse((await s3.text(`${p.prefix}latest.json`, p.dir)) ?? "null") as unknown;
     expect(latest).to.deep.equal(JSON.parse(outputs.publish?.stdout ?? ""));
     expect(await s3.keys(p.prefix)).to.deep.equal(
-      [...MANIFEST_FILES, "manifest.json"]
+      [...MANIFEST_FILES, "manifest.json", SOFTWARE_REPORT_FILE]
         .map((n) => `${p.prefix}${localSha}/${n}`)
         .concat(`${p.prefix}latest.json`)
         .sort(),
     );
 
     timings.main = driver.timings.slice();
+
+    // A guest-script edit (provision.ps1's hash, as the plan sees an edit; the stand-in runs its own
+    // provisioning): the plan re-runs the config media and one provisioning run from the base only.
+    const edited = buildPlan({
+      config: p.config,
+      layout: L,
+      fileHashes: { ...repoFileHashes(), "provisioning/windows/provision.ps1": "edited" },
+    });
+    const rerun = changedStages(p.plan, edited);
+    expect(rerun).to.deep.equal(GUEST_SCRIPT_EDIT);
+    const again = new PipelineDriver(edited, driver.runtime, driver.inputs, driver.env);
+    const run2: Partial<Record<StageId, StageResult>> = {};
+    await expectVncFree();
+    for (const id of rerun) {
+      const label = `${id} (guest-script edit)`;
+      run2[id] =
+        id === "uploadFiles" ? await again.upload({ label }) : await again.mustHost(id, { timeoutMs: 600_000, label });
+    }
+    expect(run2.overlayDisk?.stdout).to.include(`base-image: fresh overlay disk.qcow2 on ${baseName}`);
+    expect(run2.provisionGuest?.stdout).to.include(PROVISIONED);
+    expect(run2.provisionGuest?.stderr).to.include("is a fresh overlay on");
+    expect(sha256File(path.join(vm, baseName)), "the base is untouched by run 2").to.equal(baseSha);
+    const manifest2 = parseManifest(run2.publish?.stdout ?? "");
+    expect(manifest2.sha256).to.not.equal(manifest.sha256);
+    const downloaded2 = path.join(p.dir, "published-2.qcow2");
+    expect(await s3.download(`${p.prefix}${manifest2.sha256}/disk.qcow2`, downloaded2)).to.equal(true);
+    expect(sha256File(downloaded2)).to.equal(manifest2.sha256);
+    // Image 2 = the base + run 2: the first boot's marker and run 2's provisioning, none of run 1's.
+    expect(await readFileFromDisk(downloaded2, "firstboot.txt", p.dir)).to.equal("first boot\n");
+    expect(await readFileFromDisk(downloaded2, "provisioned.txt", p.dir)).to.equal("root\n");
+    expect(await readFileFromDisk(downloaded2, "run1.txt", p.dir), "run 1's marker in image 2").to.equal(undefined);
+    timings.main.push(...again.timings);
   });
 
   it("a stage that outlives its host-side bound: exit 124, the message naming the stage, no process left", async function () {
@@ -517,6 +647,7 @@ describe("pipeline end to end (stand-in guest, TCG)", function () {
     await prepareHost(p);
     await startVm(p);
     await waitGuest(p);
+    await toOverlay(p);
     const pid = qemuPid(p);
     await slowGuestOnce(p);
 
@@ -555,6 +686,7 @@ describe("pipeline end to end (stand-in guest, TCG)", function () {
     await prepareHost(p);
     await startVm(p);
     await waitGuest(p);
+    await toOverlay(p);
     await slowGuestOnce(p);
 
     let killed: number | undefined;
@@ -581,6 +713,9 @@ describe("pipeline end to end (stand-in guest, TCG)", function () {
     // The rerun of the same stage (nothing before it) boots the VM, waits for it and provisions.
     await expectVncFree();
     const done = await p.driver.mustHost("provisionGuest", { timeoutMs: 300_000, label: "provisionGuest (rerun)" });
+    // The claim replaces the overlay the killed run used: the rerun provisions from the base.
+    expect(done.stderr).to.include("an earlier provisioning used it): making a fresh one");
+    expect(done.stderr).to.include("base-image: fresh overlay disk.qcow2 on base-");
     expect(done.stderr).to.include(
       `guest-run: the build VM is not running (no live QEMU in ${vm}/qemu.pid): starting it`,
     );
@@ -600,9 +735,9 @@ describe("pipeline end to end (stand-in guest, TCG)", function () {
     const p = await pipeline("silent");
     const vm = p.layout.vmDir;
     await prepareHost(p);
-    // A disk with nothing to boot: the firmware sits in its boot menu, like a Windows stuck before SSH.
-    fs.rmSync(path.join(vm, "disk.qcow2"));
-    const mk = await run("qemu-img", ["create", "-q", "-f", "qcow2", path.join(vm, "disk.qcow2"), "64M"]);
+    // An install disk with nothing to boot: the firmware sits in its boot menu, like a Windows stuck before SSH.
+    fs.rmSync(path.join(vm, "install.qcow2"));
+    const mk = await run("qemu-img", ["create", "-q", "-f", "qcow2", path.join(vm, "install.qcow2"), "64M"]);
     expect(mk.code, mk.stderr).to.equal(0);
     await startVm(p);
 
@@ -647,6 +782,8 @@ describe("pipeline end to end (stand-in guest, TCG)", function () {
     const p = await pipeline("s3down", "fault-s3/");
     const vm = p.layout.vmDir;
     await prepareHost(p);
+    // A disk to publish without a guest run: the install disk as it was fetched.
+    fs.copyFileSync(path.join(vm, "install.qcow2"), path.join(vm, "disk.qcow2"));
     const first = parseManifest((await p.driver.mustHost("publish", { timeoutMs: 300_000 })).stdout);
     const latestBefore = await s3.text("fault-s3/latest.json", p.dir);
     const keysBefore = await s3.keys("fault-s3/");
@@ -655,7 +792,7 @@ describe("pipeline end to end (stand-in guest, TCG)", function () {
     // A new disk to publish (as after a provisioning run), then S3 goes away.
     const grow = await run("qemu-img", ["resize", "-q", "-f", "qcow2", path.join(vm, "disk.qcow2"), "+1M"]);
     expect(grow.code, grow.stderr).to.equal(0);
-    const newSha = sha256File(path.join(vm, "disk.qcow2"));
+    const newSha = await flattenedSha(path.join(vm, "disk.qcow2"), p.dir);
     expect(newSha).to.not.equal(first.sha256);
     await s3.stop();
     const down = await p.driver.runHost("publish", { timeoutMs: 400_000, label: "publish (S3 down)" });

@@ -189,6 +189,9 @@ export async function makeAwsWorld(dir: string, shims: string, faults: string): 
         answerFileInImage: "false",
         vmCpus: "1",
         vmMemoryGiB: "4",
+        // The smoke test boots the AMI on a metal instance, which this stand-in EC2 does not play:
+        // test/scripts/smokeTest.test.ts runs smoke-test.sh against stand-ins of its own.
+        smokeTest: "false",
         ...extra,
       };
     },

@@ -321,6 +321,91 @@ Describe 'check.ps1' {
         (ConvertFrom-CheckTable $r.Output | Where-Object { $_.Setting -eq 'service MSDTC StartType' }).Actual | Should -Be '(not installed)'
     }
 
+    Context 'software report' {
+        BeforeEach {
+            $script:reportPath = Join-Path (Split-Path -Parent $t.LogPath) 'software-report.json'
+        }
+
+        It 'writes software-report.json next to the log: Windows, drivers, OpenSSH, tools with their download SHA-256, the settings applied' {
+            $r = Invoke-GuestScript check $t.ConfigPath
+            $r.ExitCode | Should -Be 0 -Because $r.Text
+            $r.Output | Should -Contain ('check: software report written to {0}' -f $reportPath)
+            $raw = [IO.File]::ReadAllBytes($reportPath)
+            # UTF-8 without a byte order mark (jq and the manifest's SHA-256 read the bytes).
+            $raw[0] | Should -Be ([byte][char]'{')
+            $report = Get-Content -LiteralPath $reportPath -Raw | ConvertFrom-Json
+            $report.reportVersion | Should -Be 1
+            $report.windows.edition | Should -Be 'Professional'
+            $report.windows.productName | Should -Be 'Windows 10 Pro'
+            $report.windows.displayVersion | Should -Be '23H2'
+            $report.windows.build | Should -Be '22631.2861'
+            # Not Microsoft's own, nor a device without a driver package; each device and INF once, sorted.
+            @($report.drivers | ForEach-Object { '{0}|{1}|{2}|{3}' -f $_.device, $_.provider, $_.version, $_.inf }) | Should -Be @(
+                'Balloon Device|Red Hat, Inc.|100.95.104.26200|oem5.inf',
+                'Red Hat VirtIO Ethernet Adapter|Red Hat, Inc.|100.95.104.26200|oem3.inf'
+            )
+            $report.openSsh.version | Should -Be '9.5.0.0'
+            $tools = @{}
+            foreach ($tool in $report.tools) { $tools[$tool.name] = $tool }
+            @($report.tools.name) | Should -Be @('buildlet-stage0', 'llvm-mingw', 'vs-build-tools-2022')
+            $tools['buildlet-stage0'].downloadSha256 | Should -Be $t.BuildletSha
+            $tools['buildlet-stage0'].installedSha256 | Should -Be $t.BuildletSha
+            $tools['buildlet-stage0'].path | Should -Be $t.Settings.buildletPath
+            $tools['llvm-mingw'].downloadSha256 | Should -Be $t.LlvmSha
+            $tools['llvm-mingw'].installedSha256 | Should -Be $t.LlvmSha
+            $tools['vs-build-tools-2022'].version | Should -Be '17.9.34607.119'
+            $tools['vs-build-tools-2022'].downloadSha256 | Should -Be $t.VsSha
+            # The bootstrapper's URL without its query (a signature).
+            $tools['vs-build-tools-2022'].url | Should -Be 'https://downloads.example.test/ci/vs_BuildTools.exe?<query hidden>'
+            @($report.steps | Where-Object { -not $_.applied }) | Should -BeNullOrEmpty
+            @($report.steps.step) | Should -Be @(Get-StepCatalog | ForEach-Object { $_.Name })
+            @($report.settings) | Should -HaveCount 31
+            ($report.settings | Where-Object { $_.setting -eq 'service BITS StartType' }).actual | Should -Be 'Disabled'
+            (Get-Content -LiteralPath $reportPath -Raw) | Should -Not -Match ([regex]::Escape($t.Password))
+        }
+
+        It 'lists only the tools that were installed, and the steps switched off as not applied' {
+            $t.Settings.installLlvmMingw = $false
+            $t.Settings.installVsBuildTools = $false
+            Save-TestSettings $t
+            $r = Invoke-GuestScript check $t.ConfigPath
+            $r.ExitCode | Should -Be 0 -Because $r.Text
+            $report = Get-Content -LiteralPath $reportPath -Raw | ConvertFrom-Json
+            @($report.tools.name) | Should -Be @('buildlet-stage0')
+            @($report.steps | Where-Object { -not $_.applied } | ForEach-Object { $_.step }) | Should -Be @('install-llvm-mingw', 'install-vs-build-tools')
+        }
+
+        It 'records a part it cannot read as its error and still reports the rest' {
+            $global:FakeWin.DriversFail = $true
+            $r = Invoke-GuestScript check $t.ConfigPath
+            $r.ExitCode | Should -Be 0 -Because $r.Text
+            $report = Get-Content -LiteralPath $reportPath -Raw | ConvertFrom-Json
+            $report.drivers.error | Should -Match 'Win32_PnPSignedDriver'
+            $report.windows.build | Should -Be '22631.2861'
+            @($report.tools) | Should -HaveCount 3
+        }
+
+        It 'writes to -ReportPath, and fails (exit 1) when it cannot write the report' {
+            $elsewhere = Join-Path $t.Root 'out/report.json'
+            $global:LASTEXITCODE = -999
+            $lines = & $global:CheckScript -ConfigPath $t.ConfigPath -ReportPath $elsewhere 6>&1 | ForEach-Object { "$_" }
+            $global:LASTEXITCODE | Should -Be 0 -Because ($lines -join "`n")
+            (Get-Content -LiteralPath $elsewhere -Raw | ConvertFrom-Json).windows.edition | Should -Be 'Professional'
+            # A file where its folder should be.
+            $blocked = Join-Path $t.Root 'blocked'
+            Set-Content -LiteralPath $blocked -Value 'a file'
+            $global:LASTEXITCODE = -999
+            $lines = & $global:CheckScript -ConfigPath $t.ConfigPath -ReportPath (Join-Path $blocked 'report.json') 6>&1 | ForEach-Object { "$_" }
+            $global:LASTEXITCODE | Should -Be 1
+            ($lines -join "`n") | Should -Match 'check: could not write the software report'
+            # A folder where the file should be.
+            New-Item -ItemType Directory -Path (Join-Path $t.Root 'taken/report.json') -Force | Out-Null
+            $lines = & $global:CheckScript -ConfigPath $t.ConfigPath -ReportPath (Join-Path $t.Root 'taken/report.json') 6>&1 | ForEach-Object { "$_" }
+            $global:LASTEXITCODE | Should -Be 1
+            ($lines -join "`n") | Should -Match 'report\.json is a folder'
+        }
+    }
+
     It 'exits 2 on invalid settings' {
         Set-Content -LiteralPath $t.ConfigPath -Value '{ "installBuildlet": "yes" }'
         $r = Invoke-GuestScript check $t.ConfigPath

@@ -38,6 +38,7 @@ Add-CommandStubs @{
     'Enable-LocalUser'       = '[CmdletBinding()] param([string]$Name)'
     'Get-LocalGroupMember'   = '[CmdletBinding()] param([string]$SID, [string]$Group)'
     'Add-LocalGroupMember'   = '[CmdletBinding()] param([string]$SID, [string]$Group, [string[]]$Member)'
+    'Optimize-Volume'        = '[CmdletBinding()] param([string]$DriveLetter, [switch]$ReTrim)'
 }
 
 function global:ConvertTo-FakeRegistryKey {
@@ -113,6 +114,21 @@ function global:New-FakeWindows {
         IsAdmin     = $true
         # The folder standing in for C:\Windows (New-TestEnvironment makes it).
         WindowsDir  = $null
+        # Win32_PnPSignedDriver rows (Microsoft's own among them, and a device listed twice).
+        Drivers     = @(
+            [pscustomobject]@{ DeviceName = 'Red Hat VirtIO Ethernet Adapter'; DriverProviderName = 'Red Hat, Inc.'; DriverVersion = '100.95.104.26200'; InfName = 'oem3.inf' }
+            [pscustomobject]@{ DeviceName = 'Red Hat VirtIO Ethernet Adapter'; DriverProviderName = 'Red Hat, Inc.'; DriverVersion = '100.95.104.26200'; InfName = 'oem3.inf' }
+            [pscustomobject]@{ DeviceName = 'Standard NVM Express Controller'; DriverProviderName = 'Microsoft'; DriverVersion = '10.0.22621.2506'; InfName = 'stornvme.inf' }
+            [pscustomobject]@{ DeviceName = 'QEMU USB Tablet'; DriverProviderName = ''; DriverVersion = ''; InfName = '' }
+            [pscustomobject]@{ DeviceName = 'Balloon Device'; DriverProviderName = 'Red Hat, Inc.'; DriverVersion = '100.95.104.26200'; InfName = 'oem5.inf' }
+        )
+        DriversFail = $false
+        OpenSsh     = [ordered]@{ version = '9.5.0.0'; path = 'C:\Windows\System32\OpenSSH\sshd.exe' }
+        # installationVersion vswhere reports for the installed instance.
+        VsFullVersion = '17.9.34607.119'
+        # Optimize-Volume -ReTrim calls (drive letters) and whether it fails.
+        Trims       = New-Object System.Collections.Generic.List[string]
+        TrimFails   = $false
     }
     $global:FakeWin.Admins.Add('S-1-5-21-1000-1000-1000-500')
     foreach ($key in @(
@@ -126,6 +142,13 @@ function global:New-FakeWindows {
     Set-FakeRegistryValue -Path 'HKLM:\SOFTWARE\Microsoft\Windows\CurrentVersion\Policies\System' -Name 'EnableLUA' -Value 1 -Type 'DWord'
     Set-FakeRegistryValue -Path 'HKLM:\SOFTWARE\Microsoft\Windows NT\CurrentVersion\Winlogon' -Name 'AutoAdminLogon' -Value '0'
     Set-FakeRegistryValue -Path 'HKLM:\SOFTWARE\Microsoft\Windows NT\CurrentVersion\Winlogon' -Name 'Shell' -Value 'explorer.exe'
+    $currentVersion = 'HKLM:\SOFTWARE\Microsoft\Windows NT\CurrentVersion'
+    Add-FakeRegistryKey -Path $currentVersion
+    Set-FakeRegistryValue -Path $currentVersion -Name 'ProductName' -Value 'Windows 10 Pro'
+    Set-FakeRegistryValue -Path $currentVersion -Name 'EditionID' -Value 'Professional'
+    Set-FakeRegistryValue -Path $currentVersion -Name 'DisplayVersion' -Value '23H2'
+    Set-FakeRegistryValue -Path $currentVersion -Name 'CurrentBuild' -Value '22631'
+    Set-FakeRegistryValue -Path $currentVersion -Name 'UBR' -Value 2861 -Type 'DWord'
 }
 
 function global:Add-FakeUser {
@@ -349,6 +372,22 @@ function global:Enable-FakeWindows {
         $process | Add-Member -MemberType ScriptMethod -Name WaitForExit -Value { param($Milliseconds) $true }
         $process | Add-Member -MemberType ScriptMethod -Name Kill -Value { throw 'the fake process has exited' }
         if ($PesterBoundParameters['PassThru']) { $process }
+    }
+
+    # What the software report reads.
+    Add-FakeMock Get-SignedDriverList -MockWith {
+        if ($global:FakeWin.DriversFail) { throw 'Invalid class (Win32_PnPSignedDriver)' }
+        $global:FakeWin.Drivers
+    }
+    Add-FakeMock Get-OpenSshServerInfo -MockWith { $global:FakeWin.OpenSsh }
+    Add-FakeMock Get-VsBuildToolsVersion -MockWith {
+        $v = $global:FakeWin.VsInstalledVersion
+        if ($global:FakeWin.VsInstalled -and ($null -eq $v -or $v -eq $Version)) { $global:FakeWin.VsFullVersion }
+    }
+    # TRIM of the free space.
+    Add-FakeMock Optimize-Volume -MockWith {
+        if ($global:FakeWin.TrimFails) { throw 'The volume optimization operation requested is not supported by the hardware backing the volume.' }
+        if ($PesterBoundParameters['ReTrim']) { $global:FakeWin.Trims.Add([string]$PesterBoundParameters['DriveLetter']) }
     }
 
     # Downloads: serve local files registered in FakeWin.Served (URL -> path).

@@ -53,6 +53,14 @@ Describe 'provision.ps1' {
         $script:t = New-TestEnvironment -Root (Join-Path $TestDrive ([guid]::NewGuid().ToString('N')))
     }
 
+    It 'only warns when the disk cannot trim (the image is larger, not wrong)' {
+        $global:FakeWin.TrimFails = $true
+        $r = Invoke-GuestScript provision $t.ConfigPath
+        $r.ExitCode | Should -Be 0 -Because $r.Text
+        $r.Text | Should -Match 'could not release the free space of C: \(Optimize-Volume -ReTrim\): The volume optimization operation requested is not supported'
+        @($global:FakeWin.Trims) | Should -BeNullOrEmpty
+    }
+
     Context 'a full run on a fresh machine' {
         BeforeEach {
             $script:r = Invoke-GuestScript provision $t.ConfigPath
@@ -67,6 +75,17 @@ Describe 'provision.ps1' {
             $global:FakeWin.Registry[(ConvertTo-FakeRegistryKey $WU) + '|noautoupdate'].Type | Should -Be 'DWord'
             Get-FakeRegistryValue $WER 'DontShowUI' | Should -Be 1
             Get-FakeRegistryValue $SYS 'EnableLUA' | Should -Be 0
+        }
+
+        It 'releases the free space of C: last (Optimize-Volume -DriveLetter C -ReTrim, once)' {
+            @($global:FakeWin.Trims) | Should -Be @('C')
+            $trimmed = [array]::FindIndex([string[]]$r.Output, [Predicate[string]] { param($l) $l -match 'free space of C: released' })
+            $done = [array]::FindIndex([string[]]$r.Output, [Predicate[string]] { param($l) $l -match 'provision: done' })
+            $trimmed | Should -BeGreaterThan -1 -Because $r.Text
+            $trimmed | Should -BeLessThan $done
+            $removed = [array]::FindIndex([string[]]$r.Output, [Predicate[string]] { param($l) $l -match "step 'remove-answer-files': " })
+            $removed | Should -BeLessThan $trimmed -Because 'every step ran before'
+            $removed | Should -BeGreaterThan -1
         }
 
         It 'turns off every firewall profile and Defender real-time monitoring' {

@@ -190,6 +190,37 @@ describe("bake-image.sh (on the bake instance: published image -> AMI file syste
     expect(powerOffCount()).to.equal(2);
   });
 
+  it("a zstd-compressed published disk is decompressed once: the image VM gets an uncompressed qcow2 with the same content", async () => {
+    // What publish-image.sh writes with IMAGE_COMPRESSION=zstd.
+    const plain = path.join(dir, "plain.qcow2");
+    await runOk("qemu-img", ["create", "-q", "-f", "qcow2", plain, String(VSIZE)]);
+    await runOk("qemu-io", ["-f", "qcow2", "-c", "write -P 0x5a 0 4M", "-c", "write -P 0x17 40M 1M", plain]);
+    await runOk("qemu-img", [
+      ...["convert", "-O", "qcow2", "-c", "-o", "compression_type=zstd"],
+      ...[plain, path.join(pub, "disk.qcow2")],
+    ]);
+    const compressed = (f: string) =>
+      runOk("qemu-img", ["map", "--output=json", f]).then((out) =>
+        (JSON.parse(out) as Record<string, unknown>[]).some((e) => e.data === true && e.offset === undefined),
+      );
+    expect(await compressed(path.join(pub, "disk.qcow2")), "the published disk is compressed").to.equal(true);
+    const files = entries(pub, (n) => fileUri(path.join(pub, n)));
+    const r = await bake(manifestOf(files));
+    expect(r.code, r.stderr).to.equal(0);
+    expect(r.stderr).to.include("decompressing disk.qcow2 (the image VM runs an uncompressed copy)");
+    expect(await compressed(vmFile("disk.qcow2")), "the VM's disk").to.equal(false);
+    await runOk("qemu-img", ["compare", "-f", "qcow2", "-F", "qcow2", plain, vmFile("disk.qcow2")]);
+    expect(fs.statSync(vmFile("disk.qcow2")).mode & 0o777).to.equal(0o600);
+    expect(fs.existsSync(vmFile("disk.qcow2.plain"))).to.equal(false);
+    // The status names what was fetched and verified.
+    expectOkStatus(status(), files);
+    // A rerun finds it in place (derived from the verified download): no fetch, no second conversion.
+    const again = await bake(manifestOf(files));
+    expect(again.code, again.stderr).to.equal(0);
+    expect(again.stderr.match(/is already in place and verified/g)).to.have.length(3);
+    expect(again.stderr).to.not.include("decompressing");
+  });
+
   describe("from S3 (s3rver)", () => {
     let s3: S3Server;
     before(async () => {

@@ -145,6 +145,20 @@ describe("publish-image.sh", function () {
   });
   afterEach(() => fs.rmSync(dir, { recursive: true, force: true }));
 
+  /** What publish makes of FILE: the bytes of `qemu-img convert -O qcow2` (zstd-compressed for "zstd"). */
+  async function flatten(file: string, compression: "none" | "zstd" = "none"): Promise<Buffer> {
+    const out = path.join(dir, `flat-${Math.random().toString(36).slice(2)}.qcow2`);
+    try {
+      const zstd = compression === "zstd" ? ["-c", "-o", "compression_type=zstd"] : [];
+      await runOk("qemu-img", ["convert", "-O", "qcow2", ...zstd, file, out]);
+      return fs.readFileSync(out);
+    } finally {
+      fs.rmSync(out, { force: true });
+    }
+  }
+  /** The SHA-256 publish gives FILE: that of its flattened copy. */
+  const flatSha = async (file: string) => sha256(await flatten(file));
+
   function publish(uri: string, env: NodeJS.ProcessEnv = {}, vm = vmDir): Promise<RunResult> {
     return run("bash", [script("publish-image.sh"), vm, uri], { env: { ...s3.env, TMPDIR: tmp, ...env } });
   }
@@ -200,6 +214,12 @@ describe("publish-image.sh", function () {
       expect(body, `${f.uri} exists`).to.not.equal(undefined);
       expect(body!.length, `${f.uri} size`).to.equal(f.size);
       expect(sha256(body!), `${f.uri} sha256`).to.equal(f.sha256);
+    }
+    if (m.softwareReport) {
+      const body = await readUri(m.softwareReport.uri);
+      expect(body, `${m.softwareReport.uri} exists`).to.not.equal(undefined);
+      expect(sha256(body!), `${m.softwareReport.uri} sha256`).to.equal(m.softwareReport.sha256);
+      expect(body!.length, `${m.softwareReport.uri} size`).to.equal(m.softwareReport.size);
     }
     expect(JSON.parse(String(await readUri(m.manifestUri)))).to.deep.equal(m);
   }
@@ -272,8 +292,11 @@ exec "$REAL_AWS" "$@"
   }
 
   describe("to S3", () => {
-    it("publishes disk, variables, firmware, manifest (v2) and latest.json; prints the manifest as one line", async () => {
-      const sha = sha256File(disk);
+    it("publishes disk (flattened), variables, firmware, software report, manifest (v2) and latest.json; prints the manifest as one line", async () => {
+      const flat = await flatten(disk);
+      const sha = sha256(flat);
+      const report = `${JSON.stringify({ windows: { edition: "Professional", build: "22631.2861" }, tools: [] })}\n`;
+      fs.writeFileSync(path.join(vmDir, "software-report.json"), report);
       const varsSha = sha256File(path.join(vmDir, "QEMU_VARS.fd"));
       const efiSha = sha256File(path.join(vmDir, "QEMU_EFI.fd"));
       const envFile = path.join(dir, "vm-build.env");
@@ -303,13 +326,17 @@ exec "$REAL_AWS" "$@"
       expect(r.code, r.stderr).to.equal(0);
       const m = parseStdout(r);
       const base = `s3://images/win11/${sha}`;
-      const size = fs.statSync(disk).size;
+      const size = flat.length;
       expect(m).to.deep.equal({
         manifestVersion: 2,
         sha256: sha,
         size,
         format: "qcow2",
         virtualSize: 1024 * 1024 * 1024,
+        compression: "none",
+        // makeVm's 8 MiB and 2 MiB of pattern.
+        allocatedBytes: 10 * 1024 * 1024,
+        publishedBytes: size,
         imageUri: `${base}/disk.qcow2`,
         varsUri: `${base}/QEMU_VARS.fd`,
         varsSha256: varsSha,
@@ -323,6 +350,12 @@ exec "$REAL_AWS" "$@"
           { name: "QEMU_VARS.fd", uri: `${base}/QEMU_VARS.fd`, sha256: varsSha, size: MIB64 },
           { name: "QEMU_EFI.fd", uri: `${base}/QEMU_EFI.fd`, sha256: efiSha, size: MIB64 },
         ],
+        softwareReport: {
+          name: "software-report.json",
+          uri: `${base}/software-report.json`,
+          sha256: sha256(Buffer.from(report)),
+          size: Buffer.byteLength(report),
+        },
         host,
         machine: { machineOptions: "gic-version=max,its=off", cpus: 4, memoryGiB: 24, accel: "tcg", gicVersion: "3" },
         sourceUrl: "s3://source/Win11_ARM64.vhdx",
@@ -339,10 +372,12 @@ exec "$REAL_AWS" "$@"
         `win11/${sha}/QEMU_VARS.fd`,
         `win11/${sha}/disk.qcow2`,
         `win11/${sha}/manifest.json`,
+        `win11/${sha}/software-report.json`,
         "win11/latest.json",
       ]);
       const image = await s3.getObject(`win11/${sha}/disk.qcow2`);
-      expect(image && image.equals(fs.readFileSync(disk))).to.equal(true);
+      expect(image && image.equals(flat), "the published disk is the flattened copy").to.equal(true);
+      expect(String(await s3.getObject(`win11/${sha}/software-report.json`))).to.equal(report);
       await expectComplete(m);
       expect(await s3Json("win11/latest.json")).to.deep.equal(m);
       // Progress and results went to stderr; the work folder is gone.
@@ -407,7 +442,7 @@ exec "$REAL_AWS" "$@"
 
       // The VM ran again: a bigger, different disk.
       await runOk("qemu-io", ["-f", "qcow2", "-c", "write -P 0x66 16M 200M", disk]);
-      const shaA = sha256File(disk);
+      const shaA = await flatSha(disk);
       const p = start("s3://images/crash/");
       expect(await p.reached(/uploading .*disk\.qcow2/), p.out.stderr).to.equal(true);
       await new Promise((res) => setTimeout(res, 700));
@@ -433,7 +468,7 @@ exec "$REAL_AWS" "$@"
 
       // Again, killed without a chance to clean up, after the disk's server-side copy.
       await runOk("qemu-io", ["-f", "qcow2", "-c", "write -P 0x67 16M 20M", disk]);
-      const shaB = sha256File(disk);
+      const shaB = await flatSha(disk);
       const k = start("s3://images/crash/");
       expect(await k.reached(/uploading \S+\/QEMU_VARS\.fd to /), k.out.stderr).to.equal(true);
       const delay = Math.floor(Math.random() * 300);
@@ -613,7 +648,8 @@ exec "$REAL_AWS" "$@"
     it("publishes into the folder (percent-decoded, created when missing) without the AWS CLI", async () => {
       const root = path.join(dir, "out dir", "images");
       const uri = `file://${path.join(dir, "out%20dir", "images")}/`;
-      const sha = sha256File(disk);
+      const flat = await flatten(disk);
+      const sha = sha256(flat);
       const r = await publishTo(uri, { WINDOWS_VERSION: "11-24H2" });
       expect(r.code, r.stderr).to.equal(0);
       expect(r.stderr).to.not.contain("aws was called");
@@ -628,7 +664,7 @@ exec "$REAL_AWS" "$@"
       expect(m.host).to.deep.equal(host);
       // Exactly the layout S3 gets, and the folder's lock file; staging is gone.
       expect(list(root)).to.deep.equal(folderLayout(sha));
-      expect(fs.readFileSync(path.join(root, sha, "disk.qcow2")).equals(fs.readFileSync(disk))).to.equal(true);
+      expect(fs.readFileSync(path.join(root, sha, "disk.qcow2")).equals(flat)).to.equal(true);
       await expectComplete(m);
       expect(JSON.parse(fs.readFileSync(path.join(root, "latest.json"), "utf8"))).to.deep.equal(m);
       for (const f of list(root).filter((f) => f !== ".publish.lock")) {
@@ -644,6 +680,74 @@ exec "$REAL_AWS" "$@"
       expect(parseStdout(r2)).to.deep.equal(m);
       expect(fs.statSync(path.join(root, sha, "disk.qcow2")).mtimeMs).to.equal(before);
       expect(list(root)).to.deep.equal(folderLayout(sha));
+    });
+
+    it("publishes an overlay flattened and compacted (zstd when asked): the chain's content, no backing file, the VM's disk untouched", async () => {
+      // The VM's disk as the pipeline leaves it: an overlay on a base, with data the guest discarded (TRIM).
+      const base = path.join(vmDir, "base.qcow2");
+      fs.renameSync(disk, base);
+      await runOk("qemu-img", ["create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", disk]);
+      await runOk("qemu-io", ["-f", "qcow2", "-c", "write -P 0x44 400M 32M", "-c", "discard 400M 16M", disk]);
+      const diskBefore = sha256File(disk);
+      const root = path.join(dir, "flat");
+      const r = await publishTo(`file://${root}`, { IMAGE_COMPRESSION: "zstd" });
+      expect(r.code, r.stderr).to.equal(0);
+      expect(r.stderr).to.contain(`${disk} is an overlay on ${base}: it is published flattened`);
+      expect(r.stderr).to.match(
+        /flattening \S+disk\.qcow2 into \S+ \(qemu-img convert -O qcow2 -c -o compression_type=zstd;/,
+      );
+      const z = parseStdout(r);
+      const published = path.join(root, z.sha256, "disk.qcow2");
+      expect(z.sha256).to.equal(sha256(await flatten(disk, "zstd")));
+      expect(z.compression).to.equal("zstd");
+      // Base 8 + 2 MiB, overlay 32 MiB of which 16 MiB discarded.
+      expect(z.allocatedBytes).to.equal(26 * 1024 * 1024);
+      expect(z.publishedBytes).to.equal(fs.statSync(published).size);
+      const info = JSON.parse(await runOk("qemu-img", ["info", "--output=json", published])) as Record<string, unknown>;
+      expect(info["backing-filename"], "no backing file").to.equal(undefined);
+      expect((info["format-specific"] as { data: Record<string, unknown> }).data["compression-type"]).to.equal("zstd");
+      const map = JSON.parse(await runOk("qemu-img", ["map", "--output=json", published])) as Record<string, unknown>[];
+      expect(
+        map.some((e) => e.data === true && e.offset === undefined),
+        "compressed clusters (data without a host offset)",
+      ).to.equal(true);
+      // What the guest sees is the same; the VM's own disk is only read.
+      await runOk("qemu-img", ["compare", "-f", "qcow2", "-F", "qcow2", disk, published]);
+      expect(sha256File(disk)).to.equal(diskBefore);
+      expect(JSON.parse(await runOk("qemu-img", ["info", "--output=json", disk]))["backing-filename"]).to.equal(base);
+      await expectComplete(z);
+
+      // Uncompressed: still only the data (no discarded or zero clusters), at most 5% more.
+      const r2 = await publishTo(`file://${root}`);
+      expect(r2.code, r2.stderr).to.equal(0);
+      const n = parseStdout(r2);
+      expect(n.compression).to.equal("none");
+      expect(n.sha256).to.not.equal(z.sha256);
+      expect(n.allocatedBytes).to.equal(z.allocatedBytes);
+      expect(n.publishedBytes).to.be.at.most(n.allocatedBytes * 1.05);
+      expect(n.publishedBytes, "the discarded 16 MiB are not published").to.be.below(
+        fs.statSync(disk).size + fs.statSync(base).size - 16 * 1024 * 1024,
+      );
+      await runOk("qemu-img", ["compare", "-f", "qcow2", "-F", "qcow2", disk, path.join(root, n.sha256, "disk.qcow2")]);
+
+      // A new software report for the same disk: no conversion, no disk copy; the report and a manifest.
+      const diskMtime = fs.statSync(path.join(root, n.sha256, "disk.qcow2")).mtimeMs;
+      fs.writeFileSync(path.join(vmDir, "software-report.json"), '{"openssh":"9.5"}\n');
+      const r3 = await publishTo(`file://${root}`);
+      expect(r3.code, r3.stderr).to.equal(0);
+      expect(r3.stderr).to.not.contain("flattening");
+      const m3 = parseStdout(r3);
+      expect(m3.sha256).to.equal(n.sha256);
+      expect(m3.softwareReport?.uri).to.equal(`file://${root}/${n.sha256}/software-report.json`);
+      expect(fs.readFileSync(path.join(root, n.sha256, "software-report.json"), "utf8")).to.equal(
+        '{"openssh":"9.5"}\n',
+      );
+      expect(fs.statSync(path.join(root, n.sha256, "disk.qcow2")).mtimeMs).to.equal(diskMtime);
+      await expectComplete(m3);
+
+      const bad = await publishTo(`file://${root}`, { IMAGE_COMPRESSION: "xz" });
+      expect(bad.code).to.equal(1);
+      expect(bad.stderr).to.contain("IMAGE_COMPRESSION 'xz' is not none or zstd");
     });
 
     it("records null for what this host cannot tell (no dpkg, no qemu-system-aarch64, no PUBLISH_VM_ENV)", async () => {
@@ -667,6 +771,26 @@ exec "$REAL_AWS" "$@"
         accel: "kvm",
         machineType: "virt-7.2",
       });
+      // What run-vm.sh resolved at the VM's last start (VM_DIR/vm-resolved.env) wins, for these two keys only.
+      const resolved = path.join(vmDir, "vm-resolved.env");
+      fs.writeFileSync(
+        resolved,
+        "# run-vm.sh\nVM_MACHINE_TYPE=virt-8.2\nVM_GIC_VERSION=2\nVM_DISK_CACHE=none\nVM_CPUS=99\n",
+      );
+      try {
+        const rr = await publishTo(`file://${dir}/machine-resolved`, { PUBLISH_VM_ENV: envFile });
+        expect(rr.code, rr.stderr).to.equal(0);
+        expect(parseStdout(rr).machine).to.deep.equal({
+          machineOptions: "",
+          cpus: null,
+          memoryGiB: 8,
+          accel: "kvm",
+          machineType: "virt-8.2",
+          gicVersion: "2",
+        });
+      } finally {
+        fs.rmSync(resolved, { force: true });
+      }
       fs.writeFileSync(envFile, "VM_CPUS=four\n");
       const r2 = await publishTo(`file://${dir}/machine`, { PUBLISH_VM_ENV: envFile });
       expect(r2.code).to.equal(1);
@@ -774,7 +898,7 @@ exec "$REAL_AWS" "$@"
       const points = [/uploading .*disk\.qcow2 \(/, /copying to file:/, /published file:/, /latest\.json now points/];
       for (const [i, point] of points.entries()) {
         await runOk("qemu-io", ["-f", "qcow2", "-c", `write -P ${0x30 + i} 16M 8M`, disk]);
-        const newSha = sha256File(disk);
+        const newSha = await flatSha(disk);
         const p = start(`file://${root}`, { PATH: shimPath() });
         const reached = await p.reached(point);
         const delay = Math.floor(Math.random() * 200);
@@ -817,7 +941,7 @@ exec "$REAL_AWS" "$@"
       expect(r1.code, r1.stderr).to.equal(0);
       const old = parseStdout(r1);
       await runOk("qemu-io", ["-f", "qcow2", "-c", "write -P 0x66 16M 20M", disk]);
-      const newSha = sha256File(disk);
+      const newSha = await flatSha(disk);
 
       // `sync` (run once the staging file is written) hangs: the publish is stopped there.
       const mark = path.join(dir, "syncing");
@@ -1029,15 +1153,23 @@ exec "$REAL_AWS" "$@"
           /qemu-img check found \S+disk\.qcow2 corrupt \(\d+ corruptions, 0 leaked clusters, 0 check errors\): refusing to publish it/,
       },
       {
-        name: "the disk has a backing file",
+        name: "the disk's backing file is missing",
         prepare: async () => {
           const base = path.join(dir, "base.qcow2");
           fs.renameSync(disk, base);
           await runOk("qemu-img", ["create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", disk]);
+          fs.rmSync(base);
           return {};
         },
-        error: () =>
-          /disk\.qcow2 has a backing file \(\S+base\.qcow2\): publish writes a self-contained image; flatten it first/,
+        error: () => /qemu-img cannot read \S+disk\.qcow2\b.*base\.qcow2/,
+      },
+      {
+        name: "the software report is not a JSON object",
+        prepare: async () => {
+          fs.writeFileSync(path.join(vmDir, "software-report.json"), "[1, 2");
+          return {};
+        },
+        error: () => /software-report\.json is not a JSON object \(the check step writes it\)/,
       },
       {
         name: "the disk keeps its data in an external file",
@@ -1141,7 +1273,7 @@ exec "$REAL_AWS" "$@"
       for (const f of faults.filter((x) => !x.only || x.only === b.name)) {
         it(`${b.name}: ${f.name}`, async () => {
           const before = current[b.name];
-          const newSha = sha256File(disk);
+          const newSha = await flatSha(disk);
           const { env, undo } = await f.prepare(b);
           let r: RunResult;
           try {

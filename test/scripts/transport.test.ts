@@ -635,6 +635,36 @@ describe("transport: stage.sh, host-exec.sh, guest-run.sh", function () {
         expect(r.stderr).to.include("guest-run: the guest command succeeded (attempt 2/3)");
       });
 
+      it("GUEST_RUN_REPORT: the tagged report line is saved (decoded, not printed); none, or not JSON, fails with 4", async () => {
+        const report = path.join(vmDir, "software-report.json");
+        const json = '{"windows":{"edition":"Professional","build":"22631.2861"},"drivers":[]}';
+        const b64 = Buffer.from(json).toString("base64");
+        // A stale report from an earlier run must not survive.
+        fs.writeFileSync(report, '{"stale":true}');
+        const tag = "windows-arm64-image-software-report: ";
+        const send = (line: string) => `cat >/dev/null; echo provisioned; printf '%s\\r\\n' '${line}'; echo checked`;
+        const rEnv = { ...env, GUEST_RUN_REPORT: report };
+        const r = await start("guest-run.sh", args(send(tag + b64)), rEnv, `${privateKey}{}`).result;
+        expect(r.code, r.stderr).to.equal(0);
+        expect(r.stdout).to.equal("provisioned\nchecked\n");
+        expect(fs.readFileSync(report, "utf8")).to.equal(json);
+        expect(r.stderr).to.include(`guest-run: software report saved to ${report} (${json.length} bytes)`);
+        // Without GUEST_RUN_REPORT the line is passed through as any other.
+        const plain = await start("guest-run.sh", args(send(tag + b64)), env, `${privateKey}{}`).result;
+        expect(plain.code, plain.stderr).to.equal(0);
+        expect(plain.stdout).to.contain(tag + b64);
+
+        const none = await start("guest-run.sh", args(send("no report here")), rEnv, `${privateKey}{}`).result;
+        expect(none.code, none.stderr).to.equal(4);
+        expect(none.stderr).to.include("the guest command sent no software report");
+        expect(fs.existsSync(report), "the earlier report is gone").to.equal(false);
+        const bad = Buffer.from("[1, 2").toString("base64");
+        const notJson = await start("guest-run.sh", args(send(tag + bad)), rEnv, `${privateKey}{}`).result;
+        expect(notJson.code, notJson.stderr).to.equal(4);
+        expect(notJson.stderr).to.include("the software report the guest sent is not a JSON object");
+        expect(fs.readdirSync(vmDir).filter((f) => f.startsWith("software-report"))).to.deep.equal([]);
+      });
+
       it("a failing guest command (exit 7) is not retried and is reported", async () => {
         const r = await start("guest-run.sh", args("echo check failed >&2; exit 7"), env, `${privateKey}{}`).result;
         expect(r.code).to.equal(7);

@@ -3,6 +3,7 @@ import * as fs from "fs";
 import * as net from "net";
 import * as os from "os";
 import * as path from "path";
+import { qmp } from "../fixtures/standin";
 import { freePort, readPid, run, runScript, script } from "../support/run";
 
 // The VM lifecycle scripts against a real qemu-system-aarch64 (TCG, no guest
@@ -104,6 +105,20 @@ function values(args: string[], flag: string): string[] {
   return out;
 }
 
+/** The versioned machine type this host's QEMU's "virt" stands for ("virt-7.2"), read here independently. */
+async function qemuVirtAlias(): Promise<string> {
+  const r = await run("qemu-system-aarch64", ["-machine", "help"]);
+  const m = /^virt\s.*\(alias of (virt-\d+\.\d+)\)\s*$/m.exec(r.stdout);
+  if (!m) throw new Error(`qemu-system-aarch64 -machine help names no alias of virt:\n${r.stdout}`);
+  return m[1];
+}
+
+/** Whether a file's file system takes O_DIRECT (what run-vm.sh's cache=none needs). */
+async function takesODirect(file: string): Promise<boolean> {
+  const r = await run("dd", [`if=${file}`, "of=/dev/null", "bs=4096", "count=1", "iflag=direct", "status=none"]);
+  return r.code === 0;
+}
+
 /** start-vm.sh on the detached (non-systemd) path, whatever the machine runs. */
 function startVm(vm: Vm, env: NodeJS.ProcessEnv = {}) {
   return runScript("start-vm.sh", [vm.envFile], { env: { START_VM_SYSTEMD: "0", ...env }, timeoutMs: 60000 });
@@ -190,7 +205,7 @@ describe("VM lifecycle scripts: run-vm, start-vm, wait-for-guest, stop-vm", func
   });
 
   describe("run-vm.sh --print and validation (QEMU not started)", function () {
-    it("--print shows the device set: pflash pair, NVMe writethrough, read-only USB CDs, virtio-net, loopback SSH", async function () {
+    it("--print shows the device set: pflash pair, NVMe, read-only USB CDs, virtio-net, loopback SSH", async function () {
       const vm = await makeVm("print", {
         VM_DRIVERS_ISO: driversIso,
         VM_CONFIG_ISO: configIso,
@@ -202,7 +217,8 @@ describe("VM lifecycle scripts: run-vm, start-vm, wait-for-guest, stop-vm", func
       expect(r.code, r.stderr).to.equal(0);
       const args = r.stdout.trimEnd().split("\n");
       expect(args[0]).to.equal("qemu-system-aarch64");
-      expect(values(args, "-machine")).to.deep.equal(["virt,gic-version=max"]);
+      // gic-version in VM_MACHINE_OPTS is the GIC version; the machine type is pinned.
+      expect(values(args, "-machine")).to.deep.equal([`${await qemuVirtAlias()},gic-version=max`]);
       expect(values(args, "-accel")).to.deep.equal(["tcg"]);
       expect(values(args, "-cpu")).to.deep.equal(["max,pauth=off"]);
       expect(values(args, "-smp")).to.deep.equal(["1"]);
@@ -221,7 +237,8 @@ describe("VM lifecycle scripts: run-vm, start-vm, wait-for-guest, stop-vm", func
 
       const devices = values(args, "-device");
       const disk = drives.find((d) => d.includes("id=disk0"));
-      expect(disk).to.include("format=qcow2").and.include("cache=writethrough");
+      expect(disk).to.include("format=qcow2").and.include("discard=unmap,detect-zeroes=unmap");
+      expect(disk).to.not.include("cache=writethrough");
       expect(disk).to.include(`file=${path.join(vm.dir, "disk.qcow2")}`);
       expect(devices.find((d) => d.startsWith("nvme,")))
         .to.include("drive=disk0")
@@ -236,7 +253,7 @@ describe("VM lifecycle scripts: run-vm, start-vm, wait-for-guest, stop-vm", func
         expect(drive, id).to.include("readonly=on").and.include("media=cdrom").and.include(`file=${iso}`);
         expect(devices.some((d) => d.startsWith("usb-storage,") && d.includes(`drive=${id}`))).to.equal(true);
       }
-      expect(devices).to.include.members(["nec-usb-xhci,id=xhci", "ramfb", "virtio-rng-pci"]);
+      expect(devices).to.include.members(["nec-usb-xhci,id=xhci,p2=8,p3=8", "ramfb", "virtio-rng-pci"]);
       expect(devices.some((d) => d.startsWith("usb-kbd"))).to.equal(true);
       expect(devices.some((d) => d.startsWith("usb-mouse"))).to.equal(true);
 
@@ -280,6 +297,137 @@ describe("VM lifecycle scripts: run-vm, start-vm, wait-for-guest, stop-vm", func
       const instDevices = values(instArgs, "-device");
       expect(instDevices).to.include("usb-storage,bus=xhci.0,drive=install,removable=on,bootindex=0");
       expect(instDevices.find((d) => d.startsWith("nvme,"))).to.match(/,bootindex=1$/);
+    });
+
+    it("--print of an ISO-install env: an xHCI with 8+8 ports, the disk cache chosen on this host, the versioned machine type and the GIC version, each said at start", async function () {
+      const vm = await makeVm("iso-print", {
+        VM_INSTALL_ISO: installIso,
+        VM_DRIVERS_ISO: driversIso,
+        VM_CONFIG_ISO: configIso,
+      });
+      const r = await runScript("run-vm.sh", ["--print", vm.envFile]);
+      expect(r.code, r.stderr).to.equal(0);
+      const args = r.stdout.trimEnd().split("\n");
+      const devices = values(args, "-device");
+      expect(devices.filter((d) => d.includes("xhci,"))).to.deep.equal(["nec-usb-xhci,id=xhci,p2=8,p3=8"]);
+      expect(devices.filter((d) => d.includes("bus=xhci.0"))).to.have.length(5); // keyboard, mouse, three CDs
+
+      const alias = await qemuVirtAlias();
+      expect(values(args, "-machine")).to.deep.equal([`${alias},gic-version=3`]);
+      expect(r.stderr).to.include(
+        `run-vm: machine ${alias} (the versioned type this QEMU's virt stands for), GIC version 3\n`,
+      );
+
+      const disk = values(args, "-drive").find((d) => d.includes("id=disk0")) as string;
+      const mode = /,cache=([a-z]+)(?:,aio=([a-z_]+))?,discard=unmap,detect-zeroes=unmap,/.exec(disk);
+      expect(mode, disk).to.not.equal(null);
+      if (await takesODirect(path.join(vm.dir, "disk.qcow2"))) {
+        expect(mode![1], disk).to.equal("none");
+        expect(mode![2], disk).to.be.oneOf(["io_uring", "native"]);
+      } else {
+        expect(mode![1], disk).to.equal("writeback");
+        expect(mode![2], disk).to.equal(undefined);
+      }
+      const said = `run-vm: disk cache=${mode![1]}${mode![2] ? `,aio=${mode![2]}` : ""},discard=unmap,detect-zeroes=unmap (`;
+      expect(r.stderr).to.include(said);
+      expect(fs.existsSync(path.join(vm.dir, "vm-resolved.env")), "--print writes nothing").to.equal(false);
+
+      // A cache mode given is taken as it is (writethrough: the old mode, for the bench).
+      for (const cache of ["writethrough", "writeback"]) {
+        const c = await runScript("run-vm.sh", ["--print", vm.envFile], { env: { VM_DISK_CACHE: cache } });
+        expect(c.code, c.stderr).to.equal(0);
+        const d = values(c.stdout.trimEnd().split("\n"), "-drive").find((x) => x.includes("id=disk0"));
+        expect(d).to.include(`,cache=${cache},discard=unmap,detect-zeroes=unmap,`).and.not.include("aio=");
+        expect(c.stderr).to.include(
+          `run-vm: disk cache=${cache},discard=unmap,detect-zeroes=unmap (VM_DISK_CACHE=${cache})`,
+        );
+      }
+      // A machine type and GIC version given are used, as long as this QEMU has them.
+      const given = await runScript("run-vm.sh", ["--print", vm.envFile], {
+        env: { VM_MACHINE_TYPE: "virt-6.2", VM_GIC_VERSION: "2", VM_MACHINE_OPTS: "its=off" },
+      });
+      expect(given.code, given.stderr).to.equal(0);
+      expect(values(given.stdout.trimEnd().split("\n"), "-machine")).to.deep.equal(["virt-6.2,gic-version=2,its=off"]);
+      expect(given.stderr).to.include("run-vm: machine virt-6.2 (VM_MACHINE_TYPE), GIC version 2\n");
+    });
+
+    it("the machine type comes from -machine help; a disk QEMU cannot open with O_DIRECT gets writeback; what cannot be pinned is refused", async function () {
+      const vm = await makeVm("stub-qemu");
+      const real = (await run("bash", ["-c", "command -v qemu-system-aarch64"])).stdout.trim();
+      const bin = path.join(vm.dir, "bin");
+      fs.mkdirSync(bin);
+      // QEMU 8.2's list (Ubuntu 24.04), and a QEMU without io_uring or Linux AIO.
+      fs.writeFileSync(
+        path.join(bin, "qemu-system-aarch64"),
+        [
+          "#!/bin/bash",
+          'case " $* " in',
+          '  *" -machine help "*)',
+          "    echo 'Supported machines are:'",
+          "    echo 'virt-8.1             QEMU 8.1 ARM Virtual Machine'",
+          "    if [[ -z ${STUB_NO_ALIAS:-} ]]; then",
+          "      echo 'virt                 QEMU 8.2 ARM Virtual Machine (alias of virt-8.2)'",
+          "    fi",
+          "    echo 'virt-8.2             QEMU 8.2 ARM Virtual Machine'",
+          "    echo 'xlnx-zcu102          Xilinx ZynqMP ZCU102 board with 4xA53s and 2xR5Fs based on the value of smp'",
+          "    ;;",
+          '  *" -machine none "*) echo "qemu-system-aarch64: aio=io_uring was specified, but is not supported in this build" >&2; exit 1 ;;',
+          `  *) exec ${real} "$@" ;;`,
+          "esac",
+          "",
+        ].join("\n"),
+        { mode: 0o755 },
+      );
+      const env = { PATH: `${bin}:${process.env.PATH}` };
+      const r = await runScript("run-vm.sh", ["--print", vm.envFile], { env });
+      expect(r.code, r.stderr).to.equal(0);
+      const args = r.stdout.trimEnd().split("\n");
+      expect(values(args, "-machine")).to.deep.equal(["virt-8.2,gic-version=3"]);
+      const disk = values(args, "-drive").find((d) => d.includes("id=disk0"));
+      expect(disk).to.include(",cache=writeback,discard=unmap,detect-zeroes=unmap,").and.not.include("aio=");
+      expect(r.stderr).to.include("neither aio=io_uring nor aio=native");
+
+      // VM_DISK_CACHE=none is kept (QEMU's default AIO, threads).
+      const none = await runScript("run-vm.sh", ["--print", vm.envFile], { env: { ...env, VM_DISK_CACHE: "none" } });
+      expect(none.code, none.stderr).to.equal(0);
+      expect(values(none.stdout.trimEnd().split("\n"), "-drive").find((d) => d.includes("id=disk0"))).to.include(
+        ",cache=none,discard=unmap,",
+      );
+
+      const noAlias = await runScript("run-vm.sh", ["--print", vm.envFile], { env: { ...env, STUB_NO_ALIAS: "1" } });
+      expect(noAlias.code).to.equal(2);
+      expect(noAlias.stderr)
+        .to.include("shows no versioned type behind virt")
+        .and.include("set VM_MACHINE_TYPE=virt-X.Y");
+      const pinned = await runScript("run-vm.sh", ["--print", vm.envFile], {
+        env: { ...env, STUB_NO_ALIAS: "1", VM_MACHINE_TYPE: "virt-8.1" },
+      });
+      expect(pinned.code, pinned.stderr).to.equal(0);
+      expect(values(pinned.stdout.trimEnd().split("\n"), "-machine")).to.deep.equal(["virt-8.1,gic-version=3"]);
+
+      const bad = await runScript("run-vm.sh", ["--check", vm.envFile], {
+        env: {
+          ...env,
+          VM_MACHINE_TYPE: "virt-9.9",
+          VM_GIC_VERSION: "3",
+          VM_MACHINE_OPTS: "gic-version=2",
+          VM_DISK_CACHE: "unsafe",
+        },
+      });
+      expect(bad.code).to.equal(2);
+      expect(bad.stderr).to.include(
+        "VM_MACHINE_TYPE=virt-9.9 is not a machine type of this QEMU (its virt types: virt-8.1 virt-8.2 )",
+      );
+      expect(bad.stderr).to.include("VM_MACHINE_OPTS sets gic-version=2 but VM_GIC_VERSION=3: set it in one place");
+      expect(bad.stderr).to.include("VM_DISK_CACHE=unsafe must be auto, none, writeback or writethrough");
+      const bad2 = await runScript("run-vm.sh", ["--check", vm.envFile], {
+        env: { ...env, VM_MACHINE_TYPE: "virt", VM_GIC_VERSION: "5" },
+      });
+      expect(bad2.code).to.equal(2);
+      expect(bad2.stderr).to.include(
+        "VM_MACHINE_TYPE=virt must be auto or a versioned virt machine type like virt-8.2",
+      );
+      expect(bad2.stderr).to.include("VM_GIC_VERSION=5 must be 2, 3, 4, host or max");
     });
 
     it("a missing firmware and disk fail before QEMU starts, naming each variable and path", async function () {
@@ -413,6 +561,34 @@ describe("VM lifecycle scripts: run-vm, start-vm, wait-for-guest, stop-vm", func
       expect(listenAddresses(vm.buildletPort)).to.deep.equal(["0.0.0.0"]);
       const vncPort = 5900 + Number(/VM_VNC_DISPLAY=(\d+)/.exec(fs.readFileSync(vm.envFile, "utf8"))![1]);
       expect(listenAddresses(vncPort)).to.deep.equal(["127.0.0.1"]);
+    });
+
+    it("QEMU's info usb (QMP): keyboard, mouse and the three CDs, none at 12 Mb/s, no hub", async function () {
+      const info = (await qmp(vm.qmp, "human-monitor-command", { "command-line": "info usb" })) as string;
+      const devices = info.split("\n").filter((l) => /^\s*Device /.test(l));
+      expect(devices, info).to.have.length(5);
+      const speeds = devices.map((l) => /Speed (\S+) Mb\/s/.exec(l)?.[1]);
+      expect(speeds, info).to.not.include("12");
+      expect(speeds, info).to.not.include("1.5");
+      expect(info).to.not.include("Hub");
+      expect(
+        devices.filter((l) => l.includes("QEMU USB MSD")),
+        info,
+      ).to.have.length(3);
+      expect(info).to.include("QEMU USB Keyboard").and.include("QEMU USB Mouse");
+    });
+
+    it("the launcher recorded the machine type, GIC version and disk mode it started QEMU with", async function () {
+      const resolved = fs.readFileSync(path.join(vm.dir, "vm-resolved.env"), "utf8");
+      expect(resolved).to.include(`\nVM_MACHINE_TYPE=${await qemuVirtAlias()}\n`);
+      expect(resolved).to.include("\nVM_GIC_VERSION=3\n");
+      expect(resolved).to.match(/\nVM_DISK_CACHE=(none|writeback)\n/);
+      const pid = readPid(vm.pidFile)!;
+      const cmdline = fs.readFileSync(`/proc/${pid}/cmdline`, "utf8").split("\0");
+      const disk = values(cmdline, "-drive").find((d) => d.includes("id=disk0")) as string;
+      const cache = /VM_DISK_CACHE=(\S+)/.exec(resolved)![1];
+      const aio = /VM_DISK_AIO=(\S*)/.exec(resolved)![1];
+      expect(disk).to.include(`,cache=${cache}${aio ? `,aio=${aio}` : ""},discard=unmap,detect-zeroes=unmap,`);
     });
 
     it("a second start-vm is a no-op", async function () {

@@ -70,7 +70,7 @@ export function unwrap(v: unknown): unknown {
   return isSecret(v) ? (v as { value: unknown }).value : v;
 }
 
-/** The key pairs the tls mock returns: "guest-key" gets the guest's, any other the pipeline's. */
+/** The key pairs the tls mock returns: "guest-key" (and a variant's "<name>-guest-key") gets the guest's, any other the pipeline's. */
 export const MOCK_KEYS = {
   pipeline: {
     privateKey: "-----BEGIN OPENSSH PRIVATE KEY-----\nMOCKPRIVATEKEYDATA\n-----END OPENSSH PRIVATE KEY-----\n",
@@ -91,6 +91,10 @@ export const MOCK_PASSWORD = "Mock-Guest-Passw0rd!xyz";
 /** The Ubuntu AMI getAmi finds (shaped as AWS shapes ids: the scripts check them). */
 export const MOCK_HOST_AMI_ID = "ami-0a1b2c3d4e5f60718";
 export const MOCK_BAKE_INSTANCE_ID = "i-0bac0000000000001";
+/** The subnet an instance without subnetId lands in (the default VPC's). */
+export const MOCK_DEFAULT_SUBNET_ID = "subnet-0defa0170000000001";
+/** The smoke-test instance the smoke command reports. */
+export const MOCK_SMOKE_INSTANCE_ID = "i-05e0ce0000000000a";
 
 // The mock monitor hands newResource no resource options: keep them per URN as requests arrive.
 const optionsByUrn = new Map<string, RegisteredOptions>();
@@ -148,8 +152,12 @@ function computedState(type: string, name: string, inputs: Record<string, unknow
     case "aws:s3/bucket:Bucket":
       return { bucket: `${name}-bucket-123`, arn: `arn:aws:s3:::${name}-bucket-123` };
     case "aws:ec2/instance:Instance":
-      // The auto-assigned address, lost at each stop: nothing may connect to it.
-      return { publicIp: "203.0.113.250", publicDns: "ec2-203-0-113-250.us-east-2.compute.amazonaws.com" };
+      // The auto-assigned address, lost at each stop: nothing may connect to it. Without a subnet, the default VPC's.
+      return {
+        publicIp: "203.0.113.250",
+        publicDns: "ec2-203-0-113-250.us-east-2.compute.amazonaws.com",
+        subnetId: inputs.subnetId ?? MOCK_DEFAULT_SUBNET_ID,
+      };
     case "aws:ec2/eip:Eip":
       return {
         publicIp: "198.51.100.10",
@@ -164,7 +172,7 @@ function computedState(type: string, name: string, inputs: Record<string, unknow
       return { keyName: name };
     case "tls:index/privateKey:PrivateKey":
       // Each key its own material, so a test can tell the pipeline's key from the guest's.
-      return name === "guest-key"
+      return name === "guest-key" || name.endsWith("-guest-key")
         ? { privateKeyOpenssh: MOCK_KEYS.guest.privateKey, publicKeyOpenssh: `${MOCK_KEYS.guest.publicKey}\n` }
         : { privateKeyOpenssh: MOCK_KEYS.pipeline.privateKey, publicKeyOpenssh: MOCK_KEYS.pipeline.publicKey };
     case "random:index/randomPassword:RandomPassword":
@@ -190,6 +198,15 @@ function mockStdout(inputs: Record<string, unknown>): string {
   if (uri) return JSON.stringify(sampleManifest(uri.replace(/\/$/, "")));
   if (/bake-instance\.sh run/.test(create)) {
     return JSON.stringify({ instanceId: MOCK_BAKE_INSTANCE_ID, status: "ok", imageSha256: "c".repeat(64) });
+  }
+  if (/smoke-test\.sh run/.test(create)) {
+    const env = unwrap(inputs.environment) as Record<string, unknown> | undefined;
+    return JSON.stringify({
+      amiId: unwrap(env?.SMOKE_AMI_ID),
+      instanceId: MOCK_SMOKE_INSTANCE_ID,
+      guest: `127.0.0.1:${String(unwrap(env?.SMOKE_GUEST_PORT))}`,
+      passedAt: "2026-12-01T00:00:00Z",
+    });
   }
   return "";
 }

@@ -182,6 +182,16 @@ describe("config validation", () => {
       expect(parseConfig(withDefaults({ ...GOOD, bakeInstanceType: t })).bake.instanceType).to.equal(t);
   });
 
+  it("imageCompression: none by default, zstd accepted, anything else refused naming the key and the fix", () => {
+    expect(parseConfig(withDefaults(GOOD)).artifacts.compression).to.equal("none");
+    expect(parseConfig(withDefaults({ ...GOOD, imageCompression: "zstd" })).artifacts.compression).to.equal("zstd");
+    const { config, problems } = validateConfig(withDefaults({ ...GOOD, imageCompression: "gzip" }));
+    expect(config).to.equal(undefined);
+    expect(problems.map((p) => [p.key, p.message])).to.deep.equal([
+      ["imageCompression", '"gzip" is not a compression publish knows. Fix: use one of none, zstd.'],
+    ]);
+  });
+
   it("accepts VS 2022 with Windows 10 when VS Build Tools are not installed", () => {
     const c = parseConfig(withDefaults({ ...GOOD, windowsVersion: "10", vsVersion: "2022" }));
     expect(c.guest.vsBuildTools).to.equal(undefined);

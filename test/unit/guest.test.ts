@@ -12,10 +12,14 @@ import * as os from "os";
 import * as path from "path";
 import { parseConfig, RawConfig, StackConfig } from "../../infra/config";
 import {
+  GUEST_CHECK_FILES,
   GUEST_PROVISION_SCRIPT,
   GUEST_READ_STDIN_UTF8,
+  GUEST_SMOKE_CHECK_SCRIPT,
   guestProvisionCommand,
+  guestSmokeCheckCommand,
   guestSettings,
+  SOFTWARE_REPORT_TAG,
 } from "../../infra/pipeline/guest";
 import { repoRoot } from "../support/run";
 
@@ -97,6 +101,18 @@ describe("guest settings", () => {
     expect(Buffer.from((m as RegExpExecArray)[1], "base64").toString("utf16le")).to.equal(GUEST_PROVISION_SCRIPT);
   });
 
+  it("the wrapper has check.ps1 write the software report and sends it as the one tagged line guest-run.sh saves", () => {
+    expect(GUEST_PROVISION_SCRIPT).to.contain("$report = Join-Path $dir 'software-report.json'");
+    expect(GUEST_PROVISION_SCRIPT).to.match(/check\.ps1'\) -ConfigPath \$cfg -ReportPath \$report\n/);
+    const send = `[Console]::Out.WriteLine('${SOFTWARE_REPORT_TAG}' + [Convert]::ToBase64String([IO.File]::ReadAllBytes($report)))`;
+    // Only once the check passed.
+    const lines = GUEST_PROVISION_SCRIPT.split("\n").map((l) => l.trim());
+    expect(lines.indexOf(send)).to.be.above(lines.findIndex((l) => l.includes("check.ps1 found settings")));
+    // guest-run.sh looks for the same tag.
+    const guestRun = fs.readFileSync(path.join(repoRoot, "provisioning/guest-run.sh"), "utf8");
+    expect(guestRun).to.contain(`readonly REPORT_TAG="${SOFTWARE_REPORT_TAG}"`);
+  });
+
   it("the wrapper reads stdin as bytes and decodes UTF-8, not through [Console]::In", () => {
     expect(GUEST_PROVISION_SCRIPT).to.contain(GUEST_READ_STDIN_UTF8.join("\n"));
     expect(GUEST_PROVISION_SCRIPT).to.not.contain("[Console]::In.");
@@ -171,14 +187,17 @@ describe("guest settings over stdin, decoded by pwsh with an OEM console", funct
     const data = path.join(dir, "ProgramData");
     for (const d of [bin, media, data]) fs.mkdirSync(d);
     fs.writeFileSync(path.join(media, "windows-arm64-image.marker"), "");
+    fs.writeFileSync(path.join(media, "check.ps1"), "# check.ps1 from the media\n");
+    fs.writeFileSync(path.join(media, "common.psm1"), "# common.psm1 from the media\n");
     const seen = path.join(dir, "seen.json");
     fs.writeFileSync(path.join(bin, "icacls.exe"), "#!/bin/sh\nexit 0\n", { mode: 0o755 });
     fs.writeFileSync(
       path.join(bin, "powershell.exe"),
       [
         "#!/bin/sh",
-        `cfg=""; f=""; while [ $# -gt 0 ]; do [ "$1" = -ConfigPath ] && cfg=$2; [ "$1" = -File ] && f=$(basename "$2"); shift; done`,
+        `cfg=""; f=""; rp=""; while [ $# -gt 0 ]; do [ "$1" = -ConfigPath ] && cfg=$2; [ "$1" = -ReportPath ] && rp=$2; [ "$1" = -File ] && f=$(basename "$2"); shift; done`,
         `[ "$f" = provision.ps1 ] && cp "$cfg" '${seen}'`,
+        `[ "$f" = check.ps1 ] && [ -z "$NO_REPORT" ] && printf '{"reportVersion":1}' >"$rp"`,
         "exit 0",
       ].join("\n") + "\n",
       { mode: 0o755 },
@@ -198,6 +217,62 @@ describe("guest settings over stdin, decoded by pwsh with an OEM console", funct
     expect(JSON.parse(written.toString("utf8"))).to.deep.equal(settings);
     expect(fs.existsSync(path.join(data, "windows-arm64-image", "settings.json")), "settings.json removed").to.equal(
       false,
+    );
+    // The check scripts stay in the image for the smoke test.
+    for (const f of GUEST_CHECK_FILES) {
+      expect(fs.readFileSync(path.join(data, "windows-arm64-image", "check", f), "utf8")).to.equal(
+        `# ${f} from the media\n`,
+      );
+    }
+    // The report check.ps1 wrote, as the one tagged line on stdout.
+    expect(r.stdout).to.contain(`${SOFTWARE_REPORT_TAG}${Buffer.from('{"reportVersion":1}').toString("base64")}`);
+    // A check that passed but wrote no report fails the run.
+    fs.rmSync(path.join(data, "windows-arm64-image", "software-report.json"));
+    const none = pwshWithOemConsole(script, Buffer.from(JSON.stringify(settings), "utf8"), {
+      PATH: `${bin}:${process.env.PATH}`,
+      ProgramData: data,
+      NO_REPORT: "1",
+    });
+    expect(none.code, none.stdout + none.stderr).to.equal(6);
+    expect(none.stderr).to.contain("provision: check.ps1 wrote no software report");
+  });
+  it("the smoke check runs the kept check.ps1 with the settings (UTF-8), deletes them, and exits with its code", () => {
+    const bin = path.join(dir, "bin");
+    const data = path.join(dir, "ProgramData");
+    const kept = path.join(data, "windows-arm64-image", "check");
+    for (const d of [bin, kept]) fs.mkdirSync(d, { recursive: true });
+    const seen = path.join(dir, "seen.json");
+    fs.writeFileSync(path.join(bin, "icacls.exe"), "#!/bin/sh\nexit 0\n", { mode: 0o755 });
+    fs.writeFileSync(
+      path.join(bin, "powershell.exe"),
+      [
+        "#!/bin/sh",
+        `cfg=""; f=""; while [ $# -gt 0 ]; do [ "$1" = -ConfigPath ] && cfg=$2; [ "$1" = -File ] && f=$2; shift; done`,
+        `[ "$f" = '${path.join(kept, "check.ps1")}' ] || { echo "ran $f" >&2; exit 9; }`,
+        `cp "$cfg" '${seen}'; echo 'Step | Setting | Result'; exit "\${CHECK_EXIT:-0}"`,
+      ].join("\n") + "\n",
+      { mode: 0o755 },
+    );
+    const env = { PATH: `${bin}:${process.env.PATH}`, ProgramData: data };
+    const settings = '{"builderUser":"j\u00fcrgen","builderPassword":"caf\u00e9-Pw1"}';
+    const missing = pwshWithOemConsole(GUEST_SMOKE_CHECK_SCRIPT, Buffer.from(settings, "utf8"), env);
+    expect(missing.code).to.equal(3);
+    expect(missing.stderr).to.include("check.ps1 is not in the image: the guest provisioning keeps it there");
+    fs.writeFileSync(path.join(kept, "check.ps1"), "# kept\n");
+    const ok = pwshWithOemConsole(GUEST_SMOKE_CHECK_SCRIPT, Buffer.from(settings, "utf8"), env);
+    expect(ok.code, ok.stdout + ok.stderr).to.equal(0);
+    expect(ok.stdout).to.include("Step | Setting | Result");
+    expect(fs.readFileSync(seen, "utf8")).to.equal(settings);
+    expect(fs.existsSync(path.join(data, "windows-arm64-image", "smoke-settings.json"))).to.equal(false);
+    const failed = pwshWithOemConsole(GUEST_SMOKE_CHECK_SCRIPT, Buffer.from(settings, "utf8"), {
+      ...env,
+      CHECK_EXIT: "1",
+    });
+    expect(failed.code).to.equal(1);
+    expect(failed.stderr).to.include("smoke-check: check.ps1 found settings that are not as configured (exit 1)");
+    expect(fs.existsSync(path.join(data, "windows-arm64-image", "smoke-settings.json"))).to.equal(false);
+    expect(guestSmokeCheckCommand()).to.equal(
+      `powershell -NoProfile -NonInteractive -ExecutionPolicy Bypass -EncodedCommand ${Buffer.from(GUEST_SMOKE_CHECK_SCRIPT, "utf16le").toString("base64")}`,
     );
   });
 });

@@ -87,4 +87,38 @@ describe("parseManifest", () => {
       /disk\.qcow2 disagrees/,
     );
   });
+
+  it("checks the compaction fields: compression none or zstd, byte counts, publishedBytes the disk's size", () => {
+    expect(parseManifest(line((m) => (m.compression = "zstd"))).compression).to.equal("zstd");
+    expect(() => parseManifest(line((m) => (m.compression = "gzip")))).to.throw(
+      'manifest compression is not none or zstd: "gzip"',
+    );
+    expect(() => parseManifest(line((m) => delete m.compression))).to.throw(/compression is not none or zstd/);
+    expect(() => parseManifest(line((m) => (m.allocatedBytes = "12000")))).to.throw(
+      'manifest allocatedBytes is not a byte count: "12000"',
+    );
+    expect(() => parseManifest(line((m) => delete m.publishedBytes))).to.throw(
+      "manifest publishedBytes is not a byte count: undefined",
+    );
+    expect(() => parseManifest(line((m) => (m.publishedBytes = 12344)))).to.throw(
+      "publishedBytes disagrees with the size of disk.qcow2",
+    );
+  });
+
+  it("accepts a software report entry or null, and names a malformed one", () => {
+    expect(parseManifest(line((m) => (m.softwareReport = null))).softwareReport).to.equal(null);
+    const bad: ((r: Record<string, unknown>) => void)[] = [
+      (r) => (r.name = "report.json"),
+      (r) => delete r.uri,
+      (r) => (r.sha256 = "B".repeat(64)),
+      (r) => (r.size = -2),
+    ];
+    for (const edit of bad) {
+      expect(
+        () => parseManifest(line((m) => edit(m.softwareReport as Record<string, unknown>))),
+        String(edit),
+      ).to.throw(/softwareReport needs name software-report\.json, a uri, a 64-hex sha256 and a size, or null/);
+    }
+    expect(() => parseManifest(line((m) => delete m.softwareReport))).to.throw(/softwareReport needs/);
+  });
 });

@@ -5,7 +5,7 @@ import * as zlib from "zlib";
 import { encodeUnattendPassword } from "../../infra/answerFile";
 import { defaultAmiVolumeGiB } from "../../infra/bake";
 import { parseConfig, RawConfig } from "../../infra/config";
-import { fileSha256, repoPath } from "../../infra/paths";
+import { fileSha256, repoPath, sha256Hex } from "../../infra/paths";
 import {
   AWS_LAYOUT,
   buildPlan,
@@ -49,6 +49,8 @@ const STAGE_RESOURCE: Record<StageId, [string, string]> = {
   renderEnv: ["command:local:Command", "build-vm-env"],
   startVm: ["command:local:Command", "build-vm-start"],
   waitGuest: ["command:local:Command", "build-vm-wait-guest"],
+  baseImage: ["command:local:Command", "build-vm-base"],
+  overlayDisk: ["command:local:Command", "guest-overlay"],
   provisionGuest: ["command:local:Command", "guest-run"],
   stopVm: ["command:local:Command", "image-stop-vm"],
   publish: ["command:local:Command", "image-publish"],
@@ -157,6 +159,8 @@ describe("image pipeline (mocks)", function () {
     local = await runProgram(LOCAL_CONFIG);
     p = expectedPlan(BASE_CONFIG, AWS_LAYOUT);
     lp = expectedPlan(LOCAL_CONFIG, LOCAL_LAYOUT);
+    // The base key's answer-file token stands for the SHA-256 of the answer file configMedia sends.
+    values.answerFile = sha256Hex(sshPayload(get("configMedia")));
   });
 
   it("declares one resource per stage of the plan, and no remote command (their timeouts are not enforced)", () => {
@@ -265,7 +269,11 @@ describe("image pipeline (mocks)", function () {
       ["configMedia", "startVm"],
       ["renderEnv", "startVm"],
       ["startVm", "waitGuest"],
-      ["waitGuest", "provisionGuest"],
+      ["waitGuest", "baseImage"],
+      ["baseImage", "overlayDisk"],
+      ["configMedia", "overlayDisk"],
+      ["renderEnv", "overlayDisk"],
+      ["overlayDisk", "provisionGuest"],
       ["provisionGuest", "stopVm"],
       ["stopVm", "publish"],
       ["publish", "stopHost"],
@@ -387,7 +395,8 @@ describe("image pipeline (mocks)", function () {
 
   it("the guest gets its own key: the config ISO authorizes it, guest-run sends its private half, the pipeline's key stays out", () => {
     const keys = run.ofType("tls:index/privateKey:PrivateKey");
-    expect(keys.map((k) => k.name)).to.have.members(["pipeline-key", "guest-key"]);
+    // The smoke test has a key of its own (test/unit/smokeTest.test.ts).
+    expect(keys.map((k) => k.name)).to.have.members(["pipeline-key", "guest-key", "smoke-test-key"]);
     for (const k of keys) expect(k.inputs.algorithm).to.equal("ED25519");
     expect(run.one("aws:ec2/keyPair:KeyPair").inputs.publicKey).to.equal(PIPELINE_PUBLIC);
 
@@ -622,6 +631,7 @@ describe("image pipeline (mocks)", function () {
       hostId: "local",
       artifactUri: "file:///tmp/w%25i,x/artifacts/",
       guestKey: GUEST_PUBLIC,
+      answerFile: sha256Hex(String(unwrap(inputs(res(local, "configMedia")).stdin))),
     };
     for (const s of hostStages(lp)) {
       const i = inputs(res(local, s.id));

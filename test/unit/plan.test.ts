@@ -1,4 +1,5 @@
 import { expect } from "chai";
+import * as crypto from "crypto";
 import * as fs from "fs";
 import * as path from "path";
 import { BAKE_FILES } from "../../infra/bake";
@@ -6,6 +7,9 @@ import { Machine, parseConfig, RawConfig } from "../../infra/config";
 import { guestSettings, guestProvisionCommand, GUEST_PROVISION_SCRIPT } from "../../infra/pipeline/guest";
 import {
   AWS_LAYOUT,
+  baseDigest,
+  baseKey,
+  baseParts,
   buildPlan,
   changedStages,
   defaultArtifactUri,
@@ -13,6 +17,8 @@ import {
   HOST_READY_TIMEOUT_S,
   HostLayout,
   hostFiles,
+  installVmSettings,
+  NOT_INSTALL_AFFECTING_ENV,
   Plan,
   planFiles,
   resolveCommand,
@@ -79,8 +85,14 @@ function localPlan(over: RawConfig = {}): Plan {
   });
 }
 
-/** The host stages from booting the VM to the publication (STAGE_IDS is the pipeline's order). */
-const AFTER_START: StageId[] = ["startVm", "waitGuest", "provisionGuest", "stopVm", "publish"];
+/** The install: booted until its SSH answers, then frozen as the base. */
+const INSTALL: StageId[] = ["startVm", "waitGuest", "baseImage"];
+/** One provisioning run: a fresh overlay on the base, booted, provisioned, shut down, published. */
+const PROVISION: StageId[] = ["overlayDisk", "provisionGuest", "stopVm", "publish"];
+/** The host stages from booting the install disk to the publication (STAGE_IDS is the pipeline's order). */
+const AFTER_START: StageId[] = [...INSTALL, ...PROVISION];
+/** A new base: baseImage consumed the last install disk, so a new one is made from the source, then installed. */
+const NEW_BASE: StageId[] = ["prepareDisk", "injectAnswerFile", ...AFTER_START];
 /** The bake: a new AMI when what it installs around the image changes. */
 const BAKE: StageId[] = ["bakeImage", "bakeAmi"];
 
@@ -101,6 +113,8 @@ describe("pipeline plan", () => {
       "renderEnv",
       "startVm",
       "waitGuest",
+      "baseImage",
+      "overlayDisk",
       "provisionGuest",
       "stopVm",
       "publish",
@@ -169,13 +183,15 @@ describe("pipeline plan", () => {
     ["run-vm.sh (the build VM and the baked image's)", {}, "provisioning/run-vm.sh", [...AFTER_START, ...BAKE]],
     ["start-vm.sh", {}, "provisioning/start-vm.sh", [...AFTER_START]],
     ["wait-for-guest.sh", {}, "provisioning/wait-for-guest.sh", AFTER_START.filter((s) => s !== "startVm")],
+    ["base-image.sh", {}, "provisioning/base-image.sh", AFTER_START],
     ["guest-run.sh", {}, "provisioning/guest-run.sh", ["provisionGuest", "stopVm", "publish"]],
-    ["the guest provisioning script", {}, "provisioning/windows/provision.ps1", ["configMedia", ...AFTER_START]],
-    ["the first-logon script", {}, "provisioning/windows/firstlogon.ps1", ["configMedia", ...AFTER_START]],
-    ["the guest check script", {}, "provisioning/windows/check.ps1", ["configMedia", ...AFTER_START]],
-    ["the guest scripts' module", {}, "provisioning/windows/common.psm1", ["configMedia", ...AFTER_START]],
-    ["build-config-iso.sh", {}, "provisioning/build-config-iso.sh", ["configMedia", ...AFTER_START]],
-    ["stop-vm.sh", {}, "provisioning/stop-vm.sh", ["stopVm", "publish"]],
+    // A guest-script edit re-provisions from the base: Windows is not installed again.
+    ["the guest provisioning script", {}, "provisioning/windows/provision.ps1", ["configMedia", ...PROVISION]],
+    ["the first-logon script", {}, "provisioning/windows/firstlogon.ps1", ["configMedia", ...NEW_BASE]],
+    ["the guest check script", {}, "provisioning/windows/check.ps1", ["configMedia", ...PROVISION]],
+    ["the guest scripts' module", {}, "provisioning/windows/common.psm1", ["configMedia", ...PROVISION]],
+    ["build-config-iso.sh", {}, "provisioning/build-config-iso.sh", ["configMedia", ...PROVISION]],
+    ["stop-vm.sh", {}, "provisioning/stop-vm.sh", ["baseImage", ...PROVISION]],
     ["publish-image.sh", {}, "provisioning/publish-image.sh", ["publish"]],
     ["the idle guard", {}, "provisioning/idle-guard.sh", ["idleGuard"]],
     ["the idle guard's installer", {}, "provisioning/idle-guard-install.sh", ["idleGuard"]],
@@ -199,14 +215,27 @@ describe("pipeline plan", () => {
       "the virtio ISO hash",
       { virtioIsoSha256: "c".repeat(64) },
       undefined,
-      ["fetchDrivers", "configMedia", ...AFTER_START],
+      ["fetchDrivers", "configMedia", ...NEW_BASE],
     ],
-    ["vCPUs (build VM and baked image)", { vmCpus: "3" }, undefined, ["renderEnv", ...AFTER_START, ...BAKE]],
-    ["memory (build VM and baked image)", { vmMemoryGiB: "16" }, undefined, ["renderEnv", ...AFTER_START, ...BAKE]],
+    // The VM's size is not install-affecting: a new overlay, the same base.
+    ["vCPUs (build VM and baked image)", { vmCpus: "3" }, undefined, ["renderEnv", ...PROVISION, ...BAKE]],
+    ["memory (build VM and baked image)", { vmMemoryGiB: "16" }, undefined, ["renderEnv", ...PROVISION, ...BAKE]],
+    [
+      "the machine options (install-affecting)",
+      { vmMachineOptions: "gic-version=3" },
+      undefined,
+      ["renderEnv", ...NEW_BASE, ...BAKE],
+    ],
     ["the buildlet port (baked image only)", { vmBuildletPort: "8443" }, undefined, BAKE],
     ["the guest admin user", { guestAdminUser: "builder" }, undefined, ["provisionGuest", "stopVm", "publish"]],
     // In-place host changes keep the host's disk and work (a replaced host is a new runtime hostId).
-    ["the host type (changed in place)", { hostInstanceType: "c6g.metal" }, undefined, []],
+    // a1.metal -> c6g.metal also moves the VM from GICv2 to GICv3 (gicVersionFor): install-affecting.
+    [
+      "the host type (changed in place)",
+      { hostInstanceType: "c6g.metal" },
+      undefined,
+      ["renderEnv", ...NEW_BASE, ...BAKE],
+    ],
     ["the host volume's IOPS", { hostVolumeIops: "6000" }, undefined, []],
     ["hostIdleMinutes", { hostIdleMinutes: "90" }, undefined, ["idleGuard"]],
     // The stop itself goes (see the mock tests); the idle guard is turned off.
@@ -256,7 +285,7 @@ describe("pipeline plan", () => {
     );
     expect(p.stage("configMedia").command).to.contain("/var/lib/windows-vm/OpenSSH-ARM64.zip=OpenSSH-ARM64.zip");
     expect(plan().stage("configMedia").command).to.not.contain("OpenSSH");
-    expect(changedStages(plan(), p)).to.have.members(["fetchDrivers", "configMedia", ...AFTER_START]);
+    expect(changedStages(plan(), p)).to.have.members(["fetchDrivers", "configMedia", ...NEW_BASE]);
   });
 
   it("the uploadFiles stage lists every file a host stage runs, and its digest is their hashes", () => {
@@ -300,7 +329,7 @@ describe("pipeline plan", () => {
       `fetch-image.sh s3://media/win.vhdx ${"a".repeat(64)} /var/lib/windows-vm/source.vhdx`,
     );
     expect(p.stage("prepareDisk").command).to.contain(
-      "prepare-disk.sh /var/lib/windows-vm/source.vhdx /var/lib/windows-vm/disk.qcow2",
+      "prepare-disk.sh /var/lib/windows-vm/source.vhdx /var/lib/windows-vm/install.qcow2",
     );
     expect(p.stage("startVm").command).to.contain("start-vm.sh /var/lib/windows-vm/vm-build.env windows-vm-build");
     expect(p.stage("stopVm").command).to.contain("stop-vm.sh /var/lib/windows-vm/qmp.sock 600");
@@ -458,17 +487,18 @@ describe("pipeline plan", () => {
     for (const s of p.stages.filter((x) => x.site === "aws")) expect(s.runtime, s.id).to.not.include("hostId");
     expect(p.stage("publish").runtime).to.include.members(["artifactUri", "answerFile", "guestKey", "guestSettings"]);
     expect(p.stage("firmware").runtime).to.deep.equal(["hostId"]);
-    // Guest settings reach the guest only over SSH: changing them boots the VM again before provisioning.
-    for (const id of ["startVm", "waitGuest", "provisionGuest", "stopVm", "publish"] as StageId[]) {
-      expect(p.stage(id).runtime, id).to.include("guestSettings");
-    }
+    // Guest settings reach the guest only over SSH: changing them provisions a fresh overlay, not a new base.
+    for (const id of PROVISION) expect(p.stage(id).runtime, id).to.include("guestSettings");
+    for (const id of INSTALL) expect(p.stage(id).runtime, id).to.not.include("guestSettings");
+    // The answer file shapes the install (it is in the base key): a new one installs Windows again.
+    for (const id of AFTER_START) expect(p.stage(id).runtime, id).to.include("answerFile");
     expect(p.stage("configMedia").runtime).to.not.include("guestSettings");
     expect(p.stage("configMedia").runtime).to.include.members(["answerFile", "guestKey"]);
   });
 
   it("ISO sources pass the disk size and the WinPE drivers, and get no answer file written into an image", () => {
     const p = plan({ windowsImageUrl: "https://example.com/Win11_ARM64.iso" });
-    expect(p.stage("prepareDisk").command).to.match(/source\.iso \/var\/lib\/windows-vm\/disk\.qcow2 64$/);
+    expect(p.stage("prepareDisk").command).to.match(/source\.iso \/var\/lib\/windows-vm\/install\.qcow2 64$/);
     expect(p.stage("configMedia").command).to.contain("CONFIG_ISO_DRIVERS_ISO=/var/lib/windows-vm/virtio-win.iso");
     expect(p.stages.map((s) => s.id)).to.not.include("injectAnswerFile");
     expect(
@@ -491,6 +521,170 @@ describe("pipeline plan", () => {
     expect(defaultArtifactUri(LOCAL_LAYOUT)).to.equal("file:///tmp/w%25i,x/artifacts/");
     const pub = resolveCommand(p.stage("publish").command as string, { artifactUri: defaultArtifactUri(LOCAL_LAYOUT) });
     expect(pub).to.contain("publish-image.sh /tmp/w%i,x/vm 'file:///tmp/w%25i,x/artifacts/'");
+  });
+});
+
+describe("base checkpoint (baseImage)", () => {
+  const ANSWER = "e".repeat(64);
+  const config = (over: RawConfig = {}) => parseConfig({ ...RAW, ...over }, new Set(), MACHINE);
+  const digestOf = (over: RawConfig = {}, hashes = HASHES, answer = ANSWER) =>
+    baseDigest(baseParts(config(over), AWS_LAYOUT, hashes), answer);
+  /** The base key a stage's command carries (base-image.sh ACTION VM_DIR 'KEY'; a key holds no single quote). */
+  const keyIn = (cmd: string, action: string) => {
+    const m = new RegExp(`/base-image\\.sh ${action} /var/lib/windows-vm '(\\{[^']*\\})'`).exec(cmd);
+    expect(m, `base-image.sh ${action} in ${cmd}`).to.not.equal(null);
+    return m?.[1];
+  };
+
+  // [what changes, config overrides, file edited, whether it makes a new base]
+  const BASE_CASES: Array<[string, RawConfig, string | undefined, boolean]> = [
+    ["the Windows image's SHA-256", { windowsImageSha256: "b".repeat(64) }, undefined, true],
+    ["the virtio-win ISO's SHA-256", { virtioIsoSha256: "c".repeat(64) }, undefined, true],
+    [
+      "an OpenSSH zip",
+      { openSshZipUrl: "s3://media/OpenSSH-ARM64.zip", openSshZipSha256: "d".repeat(64) },
+      undefined,
+      true,
+    ],
+    ["the machine options", { vmMachineOptions: "gic-version=3" }, undefined, true],
+    ["writing the answer file into the image", { answerFileInImage: "false" }, undefined, true],
+    ["the first-logon script", {}, "provisioning/windows/firstlogon.ps1", true],
+    ["prepare-disk.sh (writes the install disk)", {}, "provisioning/prepare-disk.sh", true],
+    ["inject-answer-file.sh (writes into the install disk)", {}, "provisioning/inject-answer-file.sh", true],
+    ["the guest provisioning script", {}, "provisioning/windows/provision.ps1", false],
+    ["the guest check script", {}, "provisioning/windows/check.ps1", false],
+    ["the guest scripts' module", {}, "provisioning/windows/common.psm1", false],
+    ["guest-run.sh", {}, "provisioning/guest-run.sh", false],
+    ["run-vm.sh (the device wiring)", {}, "provisioning/run-vm.sh", false],
+    ["start-vm.sh", {}, "provisioning/start-vm.sh", false],
+    ["base-image.sh", {}, "provisioning/base-image.sh", false],
+    ["publish-image.sh", {}, "provisioning/publish-image.sh", false],
+    ["vCPUs", { vmCpus: "3" }, undefined, false],
+    ["memory", { vmMemoryGiB: "16" }, undefined, false],
+    ["a guest setting", { guestDisableUac: "false" }, undefined, false],
+    ["the buildlet port", { vmBuildletPort: "8443" }, undefined, false],
+    ["the Windows image's URL alone", { windowsImageUrl: "s3://other/win.vhdx" }, undefined, false],
+  ];
+  for (const [what, over, file, newBase] of BASE_CASES) {
+    it(`${what}: ${newBase ? "a new base (baseImage re-runs, Windows is installed again)" : "the same base"}`, () => {
+      const hashes = file ? { ...HASHES, [file]: "edited" } : HASHES;
+      expect(digestOf(over, hashes) !== digestOf(), "base digest changed").to.equal(newBase);
+      const changed = changedStages(plan(), plan(over, hashes));
+      // A new base is a new install: every install stage re-runs. The same base: provisioning may re-run.
+      // The install disk as well: the last one became the old base.
+      if (newBase)
+        expect(changed).to.include.members(["prepareDisk", "startVm", "waitGuest", "baseImage", "overlayDisk"]);
+    });
+  }
+
+  it("a new answer file (admin user, locale, password, guest key: its SHA-256 at runtime) makes a new base", () => {
+    expect(digestOf({}, HASHES, "f".repeat(64))).to.not.equal(digestOf());
+    for (const id of ["prepareDisk", "baseImage"] as StageId[])
+      expect(plan().stage(id).runtime).to.include("answerFile");
+  });
+
+  it("a guest-script or guest-settings change re-runs no install stage; an install-affecting one re-runs baseImage", () => {
+    const p = plan();
+    for (const f of ["provision.ps1", "check.ps1", "common.psm1"]) {
+      const changed = changedStages(p, plan({}, { ...HASHES, [`provisioning/windows/${f}`]: "edited" }));
+      expect(changed, f).to.include.members(["overlayDisk", "provisionGuest", "publish"]);
+      expect(changed, f).to.not.include.members(["startVm"]).and.not.include("waitGuest").and.not.include("baseImage");
+    }
+    expect(changedStages(p, plan({ vmCpus: "3" }))).to.not.include("baseImage");
+    expect(changedStages(p, plan({ windowsImageSha256: "b".repeat(64) }))).to.include("baseImage");
+    expect(changedStages(p, plan({}, { ...HASHES, "provisioning/windows/firstlogon.ps1": "x" }))).to.include(
+      "baseImage",
+    );
+  });
+
+  it("the key is sorted JSON of exactly the parts; the digest is its SHA-256 with the answer file's hash in it", () => {
+    const parts = baseParts(config(), AWS_LAYOUT, HASHES);
+    expect(Object.keys(parts).sort()).to.deep.equal([
+      "answerFileInImage",
+      "answerFileSha256",
+      "driverFolder",
+      "firstLogon",
+      "injectAnswerFile",
+      "prepareDisk",
+      "sourceFormat",
+      "sourceSha256",
+      "virtioSha256",
+      "vmSettings",
+    ]);
+    expect(parts.answerFileSha256).to.equal(RUNTIME.answerFile);
+    const key = baseKey(parts);
+    expect(Object.keys(JSON.parse(key) as object)).to.deep.equal(Object.keys(parts).sort());
+    const want = crypto.createHash("sha256").update(key.replace(RUNTIME.answerFile, ANSWER)).digest("hex");
+    expect(baseDigest(parts, ANSWER)).to.equal(want);
+    // An ISO install: the disk size shapes it too; no answer file is written into an image.
+    const iso = baseParts(config({ windowsImageUrl: "https://example.com/Win11_ARM64.iso" }), AWS_LAYOUT, HASHES);
+    expect(iso).to.include({ diskGiB: "64", sourceFormat: "iso", answerFileInImage: "false" });
+    expect(iso).to.not.have.property("injectAnswerFile");
+  });
+
+  it("the install-affecting VM settings are the build env without the VM's size, ports and sockets", () => {
+    const env = renderVmEnv(config({ vmMachineOptions: "gic-version=3" }), AWS_LAYOUT, "build");
+    const kept = installVmSettings(env).split("\n");
+    expect(kept).to.include("VM_MACHINE_OPTS=gic-version=3");
+    expect(kept).to.include("VM_DISK=/var/lib/windows-vm/disk.qcow2");
+    for (const l of kept) {
+      expect(l).to.match(/^[A-Z_][A-Z0-9_]*=/);
+      expect(NOT_INSTALL_AFFECTING_ENV, l).to.not.include(l.split("=")[0]);
+    }
+    expect(env).to.match(/^VM_CPUS=/m);
+  });
+
+  it("every install and provisioning stage carries the same base key; the install boots install.qcow2 only while its base is missing", () => {
+    const p = plan();
+    const key = baseKey(baseParts(config(), AWS_LAYOUT, HASHES));
+    const start = p.stage("startVm").command as string;
+    const wait = p.stage("waitGuest").command as string;
+    const freeze = p.stage("baseImage").command as string;
+    const overlay = p.stage("overlayDisk").command as string;
+    const claim = p.stage("provisionGuest").command as string;
+    expect(keyIn(start, "present")).to.equal(key);
+    expect(keyIn(wait, "present")).to.equal(key);
+    expect(keyIn(freeze, "freeze")).to.equal(key);
+    expect(keyIn(overlay, "overlay")).to.equal(key);
+    expect(keyIn(claim, "claim")).to.equal(key);
+    // "present || boot": a present base skips the install boot and its wait.
+    expect(start).to.match(
+      /base-image\.sh present .* \|\| \{ sudo -n env VM_DISK=\/var\/lib\/windows-vm\/install\.qcow2 bash \S+\/start-vm\.sh /,
+    );
+    expect(wait).to.match(
+      /base-image\.sh present .* \|\| sudo -n env SERIAL_LOG=\S+ .*wait-for-guest\.sh 127\.0\.0\.1 2222 3600$/,
+    );
+    // The base comes from a clean shutdown of the install VM.
+    expect(freeze).to.match(
+      /env VM_DISK=\/var\/lib\/windows-vm\/install\.qcow2 STOP_VM_REQUIRE_GRACEFUL=1 bash \S+\/stop-vm\.sh \S+\/qmp\.sock 600 && .*base-image\.sh freeze /,
+    );
+    // The overlay: any VM stopped, a fresh overlay, the build VM (disk.qcow2) booted, its SSH awaited.
+    const order = [
+      "stop-vm.sh",
+      "base-image.sh overlay",
+      "start-vm.sh /var/lib/windows-vm/vm-build.env",
+      "wait-for-guest.sh",
+    ];
+    const at = order.map((w) => overlay.indexOf(w));
+    expect(
+      at.every((i) => i >= 0),
+      overlay,
+    ).to.equal(true);
+    expect([...at].sort((a, b) => a - b)).to.deep.equal(at);
+    expect(overlay).to.not.contain("install.qcow2");
+    // Provisioning claims the overlay first: one an earlier run used is replaced.
+    expect(claim.indexOf("base-image.sh claim")).to.be.below(claim.indexOf("guest-run.sh"));
+    expect(p.stage("publish").command).to.contain("publish-image.sh /var/lib/windows-vm ");
+  });
+
+  it("the base's stages depend on what shaped it, the provisioning on the config media and the env", () => {
+    const p = plan();
+    expect(p.stage("startVm").dependsOn).to.not.include.members(["configMedia"]);
+    expect(p.stage("startVm").dependsOn).to.not.include("renderEnv");
+    expect(p.stage("startVm").after).to.include.members(["configMedia", "renderEnv"]);
+    expect(p.stage("baseImage").dependsOn).to.deep.equal(["waitGuest"]);
+    expect(p.stage("overlayDisk").dependsOn).to.have.members(["baseImage", "configMedia", "renderEnv"]);
+    expect(p.stage("provisionGuest").dependsOn).to.deep.equal(["overlayDisk"]);
   });
 });
 

@@ -120,7 +120,7 @@ describe("stack foundation (mocks)", function () {
     expect(run.ofType("aws:vpc/securityGroupIngressRule:SecurityGroupIngressRule")).to.have.length(0);
     // The bake instance's group has no inbound rule at all.
     const groups = run.ofType("aws:ec2/securityGroup:SecurityGroup").map((g) => g.name);
-    expect(groups).to.have.members(["qemu-host-ssh", "bake-egress"]);
+    expect(groups).to.have.members(["qemu-host-ssh", "bake-egress", "smoke-test-ssh"]);
     expect(run.one("aws:ec2/securityGroup:SecurityGroup", "bake-egress").inputs.ingress ?? []).to.deep.equal([]);
   });
 
@@ -193,6 +193,7 @@ describe("stack foundation (mocks)", function () {
     expect(keys.map((k) => [k.name, k.inputs.algorithm])).to.have.deep.members([
       ["pipeline-key", "ED25519"],
       ["guest-key", "ED25519"],
+      ["smoke-test-key", "ED25519"],
     ]);
     expect(run.one("aws:ec2/keyPair:KeyPair").inputs.publicKey).to.equal(MOCK_KEYS.pipeline.publicKey);
     payload(run.one("command:local:Command", "firmware-build"));
@@ -201,7 +202,10 @@ describe("stack foundation (mocks)", function () {
   it("a given sshPrivateKey is read as a secret and no pipeline key is generated (the guest still gets its own)", async () => {
     const given = "-----BEGIN OPENSSH PRIVATE KEY-----\nGIVEN\n-----END OPENSSH PRIVATE KEY-----";
     const r = await runProgram({ ...BASE_CONFIG, sshPrivateKey: given }, { secretKeys: ["sshPrivateKey"] });
-    expect(r.ofType("tls:index/privateKey:PrivateKey").map((k) => k.name)).to.deep.equal(["guest-key"]);
+    expect(r.ofType("tls:index/privateKey:PrivateKey").map((k) => k.name)).to.deep.equal([
+      "guest-key",
+      "smoke-test-key",
+    ]);
     expect(r.one("aws:ec2/keyPair:KeyPair").inputs.publicKey).to.contain("GivenKey");
     for (const x of r.resources) {
       const { stdin, ...visible } = x.inputs;
