@@ -86,17 +86,31 @@ if [[ -n $report ]]; then
   rm -f -- "$report" "$report.tmp" || usage "GUEST_RUN_REPORT '$report' cannot be removed"
 fi
 
-# Passes the guest command's stdout through, except the report line, which
-# (with GUEST_RUN_REPORT) is decoded into $report.tmp.
+# Passes the guest command's stdout through as it came (a last line without a
+# newline stays without one), except the report line, which (with
+# GUEST_RUN_REPORT) is decoded into $report.tmp. Without GUEST_RUN_REPORT the
+# output is not parsed at all.
 report_filter() {
-  local line
-  while IFS= read -r line || [[ -n $line ]]; do
-    if [[ -n $report && $line == "$REPORT_TAG"* ]]; then
+  if [[ -z $report ]]; then
+    cat
+    return
+  fi
+  local line nl
+  while :; do
+    if IFS= read -r line; then
+      nl=$'\n'
+    elif [[ -n $line ]]; then
+      nl=""
+    else
+      break
+    fi
+    if [[ $line == "$REPORT_TAG"* ]]; then
       line=${line#"$REPORT_TAG"}
       printf '%s' "${line%$'\r'}" | base64 -d >"$report.tmp" 2>/dev/null || printf 'not base64\n' >"$report.tmp"
     else
-      printf '%s\n' "$line"
+      printf '%s%s' "$line" "$nl"
     fi
+    [[ -n $nl ]] || break
   done
 }
 

@@ -649,6 +649,11 @@ describe("transport: stage.sh, host-exec.sh, guest-run.sh", function () {
         expect(r.stdout).to.equal("provisioned\nchecked\n");
         expect(fs.readFileSync(report, "utf8")).to.equal(json);
         expect(r.stderr).to.include(`guest-run: software report saved to ${report} (${json.length} bytes)`);
+        // The output is passed through as it came: a last line without a newline gets none.
+        const bare = await start("guest-run.sh", args(`${send(tag + b64)}; printf last`), rEnv, `${privateKey}{}`)
+          .result;
+        expect(bare.code, bare.stderr).to.equal(0);
+        expect(bare.stdout).to.equal("provisioned\nchecked\nlast");
         // Without GUEST_RUN_REPORT the line is passed through as any other.
         const plain = await start("guest-run.sh", args(send(tag + b64)), env, `${privateKey}{}`).result;
         expect(plain.code, plain.stderr).to.equal(0);
