@@ -474,9 +474,21 @@ describe("the guest cannot reach the host's credentials (imds-proxy.py, run-vm.s
     it("uses -run-with user= where QEMU has it (9.1 and later)", async function () {
       const bin = path.join(dir, "bin-new-qemu");
       fs.mkdirSync(bin, { recursive: true });
+      // This machine's QEMU, whose -help also lists QEMU 9.1's -run-with (as 9.1's does); all else
+      // (-machine help, the disk probe) is answered by the real QEMU.
+      const real = (await run("bash", ["-c", "command -v qemu-system-aarch64"])).stdout.trim();
       fs.writeFileSync(
         path.join(bin, "qemu-system-aarch64"),
-        "#!/bin/sh\necho '-run-with [async-teardown=on|off][,chroot=dir][user=username|uid:gid]'\n",
+        [
+          "#!/bin/bash",
+          "if [[ $# -eq 1 && $1 == -help ]]; then",
+          `  ${real} -help || exit`,
+          "  echo '-run-with [async-teardown=on|off][,chroot=dir][user=username|uid:gid]'",
+          "  exit 0",
+          "fi",
+          `exec ${real} "$@"`,
+          "",
+        ].join("\n"),
         { mode: 0o755 },
       );
       const r = await runVm(["--print", envFile], { VM_USER: ACCOUNT, PATH: `${bin}:${process.env.PATH}` });
