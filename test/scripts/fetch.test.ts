@@ -366,7 +366,8 @@ describe("fetch-image.sh", function () {
 
     it("retries a bounded number of times when the endpoint is down, naming the URL", async () => {
       const port = await freePort();
-      const env = { ...awsEnv(`http://127.0.0.1:${port}`, dir), ...fast };
+      // One CLI attempt per fetch attempt: the CLI's own back-offs against a closed port only add seconds.
+      const env = { ...awsEnv(`http://127.0.0.1:${port}`, dir), ...fast, AWS_MAX_ATTEMPTS: "1" };
       const t0 = Date.now();
       const r = await runScript("fetch-image.sh", ["s3://images/win/win.vhdx", sum, path.join(dir, "d")], {
         env,
