@@ -10,7 +10,7 @@ import {
   firstLogonCommands,
   renderAnswerFile,
 } from "../../infra/answerFile";
-import { GUEST_PROVISION_SCRIPT } from "../../infra/pipeline/guest";
+import { GUEST_CHECK_FILES, GUEST_PROVISION_SCRIPT, SOFTWARE_REPORT_TAG } from "../../infra/pipeline/guest";
 import { sha256File } from "../support/disk";
 import { repoRoot, run, runScript } from "../support/run";
 
@@ -307,6 +307,8 @@ describe("config media PowerShell", function () {
 });
 
 describe("guest provisioning wrapper (GUEST_PROVISION_SCRIPT) run by pwsh", function () {
+  /** The software report the check.ps1 stand-in writes. */
+  const REPORT_JSON = '{"reportVersion":1,"windows":{"edition":"Professional","build":"22631.2861"}}';
   this.timeout(60000);
   let pwsh: string;
   let dir: string;
@@ -323,7 +325,7 @@ describe("guest provisioning wrapper (GUEST_PROVISION_SCRIPT) run by pwsh", func
    * their calls and whether settings.json had content), config media mounted as
    * a PowerShell drive, and ProgramData in the temp folder.
    */
-  async function runWrapper(provisionExit: number, withMedia = true) {
+  async function runWrapper(provisionExit: number, withMedia = true, writeReport = true) {
     const bin = path.join(dir, "bin");
     const media = path.join(dir, "media");
     const data = path.join(dir, "ProgramData");
@@ -331,6 +333,8 @@ describe("guest provisioning wrapper (GUEST_PROVISION_SCRIPT) run by pwsh", func
     fs.mkdirSync(media);
     fs.mkdirSync(data);
     if (withMedia) fs.writeFileSync(path.join(media, "windows-arm64-image.marker"), "");
+    // The check's files on the media (the wrapper keeps them for the smoke test).
+    for (const f of GUEST_CHECK_FILES) fs.writeFileSync(path.join(media, f), `# ${f} stand-in\n`);
     const calls = path.join(dir, "calls");
     fs.writeFileSync(path.join(bin, "icacls.exe"), `#!/bin/sh\necho "icacls size=$(wc -c <"$1")" >>'${calls}'\n`, {
       mode: 0o755,
@@ -339,8 +343,10 @@ describe("guest provisioning wrapper (GUEST_PROVISION_SCRIPT) run by pwsh", func
       path.join(bin, "powershell.exe"),
       [
         "#!/bin/sh",
-        `cfg=""; while [ $# -gt 0 ]; do [ "$1" = -ConfigPath ] && cfg=$2; [ "$1" = -File ] && f=$(basename "$2"); shift; done`,
-        `echo "$f settings=$(cat "$cfg" | tr -d '\\r\\n')" >>'${calls}'`,
+        `cfg=""; rep=""; while [ $# -gt 0 ]; do [ "$1" = -ConfigPath ] && cfg=$2; [ "$1" = -ReportPath ] && rep=$2; [ "$1" = -File ] && f=$(basename "$2"); shift; done`,
+        `echo "$f settings=$(cat "$cfg" | tr -d '\\r\\n')\${rep:+ report=$(basename "$rep")}" >>'${calls}'`,
+        // check.ps1 writes the software report where -ReportPath says.
+        writeReport ? `[ -n "$rep" ] && printf '%s' '${REPORT_JSON}' >"$rep"` : ":",
         `echo "stderr noise from $f" >&2`,
         `[ "$f" = provision.ps1 ] && exit ${provisionExit}`,
         "exit 0",
@@ -354,18 +360,33 @@ describe("guest provisioning wrapper (GUEST_PROVISION_SCRIPT) run by pwsh", func
     });
     const log = fs.existsSync(calls) ? fs.readFileSync(calls, "utf8").trim().split("\n") : [];
     const left = fs.existsSync(path.join(data, "windows-arm64-image", "settings.json"));
-    return { r, log, left };
+    const keep = path.join(data, "windows-arm64-image", "check");
+    const kept = fs.existsSync(keep) ? fs.readdirSync(keep).sort() : [];
+    return { r, log, left, kept };
   }
 
   it("restricts settings.json before writing it, runs provision then check, and removes it", async () => {
-    const { r, log, left } = await runWrapper(0);
+    const { r, log, left, kept } = await runWrapper(0);
     expect(r.code, r.stdout + r.stderr).to.equal(0);
+    expect(kept, "the check's files kept for the smoke test").to.deep.equal([...GUEST_CHECK_FILES].sort());
     expect(log).to.deep.equal([
       "icacls size=0",
       'provision.ps1 settings={"disableUac":true}',
-      'check.ps1 settings={"disableUac":true}',
+      'check.ps1 settings={"disableUac":true} report=software-report.json',
     ]);
     expect(left, "settings.json removed").to.equal(false);
+    // The report check.ps1 wrote goes to the host as one tagged base64 line on stdout.
+    const b64 = Buffer.from(REPORT_JSON).toString("base64");
+    expect(r.stdout.split(/\r?\n/)).to.include(`${SOFTWARE_REPORT_TAG}${b64}`);
+  });
+
+  it("exits 6 naming the file when check.ps1 wrote no software report", async () => {
+    const { r, log, left } = await runWrapper(0, true, false);
+    expect(r.code, r.stdout + r.stderr).to.equal(6);
+    expect(r.stderr).to.contain("provision: check.ps1 wrote no software report (");
+    expect(log.some((l) => l.startsWith("check.ps1"))).to.equal(true);
+    expect(r.stdout).to.not.contain(SOFTWARE_REPORT_TAG);
+    expect(left).to.equal(false);
   });
 
   it("exits with provision.ps1's code and says so on stderr (its stderr noise is not fatal)", async () => {
