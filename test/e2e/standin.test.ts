@@ -169,7 +169,21 @@ describe("stand-in aarch64 guest fixture", function () {
     const settings = JSON.stringify({ builderUser: "standin-user", builderPassword: "not-printed" });
     const ps = await ssh(guest, port, "powershell -NoProfile -NonInteractive -EncodedCommand ZQBjAGgAbwA=", settings);
     expect(ps.code, ps.stderr).to.equal(0);
-    expect(ps.stdout).to.equal("standin-provision: provisioned standin-user\n");
+    // Its result line, then the software report as the guest command sends it (one tagged base64 line).
+    const out = /^standin-provision: provisioned standin-user\nwindows-arm64-image-software-report: (\S+)\n$/.exec(
+      ps.stdout,
+    );
+    expect(out, ps.stdout).to.not.equal(null);
+    const sent = JSON.parse(Buffer.from(out![1], "base64").toString("utf8"));
+    expect(sent.settings).to.deep.equal([
+      {
+        step: "create-builder-user",
+        setting: "builderUser",
+        expected: "standin-user",
+        actual: "standin-user",
+        result: "PASS",
+      },
+    ]);
     expect(`${ps.stdout}${ps.stderr}`).to.not.include("not-printed");
 
     const tDown = Date.now();
