@@ -6,7 +6,7 @@ import * as path from "path";
 import { Manifest, parseManifest } from "../../infra/manifest";
 import { holdDisk, sha256, sha256File, stopQemu } from "../support/disk";
 import { pathWithout, run, runOk, RunResult, script } from "../support/run";
-import { startS3, S3Server } from "../support/s3";
+import { preferRealAws, startS3, S3Server } from "../support/s3";
 
 const MIB64 = 64 * 1024 * 1024;
 /** A manifest from a publish that started later than any in these tests. */
@@ -103,7 +103,12 @@ describe("publish-image.sh", function () {
   let disk: string;
   let tmp: string;
 
+  let undoAws: () => void;
+
   before(async () => {
+    // The aws executable itself, not a pyenv shim (which costs most of a second per call; a publish makes
+    // some twenty calls).
+    undoAws = await preferRealAws();
     s3 = await startS3("images");
     realAws = (await run("bash", ["-c", "command -v aws"])).stdout.trim();
     const version = await run("qemu-system-aarch64", ["--version"]);
@@ -118,6 +123,7 @@ describe("publish-image.sh", function () {
     };
   });
   after(async () => {
+    undoAws();
     await s3.stop();
   });
 
@@ -943,10 +949,11 @@ exec "$REAL_AWS" "$@"
       await runOk("qemu-io", ["-f", "qcow2", "-c", "write -P 0x66 16M 20M", disk]);
       const newSha = await flatSha(disk);
 
-      // `sync` (run once the staging file is written) hangs: the publish is stopped there.
+      // `sync` (run once the staging file is written) hangs: the publish is stopped there. The TERM is
+      // handled once the foreground sync returns, so its hang is kept short (it outlasts the checks below).
       const mark = path.join(dir, "syncing");
       const name = `publish-test-hung-sync-${path.basename(dir)}`;
-      const p = start(`file://${root}`, { PATH: shimPath({ sync: `touch ${mark}; exec -a ${name} sleep 60` }) });
+      const p = start(`file://${root}`, { PATH: shimPath({ sync: `touch ${mark}; exec -a ${name} sleep 10` }) });
       for (let i = 0; i < 600 && !fs.existsSync(mark) && p.child.exitCode === null; i++) {
         await new Promise((res) => setTimeout(res, 100));
       }
@@ -1219,7 +1226,8 @@ exec "$REAL_AWS" "$@"
       {
         name: "S3 cannot be reached",
         only: "s3",
-        prepare: async () => ({ env: { S3_ENDPOINT_URL: "http://127.0.0.1:9" } }),
+        // One attempt: the CLI's retry back-offs against a closed port only add seconds.
+        prepare: async () => ({ env: { S3_ENDPOINT_URL: "http://127.0.0.1:9", AWS_MAX_ATTEMPTS: "1" } }),
         error: () => /publish-image: error: .*http:\/\/127\.0\.0\.1:9/,
       },
       {

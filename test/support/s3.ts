@@ -104,3 +104,21 @@ export async function startS3(bucket = "test-bucket"): Promise<S3Server> {
     },
   };
 }
+
+/**
+ * Puts the aws executable that a pyenv shim resolves to first on this process's PATH (a shim
+ * re-resolves the interpreter on every call: most of a second each). Returns the undo.
+ */
+export async function preferRealAws(): Promise<() => void> {
+  const r = await run("bash", ["-c", "command -v pyenv >/dev/null && pyenv which aws || command -v aws"]);
+  const real = r.stdout.trim().split("\n").pop() ?? "";
+  if (r.code !== 0 || real === "") return () => undefined;
+  const bin = fs.mkdtempSync(path.join(os.tmpdir(), "aws-bin-"));
+  fs.symlinkSync(real, path.join(bin, "aws"));
+  const saved = process.env.PATH;
+  process.env.PATH = `${bin}:${saved}`;
+  return () => {
+    process.env.PATH = saved;
+    fs.rmSync(bin, { recursive: true, force: true });
+  };
+}
