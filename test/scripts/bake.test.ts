@@ -112,7 +112,12 @@ describe("bake-image.sh (on the bake instance: published image -> AMI file syste
   const powerOffCount = () =>
     fs.existsSync(poweroffs) ? fs.readFileSync(poweroffs, "utf8").split("\n").length - 1 : 0;
 
-  function bake(manifest: Record<string, unknown>, env: NodeJS.ProcessEnv = {}, envPath = envFile): Promise<RunResult> {
+  function bake(
+    manifest: Record<string, unknown>,
+    env: NodeJS.ProcessEnv = {},
+    envPath = envFile,
+    timeoutMs = 100000,
+  ): Promise<RunResult> {
     const m = path.join(dir, "manifest.json");
     fs.writeFileSync(m, JSON.stringify(manifest));
     return runScript("bake-image.sh", [m, envPath], {
@@ -122,7 +127,7 @@ describe("bake-image.sh (on the bake instance: published image -> AMI file syste
         BAKE_POWEROFF_COMMAND: `echo poweroff >>'${poweroffs}'`,
         ...env,
       },
-      timeoutMs: 100000,
+      timeoutMs,
     });
   }
 
@@ -221,18 +226,29 @@ describe("bake-image.sh (on the bake instance: published image -> AMI file syste
     expect(again.stderr).to.not.include("decompressing");
   });
 
-  describe("from S3 (s3rver)", () => {
+  describe("from S3 (s3rver)", function () {
+    // Every aws CLI run (each upload, each fetch, the status and its read-back) starts Python:
+    // seconds each on a busy machine. Bounded like bake-bootstrap.sh's S3 group.
+    this.timeout(240000);
     let s3: S3Server;
     before(async () => {
       s3 = await startS3("artifacts");
     });
     after(async () => s3.stop());
 
+    /** Uploads NAMES from pub to s3://artifacts/PREFIX in one aws CLI run. */
     async function upload(prefix: string, names: readonly string[]) {
-      for (const n of names) {
-        const r = await s3.aws(["s3", "cp", "--only-show-errors", path.join(pub, n), `s3://artifacts/${prefix}${n}`]);
-        expect(r.code, r.stderr).to.equal(0);
-      }
+      const only = ["--exclude", "*", ...names.flatMap((n) => ["--include", n])];
+      const r = await s3.aws([
+        "s3",
+        "cp",
+        "--only-show-errors",
+        "--recursive",
+        ...only,
+        pub,
+        `s3://artifacts/${prefix}`,
+      ]);
+      expect(r.code, r.stderr).to.equal(0);
     }
 
     it("fetches from s3://, verifies, and writes its status to s3://", async () => {
@@ -240,7 +256,12 @@ describe("bake-image.sh (on the bake instance: published image -> AMI file syste
       await upload(prefix, NAMES);
       const files = entries(pub, (n) => `s3://artifacts/${prefix}${n}`);
       const statusKey = "windows-arm64/bake-status/s3tok.json";
-      const r = await bake(manifestOf(files), { ...s3.env, BAKE_STATUS_URI: `s3://artifacts/${statusKey}` });
+      const r = await bake(
+        manifestOf(files),
+        { ...s3.env, BAKE_STATUS_URI: `s3://artifacts/${statusKey}` },
+        envFile,
+        220000,
+      );
       expect(r.code, r.stderr).to.equal(0);
       expectBaked(files);
       const body = await s3.getObject(statusKey);
