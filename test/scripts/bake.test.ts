@@ -9,7 +9,7 @@ import { BAKE_BOOTSTRAP, BAKE_DIR, BAKE_FILES, bakeKitKey, renderBakeKit, render
 import { HOST_PACKAGES } from "../../infra/hostSetup";
 import { sha256, sha256File } from "../support/disk";
 import { freePort, repoRoot, run, RunResult, runOk, runScript } from "../support/run";
-import { S3Server, startS3 } from "../support/s3";
+import { preferRealAws, S3Server, startS3 } from "../support/s3";
 
 const NAMES = ["disk.qcow2", "QEMU_VARS.fd", "QEMU_EFI.fd"] as const;
 const VSIZE = 64 * 1024 * 1024;
@@ -231,10 +231,15 @@ describe("bake-image.sh (on the bake instance: published image -> AMI file syste
     // seconds each on a busy machine. Bounded like bake-bootstrap.sh's S3 group.
     this.timeout(240000);
     let s3: S3Server;
+    let undoAws: () => void;
     before(async () => {
+      undoAws = await preferRealAws();
       s3 = await startS3("artifacts");
     });
-    after(async () => s3.stop());
+    after(async () => {
+      undoAws();
+      await s3.stop();
+    });
 
     /** Uploads NAMES from pub to s3://artifacts/PREFIX in one aws CLI run. */
     async function upload(prefix: string, names: readonly string[]) {
@@ -617,10 +622,15 @@ describe("bake-image.sh (on the bake instance: published image -> AMI file syste
     describe("from S3 (s3rver)", function () {
       this.timeout(240000);
       let s3: S3Server;
+      let undoAws: () => void;
       before(async () => {
+        undoAws = await preferRealAws();
         s3 = await startS3("artifacts");
       });
-      after(async () => s3.stop());
+      after(async () => {
+        undoAws();
+        await s3.stop();
+      });
 
       it("fetches the kit from s3://<bucket>/<prefix>bake-kit/, bakes from S3 and writes its status there", async () => {
         const prefix = `windows-arm64/${"d".repeat(8)}/`;
