@@ -753,8 +753,12 @@ setTimeout(() => process.exit(0), 10 * 60 * 1000);
 '@
         $script:serverProcess = Start-Process -FilePath $node -ArgumentList @($server, $served, $portFile, $requestLog) -PassThru `
             -RedirectStandardOutput (Join-Path $root 'server.out') -RedirectStandardError (Join-Path $root 'server.err')
-        $deadline = [DateTime]::UtcNow.AddSeconds(20)
+        # Generous: node starts slowly while the other test lanes keep both cores busy.
+        $deadline = [DateTime]::UtcNow.AddSeconds(120)
         while (-not (Test-Path -LiteralPath $portFile) -and [DateTime]::UtcNow -lt $deadline) { Start-Sleep -Milliseconds 100 }
+        if (-not (Test-Path -LiteralPath $portFile)) {
+            throw "the test's HTTP server ($node $server) wrote no port file within 120 s: $(Get-Content -Raw -LiteralPath (Join-Path $root 'server.err') -ErrorAction SilentlyContinue)"
+        }
         $script:baseUrl = 'http://127.0.0.1:{0}' -f (Get-Content -LiteralPath $portFile -Raw).Trim()
         $script:windowsDir = Join-Path $root 'Windows'
         function Add-ChildWindowsFile {
