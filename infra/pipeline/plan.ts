@@ -155,6 +155,18 @@ export interface PlanInputs {
   fileHashes: Record<string, string>;
 }
 
+/** What starting the VM runs on the host: the launcher (as a transient unit) and its screen keeper. */
+const VM_START_FILES = [
+  "provisioning/start-vm.sh",
+  "provisioning/run-vm.sh",
+  "provisioning/imds-proxy.py",
+  "provisioning/screen-keeper.sh",
+  "provisioning/vm-screenshot.sh",
+  "provisioning/lib.sh",
+];
+/** Starting the VM and waiting for its SSH. */
+const VM_BOOT_FILES = [...VM_START_FILES, "provisioning/wait-for-guest.sh"];
+
 /** Repo files each stage runs. */
 export const STAGE_FILES: Partial<Record<StageId, string[]>> = {
   // waitHost: host-ready.sh goes on stdin (the host has no files yet); its hash is in the stage's inputs.
@@ -178,15 +190,7 @@ export const STAGE_FILES: Partial<Record<StageId, string[]>> = {
   ],
   injectAnswerFile: ["provisioning/inject-answer-file.sh", "provisioning/lib.sh"],
   // startVm and waitGuest boot the install disk only while its base is missing (base-image.sh present).
-  startVm: [
-    "provisioning/base-image.sh",
-    "provisioning/start-vm.sh",
-    "provisioning/run-vm.sh",
-    "provisioning/imds-proxy.py",
-    "provisioning/screen-keeper.sh",
-    "provisioning/vm-screenshot.sh",
-    "provisioning/lib.sh",
-  ],
+  startVm: ["provisioning/base-image.sh", ...VM_START_FILES],
   waitGuest: [
     "provisioning/base-image.sh",
     "provisioning/wait-for-guest.sh",
@@ -199,17 +203,7 @@ export const STAGE_FILES: Partial<Record<StageId, string[]>> = {
     "provisioning/screen-keeper.sh",
     "provisioning/lib.sh",
   ],
-  overlayDisk: [
-    "provisioning/base-image.sh",
-    "provisioning/stop-vm.sh",
-    "provisioning/start-vm.sh",
-    "provisioning/run-vm.sh",
-    "provisioning/imds-proxy.py",
-    "provisioning/wait-for-guest.sh",
-    "provisioning/screen-keeper.sh",
-    "provisioning/vm-screenshot.sh",
-    "provisioning/lib.sh",
-  ],
+  overlayDisk: ["provisioning/base-image.sh", "provisioning/stop-vm.sh", ...VM_BOOT_FILES],
   // base-image.sh claim: a fresh overlay unless this run's overlayDisk made it (the VM stopped first).
   // guest-run.sh boots the VM again when it is not running (a host stopped after a failed run).
   provisionGuest: [
@@ -217,13 +211,7 @@ export const STAGE_FILES: Partial<Record<StageId, string[]>> = {
     "provisioning/stop-vm.sh",
     "provisioning/guest-run.sh",
     "provisioning/ssh-key.sh",
-    "provisioning/start-vm.sh",
-    "provisioning/run-vm.sh",
-    "provisioning/imds-proxy.py",
-    "provisioning/wait-for-guest.sh",
-    "provisioning/screen-keeper.sh",
-    "provisioning/vm-screenshot.sh",
-    "provisioning/lib.sh",
+    ...VM_BOOT_FILES,
   ],
   stopVm: ["provisioning/stop-vm.sh", "provisioning/screen-keeper.sh", "provisioning/lib.sh"],
   publish: ["provisioning/publish-image.sh", "provisioning/lib.sh"],
