@@ -21,17 +21,10 @@ import {
   guestSettings,
   SOFTWARE_REPORT_TAG,
 } from "../../infra/pipeline/guest";
+import { VALID_RAW } from "../support/config";
 import { repoRoot } from "../support/run";
 
-const RAW: RawConfig = {
-  sshAllowedCidrs: '["203.0.113.7/32"]',
-  windowsImageUrl: "s3://media/win.vhdx",
-  windowsImageSha256: "a".repeat(64),
-  windowsVersion: "11-23h2",
-  guestInstallBuildlet: "false",
-  guestInstallLlvmMingw: "false",
-  guestInstallVsBuildTools: "false",
-};
+const RAW: RawConfig = VALID_RAW;
 
 const WITH_BUILDLET_AND_VS: RawConfig = {
   ...RAW,

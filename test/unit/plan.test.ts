@@ -29,17 +29,10 @@ import {
 } from "../../infra/pipeline/plan";
 import { renderVmEnv } from "../../infra/pipeline/vmEnv";
 import { bashWords, bashWordsOf } from "../support/bash";
+import { VALID_RAW } from "../support/config";
 import { repoRoot } from "../support/run";
 
-const RAW: RawConfig = {
-  sshAllowedCidrs: '["203.0.113.7/32"]',
-  windowsImageUrl: "s3://media/win.vhdx",
-  windowsImageSha256: "a".repeat(64),
-  windowsVersion: "11-23h2",
-  guestInstallBuildlet: "false",
-  guestInstallLlvmMingw: "false",
-  guestInstallVsBuildTools: "false",
-};
+const RAW: RawConfig = VALID_RAW;
 
 /** A machine big enough for any local config here (the local target checks CPUs and memory). */
 const MACHINE: Machine = { cpus: 8, memoryGiB: 32, cwd: repoRoot };

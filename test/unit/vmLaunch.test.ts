@@ -5,20 +5,13 @@ import { parseConfig, RawConfig } from "../../infra/config";
 import { findHostType, gicVersionFor, HOST_TYPES, HostType } from "../../infra/hostTypes";
 import { AWS_LAYOUT, buildPlan, GUEST_SHUTDOWN_TIMEOUT_S, planFiles } from "../../infra/pipeline/plan";
 import { renderVmEnv, vmGicVersion } from "../../infra/pipeline/vmEnv";
+import { VALID_RAW } from "../support/config";
 import { repoRoot } from "../support/run";
 
 // The VM launch settings that are decided in infra/ (GIC version per host
 // type, the stop window shared by the image unit and the pipeline).
 
-const RAW: RawConfig = {
-  sshAllowedCidrs: '["203.0.113.7/32"]',
-  windowsImageUrl: "s3://media/win.vhdx",
-  windowsImageSha256: "a".repeat(64),
-  windowsVersion: "11-23h2",
-  guestInstallBuildlet: "false",
-  guestInstallLlvmMingw: "false",
-  guestInstallVsBuildTools: "false",
-};
+const RAW: RawConfig = VALID_RAW;
 
 const host = (name: string): HostType => findHostType(name) as HostType;
 
