@@ -78,4 +78,10 @@ describe("the VM's stop window: one value for the image unit and the pipeline", 
     const stopVm = fs.readFileSync(path.join(repoRoot, "provisioning", "stop-vm.sh"), "utf8");
     expect(stopVm).to.match(new RegExp(`^timeout_s=\\$\\{2:-${GUEST_SHUTDOWN_TIMEOUT_S}\\}$`, "m"));
   });
+  it("base-image.sh claim (a VM left running by an earlier run) stops it within the same window", () => {
+    const base = fs.readFileSync(path.join(repoRoot, "provisioning", "base-image.sh"), "utf8");
+    expect(base).to.match(
+      new RegExp(`^stop_timeout_s=\\$\\{BASE_IMAGE_STOP_TIMEOUT_S:-${GUEST_SHUTDOWN_TIMEOUT_S}\\}$`, "m"),
+    );
+  });
 });
