@@ -549,9 +549,7 @@ describe("pipeline end to end (stand-in guest, TCG)", function () {
       sha256: sha256File(report),
       size: fs.statSync(report).size,
     });
-    expect(
-      JSON.parse((await s3.text(`${p.prefix}${localSha}/${SOFTWARE_REPORT_FILE}`, p.dir)) ?? "null"),
-    ).to.deep.include({
+    expect(JSON.parse((await s3.text(`${p.prefix}${localSha}/${SOFTWARE_REPORT_FILE}`)) ?? "null")).to.deep.include({
       settings: [
         { step: "create-builder-user", setting: "builderUser", expected: "root", actual: "root", result: "PASS" },
       ],
@@ -566,7 +564,7 @@ describe("pipeline end to end (stand-in guest, TCG)", function () {
     // The first boot's marker is in the published image (the base under the provisioning).
     expect(await readFileFromDisk(downloaded, "firstboot.txt", p.dir)).to.equal("first boot\n");
     expect(await backingFile(downloaded), "the published image is self-contained").to.equal(undefined);
-    const latest = JSON.parse((await s3.text(`${p.prefix}latest.json`, p.dir)) ?? "null") as unknown;
+    const latest = JSON.parse((await s3.text(`${p.prefix}latest.json`)) ?? "null") as unknown;
     expect(latest).to.deep.equal(JSON.parse(outputs.publish?.stdout ?? ""));
     expect(await s3.keys(p.prefix)).to.deep.equal(
       [...MANIFEST_FILES, "manifest.json", SOFTWARE_REPORT_FILE]
@@ -785,7 +783,7 @@ describe("pipeline end to end (stand-in guest, TCG)", function () {
     // A disk to publish without a guest run: the install disk as it was fetched.
     fs.copyFileSync(path.join(vm, "install.qcow2"), path.join(vm, "disk.qcow2"));
     const first = parseManifest((await p.driver.mustHost("publish", { timeoutMs: 300_000 })).stdout);
-    const latestBefore = await s3.text("fault-s3/latest.json", p.dir);
+    const latestBefore = await s3.text("fault-s3/latest.json");
     const keysBefore = await s3.keys("fault-s3/");
     expect((JSON.parse(latestBefore ?? "null") as { sha256?: string }).sha256).to.equal(first.sha256);
 
@@ -803,7 +801,7 @@ describe("pipeline end to end (stand-in guest, TCG)", function () {
     expect(down.stderr).to.include(`127.0.0.1:${s3.port}`);
     expect(down.stderr).to.include("stage publish: failed with exit code 1");
 
-    expect(await s3.text("fault-s3/latest.json", p.dir), "latest.json unchanged").to.equal(latestBefore);
+    expect(await s3.text("fault-s3/latest.json"), "latest.json unchanged").to.equal(latestBefore);
     const keysAfter = await s3.keys("fault-s3/");
     expect(
       keysAfter.filter((k) => k.includes(newSha)),
@@ -829,12 +827,12 @@ describe("pipeline end to end (stand-in guest, TCG)", function () {
     const keysMid = await s3.keys("fault-s3/");
     expect(keysMid, "the disk copy was made before S3 went away").to.include(`fault-s3/${newSha}/disk.qcow2`);
     expect(keysMid, "no manifest: the new image is not complete").to.not.include(`fault-s3/${newSha}/manifest.json`);
-    expect(await s3.text("fault-s3/latest.json", p.dir), "latest.json unchanged").to.equal(latestBefore);
+    expect(await s3.text("fault-s3/latest.json"), "latest.json unchanged").to.equal(latestBefore);
 
     // S3 back: the same stage completes and only then moves latest.json.
     const okOut = (await p.driver.mustHost("publish", { timeoutMs: 300_000, label: "publish (S3 back)" })).stdout;
     const ok = parseManifest(okOut);
     expect(ok.sha256).to.equal(newSha);
-    expect(JSON.parse((await s3.text("fault-s3/latest.json", p.dir)) ?? "null")).to.deep.equal(JSON.parse(okOut));
+    expect(JSON.parse((await s3.text("fault-s3/latest.json")) ?? "null")).to.deep.equal(JSON.parse(okOut));
   });
 });

@@ -26,7 +26,7 @@ import {
 } from "../../infra/pipeline/plan";
 import { StandinGuest } from "../fixtures/standin";
 import { readPid, repoRoot, run } from "../support/run";
-import { awsEnv } from "../support/s3";
+import { awsEnv, S3Http } from "../support/s3";
 
 export interface StageResult {
   id: StageId | string;
@@ -494,14 +494,9 @@ export class RestartableS3 {
     });
   }
 
-  /** Keys under prefix. */
+  /** Keys under prefix (in-process, see S3Http). */
   async keys(prefix: string): Promise<string[]> {
-    const r = await this.aws([
-      "s3api", "list-objects-v2", "--bucket", this.bucket, "--prefix", prefix,
-      "--query", "Contents[].Key", "--output", "json",
-    ]); // prettier-ignore
-    if (r.code !== 0) throw new Error(`list-objects-v2 failed: ${r.stderr}`);
-    return ((JSON.parse(r.stdout || "null") as string[] | null) ?? []).sort();
+    return (await new S3Http(this.endpoint, this.bucket).list(prefix)).map((o) => o.key);
   }
 
   /** Downloads s3://bucket/key to file with `aws s3 cp`; false when it does not exist. */
@@ -510,13 +505,9 @@ export class RestartableS3 {
     return r.code === 0;
   }
 
-  async text(key: string, workDir: string): Promise<string | undefined> {
-    const f = path.join(workDir, `get-${Date.now()}-${Math.random().toString(36).slice(2)}`);
-    try {
-      return (await this.download(key, f)) ? fs.readFileSync(f, "utf8") : undefined;
-    } finally {
-      fs.rmSync(f, { force: true });
-    }
+  /** Body of s3://bucket/key as text (in-process); undefined when it does not exist. */
+  async text(key: string): Promise<string | undefined> {
+    return (await new S3Http(this.endpoint, this.bucket).get(key))?.toString("utf8");
   }
 }
 

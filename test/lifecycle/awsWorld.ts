@@ -19,7 +19,7 @@ import * as path from "path";
 import { ensureStandinGuest, StandinGuest } from "../fixtures/standin";
 import { makeDriversIso } from "../e2e/support";
 import { sha256File } from "../support/disk";
-import { startS3, S3Server } from "../support/s3";
+import { S3Http, startS3, S3Server } from "../support/s3";
 import { freePort, repoRoot, run, runOk } from "../support/run";
 import { Engine, generateKey } from "./engine";
 
@@ -62,12 +62,9 @@ export async function makeAwsWorld(dir: string, shims: string, faults: string): 
   const guest = await ensureStandinGuest();
   const drivers = await makeDriversIso(dir);
   const s3 = await startS3("artifacts-bucket");
-  const mb = await s3.aws(["s3", "mb", "s3://media"]);
-  if (mb.code !== 0) throw new Error(`s3 mb media: ${mb.stderr}`);
-  const put = async (file: string, key: string) => {
-    const r = await s3.aws(["s3", "cp", "--only-show-errors", file, `s3://media/${key}`]);
-    if (r.code !== 0) throw new Error(`upload ${key}: ${r.stderr}`);
-  };
+  const media = new S3Http(s3.endpoint, "media");
+  await media.createBucket();
+  const put = (file: string, key: string) => media.put(key, fs.readFileSync(file));
   await put(guest.disk, "standin.qcow2");
   await put(drivers.iso, "virtio-win.iso");
 
@@ -150,17 +147,10 @@ export async function makeAwsWorld(dir: string, shims: string, faults: string): 
     // S3 objects the program declares land in the local S3 server.
     async onCloudResource(type, _name, inputs) {
       if (type !== "aws:s3/bucketObjectv2:BucketObjectv2") return;
-      const file = path.join(dir, "object.tmp");
-      fs.writeFileSync(file, Buffer.from(String(inputs.contentBase64 ?? ""), "base64"));
-      const r = await s3.aws([
-        "s3",
-        "cp",
-        "--only-show-errors",
-        file,
-        `s3://${String(inputs.bucket)}/${String(inputs.key)}`,
-      ]);
-      fs.rmSync(file);
-      if (r.code !== 0) throw new Error(`stand-in S3: cannot store ${String(inputs.key)}: ${r.stderr}`);
+      await new S3Http(s3.endpoint, String(inputs.bucket)).put(
+        String(inputs.key),
+        Buffer.from(String(inputs.contentBase64 ?? ""), "base64"),
+      );
     },
   });
   const hostSh = (action: string) =>

@@ -241,19 +241,9 @@ describe("bake-image.sh (on the bake instance: published image -> AMI file syste
       await s3.stop();
     });
 
-    /** Uploads NAMES from pub to s3://artifacts/PREFIX in one aws CLI run. */
+    /** Puts NAMES from pub at s3://artifacts/PREFIX (in-process: the setup, not what is tested). */
     async function upload(prefix: string, names: readonly string[]) {
-      const only = ["--exclude", "*", ...names.flatMap((n) => ["--include", n])];
-      const r = await s3.aws([
-        "s3",
-        "cp",
-        "--only-show-errors",
-        "--recursive",
-        ...only,
-        pub,
-        `s3://artifacts/${prefix}`,
-      ]);
-      expect(r.code, r.stderr).to.equal(0);
+      for (const n of names) await s3.http.put(`${prefix}${n}`, fs.readFileSync(path.join(pub, n)));
     }
 
     it("fetches from s3://, verifies, and writes its status to s3://", async () => {
@@ -635,22 +625,10 @@ describe("bake-image.sh (on the bake instance: published image -> AMI file syste
 
       it("fetches the kit from s3://<bucket>/<prefix>bake-kit/, bakes from S3 and writes its status there", async () => {
         const prefix = `windows-arm64/${"d".repeat(8)}/`;
-        for (const n of NAMES) {
-          const up = await s3.aws([
-            "s3",
-            "cp",
-            "--only-show-errors",
-            path.join(pub, n),
-            `s3://artifacts/${prefix}${n}`,
-          ]);
-          expect(up.code, up.stderr).to.equal(0);
-        }
+        for (const n of NAMES) await s3.http.put(`${prefix}${n}`, fs.readFileSync(path.join(pub, n)));
         const key = bakeKitKey("windows-arm64/", kit.sha256);
         expect(key).to.equal(`windows-arm64/bake-kit/${kit.sha256}.json.gz`);
-        const kitFile = path.join(dir, "kit.json.gz");
-        fs.writeFileSync(kitFile, kit.body);
-        const up = await s3.aws(["s3", "cp", "--only-show-errors", kitFile, `s3://artifacts/${key}`]);
-        expect(up.code, up.stderr).to.equal(0);
+        await s3.http.put(key, kit.body);
         const list = entries(pub, (n) => `s3://artifacts/${prefix}${n}`);
         const statusKey = "windows-arm64/bake-status/kit-s3.json";
         const { r } = await boot(

@@ -1,4 +1,5 @@
 import * as fs from "fs";
+import * as http from "http";
 import * as os from "os";
 import * as path from "path";
 import { freePort, run, RunResult } from "./run";
@@ -29,11 +30,143 @@ export interface S3Server {
   env: NodeJS.ProcessEnv;
   /** Runs `aws --endpoint-url ENDPOINT ARGS...` against this server. */
   aws(args: string[]): Promise<RunResult>;
-  /** Body of s3://BUCKET/KEY, or undefined when it does not exist. */
+  /** Body of s3://BUCKET/KEY, or undefined when it does not exist (in-process, see S3Http). */
   getObject(key: string): Promise<Buffer | undefined>;
-  /** Keys in the bucket under PREFIX. */
+  /** Keys in the bucket under PREFIX (in-process). */
   listKeys(prefix?: string): Promise<string[]>;
+  /** The in-process client for this server and bucket. */
+  http: S3Http;
   stop(): Promise<void>;
+}
+
+/** One object of a listing, as S3 reports it. */
+export interface S3Object {
+  key: string;
+  size: number;
+  /** With its quotes, as S3 sends it (the MD5 of a single-part upload). */
+  etag: string;
+  lastModified: string;
+}
+
+/**
+ * The tests' own reads and writes of a local s3rver bucket, over plain HTTP from this process.
+ * s3rver serves anonymous requests (it checks no ACLs), so no request is signed. The scripts
+ * under test use the aws CLI as on a host; the tests' checks need no CLI process (each costs
+ * about a second of CPU).
+ */
+export class S3Http {
+  constructor(
+    readonly endpoint: string,
+    readonly bucket: string,
+  ) {}
+
+  private request(
+    method: string,
+    key: string,
+    query = "",
+    body?: Buffer,
+    headers: Record<string, string> = {},
+  ): Promise<{ status: number; body: Buffer; headers: http.IncomingHttpHeaders }> {
+    const keyPath = key === "" ? "" : `/${key.split("/").map(encodeURIComponent).join("/")}`;
+    const url = new URL(`${this.endpoint}/${encodeURIComponent(this.bucket)}${keyPath}${query}`);
+    return new Promise((resolve, reject) => {
+      const req = http.request(
+        url,
+        {
+          method,
+          agent: false,
+          headers: { ...headers, ...(body ? { "content-length": String(body.length) } : {}) },
+        },
+        (res) => {
+          const chunks: Buffer[] = [];
+          res.on("data", (c: Buffer) => chunks.push(c));
+          res.on("end", () =>
+            resolve({ status: res.statusCode ?? 0, body: Buffer.concat(chunks), headers: res.headers }),
+          );
+          res.on("error", reject);
+        },
+      );
+      req.setTimeout(120_000, () => req.destroy(new Error(`${method} ${url.href}: no answer within 120 s`)));
+      req.on("error", reject);
+      req.end(body);
+    });
+  }
+
+  private static fail(what: string, r: { status: number; body: Buffer }): never {
+    throw new Error(`${what}: HTTP ${r.status} ${r.body.toString("utf8").slice(0, 300)}`);
+  }
+
+  /** Body of KEY, or undefined when it does not exist. */
+  async get(key: string): Promise<Buffer | undefined> {
+    const r = await this.request("GET", key);
+    if (r.status === 404) return undefined;
+    if (r.status !== 200) S3Http.fail(`GET s3://${this.bucket}/${key}`, r);
+    return r.body;
+  }
+
+  /** ETag, size and time of KEY, or undefined when it does not exist. */
+  async head(key: string): Promise<Omit<S3Object, "key"> | undefined> {
+    const r = await this.request("HEAD", key);
+    if (r.status === 404) return undefined;
+    if (r.status !== 200) S3Http.fail(`HEAD s3://${this.bucket}/${key}`, r);
+    return {
+      size: Number(r.headers["content-length"]),
+      etag: String(r.headers.etag),
+      lastModified: String(r.headers["last-modified"]),
+    };
+  }
+
+  async put(key: string, body: Buffer | string, contentType = "application/octet-stream"): Promise<void> {
+    const r = await this.request("PUT", key, "", Buffer.from(body), { "content-type": contentType });
+    if (r.status !== 200) S3Http.fail(`PUT s3://${this.bucket}/${key}`, r);
+  }
+
+  /** Creates the bucket (s3rver: a folder of its own). */
+  async createBucket(): Promise<void> {
+    const r = await this.request("PUT", "");
+    if (r.status !== 200) S3Http.fail(`create bucket ${this.bucket}`, r);
+  }
+
+  async remove(key: string): Promise<void> {
+    const r = await this.request("DELETE", key);
+    if (r.status !== 204 && r.status !== 200) S3Http.fail(`DELETE s3://${this.bucket}/${key}`, r);
+  }
+
+  /** Every object under PREFIX, in key order (ListObjectsV2, all pages). */
+  async list(prefix = ""): Promise<S3Object[]> {
+    const out: S3Object[] = [];
+    let token: string | undefined;
+    do {
+      const q = `?list-type=2&prefix=${encodeURIComponent(prefix)}${token ? `&continuation-token=${encodeURIComponent(token)}` : ""}`;
+      const r = await this.request("GET", "", q);
+      if (r.status !== 200) S3Http.fail(`list s3://${this.bucket}/${prefix}`, r);
+      const xml = r.body.toString("utf8");
+      for (const m of xml.matchAll(/<Contents>([\s\S]*?)<\/Contents>/g)) {
+        const field = (name: string) => xmlText(new RegExp(`<${name}>([\\s\\S]*?)</${name}>`).exec(m[1])?.[1] ?? "");
+        out.push({
+          key: field("Key"),
+          size: Number(field("Size")),
+          etag: field("ETag"),
+          lastModified: field("LastModified"),
+        });
+      }
+      token = /<IsTruncated>true<\/IsTruncated>/.test(xml)
+        ? xmlText(/<NextContinuationToken>([\s\S]*?)<\/NextContinuationToken>/.exec(xml)?.[1] ?? "")
+        : undefined;
+    } while (token);
+    return out.sort((a, b) => (a.key < b.key ? -1 : a.key > b.key ? 1 : 0));
+  }
+}
+
+function xmlText(s: string): string {
+  return s.replace(
+    /&(lt|gt|quot|apos|amp|#(\d+)|#x([0-9a-fA-F]+));/g,
+    (_, name: string, dec?: string, hex?: string) => {
+      if (dec) return String.fromCodePoint(Number(dec));
+      if (hex) return String.fromCodePoint(parseInt(hex, 16));
+      return ({ lt: "<", gt: ">", quot: '"', apos: "'", amp: "&" } as Record<string, string>)[name];
+    },
+  );
 }
 
 /** Environment that points the aws CLI at ENDPOINT with s3rver's fixed credentials. */
@@ -66,38 +199,16 @@ export async function startS3(bucket = "test-bucket"): Promise<S3Server> {
   const endpoint = `http://127.0.0.1:${port}`;
   const env = awsEnv(endpoint, directory);
   const aws = (args: string[]) => run("aws", ["--endpoint-url", endpoint, ...args], { env });
+  const client = new S3Http(endpoint, bucket);
   return {
     endpoint,
     bucket,
     directory,
     env,
     aws,
-    async getObject(key: string) {
-      const tmp = path.join(fs.mkdtempSync(path.join(os.tmpdir(), "s3get-")), "obj");
-      try {
-        const r = await aws(["s3", "cp", "--only-show-errors", `s3://${bucket}/${key}`, tmp]);
-        return r.code === 0 ? fs.readFileSync(tmp) : undefined;
-      } finally {
-        fs.rmSync(path.dirname(tmp), { recursive: true, force: true });
-      }
-    },
-    async listKeys(prefix = "") {
-      const r = await aws([
-        "s3api",
-        "list-objects-v2",
-        "--bucket",
-        bucket,
-        "--prefix",
-        prefix,
-        "--query",
-        "Contents[].Key",
-        "--output",
-        "json",
-      ]);
-      if (r.code !== 0) throw new Error(`list-objects-v2 failed: ${r.stderr}`);
-      const keys = JSON.parse(r.stdout || "null") as string[] | null;
-      return (keys ?? []).sort();
-    },
+    http: client,
+    getObject: (key: string) => client.get(key),
+    listKeys: async (prefix = "") => (await client.list(prefix)).map((o) => o.key),
     async stop() {
       await server.close();
       fs.rmSync(directory, { recursive: true, force: true });
