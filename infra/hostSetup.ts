@@ -88,16 +88,7 @@ export function hostPolicyDocument(bucketArn: string, prefix: string, sourceObje
     {
       Sid: "ReadWriteArtifacts",
       Effect: "Allow",
-      Action: [
-        "s3:GetObject",
-        "s3:PutObject",
-        "s3:DeleteObject",
-        "s3:AbortMultipartUpload",
-        "s3:ListMultipartUploadParts",
-        // CopyObject within the prefix reads and writes the (empty) tag set.
-        "s3:GetObjectTagging",
-        "s3:PutObjectTagging",
-      ],
+      Action: ["s3:GetObject", "s3:PutObject", "s3:AbortMultipartUpload", "s3:ListMultipartUploadParts"],
       Resource: [`${bucketArn}/${prefix}*`],
     },
   ];

@@ -58,18 +58,18 @@
 #   <p>/latest.json          the newest manifest; written only after everything
 #                            above is verified, and never replaced by an older
 #                            manifest (below)
-#   <p>/staging/<id>/        work in progress, removed when the run ends. S3:
-#                            the streamed disk; the bucket's lifecycle rule
-#                            expires <p>/staging/ and incomplete multipart
-#                            uploads, for runs killed before they could delete
-#                            it. Folder: the flattened disk and every temporary
+#   <p>/staging/<id>/        folder only: work in progress, removed when the
+#                            run ends: the flattened disk and every temporary
 #                            file, owned by a run through a lock on <id>/lock;
 #                            the next run removes those whose lock nobody holds
-#                            (and unlocked ones older than a day).
+#                            (and unlocked ones older than a day). S3 needs no
+#                            staging: an object appears only once its upload
+#                            completes, and the bucket's lifecycle rule aborts
+#                            the multipart uploads of runs that were killed.
 #   <p>/.publish.lock        folder only: the flock(1) lock held while <sha>/ is
 #                            installed and latest.json read and written
 # In a folder, <p>/<sha>/ appears complete in one rename (it is built in
-# staging). On S3 a run killed after the server-side copy can leave <sha>/
+# staging). On S3 a run killed after the disk's upload can leave <sha>/
 # objects without manifest.json: incomplete by the rule above, never named by
 # latest.json, completed by the next publish of the same disk.
 # Local temporary files (for S3 also the flattened disk, so TMPDIR needs its
@@ -96,19 +96,20 @@
 #
 # How: the disk (through its backing chain) is converted once into a new
 # qcow2 (in a folder: in its staging folder; S3: in the work folder), which is
-# checked (`qemu-img check`), hashed while it streams to staging (tee to
-# openssl/sha256sum and `aws s3 cp -`; in a folder hashed where it is), then
-# copied server-side to its content-addressed key (in a folder: renamed),
-# sizes checked, the manifest written and read back, and latest.json written
-# last. In a folder every file is flushed to disk before it is renamed into
-# place. The conversion is deterministic: the same disk and compression give
+# checked (`qemu-img check`) and hashed; unless <p>/<sha>/ already holds it,
+# it is uploaded straight to its content-addressed key (`aws s3 cp -`, read
+# from the file; in a folder: renamed), sizes checked, the manifest written
+# and read back, and latest.json written last. In a folder every file is
+# flushed to disk before it is renamed into place. The conversion is deterministic: the same disk and compression give
 # the same bytes, hence the same <sha>.
 # $VM_DIR/disk.qcow2.sha256 ("<sha256> <size> <compression> <chain digest>
 # <allocated>") records the published hash for this disk (the chain digest
 # covers the size, mtime and inode of every file of its backing chain); while
 # it matches and <p>/<sha>/ holds the disk, a rerun converts and uploads no
-# disk: a complete set is kept as it is; an older manifest (or other
-# variables, firmware or report) gets the small files and a new manifest.
+# disk (without it, a rerun converts and hashes the disk again, and uploads
+# none when <p>/<sha>/ holds it): a complete set is kept as it is; an older
+# manifest (or other variables, firmware or report) gets the small files and
+# a new manifest.
 #
 # latest.json never moves backwards: of two manifests the newer is the one
 # with the larger (createdAt, sha256). latest.json is written only when it is
@@ -135,9 +136,6 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 readonly PROG=publish-image
-# CopyObject copies at most 5 GiB in one request; larger objects are copied in
-# parts by `aws s3 cp s3://... s3://...`.
-readonly SINGLE_COPY_MAX=$((4 * 1024 * 1024 * 1024))
 readonly EFI_SIZE=$((64 * 1024 * 1024))
 # The stdout line (manifest and newline) must stay under this many bytes.
 readonly MAX_LINE=4096
@@ -317,8 +315,6 @@ tmp_base=${TMPDIR:-/tmp}
 sweep_dead "$tmp_base" 'publish-image.*' "stale work folder" own
 work=$(mktemp -d "$tmp_base/publish-image.XXXXXX") || die "cannot create a work folder in $tmp_base"
 pids=()
-staging_key=
-staging_done=0
 stage_dir=
 lock_fd=
 # Stops PID and everything it started (a background function's own children
@@ -337,10 +333,8 @@ kill_children() {
 }
 cleanup() {
   kill_children
-  # A failing S3 run deletes its staging object once it was uploaded (an upload
-  # that did not finish left none; a killed run leaves it to the lifecycle
-  # rule); a folder's staging goes with the run's staging folder.
-  [[ $backend != s3 || -z $staging_key || $staging_done == 0 ]] || remove_staging "$staging_key"
+  # A folder's staging goes with the run's staging folder. (On S3 an upload
+  # that did not complete left no object.)
   if [[ -n $stage_dir ]]; then
     rm -rf -- "$stage_dir"
     rmdir -- "$root/$(key staging)" 2>/dev/null || true
@@ -444,32 +438,36 @@ fs_rename() { # SRC DEST
   mv -f -T -- "$1" "$2" 2>"$work/op.err" || die "moving $1 to $2 failed: $(op_error)"
 }
 
-# Writes stdin to the staging disk (runs in the background, so it reports
-# through its exit status and $work/upload.err, never dies).
-put_stream() { # SIZE
-  if [[ $backend == file ]]; then
-    cat >"$stage_dir/disk.qcow2" && sync -- "$stage_dir/disk.qcow2"
-    return
-  fi
-  aws "${aws_args[@]}" s3 cp --only-show-errors --expected-size "$1" - "s3://$bucket/$staging_key"
-}
-
-# S3: copies SRC_KEY to DST_KEY server side.
-promote() { # SRC_KEY DST_KEY SIZE
-  if (($3 <= SINGLE_COPY_MAX)); then
-    s3 s3api copy-object --bucket "$bucket" --key "$2" --copy-source "$bucket/$1" >/dev/null ||
-      die "server-side copy to $(at "$2") failed: $(op_error)"
-  else
-    # Copies tags too (the host role may Get/PutObjectTagging under the prefix).
-    s3 s3 cp --only-show-errors "s3://$bucket/$1" "s3://$bucket/$2" ||
-      die "server-side copy to $(at "$2") failed: $(op_error)"
-  fi
-}
-
-# S3: deletes the staging KEY; only warns (bounded: it runs on the way out).
-remove_staging() { # KEY
-  timeout 60 aws "${aws_args[@]}" s3 rm --only-show-errors "s3://$bucket/$1" 2>"$work/op.err" ||
-    log "warning: could not delete $(at "$1") (the bucket's lifecycle rule expires staging/): $(op_error)"
+# S3: uploads FILE (SIZE bytes) to KEY, logging every $interval s how far the
+# CLI has read it; dies naming the cause. Read from stdin, so the object
+# appears only complete (one PUT, or a multipart upload completed last).
+put_disk() { # FILE SIZE KEY
+  local uploader rc=0 t0=$SECONDS
+  aws "${aws_args[@]}" s3 cp --only-show-errors --expected-size "$2" - "s3://$bucket/$3" <"$1" 2>"$work/upload.err" &
+  uploader=$!
+  pids=("$uploader")
+  (
+    # Progress: the offset of the upload's stdin (the file).
+    sleeper=
+    trap '[[ -z $sleeper ]] || kill "$sleeper" 2>/dev/null; exit 0' TERM
+    while :; do
+      sleep "$interval" >/dev/null 2>&1 &
+      sleeper=$!
+      wait "$sleeper"
+      pos=$(awk '/^pos:/ {print $2}' "/proc/$uploader/fdinfo/0" 2>/dev/null) || exit 0
+      [[ -n $pos ]] || exit 0
+      el=$((SECONDS - t0))
+      log "uploaded $(mib "$pos") of $(mib "$2") MiB ($(($2 > 0 ? pos * 100 / $2 : 100))%), $((el > 0 ? pos / 1048576 / el : 0)) MiB/s"
+    done
+  ) &
+  pids+=("$!")
+  wait "$uploader" || rc=$?
+  # The uploader is reaped (its pid may be reused): only the progress loop is left to stop.
+  pids=("${pids[@]:1}")
+  kill_children
+  ((rc == 0)) ||
+    die "upload of $1 to $(at "$3") failed: $(grep -v '^[[:space:]]*$' "$work/upload.err" | tail -n 1 | cut -c1-400)"
+  log "uploaded $(mib "$2") MiB in $((SECONDS - t0)) s"
 }
 
 # Folder: the lock that serialises installing <sha>/ and latest.json.
@@ -776,7 +774,7 @@ with_progress() { # WHAT FILE TOTAL ERR_FILE COMMAND...
   return "$rc"
 }
 
-streamed=0
+converted=0
 if ((!PUB_DISK_OK)); then
   # --- flatten and compact: one new qcow2, no backing file ---------------------------
   if [[ $backend == file ]]; then
@@ -812,62 +810,14 @@ if ((!PUB_DISK_OK)); then
   size=$(stat -c %s -- "$conv")
   log "flattened in $((SECONDS - t0)) s: $(mib "$size") MiB published for $(mib "$allocated") MiB of data ($(mib "$vsize") MiB virtual, compression $compression)"
 
-  if [[ $backend == file ]]; then
-    log "computing the SHA-256 of $conv"
-    sha=$(sha256_of "$conv") || die "hashing $conv failed"
-    [[ $sha =~ ^[0-9a-f]{64}$ ]] || die "could not compute the SHA-256 of $conv"
-    sync -- "$conv" 2>/dev/null || true
-  else
-    staging_key=$(key "staging/$(date -u +%Y%m%dT%H%M%SZ)-$$-$RANDOM/disk.qcow2")
-    stage_uri=$(at "$staging_key")
-    # --- stream the flattened disk to staging, hashing it on the way ---------------
-    log "uploading the flattened disk.qcow2 ($(mib "$size") MiB) to $stage_uri, computing its SHA-256 on the way"
-    mkfifo "$work/hash.fifo" "$work/upload.fifo"
-    t0=$SECONDS
-    sha256_of <"$work/hash.fifo" >"$work/disk.sha" &
-    hasher=$!
-    put_stream "$size" <"$work/upload.fifo" 2>"$work/upload.err" &
-    uploader=$!
-    tee "$work/hash.fifo" <"$conv" >"$work/upload.fifo" &
-    reader=$!
-    pids=("$reader" "$uploader" "$hasher")
-    (
-      # Progress: how far tee has read the disk.
-      sleeper=
-      trap '[[ -z $sleeper ]] || kill "$sleeper" 2>/dev/null; exit 0' TERM
-      while :; do
-        sleep "$interval" >/dev/null 2>&1 &
-        sleeper=$!
-        wait "$sleeper"
-        pos=$(awk '/^pos:/ {print $2}' "/proc/$reader/fdinfo/0" 2>/dev/null) || exit 0
-        [[ -n $pos ]] || exit 0
-        el=$((SECONDS - t0))
-        log "uploaded $(mib "$pos") of $(mib "$size") MiB ($((size > 0 ? pos * 100 / size : 100))%), $((el > 0 ? pos / 1048576 / el : 0)) MiB/s"
-      done
-    ) &
-    pids+=("$!")
-    rc_reader=0 rc_uploader=0 rc_hasher=0
-    wait "$reader" || rc_reader=$?
-    wait "$uploader" || rc_uploader=$?
-    wait "$hasher" || rc_hasher=$?
-    # Those three are reaped (their pids may be reused): only the progress loop is left to stop.
-    pids=("${pids[@]:3}")
-    kill_children
-    if ((rc_uploader != 0)); then
-      die "upload of $conv to $stage_uri failed: $(grep -v '^[[:space:]]*$' "$work/upload.err" | tail -n 1 | cut -c1-400)"
-    fi
-    staging_done=1
-    ((rc_reader == 0)) || die "reading $conv failed (tee exit $rc_reader)"
-    ((rc_hasher == 0)) || die "hashing $conv failed (exit $rc_hasher)"
-    read -r sha _ <"$work/disk.sha"
-    [[ $sha =~ ^[0-9a-f]{64}$ ]] || die "could not compute the SHA-256 of $conv"
-    el=$((SECONDS - t0))
-    log "uploaded $(mib "$size") MiB in ${el} s; sha256 $sha"
-    rm -f -- "$conv"
-  fi
+  log "computing the SHA-256 of $conv"
+  sha=$(sha256_of "$conv") || die "hashing $conv failed"
+  [[ $sha =~ ^[0-9a-f]{64}$ ]] || die "could not compute the SHA-256 of $conv"
+  log "sha256 $sha"
+  [[ $backend != file ]] || sync -- "$conv" 2>/dev/null || true
   # A partial stamp (a run killed while writing it) does not parse and is ignored.
   printf '%s %s %s %s %s\n' "$sha" "$size" "$compression" "$chain_digest" "$allocated" >"$stamp"
-  streamed=1
+  converted=1
   published_state "$sha"
 fi
 
@@ -901,8 +851,8 @@ install_in_folder() { # FULL
 
 if ((PUB_COMPLETE)); then
   manifest=$PUB_JSON
-  if ((streamed)); then
-    log "this disk was already published at $(uri "$sha/")"
+  if ((converted)); then
+    log "this disk was already published at $(uri "$sha/"); no upload needed"
   else
     log "$disk (sha256 $sha) is already published at $(uri "$sha/"); no upload needed"
   fi
@@ -966,8 +916,9 @@ else
     install_in_folder 1
   else
     image_key=$(key "$sha/disk.qcow2")
-    log "copying to $(at "$image_key") (server side)"
-    promote "$staging_key" "$image_key" "$size"
+    log "uploading the flattened disk.qcow2 ($(mib "$size") MiB) to $(at "$image_key")"
+    put_disk "$conv" "$size" "$image_key"
+    rm -f -- "$conv"
     log "uploading $vars to $(uri "$sha/QEMU_VARS.fd")"
     put_file "$vars" "$(key "$sha/QEMU_VARS.fd")"
     log "uploading $efi to $(uri "$sha/QEMU_EFI.fd")"
@@ -982,14 +933,8 @@ else
     log "published $(uri "$sha/")"
   fi
 fi
-# S3: staging goes, then latest.json (a folder did both under its lock).
-if [[ $backend == s3 ]]; then
-  if [[ -n $staging_key ]]; then
-    remove_staging "$staging_key"
-    staging_key=
-  fi
-  update_latest
-fi
+# S3: latest.json last (a folder wrote it under its lock).
+[[ $backend != s3 ]] || update_latest
 
 ensure_fits "$manifest"
 printf '%s\n' "$manifest" >&3

@@ -407,12 +407,14 @@ exec "$REAL_AWS" "$@"
       expect(parseStdout(r2)).to.deep.equal(m1);
       expect(await s3Json("rerun/latest.json")).to.deep.equal(m1);
 
-      // Without the local hash stamp the disk is streamed again (that is the hash),
-      // but the published copy is found and kept as it is.
+      // Without the local hash stamp the disk is flattened and hashed again; the published copy
+      // is found by that hash and kept as it is: nothing is uploaded.
       fs.rmSync(`${disk}.sha256`);
       const r3 = await publish("s3://images/rerun");
       expect(r3.code, r3.stderr).to.equal(0);
-      expect(r3.stderr).to.contain("already published");
+      expect(r3.stderr).to.contain("this disk was already published at s3://images/rerun/");
+      expect(r3.stderr).to.contain("no upload needed");
+      expect(r3.stderr).to.not.contain("uploading");
       expect(parseStdout(r3)).to.deep.equal(m1);
       expect(await s3.listKeys("rerun/")).to.not.satisfy((keys: string[]) => keys.some((k) => k.includes("staging")));
 
@@ -452,11 +454,20 @@ exec "$REAL_AWS" "$@"
       expect(end.code, p.out.stderr).to.equal(143);
       expect(p.out.stderr).to.contain("terminated");
       expect(p.out.stdout).to.equal("");
-      expect(processesWith("s3://images/crash/staging/"), "uploader still running").to.deep.equal([]);
+      expect(processesWith(`s3://images/crash/${shaA}/disk.qcow2`), "uploader still running").to.deep.equal([]);
       expect(await s3Json("crash/latest.json")).to.deep.equal(old);
       await expectComplete(old);
       expect(await s3.getObject(`crash/${shaA}/manifest.json`)).to.equal(undefined);
-      expect((await s3.listKeys("crash/")).filter((k) => k.includes("staging"))).to.deep.equal([]);
+      // The disk goes straight to its key, where S3 shows it only complete: at most that is new.
+      const leftA = (await s3.listKeys("crash/")).filter((k) => !k.startsWith(`crash/${old.sha256}/`));
+      expect(
+        leftA.filter((k) => k !== `crash/${shaA}/disk.qcow2`),
+        p.out.stderr,
+      ).to.deep.equal(["crash/latest.json"]);
+      const partial = leftA.includes(`crash/${shaA}/disk.qcow2`)
+        ? await s3.getObject(`crash/${shaA}/disk.qcow2`)
+        : undefined;
+      expect(partial === undefined || sha256(partial) === shaA, "a disk object is the whole disk").to.equal(true);
       expectTmpClean();
 
       // A rerun finishes the job and only then moves latest.json.
@@ -482,10 +493,9 @@ exec "$REAL_AWS" "$@"
         folderLayout(...shas)
           .filter((f) => f !== ".publish.lock")
           .map((f) => `crash/${f}`);
-      // Only staging (expired by the bucket's lifecycle rule) and the new image's objects
-      // without a manifest (incomplete, named by no latest.json) can remain.
+      // Only the new image's objects without a manifest (incomplete, named by no latest.json) can remain.
       for (const key of (await s3.listKeys("crash/")).filter((x) => !imageKeys(old.sha256, shaA).includes(x))) {
-        expect(key, at).to.match(new RegExp(`^crash/(staging/|${shaB}/(disk\\.qcow2|QEMU_VARS\\.fd)$)`));
+        expect(key, at).to.match(new RegExp(`^crash/${shaB}/(disk\\.qcow2|QEMU_VARS\\.fd)$`));
       }
 
       const r3 = await publish("s3://images/crash/");
@@ -494,12 +504,7 @@ exec "$REAL_AWS" "$@"
       expect(mB.sha256).to.equal(shaB);
       expect(await s3Json("crash/latest.json")).to.deep.equal(mB);
       await expectComplete(mB);
-      const keys = await s3.listKeys("crash/");
-      expect(keys.filter((x) => !x.startsWith("crash/staging/"))).to.deep.equal(imageKeys(old.sha256, shaA, shaB));
-      expect(
-        keys.filter((x) => x.startsWith("crash/staging/")).length,
-        "the killed run's staging object",
-      ).to.be.at.most(1);
+      expect(await s3.listKeys("crash/")).to.deep.equal(imageKeys(old.sha256, shaA, shaB));
       // The killed run's work folder went with the rerun.
       expectTmpClean();
     });

@@ -132,15 +132,13 @@ describe("stack foundation (mocks)", function () {
     }
     const rw = policy.Statement.find((s: { Sid: string }) => s.Sid === "ReadWriteArtifacts");
     expect(rw.Resource).to.deep.equal(["arn:aws:s3:::artifacts-bucket-123/windows-arm64/*"]);
-    // publish-image.sh: put/get/head/delete, multipart upload, and copy (which reads and writes tags).
+    // publish-image.sh: put/get/head and multipart upload; it copies and deletes nothing (no
+    // tagging, no DeleteObject).
     expect(rw.Action).to.have.members([
       "s3:GetObject",
       "s3:PutObject",
-      "s3:DeleteObject",
       "s3:AbortMultipartUpload",
       "s3:ListMultipartUploadParts",
-      "s3:GetObjectTagging",
-      "s3:PutObjectTagging",
     ]);
     const list = policy.Statement.find((s: { Sid: string }) => s.Sid === "ListArtifactPrefix");
     expect(list.Condition.StringLike["s3:prefix"]).to.deep.equal(["windows-arm64/*"]);
