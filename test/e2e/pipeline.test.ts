@@ -797,7 +797,10 @@ describe("pipeline end to end (stand-in guest, TCG)", function () {
     await s3.start();
     expect(down.code, down.stderr).to.equal(1);
     expect(down.stdout, "no manifest printed").to.equal("");
-    expect(down.stderr).to.match(/^publish-image: error: .*failed/m);
+    // Its first S3 request (is this image there already?) names the object and the endpoint.
+    expect(down.stderr).to.match(
+      new RegExp(`^publish-image: error: cannot read s3://\\S+/fault-s3/${newSha}/manifest\\.json: `, "m"),
+    );
     expect(down.stderr).to.include(`127.0.0.1:${s3.port}`);
     expect(down.stderr).to.include("stage publish: failed with exit code 1");
 
