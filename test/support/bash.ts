@@ -9,7 +9,9 @@ import { spawnSync } from "child_process";
 export function bashWordsOf(cmds: string[]): string[][] {
   const script =
     'words() { printf "%s\\0" "$@"; }; while IFS= read -r -d "" cmd; do eval "words $cmd"; printf "\\1\\0"; done';
-  const r = spawnSync("bash", ["-c", script], {
+  // --norc: bash -c with a socket on stdin (node's pipes are socket pairs) and no SHLVL
+  // in its environment reads ~/.bashrc as if sshd had started it: a second of CPU where that inits pyenv.
+  const r = spawnSync("bash", ["--norc", "-c", script], {
     env: { PATH: process.env.PATH },
     input: cmds.map((c) => `${c}\0`).join(""),
     encoding: "utf8",
