@@ -96,6 +96,71 @@ export const MOCK_DEFAULT_SUBNET_ID = "subnet-0defa0170000000001";
 /** The smoke-test instance the smoke command reports. */
 export const MOCK_SMOKE_INSTANCE_ID = "i-05e0ce0000000000a";
 
+/**
+ * runProgram loads infra/ afresh each time (its modules read the config when
+ * they load): ts-node would transpile every file again. Keep each file's
+ * JavaScript for the exact source text it came from, so an edited file is
+ * transpiled again and the program runs the same code it always did.
+ */
+function keepTranspiles(): void {
+  const service = (process as unknown as Record<symbol, unknown>)[Symbol.for("ts-node.register.instance")] as
+    { compile(code: string, fileName: string, lineOffset?: number): string } | undefined;
+  if (!service) return;
+  const compile = service.compile.bind(service);
+  const kept = new Map<string, { code: string; js: string }>();
+  service.compile = (code, fileName, lineOffset = 0) => {
+    const hit = kept.get(fileName);
+    if (hit && hit.code === code && lineOffset === 0) return hit.js;
+    const js = compile(code, fileName, lineOffset);
+    if (lineOffset === 0) kept.set(fileName, { code, js });
+    return js;
+  };
+}
+
+/**
+ * Two stack traces the Pulumi SDK takes that no test reads, and that cost most
+ * of a mock run's CPU (ts-node's source-map-support maps every frame to the
+ * TypeScript):
+ * - debuggablePromise (four per output property of every resource) keeps one
+ *   for its report of promises still pending at exit: taken without frames
+ *   here; the report still names each promise's context (resource, property).
+ * - Resource.callsites takes the whole stack for each resource's source
+ *   position, which only the mock monitor receives: formatted without the
+ *   mapping (positions in the transpiled JavaScript).
+ * Every other error's stack is mapped as before.
+ */
+function cheapPulumiTraces(): void {
+  // eslint-disable-next-line @typescript-eslint/no-require-imports
+  const debuggable = require("@pulumi/pulumi/runtime/debuggable") as {
+    debuggablePromise: (p: Promise<unknown>, ctx: unknown) => Promise<unknown>;
+  };
+  const withStack = debuggable.debuggablePromise;
+  debuggable.debuggablePromise = (p, ctx) => {
+    const limit = Error.stackTraceLimit;
+    Error.stackTraceLimit = 0;
+    try {
+      return withStack(p, ctx);
+    } finally {
+      Error.stackTraceLimit = limit;
+    }
+  };
+  const mapped = Error.prepareStackTrace;
+  if (!mapped) return;
+  const resourceJs = path.join("@pulumi", "pulumi", "resource.js");
+  Error.prepareStackTrace = (err, frames) =>
+    frames[0]?.getFunctionName() === "callsites" && frames[0].getFileName()?.endsWith(resourceJs)
+      ? [String(err), ...frames.map((f) => `    at ${String(f)}`)].join("\n")
+      : mapped(err, frames);
+}
+
+let sped = false;
+function speedUp(): void {
+  if (sped) return;
+  sped = true;
+  keepTranspiles();
+  cheapPulumiTraces();
+}
+
 // The mock monitor hands newResource no resource options: keep them per URN as requests arrive.
 const optionsByUrn = new Map<string, RegisteredOptions>();
 let patched = false;
@@ -243,6 +308,7 @@ export async function runProgram(
   opts: { secretKeys?: string[]; asyncDelayMs?: number; stack?: string } = {},
 ): Promise<ProgramRun> {
   patchMonitor();
+  speedUp();
   const resources: Registered[] = [];
   lastRunResources = resources;
   const calls: ProgramRun["calls"] = [];
