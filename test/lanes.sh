@@ -5,9 +5,9 @@
 # Env:    LANES_SERIAL=1  run the lanes one after another instead (same commands)
 #         LANES_LOG_DIR   where each lane's output is kept (default <repo>/.cache/lanes)
 #
-# 1. The quick checks, in order: build (tsc), lint, shellcheck.
-# 2. The fixtures every lane shares (the stand-in guest), built once.
-# 3. The lanes, all at once, each in a network namespace of its own (`unshare --net`, with
+# 1. The fixtures every lane shares (the stand-in guest), built once.
+# 2. The lanes, all at once (the first: the checks, build (tsc), lint and shellcheck, which
+#    need no fixture), each in a network namespace of its own (`unshare --net`, with
 #    only its loopback up): the lifecycle's local target and its aws plan both forward the
 #    guest's SSH to 127.0.0.1:2222 and VNC to display 3, as a real host does, and a namespace
 #    per lane lets them do so side by side. Output goes to LANES_LOG_DIR/<lane>.log and is
@@ -39,6 +39,7 @@ step() {
 # rest (folders, the fault table) have a lane each; the other script tests share a lane,
 # two files at a time.
 LANES=(
+  checks "npm run --silent build && npm run --silent lint && npm run --silent shellcheck"
   publish-s3 "mocha --timeout 600000 -g 'publish-image.sh to S3' test/scripts/publish.test.ts"
   publish-other "mocha --timeout 600000 -g 'publish-image.sh to S3' --invert test/scripts/publish.test.ts"
   lifecycle-local "LIFECYCLE_PART=local mocha --timeout 3600000 -g 'local target' test/lifecycle/lifecycle.test.ts"
@@ -49,9 +50,6 @@ LANES=(
   unit "mocha 'test/unit/**/*.test.ts'"
 )
 
-step npm run --silent build
-step npm run --silent lint
-step npm run --silent shellcheck
 step bash test/fixtures/build-standin-guest.sh "$REPO/.cache/standin-guest"
 
 # The scripts call `aws` hundreds of times. Where `aws` is a pyenv shim, each call also runs
