@@ -2,7 +2,8 @@
 # Sets up a fresh Debian machine to build and test this project:
 # the host tools the provisioning scripts use (Debian packages), the arm64
 # packages the stand-in guest is built from, PowerShell 7 and Pester (from
-# NuGet) for the guest scripts, and the Node.js dependencies (npm ci).
+# NuGet) for the guest scripts (pwsh's assemblies precompiled with crossgen2,
+# also from NuGet), and the Node.js dependencies (npm ci).
 # Run as root from the repository root:  bash scripts/setup.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,6 +27,9 @@ if ! pwsh -NoProfile -Command '$PSVersionTable.PSVersion.ToString()' 2>/dev/null
   dotnet tool update --global PowerShell --version "$PWSH_VERSION" \
     || dotnet tool install --global PowerShell --version "$PWSH_VERSION"
 fi
+# The tool's assemblies are JIT-compiled at every pwsh start; compiled ahead of time (as
+# Microsoft's release packages are) a start takes half the CPU. Best effort: pwsh works either way.
+bash scripts/precompile-pwsh.sh
 bash scripts/install-pester.sh "$PESTER_VERSION"
 
 echo "==> npm ci"

@@ -62,9 +62,11 @@ BeforeAll {
 }
 
 Describe 'check.ps1' {
+    BeforeAll { Enable-FakeWindows }
+    AfterAll { Disable-FakeWindows }
+
     BeforeEach {
         New-FakeWindows
-        Enable-FakeWindows
         $global:TestEnv = New-TestEnvironment -Root (Join-Path $TestDrive ([guid]::NewGuid().ToString('N')))
         $script:t = $global:TestEnv
         $provisioned = Invoke-GuestScript provision $t.ConfigPath

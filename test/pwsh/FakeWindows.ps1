@@ -4,9 +4,11 @@
     An in-memory stand-in for the Windows state that provision.ps1 and
     check.ps1 read and change: HKLM registry keys and values, services,
     Defender, firewall profiles, local users and Administrators, the Visual
-    Studio installer, machine environment variables and downloads. Enable-FakeWindows (call it in
-    BeforeEach or It) mocks the Windows-only commands so they act on
-    $global:FakeWin; file system commands stay real (tests use $TestDrive).
+    Studio installer, machine environment variables and downloads.
+    Enable-FakeWindows (call it in the Describe's BeforeAll, and
+    Disable-FakeWindows in its AfterAll) replaces the Windows-only commands by
+    plain functions that act on $global:FakeWin (New-FakeWindows makes a fresh
+    one); file system commands stay real (tests use $TestDrive).
     The Windows folder (C:\Windows) is a real folder under the test's root
     ($global:FakeWin.WindowsDir, set by New-TestEnvironment): Get-WindowsFolder
     answers with it; Get-FakeWindowsPath and Add-FakeWindowsFile reach into it.
@@ -170,7 +172,7 @@ function global:Get-FakeRegistryPathArgument {
 }
 
 function global:Add-FakeMock {
-    <# Mocks a command both where the scripts call it and inside common.psm1. #>
+    <# Pester-mocks a command both where the scripts call it and inside common.psm1 (for a test's own mocks). #>
     param([string]$CommandName, [scriptblock]$MockWith, [scriptblock]$ParameterFilter)
     if ($ParameterFilter) {
         Mock -CommandName $CommandName -MockWith $MockWith -ParameterFilter $ParameterFilter
@@ -182,72 +184,142 @@ function global:Add-FakeMock {
     }
 }
 
+# What Enable-FakeWindows replaced (name -> how to put it back), the fake bodies
+# and the real cmdlets the fakes pass file system calls to.
+if (-not (Get-Variable -Name FakeCommands -Scope Global -ErrorAction SilentlyContinue)) { $global:FakeCommands = @{ Saved = [ordered]@{}; Bodies = @{}; Cmdlets = @{} } }
+
+function global:Set-FakeCommand {
+    <#
+    Replaces the command Name (a cmdlet, a global function such as a stub, or a
+    function of common.psm1) by a plain function with the same parameters whose
+    body is Body, dot-sourced: the parameters are variables and $FakeBound
+    holds the bound ones ($PSBoundParameters). A cmdlet is shadowed by a global
+    function; a global function is replaced; a common.psm1 function is replaced
+    inside the module (for its own calls) and where it was imported. Plain
+    functions, not Pester mocks: a Pester mock costs milliseconds per call and
+    per definition, and the scripts make hundreds of these calls per run. A
+    test can still Mock any of them on top. Disable-FakeWindows puts back what
+    was there.
+    #>
+    param([Parameter(Mandatory = $true)][string]$Name, [Parameter(Mandatory = $true)][scriptblock]$Body)
+    if ($global:FakeCommands.Saved.Contains($Name)) { throw "Set-FakeCommand: $Name is already faked" }
+    $command = @(Get-Command -Name $Name -CommandType Cmdlet, Function)[0]
+    $metadata = [System.Management.Automation.CommandMetadata]::new($command)
+    $global:FakeCommands.Bodies[$Name] = $Body
+    if ($command.CommandType -eq 'Cmdlet') {
+        $global:FakeCommands.Cmdlets[$Name] = $command
+        $global:FakeCommands.Saved[$Name] = @{ Kind = 'Cmdlet' }
+    }
+    else {
+        $global:FakeCommands.Saved[$Name] = @{ Kind = 'Function'; Original = $command.ScriptBlock; Module = $command.Module }
+    }
+    # Defined by a dot-sourced function statement, so that the function belongs to
+    # this session state, where the bodies live, whoever calls it (common.psm1,
+    # or another module such as Microsoft.PowerShell.Archive calling Test-Path):
+    # a body dot-sourced from another session state would not see the parameters.
+    $definition = "function global:{0} {{`n{1}`nparam({2})`n`$FakeBound = `$PSBoundParameters`n. `$global:FakeCommands.Bodies['{0}']`n}}" -f $Name,
+    [System.Management.Automation.ProxyCommand]::GetCmdletBindingAttribute($metadata),
+    [System.Management.Automation.ProxyCommand]::GetParamBlock($metadata)
+    . ([scriptblock]::Create($definition))
+    # The definition updated the imported function in place ($command.Module is
+    # now empty); inside the module its own copy is replaced here.
+    $module = $global:FakeCommands.Saved[$Name]['Module']
+    if ($module) {
+        $fake = (Get-Command -Name $Name -CommandType Function).ScriptBlock
+        & $module { param($n, $sb) Set-Item -Path "function:script:$n" -Value $sb } $Name $fake
+    }
+}
+
+function global:Disable-FakeWindows {
+    <# Puts back every command Enable-FakeWindows replaced (call it in AfterAll). #>
+    foreach ($name in @($global:FakeCommands.Saved.Keys)) {
+        $saved = $global:FakeCommands.Saved[$name]
+        if ($saved.Kind -eq 'Cmdlet') {
+            Remove-Item -LiteralPath "function:$name"
+        }
+        else {
+            Set-Item -Path "function:global:$name" -Value $saved.Original
+            if ($saved.Module) { & $saved.Module { param($n, $sb) Set-Item -Path "function:script:$n" -Value $sb } $name $saved.Original }
+        }
+        $global:FakeCommands.Saved.Remove($name)
+    }
+    $global:FakeCommands.Bodies.Clear()
+    $global:FakeCommands.Cmdlets.Clear()
+}
+
 function global:Enable-FakeWindows {
-    # Mock filters and bodies can run under the scripts' strict mode: read
-    # optional parameters through $PesterBoundParameters only.
-    $isRegistry = { (Get-FakeRegistryPathArgument $PesterBoundParameters) -like 'HKLM:*' }
+    <#
+    Makes the Windows-only commands act on $global:FakeWin (call it in BeforeAll
+    after importing common.psm1, and Disable-FakeWindows in AfterAll; New-FakeWindows
+    resets the state). Bodies run under the scripts' strict mode: read optional
+    parameters through $FakeBound only.
+    #>
+    Disable-FakeWindows
 
-    # Pester 6 fails a call that matches no filtered mock instead of running the
-    # original command: file system calls get a default mock that runs the cmdlet.
-    foreach ($name in 'Test-Path', 'New-Item', 'Get-ItemProperty', 'New-ItemProperty', 'Set-ItemProperty', 'Remove-ItemProperty') {
-        $passThrough = [scriptblock]::Create("& (Get-Command -Name '$name' -CommandType Cmdlet) @PesterBoundParameters")
-        Add-FakeMock $name -MockWith $passThrough
-    }
-
-    # Registry (HKLM only; other paths reach the real file system).
-    Add-FakeMock Test-Path -ParameterFilter $isRegistry -MockWith {
-        $global:FakeWin.Keys.ContainsKey((ConvertTo-FakeRegistryKey (Get-FakeRegistryPathArgument $PesterBoundParameters)))
-    }
-    Add-FakeMock New-Item -ParameterFilter $isRegistry -MockWith {
-        $p = Get-FakeRegistryPathArgument $PesterBoundParameters
-        Add-FakeRegistryKey -Path $p
-        $global:FakeWin.Changes.Add("registry key created: $p")
-        [pscustomobject]@{ PSPath = $p }
-    }
-    Add-FakeMock Get-ItemProperty -ParameterFilter $isRegistry -MockWith {
-        $entry = $global:FakeWin.Registry[(ConvertTo-FakeRegistryKey (Get-FakeRegistryPathArgument $PesterBoundParameters)) + '|' + "$Name".ToLowerInvariant()]
-        if ($null -ne $entry) { [pscustomobject]@{ $entry.Name = $entry.Value } }
-    }
+    # Registry (HKLM only): each of these commands runs its registry body for an
+    # HKLM:* path and the real cmdlet for any other path (the file system).
     $setValue = {
-        $p = Get-FakeRegistryPathArgument $PesterBoundParameters
+        $p = Get-FakeRegistryPathArgument $FakeBound
         if (-not $global:FakeWin.Keys.ContainsKey((ConvertTo-FakeRegistryKey $p))) {
             throw "Cannot find path '$p' because it does not exist."
         }
         $type = 'String'
-        if ($PesterBoundParameters.ContainsKey('PropertyType')) { $type = $PesterBoundParameters['PropertyType'] }
+        if ($FakeBound.ContainsKey('PropertyType')) { $type = $FakeBound['PropertyType'] }
         Set-FakeRegistryValue -Path $p -Name $Name -Value $Value -Type $type
         $global:FakeWin.Changes.Add("registry value set: $p\$Name")
     }
-    Add-FakeMock New-ItemProperty -ParameterFilter $isRegistry -MockWith $setValue
-    Add-FakeMock Set-ItemProperty -ParameterFilter $isRegistry -MockWith $setValue
-    Add-FakeMock Remove-ItemProperty -ParameterFilter $isRegistry -MockWith {
-        $p = Get-FakeRegistryPathArgument $PesterBoundParameters
-        Remove-FakeRegistryValue -Path $p -Name "$Name"
-        $global:FakeWin.Changes.Add("registry value removed: $p\$Name")
+    $global:FakeCommands.Registry = @{
+        'Test-Path'           = {
+            $global:FakeWin.Keys.ContainsKey((ConvertTo-FakeRegistryKey (Get-FakeRegistryPathArgument $FakeBound)))
+        }
+        'New-Item'            = {
+            $p = Get-FakeRegistryPathArgument $FakeBound
+            Add-FakeRegistryKey -Path $p
+            $global:FakeWin.Changes.Add("registry key created: $p")
+            [pscustomobject]@{ PSPath = $p }
+        }
+        'Get-ItemProperty'    = {
+            $entry = $global:FakeWin.Registry[(ConvertTo-FakeRegistryKey (Get-FakeRegistryPathArgument $FakeBound)) + '|' + "$Name".ToLowerInvariant()]
+            if ($null -ne $entry) { [pscustomobject]@{ $entry.Name = $entry.Value } }
+        }
+        'New-ItemProperty'    = $setValue
+        'Set-ItemProperty'    = $setValue
+        'Remove-ItemProperty' = {
+            $p = Get-FakeRegistryPathArgument $FakeBound
+            Remove-FakeRegistryValue -Path $p -Name "$Name"
+            $global:FakeWin.Changes.Add("registry value removed: $p\$Name")
+        }
+    }
+    $global:FakeCommands.RegistryOrReal = {
+        if ((Get-FakeRegistryPathArgument $FakeBound) -like 'HKLM:*') { . $global:FakeCommands.Registry[$FakeName] }
+        else { & $global:FakeCommands.Cmdlets[$FakeName] @FakeBound }
+    }
+    foreach ($name in @($global:FakeCommands.Registry.Keys)) {
+        Set-FakeCommand $name -Body ([scriptblock]::Create("`$FakeName = '$name'`n. `$global:FakeCommands.RegistryOrReal"))
     }
 
     # Services.
-    Add-FakeMock Get-Service -MockWith {
+    Set-FakeCommand Get-Service {
         foreach ($n in $Name) {
             if ($global:FakeWin.Services.ContainsKey($n)) {
                 [pscustomobject]@{ Name = $n; StartType = $global:FakeWin.Services[$n]; Status = 'Running' }
             }
         }
     }
-    Add-FakeMock Set-Service -MockWith {
+    Set-FakeCommand Set-Service {
         if (-not $global:FakeWin.Services.ContainsKey($Name)) { throw "Service '$Name' was not found on computer '.'." }
         $global:FakeWin.Services[$Name] = $StartupType
         $global:FakeWin.Changes.Add("service $Name -> $StartupType")
     }
 
     # Defender (Tamper Protection silently ignores the change, as on Windows).
-    Add-FakeMock Get-MpPreference -MockWith {
+    Set-FakeCommand Get-MpPreference {
         # Defender reports no exclusions as $null, not as an empty list.
         $exclusions = $null
         if ($global:FakeWin.Defender.Exclusions.Count -gt 0) { $exclusions = [string[]]$global:FakeWin.Defender.Exclusions.ToArray() }
         [pscustomobject]@{ DisableRealtimeMonitoring = $global:FakeWin.Defender.DisableRealtimeMonitoring; ExclusionPath = $exclusions }
     }
-    Add-FakeMock Add-MpPreference -MockWith {
+    Set-FakeCommand Add-MpPreference {
         if ($global:FakeWin.Defender.ExclusionsBlocked) { return }
         foreach ($p in $ExclusionPath) {
             if (-not $global:FakeWin.Defender.Exclusions.Contains($p)) {
@@ -256,10 +328,10 @@ function global:Enable-FakeWindows {
             }
         }
     }
-    Add-FakeMock Get-MpComputerStatus -MockWith {
+    Set-FakeCommand Get-MpComputerStatus {
         [pscustomobject]@{ IsTamperProtected = [bool]$global:FakeWin.Defender.TamperProtection -and -not $global:FakeWin.Defender.TamperHidden }
     }
-    Add-FakeMock Set-MpPreference -MockWith {
+    Set-FakeCommand Set-MpPreference {
         if (-not $global:FakeWin.Defender.TamperProtection) {
             $global:FakeWin.Defender.DisableRealtimeMonitoring = $DisableRealtimeMonitoring
             $global:FakeWin.Changes.Add("defender realtime disabled -> $DisableRealtimeMonitoring")
@@ -267,12 +339,12 @@ function global:Enable-FakeWindows {
     }
 
     # Firewall.
-    Add-FakeMock Get-NetFirewallProfile -MockWith {
+    Set-FakeCommand Get-NetFirewallProfile {
         foreach ($n in @($global:FakeWin.Firewall.Keys)) {
             [pscustomobject]@{ Name = $n; Enabled = $global:FakeWin.Firewall[$n] }
         }
     }
-    Add-FakeMock Set-NetFirewallProfile -MockWith {
+    Set-FakeCommand Set-NetFirewallProfile {
         foreach ($n in $Name) {
             $global:FakeWin.Firewall[$n] = ("$Enabled" -eq 'True')
             $global:FakeWin.Changes.Add("firewall $n -> $Enabled")
@@ -280,42 +352,42 @@ function global:Enable-FakeWindows {
     }
 
     # Local users and the Administrators group.
-    Add-FakeMock Get-LocalUser -MockWith {
+    Set-FakeCommand Get-LocalUser {
         $u = $global:FakeWin.Users[$Name]
         if ($null -ne $u) {
             [pscustomobject]@{ Name = $u.Name; Enabled = $u.Enabled; PasswordExpires = $u.PasswordExpires; SID = $u.SID }
         }
     }
-    Add-FakeMock New-LocalUser -MockWith {
+    Set-FakeCommand New-LocalUser {
         if ($global:FakeWin.Users.ContainsKey($Name)) { throw "User $Name already exists." }
         $plain = (New-Object System.Net.NetworkCredential('', $Password)).Password
-        Add-FakeUser -Name $Name -Password $plain -NeverExpires ([bool]$PesterBoundParameters['PasswordNeverExpires'])
+        Add-FakeUser -Name $Name -Password $plain -NeverExpires ([bool]$FakeBound['PasswordNeverExpires'])
         $global:FakeWin.Changes.Add("user created: $Name")
     }
-    Add-FakeMock Set-LocalUser -MockWith {
+    Set-FakeCommand Set-LocalUser {
         $u = $global:FakeWin.Users[$Name]
         if ($null -eq $u) { throw "User $Name was not found." }
-        if ($PesterBoundParameters.ContainsKey('Password')) {
+        if ($FakeBound.ContainsKey('Password')) {
             $u.Password = (New-Object System.Net.NetworkCredential('', $Password)).Password
             $global:FakeWin.Changes.Add("user password set: $Name")
         }
-        if ($PesterBoundParameters.ContainsKey('PasswordNeverExpires')) {
+        if ($FakeBound.ContainsKey('PasswordNeverExpires')) {
             if ($PasswordNeverExpires) { $u.PasswordExpires = $null } else { $u.PasswordExpires = [DateTime]'2030-01-01' }
             $global:FakeWin.Changes.Add("user password expiry set: $Name")
         }
     }
-    Add-FakeMock Enable-LocalUser -MockWith {
+    Set-FakeCommand Enable-LocalUser {
         $global:FakeWin.Users[$Name].Enabled = $true
         $global:FakeWin.Changes.Add("user enabled: $Name")
     }
-    Add-FakeMock Get-LocalGroupMember -MockWith {
-        if ($PesterBoundParameters['SID'] -ne 'S-1-5-32-544') { throw 'the scripts must name Administrators by SID' }
+    Set-FakeCommand Get-LocalGroupMember {
+        if ($FakeBound['SID'] -ne 'S-1-5-32-544') { throw 'the scripts must name Administrators by SID' }
         foreach ($memberSid in $global:FakeWin.Admins) {
             [pscustomobject]@{ Name = "FAKE\$memberSid"; SID = $memberSid }
         }
     }
-    Add-FakeMock Add-LocalGroupMember -MockWith {
-        if ($PesterBoundParameters['SID'] -ne 'S-1-5-32-544') { throw 'the scripts must name Administrators by SID' }
+    Set-FakeCommand Add-LocalGroupMember {
+        if ($FakeBound['SID'] -ne 'S-1-5-32-544') { throw 'the scripts must name Administrators by SID' }
         foreach ($m in $Member) {
             $u = $global:FakeWin.Users[$m]
             if ($null -eq $u) { throw "Principal $m was not found." }
@@ -324,39 +396,39 @@ function global:Enable-FakeWindows {
             $global:FakeWin.Changes.Add("admin added: $m")
         }
     }
-    Add-FakeMock Test-LocalCredential -MockWith {
+    Set-FakeCommand Test-LocalCredential {
         $u = $global:FakeWin.Users[$UserName]
         ($null -ne $u) -and ($u.Password -ceq $Password)
     }
-    Add-FakeMock Test-IsAdministrator -MockWith { $global:FakeWin.IsAdmin }
-    Add-FakeMock Get-WindowsFolder -MockWith {
+    Set-FakeCommand Test-IsAdministrator { $global:FakeWin.IsAdmin }
+    Set-FakeCommand Get-WindowsFolder {
         if (-not $global:FakeWin.WindowsDir) { throw 'the fake machine has no Windows folder: set $global:FakeWin.WindowsDir' }
         $global:FakeWin.WindowsDir
     }
 
     # Machine-wide environment variables.
-    Add-FakeMock Get-MachineEnvironmentVariable -MockWith {
+    Set-FakeCommand Get-MachineEnvironmentVariable {
         if ($global:FakeWin.MachineEnv.ContainsKey($Name)) { $global:FakeWin.MachineEnv[$Name] }
     }
-    Add-FakeMock Set-MachineEnvironmentVariable -MockWith {
+    Set-FakeCommand Set-MachineEnvironmentVariable {
         $global:FakeWin.MachineEnv[$Name] = $Value
         $global:FakeWin.Changes.Add("machine environment variable set: $Name")
     }
 
     # Visual Studio installer.
-    Add-FakeMock Get-VsBuildToolsPath -MockWith {
+    Set-FakeCommand Get-VsBuildToolsPath {
         $v = $global:FakeWin.VsInstalledVersion
         if ($global:FakeWin.VsInstalled -and ($null -eq $v -or $v -eq $Version)) {
             "C:\Program Files (x86)\Microsoft Visual Studio\$Version\BuildTools"
         }
     }
-    Add-FakeMock Start-Process -MockWith {
-        $wait = [bool]$PesterBoundParameters['Wait']
+    Set-FakeCommand Start-Process {
+        $wait = [bool]$FakeBound['Wait']
         $global:FakeWin.Processes.Add([pscustomobject]@{
-                FilePath     = $PesterBoundParameters['FilePath']
-                ArgumentList = @($PesterBoundParameters['ArgumentList'])
+                FilePath     = $FakeBound['FilePath']
+                ArgumentList = @($FakeBound['ArgumentList'])
                 Wait         = $wait
-                PassThru     = [bool]$PesterBoundParameters['PassThru']
+                PassThru     = [bool]$FakeBound['PassThru']
             })
         if ($wait -and $global:FakeWin.VsLeavesChild) {
             # What Windows does: -Wait waits for the whole tree, and the child outlives the installer.
@@ -371,27 +443,27 @@ function global:Enable-FakeWindows {
         $process = [pscustomobject]@{ ExitCode = $global:FakeWin.VsExitCode; Handle = [IntPtr]::new(4242); HasExited = $true }
         $process | Add-Member -MemberType ScriptMethod -Name WaitForExit -Value { param($Milliseconds) $true }
         $process | Add-Member -MemberType ScriptMethod -Name Kill -Value { throw 'the fake process has exited' }
-        if ($PesterBoundParameters['PassThru']) { $process }
+        if ($FakeBound['PassThru']) { $process }
     }
 
     # What the software report reads.
-    Add-FakeMock Get-SignedDriverList -MockWith {
+    Set-FakeCommand Get-SignedDriverList {
         if ($global:FakeWin.DriversFail) { throw 'Invalid class (Win32_PnPSignedDriver)' }
         $global:FakeWin.Drivers
     }
-    Add-FakeMock Get-OpenSshServerInfo -MockWith { $global:FakeWin.OpenSsh }
-    Add-FakeMock Get-VsBuildToolsVersion -MockWith {
+    Set-FakeCommand Get-OpenSshServerInfo { $global:FakeWin.OpenSsh }
+    Set-FakeCommand Get-VsBuildToolsVersion {
         $v = $global:FakeWin.VsInstalledVersion
         if ($global:FakeWin.VsInstalled -and ($null -eq $v -or $v -eq $Version)) { $global:FakeWin.VsFullVersion }
     }
     # TRIM of the free space.
-    Add-FakeMock Optimize-Volume -MockWith {
+    Set-FakeCommand Optimize-Volume {
         if ($global:FakeWin.TrimFails) { throw 'The volume optimization operation requested is not supported by the hardware backing the volume.' }
-        if ($PesterBoundParameters['ReTrim']) { $global:FakeWin.Trims.Add([string]$PesterBoundParameters['DriveLetter']) }
+        if ($FakeBound['ReTrim']) { $global:FakeWin.Trims.Add([string]$FakeBound['DriveLetter']) }
     }
 
     # Downloads: serve local files registered in FakeWin.Served (URL -> path).
-    Add-FakeMock Invoke-WebRequest -MockWith {
+    Set-FakeCommand Invoke-WebRequest {
         $u = "$Uri"
         $global:FakeWin.Downloads.Add($u)
         if (-not $global:FakeWin.Served.ContainsKey($u)) { throw "Response status code does not indicate success: 404 (Not Found)." }

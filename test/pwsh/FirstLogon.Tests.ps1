@@ -33,22 +33,8 @@ BeforeAll {
 }
 
 Describe 'firstlogon.ps1' {
-    BeforeEach {
-        $root = Join-Path $TestDrive ([guid]::NewGuid().ToString('N'))
-        $env:ProgramData = Join-Path $root 'ProgramData'
-        $env:ProgramFiles = Join-Path $root 'ProgramFiles'
-        $env:TEMP = Join-Path $root 'Temp'
-        $script:Media = Join-Path $root 'media'
-        New-Item -ItemType Directory -Force -Path $script:Media, $env:TEMP | Out-Null
-        Set-Content -LiteralPath (Join-Path $script:Media 'authorized_keys') -Value "# pipeline`nssh-ed25519 AAAAC3Nza pipeline`n"
-        $script:KeysFile = Join-Path $env:ProgramData 'ssh/administrators_authorized_keys'
-        $script:Log = Join-Path $env:ProgramData 'windows-arm64-image/firstlogon.log'
-
-        $global:FL = @{
-            SshdInstalled = $false; SshdRunning = $false; CapabilityFails = $false
-            Events = [Collections.Generic.List[string]]::new(); Task = $null; FirewallRule = $false; FirewallOpen = $false
-            KeysFile = $script:KeysFile
-        }
+    BeforeAll {
+        # The mocks act on $global:FL, which BeforeEach makes anew.
         Mock Get-Service {
             if ($global:FL.SshdInstalled) { [pscustomobject]@{ Name = 'sshd'; Status = $(if ($global:FL.SshdRunning) { 'Running' } else { 'Stopped' }) } }
         }
@@ -79,6 +65,24 @@ Describe 'firstlogon.ps1' {
         Mock Register-ScheduledTask { $global:FL.Task = [pscustomobject]@{ Name = $TaskName; Action = $Action; Trigger = $Trigger; User = $User } }
         Mock Get-ScheduledTask { if ($global:FL.Task -and $global:FL.Task.Name -eq $TaskName) { $global:FL.Task } }
         Mock Unregister-ScheduledTask { $global:FL.Events.Add("unregister $TaskName"); $global:FL.Task = $null }
+    }
+
+    BeforeEach {
+        $root = Join-Path $TestDrive ([guid]::NewGuid().ToString('N'))
+        $env:ProgramData = Join-Path $root 'ProgramData'
+        $env:ProgramFiles = Join-Path $root 'ProgramFiles'
+        $env:TEMP = Join-Path $root 'Temp'
+        $script:Media = Join-Path $root 'media'
+        New-Item -ItemType Directory -Force -Path $script:Media, $env:TEMP | Out-Null
+        Set-Content -LiteralPath (Join-Path $script:Media 'authorized_keys') -Value "# pipeline`nssh-ed25519 AAAAC3Nza pipeline`n"
+        $script:KeysFile = Join-Path $env:ProgramData 'ssh/administrators_authorized_keys'
+        $script:Log = Join-Path $env:ProgramData 'windows-arm64-image/firstlogon.log'
+
+        $global:FL = @{
+            SshdInstalled = $false; SshdRunning = $false; CapabilityFails = $false
+            Events = [Collections.Generic.List[string]]::new(); Task = $null; FirewallRule = $false; FirewallOpen = $false
+            KeysFile = $script:KeysFile
+        }
     }
 
     It 'installs OpenSSH, starts sshd first (it makes its own folder), opens TCP 22 only once the key is in place' {

@@ -47,9 +47,11 @@ BeforeAll {
 }
 
 Describe 'provision.ps1' {
+    BeforeAll { Enable-FakeWindows }
+    AfterAll { Disable-FakeWindows }
+
     BeforeEach {
         New-FakeWindows
-        Enable-FakeWindows
         $script:t = New-TestEnvironment -Root (Join-Path $TestDrive ([guid]::NewGuid().ToString('N')))
     }
 
