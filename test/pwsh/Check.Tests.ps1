@@ -62,15 +62,20 @@ BeforeAll {
 }
 
 Describe 'check.ps1' {
-    BeforeAll { Enable-FakeWindows }
+    BeforeAll {
+        Enable-FakeWindows
+        # One provisioned machine; each test starts from a copy of it (state, settings and files).
+        New-FakeWindows
+        $environment = New-TestEnvironment -Root (Join-Path $TestDrive 'provisioned')
+        $provisioned = Invoke-GuestScript provision $environment.ConfigPath
+        $provisioned.ExitCode | Should -Be 0 -Because $provisioned.Text
+        $script:provisionedMachine = Save-FakeMachine $environment
+    }
     AfterAll { Disable-FakeWindows }
 
     BeforeEach {
-        New-FakeWindows
-        $global:TestEnv = New-TestEnvironment -Root (Join-Path $TestDrive ([guid]::NewGuid().ToString('N')))
+        $global:TestEnv = Restore-FakeMachine $provisionedMachine
         $script:t = $global:TestEnv
-        $provisioned = Invoke-GuestScript provision $t.ConfigPath
-        $provisioned.ExitCode | Should -Be 0 -Because $provisioned.Text
     }
 
     It 'passes after provisioning, with a PASS row per setting of every step' {

@@ -9,6 +9,8 @@
     Disable-FakeWindows in its AfterAll) replaces the Windows-only commands by
     plain functions that act on $global:FakeWin (New-FakeWindows makes a fresh
     one); file system commands stay real (tests use $TestDrive).
+    Save-FakeMachine and Restore-FakeMachine let tests start from the same
+    state (say, a provisioned machine) without redoing it.
     The Windows folder (C:\Windows) is a real folder under the test's root
     ($global:FakeWin.WindowsDir, set by New-TestEnvironment): Get-WindowsFolder
     answers with it; Get-FakeWindowsPath and Add-FakeWindowsFile reach into it.
@@ -595,6 +597,68 @@ function global:Save-TestSettings {
     <# Rewrites the settings file of a test environment after changing $Env.Settings. #>
     param([Parameter(Mandatory = $true)]$Environment)
     $Environment.Settings | ConvertTo-Json -Depth 5 | Set-Content -LiteralPath $Environment.ConfigPath -Encoding UTF8
+}
+
+function global:Copy-FakeValue {
+    <# A deep copy of a fake state value: hashtables (keeping their key comparer), ordered dictionaries, lists, arrays and objects. #>
+    param($Value)
+    if ($null -eq $Value) { return $null }
+    # (get_Keys(): $global:FakeWin has an entry named Keys.)
+    if ($Value -is [hashtable]) {
+        $copy = $Value.Clone()
+        foreach ($key in @($Value.get_Keys())) { $copy[$key] = Copy-FakeValue $Value[$key] }
+        return $copy
+    }
+    if ($Value -is [System.Collections.Specialized.OrderedDictionary]) {
+        $copy = [ordered]@{}
+        foreach ($key in @($Value.get_Keys())) { $copy[$key] = Copy-FakeValue $Value[$key] }
+        return $copy
+    }
+    if ($Value -is [System.Collections.Generic.List[string]]) { return , [System.Collections.Generic.List[string]]::new($Value) }
+    if ($Value -is [System.Collections.Generic.List[object]]) {
+        $copy = [System.Collections.Generic.List[object]]::new()
+        foreach ($item in $Value) { $copy.Add((Copy-FakeValue $item)) }
+        return , $copy
+    }
+    if ($Value -is [array]) {
+        $copy = $Value.Clone()
+        for ($i = 0; $i -lt $copy.Length; $i++) { $copy[$i] = Copy-FakeValue $Value[$i] }
+        return , $copy
+    }
+    if ($Value -is [System.Management.Automation.PSCustomObject]) { return $Value.psobject.Copy() }
+    if ($Value -is [string] -or $Value -is [ValueType]) { return $Value }
+    throw "Copy-FakeValue: no deep copy for a $($Value.GetType().FullName)"
+}
+
+function global:Save-FakeMachine {
+    <#
+    A snapshot of the fake machine and its test environment: $global:FakeWin
+    (deep copy), the environment's settings and every file under its Root
+    (copied to Root.saved). Restore-FakeMachine puts them back, so tests that
+    start from the same state (a provisioned machine) need not redo it each time.
+    #>
+    param([Parameter(Mandatory = $true)]$Environment)
+    $files = $Environment.Root + '.saved'
+    if (Test-Path -LiteralPath $files) { Remove-Item -LiteralPath $files -Recurse -Force }
+    Copy-Item -LiteralPath $Environment.Root -Destination $files -Recurse -Force
+    [pscustomobject]@{
+        FakeWin     = Copy-FakeValue $global:FakeWin
+        Environment = $Environment.psobject.Copy()
+        Settings    = Copy-FakeValue $Environment.Settings
+        Files       = $files
+    }
+}
+
+function global:Restore-FakeMachine {
+    <# Puts back a Save-FakeMachine snapshot (state, settings, files); returns the test environment. #>
+    param([Parameter(Mandatory = $true)]$Snapshot)
+    $global:FakeWin = Copy-FakeValue $Snapshot.FakeWin
+    $root = $Snapshot.Environment.Root
+    if (Test-Path -LiteralPath $root) { Remove-Item -LiteralPath $root -Recurse -Force }
+    Copy-Item -LiteralPath $Snapshot.Files -Destination $root -Recurse -Force
+    $environment = $Snapshot.Environment.psobject.Copy()
+    $environment.Settings = Copy-FakeValue $Snapshot.Settings
+    return $environment
 }
 
 function global:Invoke-GuestScript {

@@ -64,8 +64,17 @@ Describe 'provision.ps1' {
     }
 
     Context 'a full run on a fresh machine' {
+        BeforeAll {
+            # One run; each test starts from a copy of the machine it left (state, settings and files).
+            New-FakeWindows
+            $environment = New-TestEnvironment -Root (Join-Path $TestDrive 'full-run')
+            $script:fullRun = Invoke-GuestScript provision $environment.ConfigPath
+            $script:fullRunMachine = Save-FakeMachine $environment
+        }
+
         BeforeEach {
-            $script:r = Invoke-GuestScript provision $t.ConfigPath
+            $script:t = Restore-FakeMachine $fullRunMachine
+            $script:r = $fullRun
         }
 
         It 'exits 0' {
