@@ -100,8 +100,9 @@
 # it is uploaded straight to its content-addressed key (`aws s3 cp -`, read
 # from the file; in a folder: renamed), sizes checked, the manifest written
 # and read back, and latest.json written last. In a folder every file is
-# flushed to disk before it is renamed into place. The conversion is deterministic: the same disk and compression give
-# the same bytes, hence the same <sha>.
+# flushed to disk before it is renamed into place. The conversion is
+# deterministic: the same disk and compression give the same bytes, hence the
+# same <sha>.
 # $VM_DIR/disk.qcow2.sha256 ("<sha256> <size> <compression> <chain digest>
 # <allocated>") records the published hash for this disk (the chain digest
 # covers the size, mtime and inode of every file of its backing chain); while
