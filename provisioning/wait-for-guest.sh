@@ -149,12 +149,17 @@ read_banner() {
   fi
 }
 
+# waited: whole seconds surely gone since the start. SECONDS counts the clock's whole-second
+# ticks, so SECONDS - start can be up to a second more than the time that passed; one less
+# keeps a timeout from ending early (it ends up to two seconds late instead).
+waited() { echo $((SECONDS - start > 0 ? SECONDS - start - 1 : 0)); }
+
 log "waiting up to ${timeout_s}s for an SSH banner on $host:$port"
 next_progress=$progress_s
 attempts=0
 last=""
 while :; do
-  elapsed=$((SECONDS - start))
+  elapsed=$(waited)
   remaining=$((timeout_s - elapsed))
   if ((remaining > 0)); then
     attempts=$((attempts + 1))
@@ -178,7 +183,7 @@ while :; do
     [[ -z $qmp_socket ]] || log "no screenshot: the VM (QEMU) is not running"
     exit 3
   fi
-  elapsed=$((SECONDS - start))
+  elapsed=$(waited)
   if ((elapsed >= timeout_s)); then
     log "timed out after ${timeout_s}s waiting for an SSH banner on $host:$port ($attempts attempts, last: ${last:-none})"
     serial_tail

@@ -22,17 +22,22 @@ export async function holdDisk(file: string): Promise<ChildProcess> {
       ...["-display", "none", "-monitor", "none", "-serial", "none", "-nic", "none"],
       ...["-drive", `file=${file},if=none,id=d,format=qcow2`, "-device", "nvme,drive=d,serial=held"],
     ],
-    { stdio: "ignore" },
+    { stdio: ["ignore", "ignore", "pipe"] },
   );
-  // Wait until the lock is taken (qemu-img info without -U then fails).
-  for (let i = 0; i < 100; i++) {
+  let stderr = "";
+  qemu.stderr!.on("data", (d: Buffer) => (stderr += d.toString()));
+  // Wait until the lock is taken (qemu-img info without -U then fails): two minutes at most,
+  // as a QEMU start on a loaded machine can take many seconds.
+  const deadline = Date.now() + 120_000;
+  while (Date.now() < deadline) {
     const r = await run("qemu-img", ["info", file]);
     if (r.code !== 0 && /lock/.test(r.stderr)) return qemu;
-    if (qemu.exitCode !== null) throw new Error("qemu-system-aarch64 exited early");
+    if (qemu.exitCode !== null || qemu.signalCode !== null)
+      throw new Error(`qemu-system-aarch64 exited early (${qemu.exitCode ?? qemu.signalCode}): ${stderr.trim()}`);
     await new Promise((res) => setTimeout(res, 100));
   }
   qemu.kill("SIGKILL");
-  throw new Error("QEMU did not lock the disk");
+  throw new Error(`QEMU did not lock the disk within 120 s: ${stderr.trim()}`);
 }
 
 /** Kills a QEMU started by holdDisk and waits for it to exit. */
