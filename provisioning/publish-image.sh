@@ -439,34 +439,47 @@ fs_rename() { # SRC DEST
   mv -f -T -- "$1" "$2" 2>"$work/op.err" || die "moving $1 to $2 failed: $(op_error)"
 }
 
-# S3: uploads FILE (SIZE bytes) to KEY, logging every $interval s how far the
-# CLI has read it; dies naming the cause. Read from stdin, so the object
-# appears only complete (one PUT, or a multipart upload completed last).
-put_disk() { # FILE SIZE KEY
-  local uploader rc=0 t0=$SECONDS
-  aws "${aws_args[@]}" s3 cp --only-show-errors --expected-size "$2" - "s3://$bucket/$3" <"$1" 2>"$work/upload.err" &
-  uploader=$!
-  pids=("$uploader")
+# Runs COMMAND... in the background (its stdin the caller's, its stderr to
+# ERR_FILE), logging every $interval s "WHAT: <done> of about <TOTAL> MiB,
+# <s> s", where PROBE PID prints the bytes done (the loop ends when it fails);
+# returns the command's exit status.
+with_progress() { # WHAT TOTAL ERR_FILE PROBE COMMAND...
+  local what=$1 total=$2 err=$3 probe=$4 pid rc=0 t0=$SECONDS
+  shift 4
+  # <&0: a background command's stdin would otherwise be /dev/null.
+  "$@" <&0 2>"$err" &
+  pid=$!
+  pids=("$pid")
   (
-    # Progress: the offset of the upload's stdin (the file).
     sleeper=
     trap '[[ -z $sleeper ]] || kill "$sleeper" 2>/dev/null; exit 0' TERM
     while :; do
       sleep "$interval" >/dev/null 2>&1 &
       sleeper=$!
       wait "$sleeper"
-      pos=$(awk '/^pos:/ {print $2}' "/proc/$uploader/fdinfo/0" 2>/dev/null) || exit 0
-      [[ -n $pos ]] || exit 0
-      el=$((SECONDS - t0))
-      log "uploaded $(mib "$pos") of $(mib "$2") MiB ($(($2 > 0 ? pos * 100 / $2 : 100))%), $((el > 0 ? pos / 1048576 / el : 0)) MiB/s"
+      pos=$("$probe" "$pid") || exit 0
+      log "$what: $(mib "$pos") of about $(mib "$total") MiB, $((SECONDS - t0)) s"
     done
   ) &
   pids+=("$!")
-  wait "$uploader" || rc=$?
-  # The uploader is reaped (its pid may be reused): only the progress loop is left to stop.
+  wait "$pid" || rc=$?
+  # The command is reaped (its pid may be reused): only the progress loop is left to stop.
   pids=("${pids[@]:1}")
   kill_children
-  ((rc == 0)) ||
+  return "$rc"
+}
+# Probes: the size of $conv (what qemu-img convert wrote); the offset of the
+# process's stdin (how far the upload has read its file).
+conv_size() { stat -c %s -- "$conv" 2>/dev/null || echo 0; }
+stdin_offset() { awk '/^pos:/ {print $2; found = 1} END {exit !found}' "/proc/$1/fdinfo/0" 2>/dev/null; }
+
+# S3: uploads FILE (SIZE bytes) to KEY, with progress; dies naming the cause.
+# Read from stdin, so the object appears only complete (one PUT, or a
+# multipart upload completed last).
+put_disk() { # FILE SIZE KEY
+  local t0=$SECONDS
+  with_progress "uploading" "$2" "$work/upload.err" stdin_offset \
+    aws "${aws_args[@]}" s3 cp --only-show-errors --expected-size "$2" - "s3://$bucket/$3" <"$1" ||
     die "upload of $1 to $(at "$3") failed: $(grep -v '^[[:space:]]*$' "$work/upload.err" | tail -n 1 | cut -c1-400)"
   log "uploaded $(mib "$2") MiB in $((SECONDS - t0)) s"
 }
@@ -748,33 +761,6 @@ if [[ -f $stamp ]]; then
   fi
 fi
 
-# Runs COMMAND... in the background (its stderr to ERR_FILE), logging every
-# $interval s how much of FILE it has written (of about TOTAL bytes); returns
-# its exit status.
-with_progress() { # WHAT FILE TOTAL ERR_FILE COMMAND...
-  local what=$1 file=$2 total=$3 err=$4 pid rc=0 t0=$SECONDS
-  shift 4
-  "$@" 2>"$err" &
-  pid=$!
-  pids=("$pid")
-  (
-    sleeper=
-    trap '[[ -z $sleeper ]] || kill "$sleeper" 2>/dev/null; exit 0' TERM
-    while :; do
-      sleep "$interval" >/dev/null 2>&1 &
-      sleeper=$!
-      wait "$sleeper"
-      pos=$(stat -c %s -- "$file" 2>/dev/null) || pos=0
-      log "$what: $(mib "$pos") of about $(mib "$total") MiB written, $((SECONDS - t0)) s"
-    done
-  ) &
-  pids+=("$!")
-  wait "$pid" || rc=$?
-  pids=("${pids[@]:1}")
-  kill_children
-  return "$rc"
-}
-
 converted=0
 if ((!PUB_DISK_OK)); then
   # --- flatten and compact: one new qcow2, no backing file ---------------------------
@@ -796,7 +782,7 @@ if ((!PUB_DISK_OK)); then
     die "not enough free space in $space_at: publishing needs $(mib "$need") MiB, $(mib "$avail") MiB are free (the flattened disk as qemu-img measure counts it, and the small files)"
   log "flattening $disk into $conv (qemu-img convert -O qcow2${convert_opts[*]:+ ${convert_opts[*]}}; at most $(mib "$required") MiB)"
   t0=$SECONDS
-  with_progress "flattening" "$conv" "$required" "$work/convert.err" \
+  with_progress "flattening" "$required" "$work/convert.err" conv_size \
     qemu-img convert -O qcow2 "${convert_opts[@]}" -- "$disk_abs" "$conv" ||
     die "qemu-img convert of $disk failed: $(grep -v '^[[:space:]]*$' "$work/convert.err" | tail -n 1 | cut -c1-400)"
   # Neither the disk nor a file of its chain may have changed meanwhile.

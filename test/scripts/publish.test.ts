@@ -457,7 +457,7 @@ exec "$REAL_AWS" "$@"
       expectTmpClean();
     });
 
-    it("interrupted publishes (SIGTERM while uploading; SIGKILL of the whole group after the copy) keep the previous latest.json and image; reruns complete", async () => {
+    it("interrupted publishes (SIGTERM while uploading; SIGKILL of the whole group after the disk upload) keep the previous latest.json and image; reruns complete", async () => {
       const r1 = await publish("s3://images/crash/");
       expect(r1.code, r1.stderr).to.equal(0);
       const old = parseStdout(r1);
