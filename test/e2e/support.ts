@@ -446,6 +446,8 @@ const S3rver: new (opts: object) => S3rverInstance = require("s3rver");
 export class RestartableS3 {
   private server?: S3rverInstance;
   readonly endpoint: string;
+  /** In-process reads of the bucket (the server keeps its port across restarts). */
+  readonly http: S3Http;
 
   private constructor(
     readonly port: number,
@@ -453,6 +455,7 @@ export class RestartableS3 {
     readonly bucket: string,
   ) {
     this.endpoint = `http://127.0.0.1:${port}`;
+    this.http = new S3Http(this.endpoint, bucket);
   }
 
   static async create(directory: string, bucket: string): Promise<RestartableS3> {
@@ -496,7 +499,7 @@ export class RestartableS3 {
 
   /** Keys under prefix (in-process, see S3Http). */
   async keys(prefix: string): Promise<string[]> {
-    return (await new S3Http(this.endpoint, this.bucket).list(prefix)).map((o) => o.key);
+    return (await this.http.list(prefix)).map((o) => o.key);
   }
 
   /** Downloads s3://bucket/key to file with `aws s3 cp`; false when it does not exist. */
@@ -507,7 +510,7 @@ export class RestartableS3 {
 
   /** Body of s3://bucket/key as text (in-process); undefined when it does not exist. */
   async text(key: string): Promise<string | undefined> {
-    return (await new S3Http(this.endpoint, this.bucket).get(key))?.toString("utf8");
+    return (await this.http.get(key))?.toString("utf8");
   }
 }
 
