@@ -140,6 +140,19 @@ echo "lifecycle: $total scenarios passed"
 
 failed=()
 for name in "${names[@]}"; do [[ ${RC[$name]} == 0 ]] || failed+=("$name"); done
+# The failures of every failed lane once more, at the end: a log cut to its last part (CI
+# keeps the tail) still shows why each lane failed, not only the lanes that ended last.
+for name in "${failed[@]}"; do
+  echo
+  echo "==> lane $name failed; its failures:"
+  log="$LOG_DIR/$name.log"
+  from=$(grep -n -E '^  [0-9]+ failing$|^failed tests:$' "$log" | tail -n1 | cut -d: -f1 || true)
+  if [[ -n $from ]]; then
+    tail -n "+$from" "$log" | head -n 150 | cut -c1-400
+  else
+    tail -n 40 "$log" | cut -c1-400
+  fi
+done
 if ((${#failed[@]})); then
   echo "lanes: failed: ${failed[*]} (total $((SECONDS - t_start)) s)"
   exit 1

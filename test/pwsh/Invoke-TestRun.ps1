@@ -55,6 +55,27 @@ if ($env:CI -or [Console]::IsOutputRedirected) { $config.Output.RenderMode = 'Pl
 $result = Invoke-Pester -Configuration $config
 
 $failed = $result.FailedCount + $result.FailedBlocksCount + $result.FailedContainersCount
+# The failures again, together at the end, where a log cut to its last part still shows them.
+if ($failed -gt 0) {
+    Write-Host 'failed tests:'
+    $items = @($result.Failed) + @($result.FailedBlocks) + @($result.FailedContainers)
+    foreach ($item in $items) {
+        $name = if ($item.PSObject.Properties['ExpandedPath']) { $item.ExpandedPath } else { "$($item.Name)" }
+        Write-Host ('  [-] {0}' -f $name)
+        foreach ($err in @($item.ErrorRecord)) {
+            $text = "$err"
+            if ($err.PSObject.Properties['ScriptStackTrace'] -and $err.ScriptStackTrace) {
+                $stack = @(($err.ScriptStackTrace -split "`n") | Select-Object -First 2)
+                $text += "`n" + ($stack -join "`n")
+            }
+            foreach ($l in (($text -split "`n") | Select-Object -First 12)) {
+                $l = $l.TrimEnd()
+                if ($l.Length -gt 400) { $l = $l.Substring(0, 400) + ' ...' }
+                Write-Host ('      {0}' -f $l)
+            }
+        }
+    }
+}
 $line = '{0} passed, {1} failed' -f $result.PassedCount, $failed
 if ($result.SkippedCount -gt 0) { $line += (', {0} skipped' -f $result.SkippedCount) }
 if ($result.TotalCount -eq 0) {

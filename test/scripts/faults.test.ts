@@ -96,12 +96,16 @@ interface Spawned {
   killed: boolean;
 }
 
-/** Runs CMD in its own process group and sends the whole group SIGNAL (SIGKILL) after MS ms (as stage.sh does at its bound). */
+/**
+ * Runs CMD in its own process group and sends the whole group SIGNAL (SIGKILL) after MS ms (as
+ * stage.sh does at its bound). With WHEN, the signal goes as soon as WHEN(stderr so far) holds,
+ * and MS is only the longest wait: a loaded machine cannot make the signal come too early.
+ */
 function runKilledAfter(
   cmd: string,
   args: string[],
   ms: number,
-  opts: { env?: NodeJS.ProcessEnv; input?: string; signal?: NodeJS.Signals } = {},
+  opts: { env?: NodeJS.ProcessEnv; input?: string; signal?: NodeJS.Signals; when?: (stderr: string) => boolean } = {},
 ): Promise<Spawned> {
   return new Promise((resolve, reject) => {
     const child: ChildProcess = spawn(cmd, args, {
@@ -115,7 +119,7 @@ function runKilledAfter(
     child.stderr!.on("data", (d: Buffer) => (stderr += d.toString()));
     child.stdin!.on("error", () => undefined);
     child.stdin!.end(opts.input ?? "");
-    const timer = setTimeout(() => {
+    const kill = () => {
       if (done) return;
       killed = true;
       try {
@@ -123,11 +127,19 @@ function runKilledAfter(
       } catch {
         /* already gone */
       }
-    }, ms);
+    };
+    const timer = setTimeout(kill, ms);
+    const when = opts.when;
+    const poll = when
+      ? setInterval(() => {
+          if (!done && !killed && when(stderr)) kill();
+        }, 50)
+      : undefined;
     child.on("error", reject);
     child.on("close", (code, signal) => {
       done = true;
       clearTimeout(timer);
+      if (poll) clearInterval(poll);
       resolve({ code, signal, stderr, killed });
     });
   });
@@ -658,7 +670,12 @@ describe("fault table: host scripts fail cleanly (cause named, previous state in
       const server = await httpServer(slowBody(body, 64 * 1024, 100));
       try {
         const args = [script("fetch-image.sh"), server.url(), sha256(body), dest];
-        const k = await runKilledAfter("bash", args, 2500, { env: { ...retries, TMPDIR: tmp }, signal: "SIGTERM" });
+        const k = await runKilledAfter("bash", args, 60000, {
+          env: { ...retries, TMPDIR: tmp },
+          signal: "SIGTERM",
+          // Some of the body written: the signal lands mid-download, with DEST.partial there.
+          when: () => (fs.statSync(`${dest}.partial`, { throwIfNoEntry: false })?.size ?? 0) > 0,
+        });
         expect(k.killed, "still downloading when the signal came").to.equal(true);
         expect(k.code, k.stderr).to.equal(143);
         expect(k.stderr).to.contain("downloading http://");
@@ -923,14 +940,16 @@ describe("fault table: host scripts fail cleanly (cause named, previous state in
         `#!/usr/bin/env bash\nif [[ $1 == convert ]]; then ${real} "$@" || exit; touch ${root}/converted; sleep 30; exit 0; fi\nexec ${real} "$@"\n`,
         { mode: 0o755 },
       );
-      const k = await runKilledAfter("bash", [script("prepare-disk.sh"), src, disk], 5000, {
+      const converted = path.join(root, "converted");
+      const k = await runKilledAfter("bash", [script("prepare-disk.sh"), src, disk], 60000, {
         env: { PATH: `${bin}:${process.env.PATH}` },
         signal: "SIGTERM",
+        when: () => fs.existsSync(converted),
       });
       expect(k.killed).to.equal(true);
       expect(k.code, k.stderr).to.equal(143);
       expect(k.stderr).to.contain("converting");
-      expect(fs.existsSync(path.join(root, "converted")), "DEST.partial was written before the signal").to.equal(true);
+      expect(fs.existsSync(converted), "DEST.partial was written before the signal").to.equal(true);
       expectEarlierIntact();
       await noProcessesLeft(root);
     });

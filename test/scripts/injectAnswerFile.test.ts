@@ -510,7 +510,14 @@ describe("inject-answer-file.sh (qcow2, FUSE export, loop device, ntfs-3g)", fun
     const disk = await makeDisk(work, "win", windowsLayout());
     const { child, closed } = await startHeld(disk);
     const pids = [child.pid!, ...descendants(child.pid!)];
-    for (const pid of pids) process.kill(pid, "SIGKILL");
+    for (const pid of pids) {
+      try {
+        process.kill(pid, "SIGKILL");
+      } catch (e) {
+        // A short-lived helper (a subshell, a sleep) may have ended since the listing.
+        if ((e as NodeJS.ErrnoException).code !== "ESRCH") throw e;
+      }
+    }
     child.stdin.destroy();
     await closed;
     const left = leftovers(work);
