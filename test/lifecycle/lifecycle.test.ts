@@ -269,12 +269,12 @@ describe("lifecycle: the program run after run with the provider's semantics", f
       expect(world.state(), "a failed run does not stop the host").to.equal("running");
       // The host's own idle guard, 46 minutes later with no stage running: it powers the host off.
       const idleRoot = world.hostPath("idle-root");
-      await world.onHost("bash /opt/windows-arm64-image/provisioning/idle-guard.sh", {
+      const guard = await world.onHost("bash /opt/windows-arm64-image/provisioning/idle-guard.sh", {
         IDLE_ENV_FILE: path.join(idleRoot, "etc", "windows-arm64-image", "idle.env"),
         IDLE_NOW_S: String(Math.floor(Date.now() / 1000) + 46 * 60),
         IDLE_POWEROFF_COMMAND: `aws ec2 stop-instances --instance-ids ${HOST_ID}`,
       });
-      expect(world.state(), "the idle guard stopped the host").to.equal("stopped");
+      expect(world.state(), `the idle guard stopped the host (it said: ${guard.out.trim()})`).to.equal("stopped");
 
       const { r, starts } = await startsDuring(() => up("retry (host stopped by the idle guard)"));
       expectOk(r);
