@@ -430,6 +430,12 @@ while :; do
     clean_log <"$work/check.out" | cut -c1-1000 | sed 's/^/  | /' >&2
     break
   fi
+  # Ended at the bound while ssh still could not reach the guest (its own error on stderr,
+  # nothing from the guest): the guest did not answer, the check never started.
+  if ((rc == 143 || rc == 137)) && (($(left) <= 0)) && [[ ! -s $work/check.out ]] &&
+    grep -qE 'kex_exchange_identification|stdio forwarding failed|Connection (refused|closed|reset|timed out)|^ssh: |Could not resolve' "$work/check.err"; then
+    rc=255
+  fi
   if ((rc != 255)); then
     log "the check's output:"
     cat "$work/check.out" "$work/check.err" | clean_log | tail -n 60 | cut -c1-1000 | sed 's/^/  | /' >&2

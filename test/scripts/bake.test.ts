@@ -116,7 +116,7 @@ describe("bake-image.sh (on the bake instance: published image -> AMI file syste
     manifest: Record<string, unknown>,
     env: NodeJS.ProcessEnv = {},
     envPath = envFile,
-    timeoutMs = 100000,
+    timeoutMs = 300000,
   ): Promise<RunResult> {
     const m = path.join(dir, "manifest.json");
     fs.writeFileSync(m, JSON.stringify(manifest));
@@ -486,7 +486,7 @@ describe("bake-image.sh (on the bake instance: published image -> AMI file syste
       expect(argv).to.deep.equal([path.join(bakeDir(), "bake-bootstrap.sh")]);
       const r = await run("/bin/bash", argv, {
         env: { ...setenv, BAKE_ROOT: root, BAKE_POWEROFF_COMMAND: `echo poweroff >>'${poweroffs}'`, ...env },
-        timeoutMs: 100000,
+        timeoutMs: 400000,
       });
       return { r, setenv };
     }
@@ -611,7 +611,7 @@ describe("bake-image.sh (on the bake instance: published image -> AMI file syste
     });
 
     describe("from S3 (s3rver)", function () {
-      this.timeout(240000);
+      this.timeout(900000);
       let s3: S3Server;
       let undoAws: () => void;
       before(async () => {
