@@ -1,7 +1,6 @@
 import { ChildProcess, spawn } from "child_process";
 import * as crypto from "crypto";
 import * as fs from "fs";
-import { run } from "./run";
 
 /** sha256 hex of a string or buffer. */
 export function sha256(data: string | Buffer): string {
@@ -13,21 +12,25 @@ export function sha256File(file: string): string {
   return sha256(fs.readFileSync(file));
 }
 
-/** Starts a paused QEMU that holds the qcow2 FILE open (and locked) as its NVMe disk; resolves once it is locked. */
-export async function holdDisk(file: string): Promise<ChildProcess> {
-  // The probe (qemu-img info, which takes a read lock that refuses writers while it runs) can meet
-  // QEMU's own start on a loaded machine: QEMU then exits with "Failed to get "write" lock".
-  // That is the probe's doing, not another user of the disk: QEMU is started again.
-  for (let attempt = 1; ; attempt++) {
-    try {
-      return await holdDiskOnce(file);
-    } catch (e) {
-      if (attempt >= 5 || !/Failed to get "write" lock/.test(String((e as Error).message))) throw e;
-    }
-  }
+/**
+ * Whether some process holds QEMU's lock on FILE's "write" permission byte (offset 101, as
+ * /proc/locks lists QEMU's OFD locks). Reading /proc/locks takes no lock itself: a probe with
+ * `qemu-img info` would, and QEMU starting at that moment fails with "Failed to get "write" lock".
+ */
+function writeLocked(file: string): boolean {
+  const st = fs.statSync(file);
+  const major = (st.dev >> 8) & 0xfff;
+  const minor = (st.dev & 0xff) | ((st.dev >> 12) & 0xfff00);
+  const id = `${major.toString(16).padStart(2, "0")}:${minor.toString(16).padStart(2, "0")}:${st.ino}`;
+  return fs
+    .readFileSync("/proc/locks", "utf8")
+    .split("\n")
+    .map((line) => line.trim().split(/\s+/))
+    .some((f) => f[1] === "OFDLCK" && f[5] === id && Number(f[6]) <= 101 && (f[7] === "EOF" || Number(f[7]) >= 101));
 }
 
-async function holdDiskOnce(file: string): Promise<ChildProcess> {
+/** Starts a paused QEMU that holds the qcow2 FILE open (and locked) as its NVMe disk; resolves once it is locked. */
+export async function holdDisk(file: string): Promise<ChildProcess> {
   const qemu = spawn(
     "qemu-system-aarch64",
     [
@@ -39,18 +42,16 @@ async function holdDiskOnce(file: string): Promise<ChildProcess> {
   );
   let stderr = "";
   qemu.stderr!.on("data", (d: Buffer) => (stderr += d.toString()));
-  const exited = () => qemu.exitCode !== null || qemu.signalCode !== null;
-  // Wait until the lock is taken (qemu-img info without -U then fails): two minutes at most,
-  // as a QEMU start on a loaded machine can take many seconds.
+  const exited = new Promise<void>((resolve) => qemu.once("exit", () => resolve()));
+  // Two minutes at most: a QEMU start on a loaded machine can take many seconds.
   const deadline = Date.now() + 120_000;
   while (Date.now() < deadline) {
-    await new Promise((res) => setTimeout(res, 200));
-    if (exited()) {
+    if (qemu.exitCode !== null || qemu.signalCode !== null) {
       await new Promise((res) => setTimeout(res, 100)); // the rest of its stderr
       throw new Error(`qemu-system-aarch64 exited early (${qemu.exitCode ?? qemu.signalCode}): ${stderr.trim()}`);
     }
-    const r = await run("qemu-img", ["info", file]);
-    if (r.code !== 0 && /lock/.test(r.stderr) && !exited()) return qemu;
+    if (writeLocked(file)) return qemu;
+    await Promise.race([exited, new Promise((res) => setTimeout(res, 100))]);
   }
   qemu.kill("SIGKILL");
   throw new Error(`QEMU did not lock the disk within 120 s: ${stderr.trim()}`);
