@@ -98,14 +98,14 @@ interface Spawned {
 
 /**
  * Runs CMD in its own process group and sends the whole group SIGNAL (SIGKILL) after MS ms (as
- * stage.sh does at its bound). With WHEN, the signal goes as soon as WHEN(stderr so far) holds,
- * and MS is only the longest wait: a loaded machine cannot make the signal come too early.
+ * stage.sh does at its bound). With WHEN, the signal goes as soon as WHEN() holds (the state the
+ * test is about exists), and MS is only the longest wait: a loaded machine cannot make it early.
  */
 function runKilledAfter(
   cmd: string,
   args: string[],
   ms: number,
-  opts: { env?: NodeJS.ProcessEnv; input?: string; signal?: NodeJS.Signals; when?: (stderr: string) => boolean } = {},
+  opts: { env?: NodeJS.ProcessEnv; input?: string; signal?: NodeJS.Signals; when?: () => boolean } = {},
 ): Promise<Spawned> {
   return new Promise((resolve, reject) => {
     const child: ChildProcess = spawn(cmd, args, {
@@ -132,7 +132,7 @@ function runKilledAfter(
     const when = opts.when;
     const poll = when
       ? setInterval(() => {
-          if (!done && !killed && when(stderr)) kill();
+          if (!done && !killed && when()) kill();
         }, 50)
       : undefined;
     child.on("error", reject);
