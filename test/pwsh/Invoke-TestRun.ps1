@@ -61,14 +61,13 @@ if ($failed -gt 0) {
     $items = @($result.Failed) + @($result.FailedBlocks) + @($result.FailedContainers)
     foreach ($item in $items) {
         $name = if ($item.PSObject.Properties['ExpandedPath']) { $item.ExpandedPath } else { "$($item.Name)" }
-        Write-Host ('  [-] {0}' -f $name)
+        # Where the test is (Pester's stack trace names its own assertion code, not the test).
+        $where = if ($item.PSObject.Properties['ScriptBlock'] -and $item.ScriptBlock.File) {
+            ' ({0}:{1})' -f $item.ScriptBlock.File, $item.StartLine
+        } else { '' }
+        Write-Host ('  [-] {0}{1}' -f $name, $where)
         foreach ($err in @($item.ErrorRecord)) {
-            $text = "$err"
-            if ($err.PSObject.Properties['ScriptStackTrace'] -and $err.ScriptStackTrace) {
-                $stack = @(($err.ScriptStackTrace -split "`n") | Select-Object -First 2)
-                $text += "`n" + ($stack -join "`n")
-            }
-            foreach ($l in (($text -split "`n") | Select-Object -First 12)) {
+            foreach ($l in (("$err" -split "`n") | Select-Object -First 12)) {
                 $l = $l.TrimEnd()
                 if ($l.Length -gt 400) { $l = $l.Substring(0, 400) + ' ...' }
                 Write-Host ('      {0}' -f $l)
