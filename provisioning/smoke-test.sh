@@ -18,10 +18,13 @@
 # accepts the smoke key; (4) wait until the guest answers SSH on
 # 127.0.0.1:SMOKE_GUEST_PORT of the instance (windows-vm.service's forward to
 # the guest's port 22), reached through the instance (ssh -W, the guest key
-# from the agent: no key is copied to the instance), and run
-# SMOKE_GUEST_COMMAND there with the payload on its stdin; exit 255 (not
-# answering yet, or the connection dropped) is retried every SMOKE_POLL_S
-# seconds, any other exit code is the check's answer; (5) terminate the
+# from the agent: no key is copied to the instance): a session that runs
+# `exit 0` (cmd and PowerShell both understand it) is retried every
+# SMOKE_POLL_S seconds until it succeeds, so that the bound ending a session
+# still connecting reads as a guest that does not answer; then run
+# SMOKE_GUEST_COMMAND there with the payload on its stdin; exit 255 (the
+# connection dropped) goes back to waiting for the guest, any other exit code
+# is the check's answer; (5) terminate the
 # instance (wait until it is shutting down or gone, 300 s at most).
 # SMOKE_TIMEOUT_S bounds steps 1 to 4 together.
 #
@@ -122,9 +125,17 @@ addr=''
 done_flag=$work/watch
 watcher=''
 child=''
+# Sends SIGNAL to PID and to every process below it, deepest first: an ssh
+# cut off at its bound must not leave its ProxyCommand (an ssh -W holding the
+# guest's port through the instance) running on this machine.
+kill_tree() { # SIGNAL PID
+  local sig=$1 pid=$2 kid
+  for kid in $(pgrep -P "$pid" 2>/dev/null); do kill_tree "$sig" "$kid"; done
+  kill "-$sig" "$pid" 2>/dev/null
+}
 cleanup() {
   stop_private_agent
-  [[ -z $child ]] || kill -TERM "$child" 2>/dev/null || true
+  [[ -z $child ]] || kill_tree TERM "$child" || true
   # The watcher (once started) removes $work after this script is gone.
   [[ -n $watcher ]] || rm -rf -- "$work"
 }
@@ -182,7 +193,7 @@ request_terminate() { # ID: asks EC2 to terminate ID; says so, or why not (never
 interrupted() { # SIGNAL
   trap '' TERM INT HUP
   log "interrupted by SIG$1"
-  [[ -z $child ]] || kill -TERM "$child" 2>/dev/null || true
+  [[ -z $child ]] || kill_tree TERM "$child" || true
   if [[ -n $id ]]; then
     request_terminate "$id" || true
     echo finished >"$done_flag"
@@ -273,9 +284,9 @@ bounded() { # SECONDS OUT ERR CMD...
   (
     end=$((SECONDS + s))
     while ((SECONDS < end)) && kill -0 "$$" 2>/dev/null && kill -0 "$child" 2>/dev/null; do sleep 1; done
-    kill -TERM "$child" 2>/dev/null || exit 0
+    kill_tree TERM "$child" || exit 0
     sleep 5
-    kill -KILL "$child" 2>/dev/null || true
+    kill_tree KILL "$child" || true
   ) </dev/null >/dev/null 2>&1 &
   w=$!
   wait "$child" || rc=$?
@@ -421,28 +432,29 @@ while :; do
   attempt=$((attempt + 1))
   remaining=$(left)
   ((remaining > 0)) || remaining=1
+  # Does the guest answer? A session that does nothing, bounded like the instance's probe.
   rc=0
-  # shellcheck disable=SC2029 # the command is for the guest's shell, as given
-  bounded "$remaining" "$work/check.out" "$work/check.err" ssh "${guest_opts[@]}" "$SMOKE_GUEST_USER@127.0.0.1" \
-    "$SMOKE_GUEST_COMMAND" < <(printf '%s' "$payload") || rc=$?
+  bounded "$((remaining < connect_s + 30 ? remaining : connect_s + 30))" /dev/null "$work/check.err" \
+    ssh "${guest_opts[@]}" "$SMOKE_GUEST_USER@127.0.0.1" "exit 0" </dev/null || rc=$?
   if ((rc == 0)); then
-    log "the check in the guest passed (attempt $attempt, $((SECONDS - start)) s):"
-    clean_log <"$work/check.out" | cut -c1-1000 | sed 's/^/  | /' >&2
-    break
-  fi
-  # Ended at the bound while ssh still could not reach the guest (its own error on stderr,
-  # nothing from the guest): the guest did not answer, the check never started.
-  if ((rc == 143 || rc == 137)) && (($(left) <= 0)) && [[ ! -s $work/check.out ]] &&
-    grep -qE 'kex_exchange_identification|stdio forwarding failed|Connection (refused|closed|reset|timed out)|^ssh: |Could not resolve' "$work/check.err"; then
-    rc=255
-  fi
-  if ((rc != 255)); then
-    log "the check's output:"
-    cat "$work/check.out" "$work/check.err" | clean_log | tail -n 60 | cut -c1-1000 | sed 's/^/  | /' >&2
-    if (($(left) <= 0)) && ((rc == 143 || rc == 137)); then
-      fail "the check in the guest ($SMOKE_GUEST_USER@$guest on $id) did not finish within ${timeout_s} s (SMOKE_TIMEOUT_S)"
+    remaining=$(left)
+    ((remaining > 0)) || remaining=1
+    # shellcheck disable=SC2029 # the command is for the guest's shell, as given
+    bounded "$remaining" "$work/check.out" "$work/check.err" ssh "${guest_opts[@]}" "$SMOKE_GUEST_USER@127.0.0.1" \
+      "$SMOKE_GUEST_COMMAND" < <(printf '%s' "$payload") || rc=$?
+    if ((rc == 0)); then
+      log "the check in the guest passed (attempt $attempt, $((SECONDS - start)) s):"
+      clean_log <"$work/check.out" | cut -c1-1000 | sed 's/^/  | /' >&2
+      break
     fi
-    fail "the check in the guest ($SMOKE_GUEST_USER@$guest on $id) failed with exit code $rc"
+    if ((rc != 255)); then
+      log "the check's output:"
+      cat "$work/check.out" "$work/check.err" | clean_log | tail -n 60 | cut -c1-1000 | sed 's/^/  | /' >&2
+      if (($(left) <= 0)) && ((rc == 143 || rc == 137)); then
+        fail "the check in the guest ($SMOKE_GUEST_USER@$guest on $id) did not finish within ${timeout_s} s (SMOKE_TIMEOUT_S)"
+      fi
+      fail "the check in the guest ($SMOKE_GUEST_USER@$guest on $id) failed with exit code $rc"
+    fi
   fi
   why=$(clean_log <"$work/check.err" | one_line)
   if (($(left) <= 0)); then

@@ -8,9 +8,10 @@
  * through the instance over QMP.
  */
 import { expect } from "chai";
-import { ChildProcess, execFileSync, spawn } from "child_process";
+import { ChildProcess, execFileSync, spawn, spawnSync } from "child_process";
 import * as crypto from "crypto";
 import * as fs from "fs";
+import * as net from "net";
 import * as os from "os";
 import * as path from "path";
 import { ensureStandinGuest, makeFirmware, makeOverlay, READY_LINE, StandinGuest } from "../fixtures/standin";
@@ -326,6 +327,43 @@ describe("smoke-test.sh (boot the baked AMI, reach the VM through the instance, 
     expect(fs.statSync(file).size).to.be.above(100);
     expect(terminations()).to.deep.equal([`ec2 terminate-instances --instance-ids ${ID}`]);
     noSecrets(r);
+  });
+
+  it("a guest port that accepts but never speaks SSH: the bound ends the connection, reported as no answer (not as the check)", async () => {
+    // Accepts TCP and says nothing: ssh waits for the banner (its ConnectTimeout set longer than
+    // the bound), so the bound, not ssh, ends the session that is still connecting.
+    // Half-open allowed, like a hung guest sshd: an ssh -W whose client went away stays, sending
+    // its EOF, for as long as the guest keeps its side open.
+    const open = new Set<net.Socket>();
+    const mute = net.createServer({ allowHalfOpen: true }, (socket) => {
+      open.add(socket);
+      socket.on("error", () => undefined);
+      socket.on("close", () => open.delete(socket));
+      socket.resume();
+    });
+    const proxies = () => {
+      const r = spawnSync("pgrep", ["-f", `W 127[.]0[.]0[.]1:${port} `], { encoding: "utf8" });
+      return r.stdout.trim();
+    };
+    await new Promise<void>((resolve) => mute.listen(0, "127.0.0.1", resolve));
+    const port = (mute.address() as net.AddressInfo).port;
+    try {
+      const r = await smoke({ SMOKE_GUEST_PORT: String(port), SMOKE_TIMEOUT_S: "30", SMOKE_CONNECT_TIMEOUT_S: "600" });
+      expect(r.code, r.stderr).to.equal(1);
+      expect(r.stderr, r.stderr).to.include(
+        `error: the VM in ${ID} did not answer on the guest's SSH at 127.0.0.1:${port} (the instance's loopback forward to the guest's port 22) within 30 s`,
+      );
+      expect(r.stderr).to.not.include("the check's output");
+      expect(terminations()).to.deep.equal([`ec2 terminate-instances --instance-ids ${ID}`]);
+      // Nothing left holding the guest's port: the ProxyCommand (ssh -W) ends with its ssh.
+      const until = Date.now() + 10000;
+      while (proxies() !== "" && Date.now() < until) await new Promise((resolve) => setTimeout(resolve, 200));
+      expect(proxies(), "an ssh -W to the guest's port still runs after smoke-test.sh ended").to.equal("");
+    } finally {
+      spawnSync("pkill", ["-f", `W 127[.]0[.]0[.]1:${port} `]);
+      for (const socket of open) socket.destroy();
+      mute.close();
+    }
   });
 
   it("an instance that halts (its VM exited) fails naming the state reason, with its console", async () => {
