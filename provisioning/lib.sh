@@ -64,6 +64,17 @@ now_ms() {
   echo $((t / 1000))
 }
 
+# kill_tree PID [SIGNAL]: sends SIGNAL (TERM) to PID and to every process
+# below it, the children first (pgrep -P: also on an operator's macOS). A
+# command's own children would otherwise live on: a background function's
+# holding its output open, an ssh's ProxyCommand (ssh -W) holding a port.
+# Status 1 when PID was already gone.
+kill_tree() {
+  local kid
+  for kid in $(pgrep -P "$1" 2>/dev/null); do kill_tree "$kid" "${2:-TERM}"; done
+  kill "-${2:-TERM}" "$1" 2>/dev/null
+}
+
 # alive PID: the process exists and is not a zombie.
 alive() {
   local state

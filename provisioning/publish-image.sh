@@ -318,17 +318,9 @@ work=$(mktemp -d "$tmp_base/publish-image.XXXXXX") || die "cannot create a work 
 pids=()
 stage_dir=
 lock_fd=
-# Stops PID and everything it started (a background function's own children
-# would otherwise live on, holding the output open).
-kill_tree() { # PID
-  local c kids=()
-  { read -r -a kids <"/proc/$1/task/$1/children"; } 2>/dev/null || true
-  for c in "${kids[@]}"; do kill_tree "$c"; done
-  kill "$1" 2>/dev/null || true
-}
 kill_children() {
   local p
-  for p in "${pids[@]}"; do kill_tree "$p"; done
+  for p in "${pids[@]}"; do kill_tree "$p" || true; done
   for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
   pids=()
 }

@@ -125,17 +125,9 @@ addr=''
 done_flag=$work/watch
 watcher=''
 child=''
-# Sends SIGNAL to PID and to every process below it, deepest first: an ssh
-# cut off at its bound must not leave its ProxyCommand (an ssh -W holding the
-# guest's port through the instance) running on this machine.
-kill_tree() { # SIGNAL PID
-  local sig=$1 pid=$2 kid
-  for kid in $(pgrep -P "$pid" 2>/dev/null); do kill_tree "$sig" "$kid"; done
-  kill "-$sig" "$pid" 2>/dev/null
-}
 cleanup() {
   stop_private_agent
-  [[ -z $child ]] || kill_tree TERM "$child" || true
+  [[ -z $child ]] || kill_tree "$child" || true
   # The watcher (once started) removes $work after this script is gone.
   [[ -n $watcher ]] || rm -rf -- "$work"
 }
@@ -193,7 +185,7 @@ request_terminate() { # ID: asks EC2 to terminate ID; says so, or why not (never
 interrupted() { # SIGNAL
   trap '' TERM INT HUP
   log "interrupted by SIG$1"
-  [[ -z $child ]] || kill_tree TERM "$child" || true
+  [[ -z $child ]] || kill_tree "$child" || true
   if [[ -n $id ]]; then
     request_terminate "$id" || true
     echo finished >"$done_flag"
@@ -264,6 +256,7 @@ pause() {
   wait $! || true
 }
 left() { echo $((timeout_s - (SECONDS - start))); }
+left_or_1() { local r; r=$(left); echo $((r > 0 ? r : 1)); } # what a bound may still be given
 
 # Runs a command in the background, bounded by SECONDS (then TERM, KILL 5 s
 # later), so that a signal's trap runs at once (and logs to this script's
@@ -284,9 +277,9 @@ bounded() { # SECONDS OUT ERR CMD...
   (
     end=$((SECONDS + s))
     while ((SECONDS < end)) && kill -0 "$$" 2>/dev/null && kill -0 "$child" 2>/dev/null; do sleep 1; done
-    kill_tree TERM "$child" || exit 0
+    kill_tree "$child" || exit 0
     sleep 5
-    kill_tree KILL "$child" || true
+    kill_tree "$child" KILL || true
   ) </dev/null >/dev/null 2>&1 &
   w=$!
   wait "$child" || rc=$?
@@ -430,15 +423,13 @@ attempt=0
 last_log=$((SECONDS - 60))
 while :; do
   attempt=$((attempt + 1))
-  remaining=$(left)
-  ((remaining > 0)) || remaining=1
+  remaining=$(left_or_1)
   # Does the guest answer? A session that does nothing, bounded like the instance's probe.
   rc=0
   bounded "$((remaining < connect_s + 30 ? remaining : connect_s + 30))" /dev/null "$work/check.err" \
     ssh "${guest_opts[@]}" "$SMOKE_GUEST_USER@127.0.0.1" "exit 0" </dev/null || rc=$?
   if ((rc == 0)); then
-    remaining=$(left)
-    ((remaining > 0)) || remaining=1
+    remaining=$(left_or_1)
     # shellcheck disable=SC2029 # the command is for the guest's shell, as given
     bounded "$remaining" "$work/check.out" "$work/check.err" ssh "${guest_opts[@]}" "$SMOKE_GUEST_USER@127.0.0.1" \
       "$SMOKE_GUEST_COMMAND" < <(printf '%s' "$payload") || rc=$?

@@ -341,12 +341,10 @@ describe("smoke-test.sh (boot the baked AMI, reach the VM through the instance, 
       socket.on("close", () => open.delete(socket));
       socket.resume();
     });
-    const proxies = () => {
-      const r = spawnSync("pgrep", ["-f", `W 127[.]0[.]0[.]1:${port} `], { encoding: "utf8" });
-      return r.stdout.trim();
-    };
     await new Promise<void>((resolve) => mute.listen(0, "127.0.0.1", resolve));
     const port = (mute.address() as net.AddressInfo).port;
+    const proxy = `W 127[.]0[.]0[.]1:${port} `; // pgrep -f's pattern for the ssh -W to it
+    const proxies = () => spawnSync("pgrep", ["-f", proxy], { encoding: "utf8" }).stdout.trim();
     try {
       const r = await smoke({ SMOKE_GUEST_PORT: String(port), SMOKE_TIMEOUT_S: "30", SMOKE_CONNECT_TIMEOUT_S: "600" });
       expect(r.code, r.stderr).to.equal(1);
@@ -360,7 +358,7 @@ describe("smoke-test.sh (boot the baked AMI, reach the VM through the instance, 
       while (proxies() !== "" && Date.now() < until) await new Promise((resolve) => setTimeout(resolve, 200));
       expect(proxies(), "an ssh -W to the guest's port still runs after smoke-test.sh ended").to.equal("");
     } finally {
-      spawnSync("pkill", ["-f", `W 127[.]0[.]0[.]1:${port} `]);
+      spawnSync("pkill", ["-f", proxy]);
       for (const socket of open) socket.destroy();
       mute.close();
     }
